@@ -1,0 +1,56 @@
+"""The interface every sampling backend implements: the element-wise work of one step.
+
+A backend never calls a network: the sampler loop evaluates the networks and hands their
+outputs to the backend, which performs the guided combination, the Euler/Heun update and the
+churn noise injection. Guidance weights ``w`` are Python floats, or ``None`` for an unguided
+evaluation (the guide output is then not read and may be ``None``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..plan import StepPlan
+
+__all__ = ["StepBackend"]
+
+
+class StepBackend(Protocol):
+    name: str
+
+    def euler(
+        self,
+        x_hat: torch.Tensor,            # State at t_hat (state dtype).
+        D_main: torch.Tensor,           # Main network output at (x_hat, t_hat), any float dtype.
+        D_guide: torch.Tensor | None,   # Guide output, or None when w is None.
+        w: float | None,                # Guidance weight; None = unguided.
+        step: StepPlan,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """D = lerp(D_guide, D_main, w); d = (x_hat - D)/t_hat; x_next = x_hat + (t_next - t_hat) d.
+        Returns (d, x_next)."""
+        ...
+
+    def heun(
+        self,
+        x_hat: torch.Tensor,
+        d: torch.Tensor,                # Euler slope of this step.
+        x_next: torch.Tensor,           # Euler prediction at t_next.
+        D_main: torch.Tensor,           # Main output at (x_next, t_next).
+        D_guide: torch.Tensor | None,
+        w: float | None,
+        step: StepPlan,
+    ) -> torch.Tensor:
+        """d' = (x_next - D')/t_next; x_out = x_hat + (t_next - t_hat)(d/2 + d'/2)."""
+        ...
+
+    def churn(
+        self,
+        x: torch.Tensor,                # State at t_cur.
+        step: StepPlan,                 # step.noise_scale is not None.
+        seeds: torch.Tensor | None,     # int64 [B] per-image seeds, or None when eps is given.
+        eps: torch.Tensor | None,       # Explicit noise (randn_like path), or None.
+    ) -> torch.Tensor:
+        """x_hat = x + sqrt(t_hat² - t_cur²)·S_noise·eps."""
+        ...

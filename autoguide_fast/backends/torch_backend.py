@@ -1,0 +1,42 @@
+"""The eager PyTorch backend: the reference's own tensor ops, so it matches it bit for bit."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..noise import churn_stream, philox_normal
+from ..plan import StepPlan
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
+
+    # Guided denoiser D_w = lerp(D0, D1, w) (autoguidance eq. 2).
+    def _denoised(self, D_main: torch.Tensor, D_guide: torch.Tensor | None, w: float | None) -> torch.Tensor:
+        Dx = D_main.to(self.dtype)
+        if w is None:
+            return Dx
+        return D_guide.to(self.dtype).lerp(Dx, w)
+
+    def euler(self, x_hat, D_main, D_guide, w, step: StepPlan):
+        t_hat, t_next = step.tensors["t_hat"], step.tensors["t_next"]
+        d = (x_hat - self._denoised(D_main, D_guide, w)) / t_hat
+        return d, x_hat + (t_next - t_hat) * d
+
+    def heun(self, x_hat, d, x_next, D_main, D_guide, w, step: StepPlan):
+        t_hat, t_next = step.tensors["t_hat"], step.tensors["t_next"]
+        d_prime = (x_next - self._denoised(D_main, D_guide, w)) / t_next
+        return x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d_prime)
+
+    def churn(self, x, step: StepPlan, seeds, eps):
+        if eps is None:
+            numel = math.prod(x.shape[1:])
+            eps = philox_normal(seeds, numel, churn_stream(step.index), self.dtype).reshape(x.shape)
+        return x + step.tensors["noise_scale"] * eps

@@ -1,0 +1,102 @@
+"""The sampling plan: every step's noise levels and guidance decisions, computed on the host.
+
+The fast paths never compare device tensors inside the loop (no host sync, CUDA-graph safe):
+the schedule is computed once with the reference's tensor ops on the noise's device, copied to
+the host, and every decision (churn or not, guide called or not, Heun or Euler) is made here.
+Each step keeps its scalars twice: as 0-dim tensors of the state dtype on the device (so the
+eager torch backend reproduces the reference bit for bit) and as Python floats holding the same
+values exactly (for the fused kernels).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .reference import edm_time_steps
+
+__all__ = ["SamplerConfig", "StepPlan", "build_plan"]
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Every sampler argument that is not a tensor or a network (hashable: a cache key part)."""
+
+    num_steps: int = 32
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    guidance: float = 1.0
+    S_churn: float = 0.0
+    S_min: float = 0.0
+    S_max: float = float("inf")
+    S_noise: float = 1.0
+    dtype: torch.dtype = torch.float32
+    guidance_interval: tuple[float, float] | None = None
+    solver: str = "heun"
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step i: t_cur -> (churn) t_hat -> t_next, and the weight of each evaluation."""
+
+    index: int
+    t_cur: float
+    t_hat: float
+    t_next: float
+    noise_scale: float | None       # sqrt(t_hat² - t_cur²)·S_noise, None when no churn.
+    w_first: float | None           # Guidance weight at t_hat; None = unguided (guide skipped).
+    w_second: float | None          # Same at t_next for the Heun correction.
+    second_order: bool              # Heun correction applied (False on the last step / euler).
+    tensors: dict[str, torch.Tensor]  # 0-dim device tensors: t_cur, t_hat, t_next, noise_scale.
+
+
+def _weight(config: SamplerConfig, sigma: float) -> float | None:
+    # Guidance interval (Kynkäänniemi et al. 2024): w only for sigma_lo < sigma <= sigma_hi.
+    if config.guidance == 1:
+        return None
+    if config.guidance_interval is not None:
+        lo, hi = config.guidance_interval
+        if not (lo < sigma <= hi):
+            return None
+    return config.guidance
+
+
+def build_plan(config: SamplerConfig, device: torch.device) -> tuple[torch.Tensor, list[StepPlan]]:
+    """The schedule t_0..t_N (device tensor) and the per-step plan."""
+    n = config.num_steps
+    t_steps = edm_time_steps(n, config.sigma_min, config.sigma_max, config.rho, config.dtype, device)
+    t_host = t_steps.cpu()
+    steps = []
+    for i in range(n):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        # Same comparison as the reference (0-dim tensor against Python scalars), on the host.
+        churn = config.S_churn > 0 and bool(config.S_min <= t_host[i] <= config.S_max)
+        if churn:
+            gamma = min(config.S_churn / n, math.sqrt(2) - 1)
+            t_hat = t_cur + gamma * t_cur
+            noise_scale = (t_hat ** 2 - t_cur ** 2).sqrt() * config.S_noise
+        else:
+            t_hat = t_cur
+            noise_scale = None
+        tensors = {"t_cur": t_cur, "t_hat": t_hat, "t_next": t_next}
+        if noise_scale is not None:
+            tensors["noise_scale"] = noise_scale
+        host = {k: float(v) for k, v in zip(tensors, torch.stack(list(tensors.values())).cpu().tolist())}
+        second = config.solver == "heun" and i < n - 1
+        steps.append(
+            StepPlan(
+                index=i,
+                t_cur=host["t_cur"],
+                t_hat=host["t_hat"],
+                t_next=host["t_next"],
+                noise_scale=host.get("noise_scale"),
+                w_first=_weight(config, host["t_hat"]),
+                w_second=_weight(config, host["t_next"]) if second else None,
+                second_order=second,
+                tensors=tensors,
+            )
+        )
+    return t_steps, steps

@@ -1,0 +1,175 @@
+"""The public sampling API: ``fast_guided_sample`` and the drop-in ``edm_sampler``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import validation as V
+from .backends import StepBackend, resolve_backend
+from .plan import SamplerConfig, StepPlan, build_plan
+
+__all__ = ["edm_sampler", "fast_guided_sample", "make_config", "run_eager"]
+
+
+def make_config(
+    *, num_steps, sigma_min, sigma_max, rho, guidance, gnet, S_churn, S_min, S_max, S_noise, dtype,
+    guidance_interval, solver,
+) -> SamplerConfig:
+    """Validate the scalar sampler arguments and bundle them (raises before any work)."""
+    V.check_schedule(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise)
+    interval = V.check_guidance(guidance, gnet, guidance_interval)
+    V.check_dtype(dtype)
+    V.check_choice("solver", solver, V.SOLVERS)
+    return SamplerConfig(
+        num_steps=int(num_steps), sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, guidance=guidance,
+        S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, dtype=dtype,
+        guidance_interval=interval, solver=solver,
+    )
+
+
+class _Evaluator:
+    """Calls the networks for one evaluation; checks output shapes the first time."""
+
+    def __init__(self, net, gnet, labels):
+        self.net, self.gnet, self.labels = net, gnet, labels
+        self.checked_main = self.checked_guide = False
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, w: float | None):
+        D_main = self.net(x, t, self.labels)
+        if not self.checked_main:
+            V.check_output("net (the main network)", D_main, x)
+            self.checked_main = True
+        if w is None:
+            return D_main, None
+        D_guide = self.gnet(x, t, self.labels)
+        if not self.checked_guide:
+            V.check_output("gnet (the guide network)", D_guide, x)
+            self.checked_guide = True
+        return D_main, D_guide
+
+
+def _denoised(D_main, D_guide, w, dtype):
+    Dx = D_main.to(dtype)
+    return Dx if w is None else D_guide.to(dtype).lerp(Dx, w)
+
+
+def run_eager(
+    net: Callable,                      # Main network.
+    gnet: Callable | None,              # Guide network (only called where a step is guided).
+    noise: torch.Tensor,                # Initial unit noise.
+    labels: torch.Tensor | None,
+    config: SamplerConfig,
+    backend: StepBackend,
+    seeds: torch.Tensor | None = None,  # int64 [B] per-image seeds for the churn noise.
+    randn_like: Callable | None = None, # Explicit churn noise source (wins over seeds).
+    callback: Callable[[dict], Any] | None = None,
+    plan: tuple[torch.Tensor, list[StepPlan]] | None = None,
+) -> torch.Tensor:
+    """The sampling loop, eager, with the backend doing the element-wise work."""
+    dtype = config.dtype
+    t_steps, steps = plan if plan is not None else build_plan(config, noise.device)
+    evaluate = _Evaluator(net, gnet, labels)
+    if randn_like is None and seeds is None:
+        randn_like = torch.randn_like
+    x = noise.to(dtype) * t_steps[0]
+    for step in steps:
+        # Churn: x_hat = x + sqrt(t_hat² - t_cur²) S_noise eps (EDM Algorithm 2, line 5).
+        if step.noise_scale is not None:
+            eps = randn_like(x) if randn_like is not None else None
+            x_hat = backend.churn(x, step, seeds, eps)
+        else:
+            x_hat = x
+        D_main, D_guide = evaluate(x_hat, step.tensors["t_hat"], step.w_first)
+        d, x_next = backend.euler(x_hat, D_main, D_guide, step.w_first, step)
+        if callback is not None:
+            denoised = _denoised(D_main, D_guide, step.w_first, dtype)
+        if step.second_order:
+            D_main, D_guide = evaluate(x_next, step.tensors["t_next"], step.w_second)
+            x_next = backend.heun(x_hat, d, x_next, D_main, D_guide, step.w_second, step)
+        if callback is not None:
+            callback({"x": x_next, "i": step.index, "sigma": step.t_cur, "sigma_hat": step.t_hat,
+                      "denoised": denoised})
+        x = x_next
+    return x
+
+
+def fast_guided_sample(
+    net: Callable,                          # Main network D1: net(x, t, labels) -> tensor like x.
+    noise: torch.Tensor,                    # Unit-variance initial noise [B, ...].
+    labels: torch.Tensor | None = None,     # Labels for both networks (batch B), or None.
+    gnet: Callable | None = None,           # Guide network D0; required when guidance != 1.
+    *,
+    num_steps: int = 32,                    # Number of time steps N (2N - 1 evaluations with heun).
+    sigma_min: float = 0.002,               # Lowest noise level.
+    sigma_max: float = 80,                  # Highest noise level.
+    rho: float = 7,                         # Time step exponent.
+    guidance: float = 1,                    # Guidance weight w; 1 = unguided, guide never called.
+    S_churn: float = 0,                     # Stochasticity strength; 0 = deterministic.
+    S_min: float = 0,                       # Churn only for S_min <= t <= S_max.
+    S_max: float = float("inf"),
+    S_noise: float = 1,                     # Churn noise scale.
+    dtype: torch.dtype = torch.float32,     # Sampler state dtype (output dtype).
+    randn_like: Callable | None = None,     # Churn noise source; None = seeds if given, else torch.randn_like.
+    seeds: Any = None,                      # One int per image: per-image counter-based churn noise.
+    guidance_interval: tuple[float, float] | None = None,  # Guide only for lo < sigma <= hi; None = always.
+    solver: str = "heun",                   # "heun" (official, 2nd order) or "euler" (1st order).
+    backend: str = "auto",                  # "auto", "torch", "cpp", "triton" or "cuda".
+    callback: Callable[[dict], Any] | None = None,  # Called after each step with x, i, sigma, sigma_hat, denoised.
+    check_finite: bool = True,              # Raise FloatingPointError if the result has NaN/Inf.
+) -> torch.Tensor:
+    """Sample with the guided denoiser D_w = D0 + w (D1 - D0) (autoguidance, Karras et al. 2024).
+
+    Same semantics as the official EDM sampler (``autoguide_fast.reference.edm_sampler``), plus
+    per-image seeds, a guidance interval, an Euler solver and a choice of backend.
+    """
+    V.check_callable("net", net)
+    V.check_callable("gnet", gnet, optional=True)
+    V.check_callable("randn_like", randn_like, optional=True)
+    V.check_callable("callback", callback, optional=True)
+    V.check_backend_name(backend)
+    config = make_config(
+        num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, guidance=guidance, gnet=gnet,
+        S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, dtype=dtype,
+        guidance_interval=guidance_interval, solver=solver,
+    )
+    V.check_noise(noise)
+    V.check_labels(labels, noise)
+    seeds_t = V.check_seeds(seeds, noise)
+    step_backend = resolve_backend(backend, noise.device, dtype)
+    with torch.no_grad():
+        x = run_eager(net, gnet, noise, labels, config, step_backend, seeds_t, randn_like, callback)
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise FloatingPointError(
+            "fast_guided_sample: the result contains NaN or Inf (check the networks and the schedule; "
+            "pass check_finite=False to return it anyway)"
+        )
+    return x
+
+
+def edm_sampler(
+    net: Callable,
+    noise: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    gnet: Callable | None = None,
+    num_steps: int = 32,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80,
+    rho: float = 7,
+    guidance: float = 1,
+    S_churn: float = 0,
+    S_min: float = 0,
+    S_max: float = float("inf"),
+    S_noise: float = 1,
+    dtype: torch.dtype = torch.float32,
+    randn_like: Callable = torch.randn_like,
+) -> torch.Tensor:
+    """Drop-in for the official ``edm_sampler`` (same signature, positional order included),
+    running on the fast path."""
+    return fast_guided_sample(
+        net, noise, labels, gnet, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+        guidance=guidance, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, dtype=dtype,
+        randn_like=randn_like,
+    )

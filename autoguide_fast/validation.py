@@ -1,0 +1,125 @@
+"""Argument checks of the public sampling API: every error names the argument and what is expected,
+and is raised before any network is called or any GPU work is queued."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+from .backends import BACKEND_NAMES
+from .noise import seeds_to_tensor
+
+SOLVERS = ("heun", "euler")
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name}: expected a number, got NaN")
+    return value
+
+
+def check_callable(name: str, value: Any, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not callable(value):
+        raise TypeError(f"{name}: expected a callable, got {type(value).__name__}")
+
+
+def check_schedule(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise, *, min_steps: int = 2):
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+        raise TypeError(f"num_steps: expected an integer >= {min_steps}, got {type(num_steps).__name__}")
+    if num_steps < min_steps:
+        raise ValueError(f"num_steps: expected an integer >= {min_steps}, got {num_steps}")
+    sigma_min = _real("sigma_min", sigma_min)
+    sigma_max = _real("sigma_max", sigma_max)
+    if not sigma_min > 0:
+        raise ValueError(f"sigma_min: expected > 0, got {sigma_min}")
+    if not math.isfinite(sigma_max) or not sigma_max > sigma_min:
+        raise ValueError(f"sigma_max: expected a finite value > sigma_min = {sigma_min}, got {sigma_max}")
+    if not _real("rho", rho) > 0:
+        raise ValueError(f"rho: expected > 0, got {rho}")
+    if not _real("S_churn", S_churn) >= 0:
+        raise ValueError(f"S_churn: expected >= 0, got {S_churn}")
+    if not _real("S_noise", S_noise) >= 0:
+        raise ValueError(f"S_noise: expected >= 0, got {S_noise}")
+    _real("S_min", S_min)
+    _real("S_max", S_max)
+
+
+def check_guidance(guidance, gnet, guidance_interval):
+    w = _real("guidance", guidance)
+    if not math.isfinite(w):
+        raise ValueError(f"guidance: expected a finite number, got {guidance}")
+    if guidance != 1:
+        check_callable("gnet", gnet)
+    if guidance_interval is None:
+        return None
+    if not isinstance(guidance_interval, (tuple, list)) or len(guidance_interval) != 2:
+        raise ValueError(f"guidance_interval: expected a pair (sigma_lo, sigma_hi), got {guidance_interval!r}")
+    lo = _real("guidance_interval[0]", guidance_interval[0])
+    hi = _real("guidance_interval[1]", guidance_interval[1])
+    if not (0 <= lo < hi):
+        raise ValueError(f"guidance_interval: expected 0 <= sigma_lo < sigma_hi, got ({lo}, {hi})")
+    return (lo, hi)
+
+
+def check_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+
+
+def check_noise(noise) -> None:
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise: expected a torch.Tensor, got {type(noise).__name__}")
+    if not noise.dtype.is_floating_point:
+        raise TypeError(f"noise: expected a floating tensor, got dtype {noise.dtype}")
+    if noise.dim() < 1 or noise.numel() == 0:
+        raise ValueError(f"noise: expected a non-empty tensor [batch, ...], got shape {tuple(noise.shape)}")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise: contains NaN or Inf")
+
+
+def check_labels(labels, noise: torch.Tensor) -> None:
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dim() < 1 or labels.shape[0] != noise.shape[0]:
+        raise ValueError(
+            f"labels: expected batch size {noise.shape[0]} (that of noise), got shape {tuple(labels.shape)}"
+        )
+
+
+def check_seeds(seeds, noise: torch.Tensor) -> torch.Tensor | None:
+    if seeds is None:
+        return None
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
+        raise TypeError(f"seeds: expected a sequence of integers, got {type(seeds).__name__}")
+    if len(seeds) != noise.shape[0]:
+        raise ValueError(f"seeds: expected one seed per image ({noise.shape[0]}), got {len(seeds)}")
+    return seeds_to_tensor(seeds, device=noise.device)
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def check_backend_name(backend) -> None:
+    check_choice("backend", backend, ("auto",) + BACKEND_NAMES)
+
+
+def check_output(name: str, out, x: torch.Tensor) -> None:
+    """A network's output must be a floating tensor shaped like its input."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} returned {type(out).__name__}, expected a tensor shaped like its input")
+    if out.shape != x.shape:
+        raise ValueError(f"{name} returned shape {tuple(out.shape)}, expected the input's shape {tuple(x.shape)}")
+    if not out.dtype.is_floating_point:
+        raise TypeError(f"{name} returned dtype {out.dtype}, expected a floating dtype")
