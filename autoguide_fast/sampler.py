@@ -74,21 +74,30 @@ def run_eager(
     evaluate = _Evaluator(net, gnet, labels)
     if randn_like is None and seeds is None:
         randn_like = torch.randn_like
+    # The next step's seeded churn can be fused into the op ending this one (not with a callback,
+    # which must see x before the churn, nor with an explicit randn_like).
+    fuse = getattr(backend, "fuses_churn", False) and randn_like is None and callback is None
     x = noise.to(dtype) * t_steps[0]
-    for step in steps:
+    churned = False
+    for k, step in enumerate(steps):
         # Churn: x_hat = x + sqrt(t_hat² - t_cur²) S_noise eps (EDM Algorithm 2, line 5).
-        if step.noise_scale is not None:
+        if step.noise_scale is not None and not churned:
             eps = randn_like(x) if randn_like is not None else None
             x_hat = backend.churn(x, step, seeds, eps)
         else:
             x_hat = x
+        nxt = steps[k + 1] if k + 1 < len(steps) else None
+        churned = fuse and nxt is not None and nxt.noise_scale is not None
+        churn_next = (nxt, seeds) if churned else None
         D_main, D_guide = evaluate(x_hat, step.tensors["t_hat"], step.w_first)
-        d, x_next = backend.euler(x_hat, D_main, D_guide, step.w_first, step)
         if callback is not None:
             denoised = _denoised(D_main, D_guide, step.w_first, dtype)
         if step.second_order:
+            d, x_next = backend.euler(x_hat, D_main, D_guide, step.w_first, step)
             D_main, D_guide = evaluate(x_next, step.tensors["t_next"], step.w_second)
-            x_next = backend.heun(x_hat, d, x_next, D_main, D_guide, step.w_second, step)
+            x_next = backend.heun(x_hat, d, x_next, D_main, D_guide, step.w_second, step, churn_next)
+        else:
+            _, x_next = backend.euler(x_hat, D_main, D_guide, step.w_first, step, churn_next)
         if callback is not None:
             callback({"x": x_next, "i": step.index, "sigma": step.t_cur, "sigma_hat": step.t_hat,
                       "denoised": denoised})

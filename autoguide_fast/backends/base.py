@@ -19,6 +19,10 @@ __all__ = ["StepBackend"]
 
 class StepBackend(Protocol):
     name: str
+    # True if euler()/heun() can also inject the NEXT step's seeded churn noise in the same pass
+    # (x_hat' = x_out + next.noise_scale · eps(seeds, churn_stream(next.index))). The loop then
+    # passes ``churn_next=(next_step, seeds)``; otherwise it is always None.
+    fuses_churn: bool
 
     def euler(
         self,
@@ -27,6 +31,7 @@ class StepBackend(Protocol):
         D_guide: torch.Tensor | None,   # Guide output, or None when w is None.
         w: float | None,                # Guidance weight; None = unguided.
         step: StepPlan,
+        churn_next: tuple[StepPlan, torch.Tensor] | None = None,  # Fuse next step's churn into x_next.
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """D = lerp(D_guide, D_main, w); d = (x_hat - D)/t_hat; x_next = x_hat + (t_next - t_hat) d.
         Returns (d, x_next)."""
@@ -41,6 +46,7 @@ class StepBackend(Protocol):
         D_guide: torch.Tensor | None,
         w: float | None,
         step: StepPlan,
+        churn_next: tuple[StepPlan, torch.Tensor] | None = None,  # Fuse next step's churn into x_out.
     ) -> torch.Tensor:
         """d' = (x_next - D')/t_next; x_out = x_hat + (t_next - t_hat)(d/2 + d'/2)."""
         ...

@@ -14,6 +14,7 @@ __all__ = ["TorchBackend"]
 
 class TorchBackend:
     name = "torch"
+    fuses_churn = False
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         self.dtype = dtype
@@ -25,12 +26,12 @@ class TorchBackend:
             return Dx
         return D_guide.to(self.dtype).lerp(Dx, w)
 
-    def euler(self, x_hat, D_main, D_guide, w, step: StepPlan):
+    def euler(self, x_hat, D_main, D_guide, w, step: StepPlan, churn_next=None):
         t_hat, t_next = step.tensors["t_hat"], step.tensors["t_next"]
         d = (x_hat - self._denoised(D_main, D_guide, w)) / t_hat
         return d, x_hat + (t_next - t_hat) * d
 
-    def heun(self, x_hat, d, x_next, D_main, D_guide, w, step: StepPlan):
+    def heun(self, x_hat, d, x_next, D_main, D_guide, w, step: StepPlan, churn_next=None):
         t_hat, t_next = step.tensors["t_hat"], step.tensors["t_next"]
         d_prime = (x_next - self._denoised(D_main, D_guide, w)) / t_next
         return x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d_prime)
