@@ -1,0 +1,132 @@
+"""``autoguide-fast toy``: the paper's 2D toy experiment, and ``autoguide-fast toy train``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["register", "main", "build_parser"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", type=_positive_int, default=16384,
+                   help="number of points per sampler (default 16384)")
+    p.add_argument("--steps", type=_positive_int, default=32,
+                   help="Heun steps (default 32, i.e. 63 denoiser evaluations)")
+    p.add_argument("--autoguidance", type=float, default=3.0, metavar="W",
+                   help="autoguidance weight w (default 3)")
+    p.add_argument("--cfg", type=float, default=4.0, metavar="W",
+                   help="CFG-style guidance weight w with the A+B guide (default 4)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="torch seed of the sigma = 5 starting points (default 1)")
+    p.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR,
+                   help="directory with main.pt, autoguide.pt, cfg.pt (default: shipped weights)")
+    p.add_argument("--figure", type=Path, default=Path("toy.png"),
+                   help="output PNG path (default toy.png); 'none' skips the figure")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="also write the table as JSON to PATH")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's default)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", default=["main", "autoguide", "cfg"],
+                   choices=["main", "autoguide", "cfg"],
+                   help="which models to train (default: all three)")
+    p.add_argument("--out-dir", type=Path, default=Path("toy-weights"),
+                   help="where to write <model>.pt (default ./toy-weights)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed (default 0)")
+    p.add_argument("--iterations", type=_positive_int, default=None,
+                   help="override every model's iteration count (for quick checks)")
+    p.add_argument("--batch-size", type=_positive_int, default=4096,
+                   help="points per iteration (default 4096)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (default 1: results are reproducible for a fixed "
+                        "thread count)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .network import save_toy_net
+    from .training import MODELS, train_toy_model
+
+    torch.set_num_threads(args.threads)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        spec = MODELS[name]
+        t0 = time.perf_counter()
+        _, ema, losses = train_toy_model(spec, seed=args.seed, iterations=args.iterations,
+                                         batch_size=args.batch_size,
+                                         progress=not args.no_progress)
+        seconds = time.perf_counter() - t0
+        path = args.out_dir / f"{name}.pt"
+        save_toy_net(ema, path, classes=spec.classes, iterations=len(losses), seed=args.seed,
+                     batch_size=args.batch_size, final_loss=sum(losses[-64:]) / len(losses[-64:]),
+                     train_seconds=round(seconds, 1))
+        print(f"{name}: {spec.num_layers}x{spec.hidden}, class {spec.classes}, "
+              f"{len(losses)} iterations in {seconds:.1f} s, final loss "
+              f"{losses[-1]:.4f} -> {path}", flush=True)
+    return 0
+
+
+def run_experiment(args: argparse.Namespace) -> int:
+    from .experiment import run_toy_experiment
+
+    return run_toy_experiment(
+        samples=args.samples, num_steps=args.steps, autoguidance=args.autoguidance,
+        cfg=args.cfg, seed=args.seed, weights_dir=args.weights_dir,
+        figure=None if str(args.figure).lower() == "none" else args.figure,
+        json_path=args.json, threads=args.threads,
+    )
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if getattr(args, "toy_action", None) == "train":
+        return run_train(args)
+    return run_experiment(args)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``toy`` subcommand (and its ``train`` action) to a parent CLI."""
+    toy = subparsers.add_parser(
+        "toy", help="the paper's 2D toy experiment (autoguidance vs CFG vs unguided)",
+        description="Sample the paper's 2D toy problem four ways (exact denoiser, unguided, "
+                    "autoguidance, CFG-style) with the shipped models; print a table and write "
+                    "a figure. 'toy train' retrains the three models.")
+    _add_experiment_args(toy)
+    actions = toy.add_subparsers(dest="toy_action", metavar="{train}")
+    train = actions.add_parser("train", help="train the three toy models (main, autoguide, cfg)",
+                               description="Train the toy models of the paper by exact score "
+                                           "matching and save their EMA weights.")
+    _add_train_args(train)
+    toy.set_defaults(func=_dispatch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoguide-fast")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry: ``main(["toy", ...])``."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
