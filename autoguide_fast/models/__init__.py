@@ -1,0 +1,31 @@
+"""Networks used by the benchmarks: the EDM2 U-Net ("config G") and its presets."""
+
+from .edm2 import (
+    EDM2_DATASETS,
+    EDM2_NUM_CLASSES,
+    EDM2_PRESETS,
+    Block,
+    MPConv,
+    MPFourier,
+    Precond,
+    UNet,
+    edm2_preset,
+    edm2_preset_kwargs,
+    prepare_for_inference,
+    unprepare,
+)
+
+__all__ = [
+    "EDM2_DATASETS",
+    "EDM2_NUM_CLASSES",
+    "EDM2_PRESETS",
+    "Block",
+    "MPConv",
+    "MPFourier",
+    "Precond",
+    "UNet",
+    "edm2_preset",
+    "edm2_preset_kwargs",
+    "prepare_for_inference",
+    "unprepare",
+]

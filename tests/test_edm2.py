@@ -1,0 +1,405 @@
+"""Tests of the EDM2 network: sizes, names, shapes, preconditioning contract, inference preparation."""
+
+import copy
+
+import pytest
+import torch
+
+from autoguide_fast.models import (
+    EDM2_PRESETS,
+    MPConv,
+    Precond,
+    edm2_preset,
+    edm2_preset_kwargs,
+    prepare_for_inference,
+    unprepare,
+)
+from autoguide_fast.models.edm2 import resample
+
+# Parameters (millions) of the conditional ImageNet-512 presets, from the release.
+PAPER_PARAMS_M = {"xs": 125, "s": 280, "m": 498, "l": 778, "xl": 1119, "xxl": 1523}
+
+# A tiny config that still has every kind of block: down/up, skip convs, attention (in0 + 8x8).
+TINY = dict(img_resolution=16, img_channels=4, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+            attn_resolutions=[8], channels_per_head=16)
+
+
+
+# Marks a test as needing CUDA (float16 body): registered `gpu` marker, skipped without CUDA.
+def gpu_test(fn):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(fn))
+
+
+# Relative L2 distance ||a - b|| / ||b||.
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# A tiny network with non-zero gains (at init out_gain = 0 makes F vanish and tests vacuous).
+def tiny_net(label_dim: int = 10, seed: int = 0, **kwargs) -> Precond:
+    torch.manual_seed(seed)
+    net = Precond(label_dim=label_dim, **{**TINY, **kwargs})
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("gain"):
+                p.copy_(0.5 + torch.rand([], generator=gen))
+    return net.eval()
+
+
+def inputs(batch: int = 3, label_dim: int = 10, seed: int = 2, res: int = 16, channels: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, res, res, generator=gen) * 2.0
+    labels = torch.randint(0, max(label_dim, 1), [batch], generator=gen)
+    return x, labels
+
+
+# Tiny convolutions lose badly to OpenMP spin-waits on a shared 2-core machine: one thread here.
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cond_net() -> Precond:
+    return tiny_net()
+
+
+# ----------------------------------------------------------------------------
+# Sizes and names of the released presets (built on the meta device: no memory, no time).
+
+
+@pytest.mark.parametrize("name", list(PAPER_PARAMS_M))
+def test_preset_parameter_count(name):
+    with torch.device("meta"):
+        net = edm2_preset(name)
+    count = sum(p.numel() for p in net.parameters())
+    assert abs(count / 1e6 - PAPER_PARAMS_M[name]) / PAPER_PARAMS_M[name] < 0.005
+
+
+@pytest.mark.parametrize("name", list(EDM2_PRESETS))
+def test_unconditional_preset_drops_only_the_label_embedding(name):
+    with torch.device("meta"):
+        cond = edm2_preset(name)
+        uncond = edm2_preset(name, conditional=False)
+    c = EDM2_PRESETS[name]["model_channels"]
+    assert uncond.label_dim == 0 and uncond.unet.emb_label is None
+    diff = sum(p.numel() for p in cond.parameters()) - sum(p.numel() for p in uncond.parameters())
+    assert diff == 1000 * 4 * c
+
+
+@pytest.mark.parametrize("name", list(EDM2_PRESETS))
+def test_img64_preset_has_three_channels(name):
+    with torch.device("meta"):
+        net = edm2_preset(name, dataset="img64")
+    c = EDM2_PRESETS[name]["model_channels"]
+    assert (net.img_resolution, net.img_channels, net.label_dim) == (64, 3, 1000)
+    assert net.unet.enc["64x64_conv"].weight.shape == (c, 3 + 1, 3, 3)
+    assert net.unet.out_conv.weight.shape == (3, c, 3, 3)
+
+
+def test_img64_preset_runs_on_cpu():
+    torch.manual_seed(0)
+    net = edm2_preset("xs", dataset="img64", model_channels=16, num_blocks=1).eval()
+    x, labels = inputs(batch=2, channels=3, res=64)
+    with torch.no_grad():
+        out = net(x, torch.tensor(2.0), labels)
+    assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32 and out.isfinite().all()
+
+
+def test_released_layout_names_and_shapes():
+    with torch.device("meta"):
+        net = edm2_preset("s")
+    sd = net.state_dict()
+    enc, dec = net.unet.enc, net.unet.dec
+    assert list(enc) == ["64x64_conv"] + [
+        f"{r}x{r}_{k}" for r in (64, 32, 16, 8) for k in (["down"] if r != 64 else []) + ["block0", "block1", "block2"]]
+    assert list(dec) == ["8x8_in0", "8x8_in1"] + [
+        f"{r}x{r}_{k}" for r in (8, 16, 32, 64) for k in (["up"] if r != 8 else []) + [f"block{i}" for i in range(4)]]
+    assert len(enc) == 16  # one skip per encoder module
+    shapes = {
+        "unet.out_gain": (),
+        "unet.emb_fourier.freqs": (192,),
+        "unet.emb_fourier.phases": (192,),
+        "unet.emb_noise.weight": (768, 192),
+        "unet.emb_label.weight": (768, 1000),
+        "unet.enc.64x64_conv.weight": (192, 5, 3, 3),
+        "unet.enc.32x32_down.emb_gain": (),
+        "unet.enc.32x32_block0.conv_skip.weight": (384, 192, 1, 1),
+        "unet.enc.32x32_block0.conv_res0.weight": (384, 384, 3, 3),
+        "unet.enc.16x16_block1.attn_qkv.weight": (3 * 576, 576, 1, 1),
+        "unet.enc.16x16_block1.attn_proj.weight": (576, 576, 1, 1),
+        "unet.dec.8x8_in0.attn_qkv.weight": (3 * 768, 768, 1, 1),
+        "unet.dec.8x8_in1.emb_linear.weight": (768, 768),
+        "unet.dec.16x16_up.conv_res1.weight": (768, 768, 3, 3),
+        "unet.dec.64x64_block0.conv_res0.weight": (192, 384 + 192, 3, 3),
+        "unet.dec.64x64_block0.conv_skip.weight": (192, 384 + 192, 1, 1),
+        "unet.out_conv.weight": (4, 192, 3, 3),
+        "logvar_fourier.freqs": (128,),
+        "logvar_fourier.phases": (128,),
+        "logvar_linear.weight": (1, 128),
+    }
+    for key, shape in shapes.items():
+        assert tuple(sd[key].shape) == shape, key
+    assert "unet.dec.8x8_in1.attn_qkv.weight" not in sd
+    assert "unet.enc.64x64_block0.conv_skip.weight" not in sd
+    assert "unet.enc.32x32_block0.attn_qkv.weight" not in sd
+    assert not any("ready_weight" in k or "bias" in k for k in sd)
+
+
+def test_preset_kwargs_and_overrides():
+    kwargs = edm2_preset_kwargs("S", dataset="img64", conditional=False, model_channels=16, dropout=0.2)
+    assert kwargs["model_channels"] == 16 and kwargs["dropout"] == 0.2
+    assert (kwargs["img_channels"], kwargs["label_dim"], kwargs["use_fp16"]) == (3, 0, True)
+
+
+def test_bad_preset_arguments():
+    with pytest.raises(ValueError, match="name"):
+        edm2_preset("huge")
+    with pytest.raises(ValueError, match="dataset"):
+        edm2_preset("s", dataset="img256")
+
+
+# ----------------------------------------------------------------------------
+# The denoiser contract on a tiny config.
+
+
+@pytest.mark.parametrize("label_dim", [10, 0])
+def test_shapes_and_dtype(label_dim):
+    net = tiny_net(label_dim=label_dim)
+    x, labels = inputs(label_dim=label_dim)
+    with torch.no_grad():
+        out = net(x, torch.tensor(1.5), labels if label_dim else None)
+        out2, logvar = net(x, torch.tensor([0.1, 1.0, 10.0]), labels, return_logvar=True)
+    assert out.shape == x.shape and out.dtype == torch.float32 and out.isfinite().all()
+    assert out2.shape == x.shape and logvar.shape == (3, 1, 1, 1)
+    assert (net.img_resolution, net.img_channels, net.label_dim) == (16, 4, label_dim)
+
+
+def test_output_is_not_just_the_skip(cond_net):
+    x, labels = inputs()
+    sigma = torch.tensor(1.5)
+    with torch.no_grad():
+        out = cond_net(x, sigma, labels)
+    c_skip = 0.25 / (sigma**2 + 0.25)
+    assert rel_l2(out, c_skip * x) > 0.1
+
+
+def test_sigma_scalar_zero_dim_and_per_sample(cond_net):
+    x, labels = inputs()
+    with torch.no_grad():
+        shared = cond_net(x, torch.tensor(0.7), labels)
+        per_sample = cond_net(x, torch.full([3], 0.7), labels)
+        as_float = cond_net(x, 0.7, labels)
+        mixed = cond_net(x, torch.tensor([0.05, 0.7, 20.0]), labels)
+        alone = [cond_net(x[i:i + 1], torch.tensor(s), labels[i:i + 1]) for i, s in enumerate([0.05, 0.7, 20.0])]
+    torch.testing.assert_close(per_sample, shared, rtol=1e-5, atol=1e-5)
+    assert torch.equal(as_float, shared)
+    torch.testing.assert_close(mixed, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_label_forms(cond_net):
+    x, labels = inputs()
+    one_hot = torch.nn.functional.one_hot(labels, 10).float()
+    with torch.no_grad():
+        by_index = cond_net(x, torch.tensor(1.0), labels)
+        by_one_hot = cond_net(x, torch.tensor(1.0), one_hot)
+        by_none = cond_net(x, torch.tensor(1.0), None)
+        by_zeros = cond_net(x, torch.tensor(1.0), torch.zeros(3, 10))
+        other = cond_net(x, torch.tensor(1.0), (labels + 1) % 10)
+    assert torch.equal(by_index, by_one_hot)
+    torch.testing.assert_close(by_none, by_zeros, rtol=1e-5, atol=1e-5)
+    assert rel_l2(other, by_index) > 1e-3  # labels matter
+
+
+def test_unconditional_ignores_labels():
+    net = tiny_net(label_dim=0)
+    x, labels = inputs()
+    with torch.no_grad():
+        assert torch.equal(net(x, 1.0, labels), net(x, 1.0, None))
+
+
+def test_deterministic_function_in_eval(cond_net):
+    x, labels = inputs()
+    sigma = torch.tensor([0.3, 3.0, 30.0])
+    with torch.no_grad():
+        a = cond_net(x.clone(), sigma, labels)
+        b = cond_net(x.clone(), sigma, labels)
+        c = cond_net(x[[2, 0, 1]], sigma[[2, 0, 1]], labels[[2, 0, 1]])
+    assert torch.equal(a, b)
+    torch.testing.assert_close(c, a[[2, 0, 1]], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_call_arguments(cond_net):
+    x, labels = inputs()
+    with pytest.raises(ValueError, match="x must"):
+        cond_net(x[:, :3], 1.0, labels)
+    with pytest.raises(ValueError, match="sigma"):
+        cond_net(x, torch.ones(2), labels)
+    with pytest.raises(ValueError, match="class_labels"):
+        cond_net(x, 1.0, torch.zeros(3, 7))
+    with pytest.raises(ValueError, match="class_labels"):
+        cond_net(x, 1.0, torch.zeros(2, 10))
+    with pytest.raises(ValueError, match="net"):
+        prepare_for_inference(torch.nn.Linear(2, 2))
+
+
+def test_dropout_only_in_training():
+    net = tiny_net(dropout=0.5)
+    x, labels = inputs()
+    with torch.no_grad():
+        assert torch.equal(net(x, 1.0, labels), net(x, 1.0, labels))
+        net.train()
+        torch.manual_seed(0)
+        a = net(x, 1.0, labels)
+        b = net(x, 1.0, labels)
+    assert not torch.equal(a, b)
+
+
+def test_training_forward_forces_weight_normalization():
+    net = tiny_net()
+    net.train()
+    x, labels = inputs()
+    net(x, torch.tensor(1.0), labels, return_logvar=True)
+    for m in net.modules():
+        if isinstance(m, MPConv):
+            rms = m.weight.detach().flatten(1).square().mean(dim=1).sqrt()
+            torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["down", "up"])
+def test_box_resample_matches_general_filter(mode):
+    x = torch.randn(2, 3, 8, 8)
+    fast = resample(x, [1, 1], mode)  # box fast path
+    general = resample(x, [2, 2], mode)  # same normalised taps, depthwise conv path
+    assert fast.shape == general.shape == (2, 3, 4 if mode == "down" else 16, 4 if mode == "down" else 16)
+    torch.testing.assert_close(fast, general, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Weights by name; inference preparation.
+
+
+def test_state_dict_round_trip():
+    src, dst = tiny_net(seed=0), tiny_net(seed=5)
+    x, labels = inputs()
+    sigma = torch.tensor([0.2, 2.0, 20.0])
+    with torch.no_grad():
+        assert not torch.equal(src(x, sigma, labels), dst(x, sigma, labels))
+        prepare_for_inference(dst)  # loading must drop weights prepared from the old parameters
+        dst.load_state_dict(copy.deepcopy(src.state_dict()), strict=True)
+        assert torch.equal(dst(x, sigma, labels), src(x, sigma, labels))
+        a, la = dst(x, sigma, labels, return_logvar=True)
+        b, lb = src(x, sigma, labels, return_logvar=True)
+    assert torch.equal(la, lb)
+
+
+@pytest.mark.parametrize("label_dim", [10, 0])
+def test_prepare_for_inference_same_function(label_dim):
+    net = tiny_net(label_dim=label_dim)
+    x, labels = inputs(label_dim=label_dim)
+    sigma = torch.tensor([0.01, 1.0, 50.0])
+    with torch.no_grad():
+        ref, ref_logvar = net(x, sigma, labels, return_logvar=True)
+        assert prepare_for_inference(net) is net  # in place
+        out, logvar = net(x, sigma, labels, return_logvar=True)
+    convs = [m for m in net.modules() if isinstance(m, MPConv)]
+    assert all(m.ready_weight is not None and m.ready_weight.dtype == torch.float32 for m in convs)
+    assert not any("ready_weight" in k for k in net.state_dict())
+    assert rel_l2(out, ref) < 1e-5 and rel_l2(logvar, ref_logvar) < 1e-5
+    # Training mode (and unprepare) drop the prepared weights.
+    net.train()
+    assert all(m.ready_weight is None for m in convs)
+    prepare_for_inference(net)
+    unprepare(net)
+    assert all(m.ready_weight is None for m in convs)
+
+
+def test_prepared_weights_are_not_renormalised_per_call(cond_net, monkeypatch):
+    net = copy.deepcopy(cond_net)
+    prepare_for_inference(net)
+    x, labels = inputs()
+    import autoguide_fast.models.edm2 as edm2
+
+    def fail(*args, **kwargs):
+        raise AssertionError("mp_weight called after prepare_for_inference")
+
+    monkeypatch.setattr(edm2, "mp_weight", fail)
+    with torch.no_grad():
+        net(x, 1.0, labels)
+
+
+def test_fp16_body_plumbing_on_cpu(monkeypatch):
+    # The CUDA float16 path, forced on CPU: embedding stays float32, output float32, prepare exact.
+    net = tiny_net()
+    x, labels = inputs()
+    sigma = torch.tensor([0.05, 1.0, 40.0])
+    seen = []
+    net.unet.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    with torch.no_grad():
+        ref = net(x, sigma, labels)
+        fp16_body = lambda device, force_fp32=False: torch.float32 if force_fp32 else torch.float16  # noqa: E731
+        monkeypatch.setattr(net, "body_dtype", fp16_body)
+        out16 = net(x, sigma, labels)
+        prepare_for_inference(net)
+        prep16 = net(x, sigma, labels)
+        prep32 = net(x, sigma, labels, force_fp32=True)
+    assert seen == [torch.float32, torch.float16, torch.float16, torch.float32]
+    assert out16.dtype == torch.float32 and out16.isfinite().all()
+    assert net.unet.out_conv.ready_weight.dtype == torch.float16
+    assert net.unet.emb_noise.ready_weight.dtype == net.unet.enc["16x16_block0"].emb_linear.ready_weight.dtype
+    assert net.unet.emb_noise.ready_weight.dtype == torch.float32
+    assert rel_l2(prep16, out16) < 1e-5
+    assert rel_l2(prep32, ref) < 1e-5
+    assert rel_l2(out16, ref) < 1e-2
+
+
+# ----------------------------------------------------------------------------
+# CUDA: float16 body.
+
+
+@gpu_test
+@pytest.mark.parametrize("label_dim", [10, 0])
+def test_fp16_cuda_path(label_dim):
+    net = tiny_net(label_dim=label_dim).cuda()
+    x, labels = inputs(label_dim=label_dim)
+    x, labels = x.cuda(), labels.cuda()
+    sigma = torch.tensor([0.05, 1.0, 40.0], device="cuda")
+    seen = []
+    net.unet.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    with torch.no_grad():
+        out16 = net(x, sigma, labels)
+        out32 = net(x, sigma, labels, force_fp32=True)
+        prepare_for_inference(net)
+        prep16 = net(x, sigma, labels)
+        prep32 = net(x, sigma, labels, force_fp32=True)  # falls back to per-call normalisation
+    assert seen == [torch.float16, torch.float32, torch.float16, torch.float32]
+    assert out16.dtype == prep16.dtype == torch.float32 and out16.isfinite().all()
+    assert net.unet.out_conv.ready_weight.dtype == torch.float16
+    assert net.unet.emb_noise.ready_weight.dtype == torch.float32
+    assert rel_l2(prep16, out16) < 1e-3
+    assert rel_l2(prep32, out32) < 1e-5
+    assert rel_l2(out16, out32) < 2e-2
+
+
+@gpu_test
+def test_fp16_cuda_s_preset():
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        net = edm2_preset("s").eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("gain"):
+                p.fill_(1.0)
+        x = torch.randn(2, 4, 64, 64, device="cuda")
+        labels = torch.tensor([1, 2], device="cuda")
+        ref = net(x, torch.tensor(2.0, device="cuda"), labels)
+        ref32 = net(x, torch.tensor(2.0, device="cuda"), labels, force_fp32=True)
+        prepare_for_inference(net)
+        out = net(x, torch.tensor(2.0, device="cuda"), labels)
+    assert out.dtype == torch.float32 and out.isfinite().all()
+    assert rel_l2(out, ref) < 1e-3
+    assert rel_l2(out, ref32) < 5e-2
