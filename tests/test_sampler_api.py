@@ -1,0 +1,166 @@
+"""The public API against the golden reference: bit for bit on CPU for the eager backend."""
+
+import pytest
+import torch
+
+import autoguide_fast
+from autoguide_fast import edm_sampler, fast_guided_sample, seeded_noise
+from autoguide_fast.reference import edm_sampler as reference_sampler
+from tests.nets import GaussianDenoiser, PointwiseDenoiser, TinyConvDenoiser, one_hot_labels
+
+
+def make_randn_like(seed):
+    g = torch.Generator().manual_seed(seed)
+    return lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+
+SCHEDULES = [
+    {},
+    {"num_steps": 7, "sigma_min": 0.01, "sigma_max": 20.0, "rho": 5.0},
+    {"num_steps": 6, "S_churn": 40.0, "S_min": 0.05, "S_max": 10.0, "S_noise": 1.007},
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("guidance", [1, 2.1, 0.3])
+@pytest.mark.parametrize("schedule", range(len(SCHEDULES)))
+def test_torch_backend_and_dropin_equal_reference_bit_for_bit(dtype, guidance, schedule):
+    kwargs = dict(SCHEDULES[schedule])
+    kwargs.setdefault("num_steps", 5)
+    net = TinyConvDenoiser(channels=3, label_dim=4, seed=1)
+    gnet = TinyConvDenoiser(channels=3, label_dim=4, seed=2, hidden=4)
+    noise = torch.randn(2, 3, 7, 5, generator=torch.Generator().manual_seed(3))
+    labels = one_hot_labels(2, 4)
+    expected = reference_sampler(net, noise, labels, gnet, guidance=guidance, dtype=dtype,
+                                 randn_like=make_randn_like(9), **kwargs)
+    fast = fast_guided_sample(net, noise, labels, gnet, guidance=guidance, dtype=dtype, backend="torch",
+                              randn_like=make_randn_like(9), **kwargs)
+    assert fast.dtype == expected.dtype == dtype
+    assert torch.equal(fast, expected)
+    # The drop-in takes the official positional order and runs the default ("auto") backend.
+    args = [kwargs.get(k, d) for k, d in (("num_steps", 32), ("sigma_min", 0.002), ("sigma_max", 80), ("rho", 7))]
+    dropin = edm_sampler(net, noise, labels, gnet, *args, guidance, kwargs.get("S_churn", 0), kwargs.get("S_min", 0),
+                         kwargs.get("S_max", float("inf")), kwargs.get("S_noise", 1), dtype, make_randn_like(9))
+    assert torch.equal(dropin, expected)
+
+
+def test_network_output_dtype_is_cast_like_the_reference():
+    net = TinyConvDenoiser(seed=1, out_dtype=torch.float16)
+    gnet = TinyConvDenoiser(seed=2, out_dtype=torch.float16)
+    noise = torch.randn(2, 3, 6, 6)
+    expected = reference_sampler(net, noise, None, gnet, num_steps=4, guidance=2.1)
+    assert torch.equal(fast_guided_sample(net, noise, None, gnet, num_steps=4, guidance=2.1, backend="torch"),
+                       expected)
+
+
+def test_guidance_one_never_calls_the_guide():
+    net, gnet = GaussianDenoiser(0.5), GaussianDenoiser(0.9)
+    fast_guided_sample(net, torch.randn(2, 3), gnet=gnet, num_steps=6, guidance=1)
+    assert net.calls == 11 and gnet.calls == 0
+
+
+@pytest.mark.parametrize("interval", [(0.5, 10.0), (0.0, 1.0), (5.0, 200.0)])
+@pytest.mark.parametrize("solver", ["heun", "euler"])
+def test_guidance_interval_calls_the_guide_only_inside(interval, solver):
+    n = 9
+    net, gnet = GaussianDenoiser(0.5), GaussianDenoiser(0.9)
+    fast_guided_sample(net, torch.randn(2, 3), gnet=gnet, num_steps=n, guidance=2.0, guidance_interval=interval,
+                       solver=solver, backend="torch")
+    t = autoguide_fast.reference.edm_time_steps(n, 0.002, 80, 7, torch.float32).tolist()
+    lo, hi = interval
+    # Each evaluation's sigma: t_i for the Euler evaluation, t_{i+1} for the Heun correction.
+    sigmas = list(t[:n]) + (list(t[1:n]) if solver == "heun" else [])
+    assert net.calls == len(sigmas)
+    assert gnet.calls == sum(lo < s <= hi for s in sigmas)
+    assert all(lo < s <= hi for s in gnet.sigmas)
+    assert 0 < gnet.calls < net.calls
+
+
+def test_guidance_interval_matches_manual_weights():
+    """Outside the interval the step is the unguided one; inside, the guided one."""
+    net, gnet = GaussianDenoiser(0.5), GaussianDenoiser(0.9)
+    noise = torch.randn(4, 2, dtype=torch.float64)
+    full = fast_guided_sample(net, noise, gnet=gnet, num_steps=8, guidance=2.0, dtype=torch.float64,
+                              guidance_interval=(0.0, 1e9))
+    ref = reference_sampler(net, noise, None, gnet, num_steps=8, guidance=2.0, dtype=torch.float64)
+    assert torch.equal(full, ref)
+    none = fast_guided_sample(net, noise, gnet=gnet, num_steps=8, guidance=2.0, dtype=torch.float64,
+                              guidance_interval=(1e8, 1e9))
+    assert torch.equal(none, reference_sampler(net, noise, None, None, num_steps=8, dtype=torch.float64))
+
+
+def test_euler_solver_uses_one_evaluation_per_step():
+    net, gnet = GaussianDenoiser(0.5), GaussianDenoiser(0.9)
+    fast_guided_sample(net, torch.randn(2, 3), gnet=gnet, num_steps=6, guidance=3.0, solver="euler")
+    assert net.calls == gnet.calls == 6
+
+
+def test_callback_receives_k_diffusion_dict():
+    seen = []
+    net = TinyConvDenoiser(seed=1)
+    noise = torch.randn(1, 3, 5, 5)
+    out = fast_guided_sample(net, noise, num_steps=4, callback=seen.append, backend="torch")
+    assert [s["i"] for s in seen] == [0, 1, 2, 3]
+    assert set(seen[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"}
+    assert torch.equal(seen[-1]["x"], out)
+    assert seen[0]["sigma"] == pytest.approx(80.0) and seen[0]["sigma_hat"] == seen[0]["sigma"]
+    # The last step is Euler to 0: x_N equals the denoised estimate at sigma_min.
+    assert torch.equal(seen[-1]["denoised"], out)
+
+
+class TestSeeds:
+    shape = (3, 6, 5)
+
+    def sample(self, seeds, **kwargs):
+        noise = seeded_noise(seeds, (len(seeds),) + self.shape)
+        net = PointwiseDenoiser()  # batch-invariant, so equality is exact
+        return fast_guided_sample(net, noise, num_steps=5, S_churn=30.0, seeds=seeds, backend="torch", **kwargs)
+
+    def test_permuting_the_batch_permutes_the_results(self):
+        seeds = [11, 5, 2**40 + 3, -7, 0]
+        out = self.sample(seeds)
+        perm = [3, 0, 4, 1, 2]
+        out_perm = self.sample([seeds[p] for p in perm])
+        assert torch.equal(out_perm, out[perm])
+
+    def test_an_image_alone_equals_the_same_seed_in_a_batch(self):
+        seeds = [11, 5, 2**40 + 3, -7, 0]
+        out = self.sample(seeds)
+        alone = self.sample([seeds[2]])
+        assert torch.equal(alone[0], out[2])
+
+    def test_churn_noise_depends_on_the_seed(self):
+        a, b = self.sample([1]), self.sample([2])
+        assert not torch.allclose(a, b)
+        # Same initial noise, different churn seeds: different outputs too.
+        noise = seeded_noise([1], (1,) + self.shape)
+        net = TinyConvDenoiser(seed=1)
+        x1 = fast_guided_sample(net, noise, num_steps=5, S_churn=30.0, seeds=[1])
+        x2 = fast_guided_sample(net, noise, num_steps=5, S_churn=30.0, seeds=[2])
+        assert not torch.allclose(x1, x2)
+
+    def test_seeded_noise_statistics(self):
+        z = seeded_noise(range(64), (64, 4, 32, 32))
+        assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+        corr = torch.corrcoef(z.reshape(64, -1))
+        off_diagonal = corr[~torch.eye(64, dtype=torch.bool)]
+        n = z[0].numel()  # correlations of independent images ~ N(0, 1/n)
+        assert float(off_diagonal.abs().mean()) < 1.2 * (2 / torch.pi / n) ** 0.5
+        assert float(off_diagonal.abs().max()) < 6 / n**0.5
+
+    def test_randn_like_wins_over_seeds(self):
+        net = TinyConvDenoiser(seed=1)
+        noise = torch.randn(2, 3, 4, 4)
+        a = fast_guided_sample(net, noise, num_steps=4, S_churn=20.0, seeds=[1, 2], randn_like=make_randn_like(0))
+        b = reference_sampler(net, noise, num_steps=4, S_churn=20.0, randn_like=make_randn_like(0))
+        assert torch.equal(a, b)
+
+
+def test_non_finite_result_raises_and_can_be_allowed():
+    def bad_net(x, t, labels):
+        return torch.where(t < 1, torch.full_like(x, float("nan")), x)
+
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        fast_guided_sample(bad_net, torch.randn(1, 2), num_steps=4)
+    out = fast_guided_sample(bad_net, torch.randn(1, 2), num_steps=4, check_finite=False)
+    assert torch.isnan(out).all()

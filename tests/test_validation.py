@@ -1,0 +1,118 @@
+"""Every bad input raises a clear error naming the argument, before any network is called."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import autoguide_fast
+from autoguide_fast import fast_guided_sample, seeded_noise
+
+
+class NeverCalled(torch.nn.Module):
+    def forward(self, x, t, labels=None):
+        raise AssertionError("a network was called before the arguments were validated")
+
+
+NET = NeverCalled()
+NOISE = torch.randn(2, 3, 4, 4)
+
+BAD_CALLS = [
+    ({"net": 3}, TypeError, "net"),
+    ({"gnet": "not a net", "guidance": 2.0}, TypeError, "gnet"),
+    ({"guidance": 2.0}, TypeError, "gnet"),
+    ({"guidance": float("nan"), "gnet": NET}, ValueError, "guidance"),
+    ({"guidance": "2", "gnet": NET}, TypeError, "guidance"),
+    ({"num_steps": 1}, ValueError, "num_steps"),
+    ({"num_steps": 2.5}, TypeError, "num_steps"),
+    ({"sigma_min": 0.0}, ValueError, "sigma_min"),
+    ({"sigma_min": -1.0}, ValueError, "sigma_min"),
+    ({"sigma_max": 0.001}, ValueError, "sigma_max"),
+    ({"sigma_max": math.inf}, ValueError, "sigma_max"),
+    ({"rho": 0}, ValueError, "rho"),
+    ({"S_noise": -0.1}, ValueError, "S_noise"),
+    ({"S_churn": -1}, ValueError, "S_churn"),
+    ({"noise": [1.0, 2.0]}, TypeError, "noise"),
+    ({"noise": torch.ones(2, 3, dtype=torch.int64)}, TypeError, "noise"),
+    ({"noise": torch.empty(0, 3)}, ValueError, "noise"),
+    ({"noise": torch.tensor([[1.0, float("nan")]])}, ValueError, "noise"),
+    ({"noise": torch.tensor([[1.0, float("inf")]])}, ValueError, "noise"),
+    ({"labels": torch.zeros(3, 10)}, ValueError, "labels"),
+    ({"labels": [0, 1]}, TypeError, "labels"),
+    ({"seeds": [1, 2, 3]}, ValueError, "seeds"),
+    ({"seeds": [1.5, 2.0]}, TypeError, "seeds"),
+    ({"seeds": 7}, TypeError, "seeds"),
+    ({"seeds": torch.tensor([1.0, 2.0])}, TypeError, "seeds"),
+    ({"guidance_interval": (1.0,), "guidance": 2.0, "gnet": NET}, ValueError, "guidance_interval"),
+    ({"guidance_interval": (5.0, 1.0), "guidance": 2.0, "gnet": NET}, ValueError, "guidance_interval"),
+    ({"guidance_interval": (-1.0, 1.0), "guidance": 2.0, "gnet": NET}, ValueError, "guidance_interval"),
+    ({"guidance_interval": "0-1", "guidance": 2.0, "gnet": NET}, ValueError, "guidance_interval"),
+    ({"solver": "dpm"}, ValueError, "solver"),
+    ({"backend": "vulkan"}, ValueError, "backend"),
+    ({"dtype": torch.int32}, TypeError, "dtype"),
+    ({"callback": 5}, TypeError, "callback"),
+    ({"randn_like": 5}, TypeError, "randn_like"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,name", BAD_CALLS, ids=[f"{c[2]}-{i}" for i, c in enumerate(BAD_CALLS)])
+def test_bad_input_raises_naming_the_argument(kwargs, error, name):
+    kwargs = dict(kwargs)
+    net = kwargs.pop("net", NET)
+    noise = kwargs.pop("noise", NOISE)
+    with pytest.raises(error, match=name):
+        fast_guided_sample(net, noise, **kwargs)
+
+
+def test_unavailable_backend_raises_with_reason():
+    unavailable = [s for s in autoguide_fast.backends().values() if not s.available]
+    for status in unavailable:
+        with pytest.raises(RuntimeError, match=f"backend={status.name!r} is not available"):
+            fast_guided_sample(NET, NOISE, backend=status.name)
+
+
+@pytest.mark.parametrize("which,name", [("main", "net"), ("guide", "gnet")])
+def test_network_output_shape_is_checked_at_first_evaluation(which, name):
+    good = lambda x, t, labels: x * 0.5  # noqa: E731
+    bad = lambda x, t, labels: x[:, :1] * 0.5  # noqa: E731
+    net, gnet = (bad, good) if which == "main" else (good, bad)
+    with pytest.raises(ValueError, match=f"{name} \\(the {which} network\\) returned shape"):
+        fast_guided_sample(net, NOISE, gnet=gnet, guidance=2.0, num_steps=3)
+
+
+def test_seeded_noise_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="shape"):
+        seeded_noise([1, 2], (3, 4))
+    with pytest.raises(TypeError, match="seeds"):
+        seeded_noise(["a"], (1, 4))
+    with pytest.raises(TypeError, match="dtype"):
+        seeded_noise([1], (1, 4), dtype=torch.int32)
+
+
+def test_import_and_sampling_work_without_the_extension():
+    code = (
+        "import logging, torch\n"
+        "import autoguide_fast as a\n"
+        "st = a.backends()\n"
+        "assert st['torch'].available\n"
+        "assert not st['cpp'].available and 'AUTOGUIDE_FAST_DISABLE_EXTENSION' in st['cpp'].reason, st['cpp']\n"
+        "assert not st['cuda'].available\n"
+        "x = a.fast_guided_sample(lambda x, t, l: x * 0.5, torch.randn(2, 3), num_steps=4)\n"
+        "assert x.shape == (2, 3)\n"
+        "try:\n"
+        "    a.fast_guided_sample(lambda x, t, l: x, torch.randn(2, 3), backend='cpp')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not available' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('cpp backend should be unavailable')\n"
+        "print('OK')\n"
+    )
+    env = dict(os.environ, AUTOGUIDE_FAST_DISABLE_EXTENSION="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "OK"
+    # Exactly one warning about the missing extension.
+    assert proc.stderr.count("compiled extension autoguide_fast._C not loaded") == 1, proc.stderr
