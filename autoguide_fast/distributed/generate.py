@@ -1,0 +1,450 @@
+"""``autoguide-fast generate``: one file per seed, sharded over the ranks of a torchrun job.
+
+Per-image randomness: image s gets initial noise ``seeded_noise([s], ...)``, its class (for a
+conditional network, unless ``class_idx`` is fixed) from ``seeded_labels([s], label_dim)``, and
+its churn noise from ``seeds=[s]``. A file therefore depends on its seed only, not on which rank
+or batch produced it (up to the networks' own batch dependence, see docs/generate.md).
+
+Flow on every rank: parse and check the arguments (errors before any process group exists), join
+the process group, set up (output directory, networks) and agree that every rank succeeded,
+let rank 0 list the seeds already written and broadcast that list, deal the remaining seeds out
+(the official EDM2 scheme; with guide-parallel both ranks walk the single-process batches), then
+sample and write, each file atomically (written aside, then renamed), so an interrupted run
+leaves only whole files and a rerun skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..noise import seeded_labels, seeded_noise
+from ..sampler import fast_guided_sample
+from .guide_parallel import PeerFailure, guide_parallel_sample
+from .loading import PRESET_PREFIX, load_network, network_label_dim, network_shape
+from .seeds import parse_seeds, rank_chunks, split_chunks
+
+__all__ = ["GenerateOptions", "GenerateSummary", "generate", "image_path", "SETTINGS_FILE", "DTYPES"]
+
+SETTINGS_FILE = "autoguide_fast_generate.json"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FORMATS = ("auto", "png", "npy")
+_PARTIAL = ".partial"
+
+
+@dataclass
+class GenerateOptions:
+    """Everything ``generate`` needs; the CLI maps its flags one to one onto these fields."""
+
+    net: str                                        # --net: main network spec (see loading.py).
+    outdir: str                                     # --outdir: where the files go.
+    gnet: str | None = None                         # --gnet: guide network spec; None = no guide.
+    seeds: str | Sequence[int] = "0-63"             # --seeds: "0-49999,60-69" or a list of ints.
+    class_idx: int | None = None                    # --class: fixed class; None = one per seed.
+    batch: int = 32                                 # --batch: largest batch per rank.
+    guidance: float = 1.0                           # --guidance: w; 1 = unguided.
+    num_steps: int = 32                             # --steps
+    sigma_min: float = 0.002                        # --sigma-min
+    sigma_max: float = 80.0                         # --sigma-max
+    rho: float = 7.0                                # --rho
+    S_churn: float = 0.0                            # --S-churn
+    S_min: float = 0.0                              # --S-min
+    S_max: float = math.inf                         # --S-max
+    S_noise: float = 1.0                            # --S-noise
+    guidance_interval: tuple[float, float] | None = None  # --guidance-interval LO,HI
+    solver: str = "heun"                            # --solver
+    backend: str = "auto"                           # --backend (step backend)
+    dtype: str = "float32"                          # --dtype: sampler state dtype name.
+    format: str = "auto"                            # --format: auto (png for 3 channels, else npy), png, npy.
+    subdirs: bool = False                           # --subdirs: files under 000000/, 001000/, ...
+    shape: tuple[int, ...] | None = None            # --shape C,H,W for networks that do not tell.
+    label_dim: int | None = None                    # --label-dim for networks that do not tell.
+    preset_overrides: dict[str, Any] = field(default_factory=dict)       # --preset-overrides (edm2 specs).
+    gnet_preset_overrides: dict[str, Any] = field(default_factory=dict)  # --gnet-preset-overrides.
+    preset_seed: int = 0                            # --preset-seed: torch seed of random weights (guide: +1).
+    device: str = "auto"                            # --device: auto = cuda:LOCAL_RANK if CUDA, else cpu.
+    guide_parallel: bool = False                    # --guide-parallel: main on rank 0, guide on rank 1.
+    progress: bool = True                           # Progress bar on rank 0.
+    verbose: bool = True                            # Summary on rank 0.
+    threads: int | None = None                      # --threads: torch CPU threads per process.
+
+
+@dataclass
+class GenerateSummary:
+    requested: int          # Seeds asked for.
+    skipped: int            # Already written before this run.
+    written: int            # Written by this run (all ranks).
+    seconds: float          # Wall time of the sampling phase.
+    world_size: int
+    guide_parallel: bool
+    outdir: str
+
+
+def image_path(outdir: str, seed: int, fmt: str, subdirs: bool = False) -> str:
+    """File of one seed: OUTDIR/000042.png, or OUTDIR/001000/001042.png with subdirs (as the official script)."""
+    name = f"{seed:06d}.{fmt}"
+    if subdirs:
+        return os.path.join(outdir, f"{seed // 1000 * 1000:06d}", name)
+    return os.path.join(outdir, name)
+
+
+# ----------------------------------------------------------------------------
+# Argument checks that need no network and no process group (every rank raises the same).
+
+
+def _is_preset(spec: str | None) -> bool:
+    return spec is not None and spec.lower().startswith(PRESET_PREFIX)
+
+
+def _check_options(opts: GenerateOptions) -> list[int]:
+    seeds = parse_seeds(opts.seeds) if isinstance(opts.seeds, str) else [int(s) for s in opts.seeds]
+    if not seeds:
+        raise ValueError("--seeds: no seeds given")
+    if any(s < 0 for s in seeds):
+        raise ValueError("--seeds: seeds must be non-negative")
+    if isinstance(opts.batch, bool) or not isinstance(opts.batch, int) or opts.batch < 1:
+        raise ValueError(f"--batch: expected a positive integer, got {opts.batch!r}")
+    if not opts.net:
+        raise ValueError("--net: a main network is required (module:callable, a torch.save file, or edm2:SIZE)")
+    if opts.guidance != 1 and not opts.gnet:
+        raise ValueError(f"--guidance {opts.guidance:g} needs a guide network: pass --gnet (or use --guidance 1)")
+    if opts.guide_parallel and not opts.gnet:
+        raise ValueError("--guide-parallel: needs a guide network (--gnet) to place on rank 1")
+    if opts.guide_parallel and opts.guidance == 1:
+        raise ValueError("--guide-parallel: with --guidance 1 the guide is never called; drop --guide-parallel")
+    if opts.class_idx is not None and opts.class_idx < 0:
+        raise ValueError(f"--class: expected a non-negative class index, got {opts.class_idx}")
+    if opts.dtype not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {tuple(DTYPES)}, got {opts.dtype!r}")
+    if opts.format not in FORMATS:
+        raise ValueError(f"--format: expected one of {FORMATS}, got {opts.format!r}")
+    if opts.shape is not None and (len(opts.shape) < 1 or any(int(d) < 1 for d in opts.shape)):
+        raise ValueError(f"--shape: expected positive sizes such as 3,64,64, got {opts.shape}")
+    if opts.preset_overrides and not (_is_preset(opts.net) or _is_preset(opts.gnet)):
+        raise ValueError("--preset-overrides: applies to edm2:SIZE networks, but neither --net nor --gnet is one")
+    if opts.gnet_preset_overrides and not _is_preset(opts.gnet):
+        raise ValueError("--gnet-preset-overrides: applies only when --gnet is an edm2:SIZE preset")
+    if opts.threads is not None and opts.threads < 1:
+        raise ValueError(f"--threads: expected a positive integer, got {opts.threads}")
+    return seeds
+
+
+# ----------------------------------------------------------------------------
+# Process group: joined from torchrun's environment, or an existing one reused.
+
+
+class _Job:
+    def __init__(self, opts: GenerateOptions) -> None:
+        self.owned = False
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            self.rank = int(os.environ.get("RANK", "0"))
+            self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if opts.guide_parallel and self.world_size != 2:
+            raise ValueError(
+                f"--guide-parallel: needs exactly 2 processes (main and guide; launch with torchrun "
+                f"--nproc_per_node=2), got a world size of {self.world_size}"
+            )
+        local_rank = int(os.environ.get("LOCAL_RANK", str(self.rank)))
+        self.device = _pick_device(opts.device, local_rank, self.world_size)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+            self.owned = True
+        nccl = self.world_size > 1 and dist.get_backend() == "nccl"
+        self.comm_device = self.device if nccl else torch.device("cpu")
+
+    def close(self) -> None:
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def agree(self, error: BaseException | None, what: str) -> None:
+        """Every rank learns whether any rank failed; failing ranks raise their own error."""
+        if self.world_size > 1:
+            flags = torch.zeros(self.world_size, dtype=torch.int64, device=self.comm_device)
+            flags[self.rank] = int(error is not None)
+            dist.all_reduce(flags)
+            failed = [r for r, f in enumerate(flags.tolist()) if f]
+        else:
+            failed = [0] if error is not None else []
+        if error is not None:
+            raise error
+        if failed:
+            raise PeerFailure(f"generate: rank(s) {failed} failed while {what}; see their errors")
+
+    def broadcast_flags(self, flags: list[bool] | None, n: int) -> list[bool]:
+        if self.world_size == 1:
+            return list(flags)
+        t = torch.zeros(n, dtype=torch.uint8, device=self.comm_device)
+        if self.rank == 0:
+            t.copy_(torch.tensor(flags, dtype=torch.uint8))
+        dist.broadcast(t, src=0)
+        return [bool(v) for v in t.tolist()]
+
+    def total(self, value: int) -> int:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.comm_device)
+        dist.all_reduce(t)
+        return int(t.item())
+
+
+def _pick_device(text: str, local_rank: int, world_size: int) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {text!r} ({exc})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: CUDA is not available in this process")
+        if device.index is None:
+            device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+    return device
+
+
+# ----------------------------------------------------------------------------
+# Output directory, settings record, existing files.
+
+
+def _check_outdir(outdir: str) -> None:
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise OSError(f"--outdir: {outdir!r} exists and is not a directory")
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"--outdir: cannot create {outdir!r}: {exc.strerror or exc}") from exc
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=outdir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise OSError(f"--outdir: cannot write to {outdir!r}: {exc.strerror or exc}") from exc
+
+
+def _check_settings(outdir: str, settings: dict[str, Any]) -> None:
+    """Record the settings next to the files; refuse to resume into files made with other settings."""
+    path = os.path.join(outdir, SETTINGS_FILE)
+    settings = json.loads(json.dumps(settings))  # The JSON form (tuples -> lists) on both sides.
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                previous = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise OSError(f"--outdir: cannot read {path!r}: {exc}") from exc
+        diffs = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+        if diffs:
+            detail = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in diffs)
+            raise ValueError(
+                f"--outdir: {outdir!r} holds files generated with other settings ({detail}); use another "
+                f"--outdir, or delete {SETTINGS_FILE} there to mix them"
+            )
+        return
+    _atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()))
+
+
+def _existing(outdir: str, seeds: list[int], fmt: str, subdirs: bool) -> list[bool]:
+    """Which seeds already have their file; stale partial files of a killed run are removed."""
+    paths = [image_path(outdir, s, fmt, subdirs) for s in seeds]
+    names: dict[str, set[str]] = {}
+    for folder in {os.path.dirname(p) for p in paths}:
+        found: set[str] = set()
+        if os.path.isdir(folder):
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith(".") and entry.name.endswith(_PARTIAL):
+                        os.remove(entry.path)
+                    elif entry.is_file():
+                        found.add(entry.name)
+        names[folder] = found
+    return [os.path.basename(p) in names[os.path.dirname(p)] for p in paths]
+
+
+def _atomic_write(path: str, write: Callable) -> None:
+    # Written aside, then renamed: a file that exists under its final name is complete.
+    folder, name = os.path.split(path)
+    partial = os.path.join(folder, f".{name}{_PARTIAL}")
+    with open(partial, "wb") as f:
+        write(f)
+    os.replace(partial, path)
+
+
+def _require_pillow() -> None:
+    try:
+        import PIL.Image  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("--format png needs Pillow (pip install Pillow), or pass --format npy") from exc
+
+
+def _write_batch(x: torch.Tensor, seeds: list[int], outdir: str, fmt: str, subdirs: bool) -> None:
+    if fmt == "png":
+        import PIL.Image
+
+        # [-1, 1] -> uint8 as the official script: floor(127.5 x + 128) clipped to [0, 255].
+        pixels = (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+        arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
+    else:
+        y = x.detach().cpu()
+        arrays = (y.to(torch.float32) if y.dtype == torch.bfloat16 else y).numpy()
+    import numpy as np
+
+    for seed, array in zip(seeds, arrays):
+        path = image_path(outdir, seed, fmt, subdirs)
+        if subdirs:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        if fmt == "png":
+            image = PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+            _atomic_write(path, lambda f, image=image: image.save(f, format="PNG"))
+        else:
+            _atomic_write(path, lambda f, array=array: np.save(f, array))
+
+
+# ----------------------------------------------------------------------------
+# The job.
+
+
+def _labels(seeds: list[int], label_dim: int, class_idx: int | None, device: torch.device) -> torch.Tensor | None:
+    if label_dim == 0:
+        return None
+    if class_idx is not None:
+        index = torch.full([len(seeds)], class_idx, dtype=torch.int64, device=device)
+    else:
+        index = seeded_labels(seeds, label_dim, device=device)
+    # One-hot rows [B, label_dim], as EDM2 networks expect.
+    return F.one_hot(index, label_dim).to(torch.float32)
+
+
+def generate(opts: GenerateOptions) -> GenerateSummary:
+    """Run the job described by ``opts`` in this process (one rank of it under torchrun)."""
+    seeds = _check_options(opts)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    job = _Job(opts)
+    try:
+        return _run(job, opts, seeds)
+    finally:
+        job.close()
+
+
+def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
+    rank, device, gp = job.rank, job.device, opts.guide_parallel
+    is_main = not gp or rank == 0          # Holds the main network and writes files.
+    has_guide = bool(opts.gnet) and (not gp or rank == 1)
+    net = gnet = None
+    shape: tuple[int, ...] = ()
+    label_dim, fmt = 0, opts.format
+
+    # Set up; every rank learns whether all succeeded before any collective of the job.
+    error = None
+    try:
+        _check_outdir(opts.outdir)
+        if is_main:
+            net = load_network(opts.net, arg="--net", device=device, seed=opts.preset_seed,
+                               overrides=opts.preset_overrides if _is_preset(opts.net) else None)
+            shape = network_shape(net, opts.shape, arg="--net")
+            label_dim = network_label_dim(net, opts.label_dim)
+            if opts.class_idx is not None and not opts.class_idx < label_dim:
+                raise ValueError(f"--class: {opts.class_idx} is not a class of the main network "
+                                 f"(label_dim {label_dim}{', unconditional' if label_dim == 0 else ''})")
+            if fmt == "auto":
+                fmt = "png" if shape[0] == 3 else "npy"
+            if fmt == "png":
+                if len(shape) != 3 or shape[0] not in (1, 3):
+                    raise ValueError(f"--format png: needs images of 1 or 3 channels [C, H, W], got {shape}; "
+                                     f"use --format npy")
+                _require_pillow()
+        if has_guide:
+            overrides = {**opts.preset_overrides, **opts.gnet_preset_overrides} if _is_preset(opts.gnet) else None
+            gnet = load_network(opts.gnet, arg="--gnet", device=device, seed=opts.preset_seed + 1, overrides=overrides)
+        if rank == 0:
+            _check_settings(opts.outdir, _settings(opts, fmt, shape, label_dim))
+            # Rank 0 decides what is left to do (all ranks then deal the same list).
+            done = _existing(opts.outdir, seeds, fmt, opts.subdirs)
+    except Exception as exc:
+        error = exc
+    job.agree(error, "setting up")
+    done = job.broadcast_flags(done if rank == 0 else None, len(seeds))
+    remaining = [i for i, d in enumerate(done) if not d]
+    if gp:
+        chunks = split_chunks(len(remaining), opts.batch, 1)
+    else:
+        chunks = rank_chunks(len(remaining), opts.batch, job.world_size, rank)
+
+    sampler_kwargs = dict(
+        num_steps=opts.num_steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
+        guidance=opts.guidance, S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise,
+        dtype=DTYPES[opts.dtype], guidance_interval=opts.guidance_interval, solver=opts.solver,
+    )
+    bar = _progress(opts.progress and rank == 0, len(chunks), job.world_size, gp)
+    written = 0
+    start = time.perf_counter()
+    for chunk in chunks:
+        batch_seeds = [seeds[remaining[j]] for j in chunk]
+        if batch_seeds:
+            if gp and rank == 1:
+                guide_parallel_sample(None, gnet, device=device, **sampler_kwargs)
+            else:
+                noise = seeded_noise(batch_seeds, [len(batch_seeds), *shape], device=device)
+                labels = _labels(batch_seeds, label_dim, opts.class_idx, device)
+                if gp:
+                    x = guide_parallel_sample(net, None, noise, labels, seeds=batch_seeds, backend=opts.backend,
+                                              **sampler_kwargs)
+                else:
+                    x = fast_guided_sample(net, noise, labels, gnet, seeds=batch_seeds, backend=opts.backend,
+                                           **sampler_kwargs)
+                _write_batch(x, batch_seeds, opts.outdir, fmt, opts.subdirs)
+                written += len(batch_seeds)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+    summary = GenerateSummary(
+        requested=len(seeds), skipped=sum(done), written=job.total(written), seconds=seconds,
+        world_size=job.world_size, guide_parallel=gp, outdir=opts.outdir,
+    )
+    if opts.verbose and rank == 0:
+        _print_summary(summary)
+    return summary
+
+
+def _settings(opts: GenerateOptions, fmt: str, shape: tuple[int, ...], label_dim: int) -> dict[str, Any]:
+    """What decides the content of a file (not which seeds, batches or devices produced it)."""
+    keep = ("net", "gnet", "class_idx", "guidance", "num_steps", "sigma_min", "sigma_max", "rho", "S_churn",
+            "S_min", "S_max", "S_noise", "guidance_interval", "solver", "dtype", "subdirs", "preset_overrides",
+            "gnet_preset_overrides", "preset_seed")
+    settings = {k: v for k, v in asdict(opts).items() if k in keep}
+    settings.update(format=fmt, shape=list(shape), label_dim=label_dim)
+    return settings
+
+
+def _progress(enabled: bool, total: int, world_size: int, gp: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # The bar is a nicety: tqdm is an optional dependency.
+        return None
+    desc = "generate (guide-parallel)" if gp else f"generate (rank 0 of {world_size})"
+    return tqdm(total=total, unit="batch", desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
+def _print_summary(s: GenerateSummary) -> None:
+    rate = s.written / s.seconds if s.seconds > 0 else float("nan")
+    mode = "guide-parallel on 2 ranks" if s.guide_parallel else f"{s.world_size} rank(s)"
+    print(f"generate: {s.written} file(s) written, {s.skipped} already present, of {s.requested} seed(s); "
+          f"{s.seconds:.1f} s ({rate:.2f} images/s, {mode}) -> {s.outdir}")
