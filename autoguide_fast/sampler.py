@@ -11,7 +11,7 @@ from . import validation as V
 from .backends import StepBackend, resolve_backend
 from .plan import SamplerConfig, StepPlan, build_plan
 
-__all__ = ["edm_sampler", "fast_guided_sample", "make_config", "run_eager"]
+__all__ = ["edm_sampler", "fast_guided_sample", "make_config", "run_eager", "run_eager_steps"]
 
 
 def make_config(
@@ -31,20 +31,30 @@ def make_config(
 
 
 class _Evaluator:
-    """Calls the networks for one evaluation; checks output shapes the first time."""
+    """Calls the networks for one evaluation; checks output shapes the first time.
 
-    def __init__(self, net, gnet, labels):
-        self.net, self.gnet, self.labels = net, gnet, labels
+    With ``streams`` (see ``autoguide_fast.engine.streams.GuideStream``) the guide is forked onto
+    a side stream and runs concurrently with the main network; both are joined before returning.
+    """
+
+    def __init__(self, net, gnet, labels, streams=None):
+        self.net, self.gnet, self.labels, self.streams = net, gnet, labels, streams
         self.checked_main = self.checked_guide = False
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, w: float | None):
+        forked = w is not None and self.streams is not None
+        if forked:
+            D_guide = self.streams.fork(self.gnet, x, t, self.labels)
         D_main = self.net(x, t, self.labels)
         if not self.checked_main:
             V.check_output("net (the main network)", D_main, x)
             self.checked_main = True
         if w is None:
             return D_main, None
-        D_guide = self.gnet(x, t, self.labels)
+        if forked:
+            self.streams.join(D_guide)
+        else:
+            D_guide = self.gnet(x, t, self.labels)
         if not self.checked_guide:
             V.check_output("gnet (the guide network)", D_guide, x)
             self.checked_guide = True
@@ -67,19 +77,44 @@ def run_eager(
     randn_like: Callable | None = None, # Explicit churn noise source (wins over seeds).
     callback: Callable[[dict], Any] | None = None,
     plan: tuple[torch.Tensor, list[StepPlan]] | None = None,
+    streams: Any = None,                # Fork/join of the guide onto a side stream; None = one stream.
 ) -> torch.Tensor:
     """The sampling loop, eager, with the backend doing the element-wise work."""
+    plan = plan if plan is not None else build_plan(config, noise.device)
+    x = noise.to(config.dtype) * plan[0][0]
+    return run_eager_steps(net, gnet, x, labels, config, backend, seeds, randn_like, callback, plan, streams)
+
+
+def run_eager_steps(
+    net: Callable,
+    gnet: Callable | None,
+    x: torch.Tensor,                    # State at t_first (noise · t_0 when first == 0).
+    labels: torch.Tensor | None,
+    config: SamplerConfig,
+    backend: StepBackend,
+    seeds: torch.Tensor | None = None,
+    randn_like: Callable | None = None,
+    callback: Callable[[dict], Any] | None = None,
+    plan: tuple[torch.Tensor, list[StepPlan]] | None = None,
+    streams: Any = None,
+    first: int = 0,                     # First step to run.
+    stop: int | None = None,            # One past the last step to run; None = to the end.
+) -> torch.Tensor:
+    """Steps first..stop-1 of the loop (``run_eager`` runs them all; the engine also runs them
+    one at a time to capture one CUDA graph per step)."""
     dtype = config.dtype
-    t_steps, steps = plan if plan is not None else build_plan(config, noise.device)
-    evaluate = _Evaluator(net, gnet, labels)
+    t_steps, steps = plan if plan is not None else build_plan(config, x.device)
+    stop = len(steps) if stop is None else stop
+    evaluate = _Evaluator(net, gnet, labels, streams)
     if randn_like is None and seeds is None:
         randn_like = torch.randn_like
     # The next step's seeded churn can be fused into the op ending this one (not with a callback,
     # which must see x before the churn, nor with an explicit randn_like).
     fuse = getattr(backend, "fuses_churn", False) and randn_like is None and callback is None
-    x = noise.to(dtype) * t_steps[0]
-    churned = False
-    for k, step in enumerate(steps):
+    # Whether step `first`'s churn was already injected by the op ending the previous step.
+    churned = fuse and first > 0 and steps[first].noise_scale is not None
+    for k in range(first, stop):
+        step = steps[k]
         # Churn: x_hat = x + sqrt(t_hat² - t_cur²) S_noise eps (EDM Algorithm 2, line 5).
         if step.noise_scale is not None and not churned:
             eps = randn_like(x) if randn_like is not None else None
