@@ -6,7 +6,7 @@
   rank 1 (the latency case: batch 1, a large main network).
 """
 
-from .generate import GenerateOptions, GenerateSummary, generate, image_path
+from .generation import GenerateOptions, GenerateSummary, generate, image_path
 from .guide_parallel import PeerFailure, guide_parallel_sample
 from .loading import load_network
 from .seeds import parse_seeds, rank_chunks, split_chunks

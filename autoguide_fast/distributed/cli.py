@@ -16,7 +16,7 @@ import math
 import sys
 from collections.abc import Sequence
 
-from .generate import DTYPES, FORMATS, GenerateOptions, generate
+from .generation import DTYPES, FORMATS, GenerateOptions, generate
 from .guide_parallel import PeerFailure
 from .loading import parse_overrides
 

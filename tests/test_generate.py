@@ -1,0 +1,264 @@
+"""``autoguide-fast generate`` in one process: files, formats, resuming, network specs, errors.
+
+The networks here are built only from exactly rounded element-wise ops (+, -, *, /, sqrt), so
+an image's output cannot depend on the rest of its batch (no BLAS blocking, no vectorised
+transcendental with a scalar tail): files can then be compared bit for bit across batchings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autoguide_fast import fast_guided_sample, seeded_labels, seeded_noise
+from autoguide_fast.distributed.cli import main
+from autoguide_fast.distributed.generation import SETTINGS_FILE, image_path
+
+PIL = pytest.importorskip("PIL.Image")
+
+HERE = "tests.test_generate"
+
+
+class ExactNet(torch.nn.Module):
+    """D = c_skip x + c_out softsign(mix(c_in x) + bias + class embedding), each output element a
+    fixed sequence of exactly rounded ops on its own pixel: batch-independent bit for bit."""
+
+    def __init__(self, channels: int = 3, resolution: int = 8, label_dim: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.img_channels, self.img_resolution, self.label_dim = channels, resolution, label_dim
+        self.mix = torch.nn.Parameter(torch.randn(channels, channels, generator=g) * 0.5)
+        self.bias = torch.nn.Parameter(torch.randn(channels, generator=g) * 0.2)
+        self.emb = torch.nn.Parameter(torch.randn(max(label_dim, 1), channels, generator=g) * 0.5)
+        self.calls = 0
+
+    def forward(self, x, sigma, labels=None):
+        self.calls += 1
+        sd = 0.5
+        sigma = sigma.to(torch.float32)
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + sigma**2).sqrt()
+        h = x.to(torch.float32) * c_in
+        rows = []
+        for c in range(self.img_channels):
+            acc = h[:, 0] * self.mix[c, 0] + self.bias[c]
+            for k in range(1, self.img_channels):
+                acc = acc + h[:, k] * self.mix[c, k]
+            for j in range(self.label_dim):
+                acc = acc + labels[:, j, None, None] * self.emb[j, c]
+            rows.append(acc)
+        y = torch.stack(rows, dim=1)
+        return c_skip * x + c_out * (y / (1 + y * y).sqrt())
+
+
+# Network factories for ``--net tests.test_generate:NAME``.
+def rgb_main():
+    return ExactNet(3, 8, label_dim=4, seed=0)
+
+
+def rgb_guide():
+    return ExactNet(3, 8, label_dim=4, seed=1)
+
+
+def latent_main():
+    return ExactNet(4, 6, seed=2)
+
+
+def latent_guide():
+    return ExactNet(4, 6, seed=3)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class _Interrupting(ExactNet):
+    """Raises after AGF_TEST_INTERRUPT_AFTER forward calls (simulates a killed job)."""
+
+    def forward(self, x, sigma, labels=None):
+        limit = int(os.environ.get("AGF_TEST_INTERRUPT_AFTER", "0"))
+        if limit and self.calls >= limit:
+            raise Interrupted()
+        return super().forward(x, sigma, labels)
+
+
+def interruptible_main():
+    return _Interrupting(3, 8, label_dim=4, seed=0)
+
+
+def not_a_network():
+    return 42
+
+
+SAMPLER = ["--steps", "4", "--guidance", "2.3", "--S-churn", "8", "--S-min", "0.05", "--S-max", "50",
+           "--guidance-interval", "0.2,20", "--no-progress", "--backend", "torch"]
+
+
+def reference_sample(main_fn, guide_fn, seed: int, class_idx: int | None = None, *, guidance=2.3, steps=4):
+    """One seed alone, with the public API: what its file must hold."""
+    net, gnet = main_fn(), guide_fn()
+    shape = [1, net.img_channels, net.img_resolution, net.img_resolution]
+    labels = None
+    if net.label_dim:
+        index = torch.tensor([class_idx]) if class_idx is not None else seeded_labels([seed], net.label_dim)
+        labels = F.one_hot(index, net.label_dim).to(torch.float32)
+    return fast_guided_sample(net, seeded_noise([seed], shape), labels, gnet, seeds=[seed], num_steps=steps,
+                              guidance=guidance, S_churn=8, S_min=0.05, S_max=50, guidance_interval=(0.2, 20),
+                              backend="torch")[0]
+
+
+def to_png_array(x: torch.Tensor) -> np.ndarray:
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def run(*argv) -> int:
+    return main(["generate", *argv])
+
+
+# ----------------------------------------------------------------------------
+
+
+def test_png_per_seed_equals_sampling_that_seed_alone(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = run("--net", f"{HERE}:rgb_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "3-7,20", "--batch", "4",
+             "--outdir", str(out), *SAMPLER)
+    assert rc == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([f"{s:06d}.png" for s in (3, 4, 5, 6, 7, 20)] + [SETTINGS_FILE])
+    for seed in (3, 6, 20):
+        got = np.asarray(PIL.open(out / f"{seed:06d}.png"))
+        assert got.shape == (8, 8, 3) and got.dtype == np.uint8
+        np.testing.assert_array_equal(got, to_png_array(reference_sample(rgb_main, rgb_guide, seed)))
+    assert "6 file(s) written, 0 already present, of 6 seed(s)" in capsys.readouterr().out
+
+
+def test_npy_for_latents_bit_exact_with_fixed_class_and_subdirs(tmp_path):
+    out = tmp_path / "out"
+    assert run("--net", f"{HERE}:latent_main", "--gnet", f"{HERE}:latent_guide", "--seeds", "998-1001",
+               "--batch", "3", "--subdirs", "--outdir", str(out), *SAMPLER) == 0
+    for seed in (998, 1001):
+        path = image_path(str(out), seed, "npy", subdirs=True)
+        assert path.endswith(os.path.join("000000" if seed < 1000 else "001000", f"{seed:06d}.npy"))
+        got = torch.from_numpy(np.load(path))
+        assert torch.equal(got, reference_sample(latent_main, latent_guide, seed))
+    # A fixed class for every image instead of the per-seed class.
+    out2 = tmp_path / "class"
+    assert run("--net", f"{HERE}:rgb_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "5,9", "--class", "2",
+               "--format", "npy", "--outdir", str(out2), *SAMPLER) == 0
+    for seed in (5, 9):
+        got = torch.from_numpy(np.load(out2 / f"{seed:06d}.npy"))
+        assert torch.equal(got, reference_sample(rgb_main, rgb_guide, seed, class_idx=2))
+        assert not torch.equal(got, reference_sample(rgb_main, rgb_guide, seed, class_idx=3))
+
+
+def test_interrupted_run_resumes_without_redoing_finished_seeds(tmp_path, monkeypatch, capsys):
+    args = ["--net", f"{HERE}:interruptible_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "0-9", "--batch", "3",
+            "--format", "npy", *SAMPLER]
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    # 7 evaluations per batch (4 Heun steps): interrupt during the third batch.
+    monkeypatch.setenv("AGF_TEST_INTERRUPT_AFTER", str(2 * 7 + 3))
+    with pytest.raises(Interrupted):
+        run(*args, "--outdir", str(out))
+    done = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.npy")}
+    assert sorted(done) == [f"{s:06d}.npy" for s in range(6)]
+    (out / ".000007.npy.partial").write_bytes(b"half a file")  # As left by a killed writer.
+    capsys.readouterr()
+
+    monkeypatch.delenv("AGF_TEST_INTERRUPT_AFTER")
+    assert run(*args, "--outdir", str(out)) == 0
+    assert "4 file(s) written, 6 already present, of 10 seed(s)" in capsys.readouterr().out
+    for name, stamp in done.items():  # Finished files were not rewritten.
+        st = (out / name).stat()
+        assert (st.st_ino, st.st_mtime_ns) == stamp
+    assert not list(out.glob(".*.partial"))
+    # The result is that of an uninterrupted run, file for file.
+    assert run(*args, "--outdir", str(clean)) == 0
+    files = sorted(p.name for p in clean.glob("*.npy"))
+    assert files == sorted(p.name for p in out.glob("*.npy")) and len(files) == 10
+    for name in files:
+        assert (out / name).read_bytes() == (clean / name).read_bytes()
+    # A rerun with everything present does nothing.
+    assert run(*args, "--outdir", str(out)) == 0
+    assert "0 file(s) written, 10 already present" in capsys.readouterr().out
+
+
+def test_whole_module_file_and_edm2_preset_specs(tmp_path):
+    path = tmp_path / "main.pt"
+    torch.save(latent_main(), path)
+    out = tmp_path / "file"
+    assert run("--net", str(path), "--gnet", f"{HERE}:latent_guide", "--seeds", "4", "--outdir", str(out),
+               *SAMPLER) == 0
+    assert torch.equal(torch.from_numpy(np.load(out / "000004.npy")), reference_sample(latent_main, latent_guide, 4))
+    # A tiny EDM2 preset pair with random weights (img64: 3-channel pixels -> PNG).
+    out = tmp_path / "edm2"
+    tiny = '{"model_channels": 8, "img_resolution": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}'
+    assert run("--net", "edm2:img64-xs", "--gnet", "edm2:img64-xs", "--preset-overrides", tiny, "--seeds", "0-1",
+               "--outdir", str(out), "--steps", "2", "--guidance", "2", "--no-progress") == 0
+    images = [np.asarray(PIL.open(out / f"{s:06d}.png")) for s in (0, 1)]
+    assert images[0].shape == (8, 8, 3) and not np.array_equal(images[0], images[1])
+
+
+def test_generate_is_a_subcommand_of_the_main_cli():
+    from autoguide_fast.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--net", "edm2:s", "--outdir", "x", "--seeds", "0-3"])
+    assert args.command == "generate" and args.seeds == "0-3" and callable(args.func)
+
+
+# ----------------------------------------------------------------------------
+# Each bad argument gets a clear error naming it (exit code 2), before any sampling.
+
+
+def _bad_cases(tmp_path):
+    garbage, a_file = tmp_path / "garbage.pt", tmp_path / "a_file"
+    ok = ["--net", f"{HERE}:rgb_main", "--gnet", f"{HERE}:rgb_guide", "--guidance", "2"]
+    out = ["--outdir", str(tmp_path / "out")]
+    return {
+        "seed syntax": (ok + out + ["--seeds", "0-9,12-x"], ["--seeds", "'12-x'"]),
+        "seed range downward": (ok + out + ["--seeds", "9-3"], ["--seeds", "downward"]),
+        "missing module": (["--net", "no_such_module_q7:make"] + out, ["--net", "cannot import module"]),
+        "missing callable": (["--net", f"{HERE}:no_such_factory"] + out, ["--net", "no attribute"]),
+        "not a network": (["--net", f"{HERE}:not_a_network"] + out, ["--net", "expected a network"]),
+        "missing file": (["--net", str(tmp_path / "missing.pt")] + out, ["--net", "no such file"]),
+        "unloadable file": (["--net", str(garbage)] + out, ["--net", "cannot load"]),
+        "missing guide file": (["--net", f"{HERE}:rgb_main", "--gnet", "gone/guide.pt", "--guidance", "2"] + out,
+                               ["--gnet", "no such file"]),
+        "unknown preset": (["--net", "edm2:huge"] + out, ["--net", "unknown EDM2 preset"]),
+        "guidance without guide": (["--net", f"{HERE}:rgb_main", "--guidance", "2"] + out, ["--guidance", "--gnet"]),
+        "guide-parallel in one process": (ok + out + ["--guide-parallel"], ["--guide-parallel", "exactly 2"]),
+        "outdir under a file": (ok + ["--outdir", str(a_file / "sub")], ["--outdir", "cannot create"]),
+        "outdir is a file": (ok + ["--outdir", str(a_file)], ["--outdir", "not a directory"]),
+        "class out of range": (ok + out + ["--class", "4"], ["--class", "label_dim 4"]),
+        "bad overrides": (["--net", "edm2:xs", "--preset-overrides", "{model_channels: 8"] + out,
+                          ["--preset-overrides", "JSON"]),
+        "batch": (ok + out + ["--batch", "0"], ["--batch"]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases(Path("unused"))))
+def test_bad_arguments_give_clear_errors(tmp_path, capsys, case):
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    (tmp_path / "a_file").write_text("x")
+    argv, expected = _bad_cases(tmp_path)[case]
+    assert run(*argv, "--steps", "2", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoguide-fast generate: error: ")
+    for text in expected:
+        assert text in err, (case, err)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.png"))
+
+
+def test_refuses_to_mix_files_of_other_settings(tmp_path, capsys):
+    base = ["--net", f"{HERE}:rgb_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "0", "--outdir", str(tmp_path),
+            "--steps", "2", "--no-progress"]
+    assert run(*base, "--guidance", "2") == 0
+    assert run(*base, "--guidance", "2.5", "--seeds", "1") == 2
+    err = capsys.readouterr().err
+    assert "--outdir" in err and "guidance: 2.0 -> 2.5" in err
+    assert not (tmp_path / "000001.png").exists()

@@ -1,0 +1,176 @@
+"""Guide-parallel sampling (main network on rank 0, guide on rank 1) on CPU with gloo, 2 processes.
+
+``run_ranks`` (also used by the generate tests) starts a gloo job with torch.multiprocessing
+and returns what each rank's function returned.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from autoguide_fast import fast_guided_sample, seeded_noise
+from autoguide_fast.distributed import PeerFailure, guide_parallel_sample
+from tests.nets import TinyConvDenoiser, one_hot_labels
+
+
+def _rank_main(rank, world_size, init_file, result_dir, fn, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        result = fn(rank, *args)
+    except BaseException:
+        result = {"crash": traceback.format_exc()}
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def run_ranks(tmp_path, fn, *args, world_size: int = 2) -> list:
+    """Run ``fn(rank, *args)`` on every rank of a fresh gloo group; return the results by rank."""
+    result_dir = tmp_path / "ranks"
+    result_dir.mkdir(exist_ok=True)
+    init_file = tmp_path / "pg-init"
+    mp.spawn(_rank_main, args=(world_size, str(init_file), str(result_dir), fn, args), nprocs=world_size, join=True)
+    results = [torch.load(result_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    for r, res in enumerate(results):
+        assert not (isinstance(res, dict) and "crash" in res), f"rank {r} crashed:\n{res['crash']}"
+    return results
+
+
+# ----------------------------------------------------------------------------
+# The cases: same keyword arguments on both ranks; rank 0 holds net, noise, labels; rank 1 the guide.
+
+SEEDS = [11, 3, 2024, 7]
+SHAPE = [len(SEEDS), 3, 8, 8]
+
+
+def _cases():
+    labels = one_hot_labels(len(SEEDS), 4, seed=5)
+    return {
+        # Heun, churn from per-image seeds, a guidance interval (some evaluations unguided), labels.
+        "heun_churn_interval": dict(
+            main=dict(label_dim=4, seed=0), guide=dict(label_dim=4, seed=1, hidden=4), labels=labels,
+            kwargs=dict(num_steps=6, guidance=2.5, guidance_interval=(0.3, 5.0), S_churn=10.0, S_min=0.05,
+                        S_max=50.0, seeds=SEEDS)),
+        # Euler in float64 with a guide whose output is float16 (sent in its own dtype).
+        "euler_f64_fp16_guide": dict(
+            main=dict(seed=2), guide=dict(seed=3, out_dtype=torch.float16), labels=None,
+            kwargs=dict(num_steps=5, guidance=1.7, solver="euler", dtype=torch.float64, sigma_max=20.0)),
+        # w = 1: the guide is never called, rank 1 only checks the settings.
+        "unguided": dict(
+            main=dict(seed=4), guide=dict(seed=5), labels=None, kwargs=dict(num_steps=4, guidance=1)),
+    }
+
+
+def _job_cases(rank):
+    out = {}
+    for name, case in _cases().items():
+        kwargs = dict(case["kwargs"], backend="torch")
+        if rank == 0:
+            net = TinyConvDenoiser(**case["main"])
+            noise = seeded_noise(SEEDS, SHAPE)
+            seen = []
+            x = guide_parallel_sample(net, None, noise, case["labels"],
+                                      callback=lambda d, seen=seen: seen.append(d["denoised"].clone()), **kwargs)
+            out[name] = dict(x=x, denoised=seen)
+        else:
+            gnet = TinyConvDenoiser(**case["guide"])
+            x = guide_parallel_sample(None, gnet, **{k: v for k, v in kwargs.items() if k != "seeds"})
+            out[name] = dict(x=x, guide_calls=gnet.calls)
+    return out
+
+
+def _reference(case):
+    net, gnet = TinyConvDenoiser(**case["main"]), TinyConvDenoiser(**case["guide"])
+    seen = []
+    x = fast_guided_sample(net, seeded_noise(SEEDS, SHAPE), case["labels"], gnet, backend="torch",
+                           callback=lambda d: seen.append(d["denoised"].clone()), **case["kwargs"])
+    return x, seen, gnet.calls
+
+
+@pytest.mark.slow
+def test_guide_parallel_equals_single_device_sampling(tmp_path):
+    rank0, rank1 = run_ranks(tmp_path, _job_cases)
+    for name, case in _cases().items():
+        x_ref, denoised_ref, guide_calls_ref = _reference(case)
+        got = rank0[name]
+        assert got["x"].dtype == x_ref.dtype
+        assert torch.equal(got["x"], x_ref), name
+        assert len(got["denoised"]) == len(denoised_ref)
+        assert all(torch.equal(a, b) for a, b in zip(got["denoised"], denoised_ref)), name
+        # Rank 1 ran the guide exactly where single-device sampling does, and returned nothing.
+        assert rank1[name]["x"] is None
+        assert rank1[name]["guide_calls"] == guide_calls_ref, name
+    assert _reference(_cases()["unguided"])[2] == 0
+    assert 0 < _reference(_cases()["heun_churn_interval"])[2] < 2 * 6 - 1  # Interval skipped some.
+
+
+# ----------------------------------------------------------------------------
+# Errors reach both ranks: nobody waits forever.
+
+
+class _WrongShape(torch.nn.Module):
+    def forward(self, x, sigma, labels=None):
+        return x[:, :1]
+
+
+def _job_errors(rank):
+    out = {}
+    noise = seeded_noise(SEEDS, SHAPE)
+    net = TinyConvDenoiser(seed=0)
+
+    def attempt(name, fn):
+        try:
+            fn()
+            out[name] = None
+        except Exception as exc:
+            out[name] = (type(exc).__name__, str(exc))
+
+    # Different settings on the two ranks.
+    attempt("mismatch", lambda: guide_parallel_sample(net, TinyConvDenoiser(seed=1), noise,
+                                                      num_steps=5 if rank == 0 else 6, guidance=2.0))
+    # The guide returns the wrong shape at its first evaluation.
+    attempt("bad_guide", lambda: guide_parallel_sample(net, _WrongShape(), noise, num_steps=4, guidance=2.0))
+    # Rank 0's own arguments are bad (NaN noise).
+    attempt("bad_noise", lambda: guide_parallel_sample(net, TinyConvDenoiser(seed=1), noise * float("nan"),
+                                                       num_steps=4, guidance=2.0))
+    # And the pair still works afterwards.
+    attempt("after", lambda: guide_parallel_sample(net, TinyConvDenoiser(seed=1), noise, num_steps=4, guidance=2.0))
+    return out
+
+
+@pytest.mark.slow
+def test_errors_are_raised_on_both_ranks(tmp_path):
+    rank0, rank1 = run_ranks(tmp_path, _job_errors)
+    for res in (rank0, rank1):
+        assert res["mismatch"][0] == "ValueError" and "differ between rank 0 and rank 1" in res["mismatch"][1]
+    assert rank1["bad_guide"][0] == "ValueError" and "gnet (the guide network)" in rank1["bad_guide"][1]
+    assert rank0["bad_guide"][0] == "PeerFailure" and "rank 1 (guide network)" in rank0["bad_guide"][1]
+    assert rank0["bad_noise"][0] == "ValueError" and "noise" in rank0["bad_noise"][1]
+    assert rank1["bad_noise"][0] == "PeerFailure" and "rank 0 (main network)" in rank1["bad_noise"][1]
+    assert rank0["after"] is None and rank1["after"] is None
+    assert issubclass(PeerFailure, RuntimeError)
+
+
+def test_needs_a_two_rank_process_group():
+    assert not dist.is_initialized()
+    noise = seeded_noise([1], [1, 3, 4, 4])
+    with pytest.raises(ValueError, match="exactly 2 ranks"):
+        guide_parallel_sample(TinyConvDenoiser(), None, noise, guidance=2.0)
+
+
+def test_rejects_a_group_of_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="exactly 2 ranks .*got 1"):
+            guide_parallel_sample(TinyConvDenoiser(), None, seeded_noise([1], [1, 3, 4, 4]), guidance=2.0)
+    finally:
+        dist.destroy_process_group()
