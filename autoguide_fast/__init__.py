@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._extension import extension, extension_error, extension_info
 from .backends import BackendStatus, backends
+from .engine import GuidedSampler, clear_cache, set_cache_size
 from .noise import seeded_labels, seeded_noise
 from .sampler import edm_sampler, fast_guided_sample
 
@@ -17,12 +18,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "GuidedSampler",
     "backends",
+    "clear_cache",
     "edm_sampler",
     "extension_info",
     "fast_guided_sample",
     "seeded_labels",
     "seeded_noise",
+    "set_cache_size",
 ]
 
 extension()  # Load now so a missing extension is reported once, at import.

@@ -140,6 +140,13 @@ def run_eager_steps(
     return x
 
 
+def _engine_applies(noise: torch.Tensor, labels, randn_like, callback) -> bool:
+    """CUDA tensors go through the cached engine unless a per-step callback or a custom churn
+    noise source needs the plain loop."""
+    return (noise.is_cuda and callback is None and (randn_like is None or randn_like is torch.randn_like)
+            and (labels is None or labels.device == noise.device))
+
+
 def fast_guided_sample(
     net: Callable,                          # Main network D1: net(x, t, labels) -> tensor like x.
     noise: torch.Tensor,                    # Unit-variance initial noise [B, ...].
@@ -167,7 +174,9 @@ def fast_guided_sample(
     """Sample with the guided denoiser D_w = D0 + w (D1 - D0) (autoguidance, Karras et al. 2024).
 
     Same semantics as the official EDM sampler (``autoguide_fast.reference.edm_sampler``), plus
-    per-image seeds, a guidance interval, an Euler solver and a choice of backend.
+    per-image seeds, a guidance interval, an Euler solver and a choice of backend. On CUDA tensors
+    (no callback, default churn noise source) it runs through a cached, prepared ``GuidedSampler``
+    (CUDA graphs, guide on a side stream; see ``autoguide_fast.engine``).
     """
     V.check_callable("net", net)
     V.check_callable("gnet", gnet, optional=True)
@@ -182,6 +191,12 @@ def fast_guided_sample(
     V.check_noise(noise)
     V.check_labels(labels, noise)
     seeds_t = V.check_seeds(seeds, noise)
+    if _engine_applies(noise, labels, randn_like, callback):
+        from .engine.cache import sample_cached  # Lazy: the engine imports this module.
+
+        # randn_like=torch.randn_like wins over seeds, as in run_eager.
+        return sample_cached(net, gnet, noise, labels, config, backend, seeds_t if randn_like is None else None,
+                             check_finite)
     step_backend = resolve_backend(backend, noise.device, dtype)
     with torch.no_grad():
         x = run_eager(net, gnet, noise, labels, config, step_backend, seeds_t, randn_like, callback)

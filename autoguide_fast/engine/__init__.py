@@ -1,0 +1,10 @@
+"""The production engine: ``GuidedSampler`` (warm-up, CUDA graphs, the guide network on a side
+stream, eager fallback) and the sampler cache behind ``fast_guided_sample`` on CUDA tensors."""
+
+from __future__ import annotations
+
+from .cache import cache_info, clear_cache, set_cache_size
+from .cuda_graphs import CaptureFailed
+from .guided_sampler import GraphCaptureWarning, GuidedSampler
+
+__all__ = ["CaptureFailed", "GraphCaptureWarning", "GuidedSampler", "cache_info", "clear_cache", "set_cache_size"]

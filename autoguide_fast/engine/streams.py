@@ -1,0 +1,97 @@
+"""Concurrency of the two networks: the guide on a side stream, forked and joined per evaluation.
+
+Per guided evaluation (inside a CUDA graph capture as well as eagerly):
+
+    main:  ──record──► net(x, t) ─────────────── wait ──► fused step
+    side:       wait ──► gnet(x, t) ──► record ──┘
+
+The side stream waits on an event recorded on the current stream (so it sees x), runs the guide,
+and the current stream waits back before the fused step reads both outputs. During a capture the
+same fork/join becomes two parallel branches of the graph. Eagerly, ``record_stream`` tells the
+caching allocator which stream still uses a block, so memory is not reused across streams early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["CallOrder", "GuideStream", "device_context", "time_alternating"]
+
+
+class GuideStream:
+    """Runs the guide network on a side stream, concurrently with the main network (CUDA only).
+
+    ``run_eager`` calls ``fork`` before the main network and ``join`` after it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.side = torch.cuda.Stream(device=device)
+        self._main: torch.cuda.Stream | None = None
+
+    def fork(self, gnet: Callable, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None):
+        main = torch.cuda.current_stream(x.device)
+        capturing = torch.cuda.is_current_stream_capturing()
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):
+            out = gnet(x, t, labels)
+        if not capturing:
+            # x (and the labels) were allocated on the main stream and are read on the side one.
+            x.record_stream(self.side)
+            if isinstance(labels, torch.Tensor) and labels.is_cuda:
+                labels.record_stream(self.side)
+        self._main = main
+        return out
+
+    def join(self, out) -> None:
+        main = self._main
+        main.wait_stream(self.side)
+        if isinstance(out, torch.Tensor) and out.is_cuda and not torch.cuda.is_current_stream_capturing():
+            # The guide's output was allocated on the side stream and is read on the main one.
+            out.record_stream(main)
+
+
+class CallOrder:
+    """Orders successive calls of one sampler on the GPU even when they come from threads using
+    different current streams: each call waits for the previous one's completion event before it
+    touches the sampler's static buffers. No-op on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._done: torch.cuda.Event | None = None
+
+    def begin(self) -> None:
+        if self.cuda and self._done is not None:
+            torch.cuda.current_stream().wait_event(self._done)
+
+    def end(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream())
+            self._done = event
+
+
+def device_context(device: torch.device):
+    """Makes ``device`` current for CUDA work (multi-GPU processes); nothing on other devices."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def time_alternating(candidates: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, float]:
+    """Median milliseconds of each candidate on the current CUDA stream, measured with CUDA events,
+    candidates interleaved round by round after one untimed call each."""
+    for fn in candidates.values():
+        fn()
+    stream = torch.cuda.current_stream()
+    events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            fn()
+            end.record(stream)
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) for name, pairs in events.items()}
