@@ -34,7 +34,9 @@ def _extensions():
     with_cuda = cuda_possible and cuda_flag != "0"
 
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No implicit fma contraction and no fast-math: the CPU kernels reproduce the reference's
+    # separately rounded float operations bit for bit.
+    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math"]
     if os.name != "nt":
         cxx_flags += ["-fopenmp"]
     extra_link = ["-fopenmp"] if os.name != "nt" else []
@@ -45,7 +47,7 @@ def _extensions():
             "autoguide_fast._C",
             sources,
             define_macros=[("AGF_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
             extra_link_args=extra_link,
         )
     else:

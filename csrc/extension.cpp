@@ -1,7 +1,7 @@
 // Python entry point of autoguide_fast._C: build information and op registration.
 //
-// The fused ops themselves are registered with TORCH_LIBRARY in their own translation units;
-// this file only tells Python what was compiled in.
+// The fused ops themselves are registered with TORCH_LIBRARY in their own translation units
+// (cpu_ops.cpp, cuda_ops.cpp); this file only tells Python what was compiled in.
 #include <torch/extension.h>
 
 #include <string>
@@ -9,6 +9,11 @@
 #ifdef AGF_WITH_CUDA
 std::string agf_cuda_runtime_version();  // csrc/cuda/build_info.cu
 #endif
+
+namespace agf {
+std::string cpu_kernels_isa();                    // csrc/cpu_ops.cpp
+bool set_cpu_kernels_isa(const std::string& isa);  // csrc/cpu_ops.cpp
+}  // namespace agf
 
 namespace {
 
@@ -27,6 +32,7 @@ pybind11::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
+  info["cpu_kernels"] = agf::cpu_kernels_isa();
   return info;
 }
 
@@ -35,4 +41,6 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "autoguide_fast compiled kernels";
   m.def("build_info", &build_info, "What this build of the extension contains.");
+  m.def("set_cpu_kernels", &agf::set_cpu_kernels_isa, pybind11::arg("isa"),
+        "Select the CPU kernel variant ('avx2+fma' or 'baseline'); False if unavailable here.");
 }

@@ -1,17 +1,40 @@
-"""Registry entry of the fused "cuda" backend (its kernels arrive with the fused-kernels work)."""
+"""Registry entry of the "cuda" backend: the fused CUDA C++ kernels of the compiled extension.
+
+Launched on the current stream with no host synchronisation and no allocation besides the
+outputs, so the ops can be captured in a CUDA graph. Built only where setup.py found a CUDA
+toolkit and a CUDA build of torch.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from .._extension import extension, extension_error
+
+_STATE_DTYPES = (torch.float32, torch.float64)
+
 
 def status() -> tuple[bool, str]:
-    return False, "not implemented yet: the fused cuda kernels are not part of this build"
+    module = extension()
+    if module is None:
+        return False, f"the compiled extension autoguide_fast._C is not loaded ({extension_error()})"
+    info = dict(module.build_info())
+    if not info.get("cuda", False):
+        return False, "the compiled extension was built without CUDA (no CUDA toolkit or a CPU build of torch)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible"
+    return True, f"fused CUDA kernels (CUDA runtime {info.get('cuda_runtime', '?')})"
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> str | None:
-    return "not implemented yet"
+    if torch.device(device).type != "cuda":
+        return f"runs on CUDA tensors only, got device {device}"
+    if dtype not in _STATE_DTYPES:
+        return f"state dtype must be float32 or float64, got {dtype}"
+    return None
 
 
 def create(dtype: torch.dtype):
-    raise RuntimeError("the cuda backend is not implemented yet")
+    from ..ops.fused_backend import FusedBackend
+
+    return FusedBackend("cuda", dtype)

@@ -1,0 +1,67 @@
+"""The step backend of the compiled fused ops, shared by the "cpp" (CPU) and "cuda" backends.
+
+One op per evaluation: the guided combination D_w = D0 + w (D1 - D0), the Euler/Heun update and,
+when the loop asks for it (``fuses_churn``), the next step's seeded churn noise. On CPU the
+results equal the reference's separately rounded tensor ops bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..noise import churn_stream
+from ..plan import StepPlan
+
+__all__ = ["FusedBackend"]
+
+_NET_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class FusedBackend:
+    fuses_churn = True
+
+    def __init__(self, name: str, dtype: torch.dtype) -> None:
+        from . import extension_ops  # Needs the compiled extension: imported only when one is used.
+
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype: the {name} backend supports float32 and float64 states, got {dtype}")
+        self.name = name
+        self.dtype = dtype
+        self._ops = extension_ops
+
+    # Network outputs as the kernels take them: contiguous, one dtype the kernels read. A dtype
+    # they do not read, or two different dtypes, is cast to the state dtype first, which is the
+    # reference's own `.to(dtype)` and therefore changes no value.
+    def _net_outputs(self, D_main: torch.Tensor, D_guide: torch.Tensor | None):
+        if D_main.dtype not in _NET_DTYPES or (D_guide is not None and D_guide.dtype != D_main.dtype):
+            D_main = D_main.to(self.dtype)
+            D_guide = D_guide.to(self.dtype) if D_guide is not None else None
+        return D_main.contiguous(), D_guide.contiguous() if D_guide is not None else None
+
+    @staticmethod
+    def _churn_args(churn_next: tuple[StepPlan, torch.Tensor] | None):
+        if churn_next is None:
+            return None, 0.0, 0
+        next_step, seeds = churn_next
+        return seeds.contiguous(), next_step.noise_scale, churn_stream(next_step.index)
+
+    def euler(self, x_hat, D_main, D_guide, w, step: StepPlan, churn_next=None):
+        D_main, D_guide = self._net_outputs(D_main, D_guide if w is not None else None)
+        seeds, scale, stream = self._churn_args(churn_next)
+        return self._ops.euler_step(x_hat.contiguous(), D_main, D_guide, 1.0 if w is None else w, step.t_hat,
+                                    step.t_next, seeds, scale, stream)
+
+    def heun(self, x_hat, d, x_next, D_main, D_guide, w, step: StepPlan, churn_next=None):
+        D_main, D_guide = self._net_outputs(D_main, D_guide if w is not None else None)
+        seeds, scale, stream = self._churn_args(churn_next)
+        return self._ops.heun_step(x_hat.contiguous(), d.contiguous(), x_next.contiguous(), D_main, D_guide,
+                                   1.0 if w is None else w, step.t_hat, step.t_next, seeds, scale, stream)
+
+    def churn(self, x, step: StepPlan, seeds, eps):
+        x = x.contiguous()
+        if eps is None:
+            return self._ops.churn(x, step.noise_scale, seeds=seeds.contiguous(), stream=churn_stream(step.index))
+        if eps.dtype != x.dtype or eps.shape != x.shape or eps.device != x.device:
+            # Whatever randn_like returned: the reference's broadcasting and type promotion.
+            return x + step.tensors["noise_scale"] * eps
+        return self._ops.churn(x, step.noise_scale, eps=eps.contiguous())
