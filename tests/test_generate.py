@@ -199,7 +199,7 @@ def test_whole_module_file_and_edm2_preset_specs(tmp_path):
     out = tmp_path / "edm2"
     tiny = '{"model_channels": 8, "img_resolution": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}'
     assert run("--net", "edm2:img64-xs", "--gnet", "edm2:img64-xs", "--preset-overrides", tiny, "--seeds", "0-1",
-               "--outdir", str(out), "--steps", "2", "--guidance", "2", "--no-progress") == 0
+               "--outdir", str(out), "--steps", "2", "--guidance", "2", "--no-progress", "--backend", "torch") == 0
     images = [np.asarray(PIL.open(out / f"{s:06d}.png")) for s in (0, 1)]
     assert images[0].shape == (8, 8, 3) and not np.array_equal(images[0], images[1])
 
@@ -246,7 +246,7 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys, case):
     (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
     (tmp_path / "a_file").write_text("x")
     argv, expected = _bad_cases(tmp_path)[case]
-    assert run(*argv, "--steps", "2", "--no-progress") == 2
+    assert run(*argv, "--steps", "2", "--no-progress", "--backend", "torch") == 2
     err = capsys.readouterr().err
     assert err.startswith("autoguide-fast generate: error: ")
     for text in expected:
@@ -256,9 +256,16 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys, case):
 
 def test_refuses_to_mix_files_of_other_settings(tmp_path, capsys):
     base = ["--net", f"{HERE}:rgb_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "0", "--outdir", str(tmp_path),
-            "--steps", "2", "--no-progress"]
+            "--steps", "2", "--no-progress", "--backend", "torch"]
     assert run(*base, "--guidance", "2") == 0
     assert run(*base, "--guidance", "2.5", "--seeds", "1") == 2
     err = capsys.readouterr().err
     assert "--outdir" in err and "guidance: 2.0 -> 2.5" in err
     assert not (tmp_path / "000001.png").exists()
+
+
+def test_unusable_backend_is_reported_before_sampling(tmp_path, capsys):
+    assert run("--net", f"{HERE}:rgb_main", "--outdir", str(tmp_path), "--backend", "nope", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "--backend" in err and "nope" in err
+    assert not list(tmp_path.glob("*.png"))

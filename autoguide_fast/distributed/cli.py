@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 
@@ -113,13 +114,15 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
 
 def run(args: argparse.Namespace) -> int:
     """The ``generate`` subcommand: returns the exit code."""
+    # Under torchrun every rank reports; say which one.
+    where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         generate(options_from_args(args))
     except (ValueError, TypeError, OSError, ImportError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error{where}: {exc}", file=sys.stderr)
         return 2
     except (PeerFailure, FloatingPointError) as exc:
-        print(f"{PROG}: failed: {exc}", file=sys.stderr)
+        print(f"{PROG}: failed{where}: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..backends import resolve_backend
 from ..noise import seeded_labels, seeded_noise
-from ..sampler import fast_guided_sample
+from ..sampler import fast_guided_sample, make_config
 from .guide_parallel import PeerFailure, guide_parallel_sample
 from .loading import PRESET_PREFIX, load_network, network_label_dim, network_shape
 from .seeds import parse_seeds, rank_chunks, split_chunks
@@ -113,6 +114,8 @@ def _check_options(opts: GenerateOptions) -> list[int]:
         raise ValueError("--seeds: no seeds given")
     if any(s < 0 for s in seeds):
         raise ValueError("--seeds: seeds must be non-negative")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("--seeds: a seed appears more than once (each seed names one file)")
     if isinstance(opts.batch, bool) or not isinstance(opts.batch, int) or opts.batch < 1:
         raise ValueError(f"--batch: expected a positive integer, got {opts.batch!r}")
     if not opts.net:
@@ -137,7 +140,26 @@ def _check_options(opts: GenerateOptions) -> list[int]:
         raise ValueError("--gnet-preset-overrides: applies only when --gnet is an edm2:SIZE preset")
     if opts.threads is not None and opts.threads < 1:
         raise ValueError(f"--threads: expected a positive integer, got {opts.threads}")
+    # The sampler's own checks, now rather than at the first batch, naming the flags.
+    try:
+        make_config(num_steps=opts.num_steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
+                    guidance=opts.guidance, gnet=_placeholder_guide, S_churn=opts.S_churn, S_min=opts.S_min,
+                    S_max=opts.S_max, S_noise=opts.S_noise, dtype=DTYPES[opts.dtype],
+                    guidance_interval=opts.guidance_interval, solver=opts.solver)
+    except (TypeError, ValueError) as exc:
+        name, _, rest = str(exc).partition(":")
+        raise type(exc)(f"{_FLAGS.get(name, name)}:{rest}") from None
     return seeds
+
+
+def _placeholder_guide(*args: Any) -> None:  # Stands for --gnet in the early checks.
+    return None
+
+
+# Sampler argument -> flag, for error messages.
+_FLAGS = {"num_steps": "--steps", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max", "rho": "--rho",
+          "guidance": "--guidance", "S_churn": "--S-churn", "S_min": "--S-min", "S_max": "--S-max",
+          "S_noise": "--S-noise", "guidance_interval": "--guidance-interval", "solver": "--solver", "dtype": "--dtype"}
 
 
 # ----------------------------------------------------------------------------
@@ -347,12 +369,17 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
     net = gnet = None
     shape: tuple[int, ...] = ()
     label_dim, fmt = 0, opts.format
+    done: list[bool] = []
 
     # Set up; every rank learns whether all succeeded before any collective of the job.
     error = None
     try:
         _check_outdir(opts.outdir)
         if is_main:
+            try:
+                resolve_backend(opts.backend, device, DTYPES[opts.dtype])
+            except (RuntimeError, ValueError) as exc:
+                raise ValueError(f"--backend: {exc}") from None
             net = load_network(opts.net, arg="--net", device=device, seed=opts.preset_seed,
                                overrides=opts.preset_overrides if _is_preset(opts.net) else None)
             shape = network_shape(net, opts.shape, arg="--net")
