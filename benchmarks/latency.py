@@ -1,0 +1,921 @@
+"""End-to-end latency of guided EDM2 sampling: baselines, floors and our switches, side by side.
+
+Workload (DESIGN §4): EDM2-S main + EDM2-XS guide (ImageNet-512 presets, random weights with the
+zero-initialised gains set to random non-zero values), 4x64x64 latents, 32 Heun steps (63
+evaluations of each network), w = 2.1, fp16 network body, float32 sampler state; batch 1, 8, 64.
+``--xxl`` adds EDM2-XXL main + EDM2-M guide (w = 2.05) at batch 1.
+
+Arms (every row of the CSV is one arm at one batch of one workload):
+  B0                 reference sampler (``autoguide_fast.reference.edm_sampler``), eager, the networks
+                     one after the other, weights normalised on every call (as released).
+  B1                 B0 with the weights normalised once (``prepare_for_inference``).
+  B2                 B1's networks under ``torch.compile(mode="reduce-overhead")``, reference loop.
+  F                  floor: one evaluation of both networks (one stream) captured in a CUDA graph,
+                     replayed 2N-1 times: a sampler with zero overhead and no concurrency.
+  F_par              the same with the two networks on two streams inside the graph.
+  ours-fused         ``fast_guided_sample``, eager loop, best fused step backend.
+  ours-streams       ``GuidedSampler``: + guide on a second stream (no graph).
+  ours-graph-step    + one CUDA graph per step.
+  ours-graph-traj-1s one CUDA graph per trajectory, one stream.
+  ours-graph-traj    one CUDA graph per trajectory, two streams.
+  ours-compiled      + compiled networks.
+  ours-auto          ``GuidedSampler`` with every switch on "auto" (what a user gets by default).
+Every sampler arm after B0 runs the prepared (normalised-once) networks. An arm that cannot run
+here is recorded with status ``skipped`` and the reason; one that raises is recorded as ``failed``
+with the error, and the run goes on.
+
+Method: one process; per batch, every arm is built and warmed up first (compilation and graph
+capture happen there), then the arms are timed round-robin (the starting arm rotates every
+repetition) with CUDA events around one whole sample, the device idle before each call. Reported:
+p20/p50/p80 over the repetitions, and each arm's median divided by B0's and by F's medians from the
+same run (``ratio_to_B0``, ``ratio_to_F``: time ratios, below 1 = faster).
+
+Modes: default (full: batch 1, 8, 64; 10 repetitions); ``--quick`` (batch 1 and 8, 5 repetitions,
+compiled arms at batch 1 only, a time budget: fits the GPU check); ``--smoke`` (CPU, tiny EDM2
+networks, 2 steps: keeps the harness working; its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import gc
+import inspect
+import json
+import math
+import pathlib
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+_HERE = pathlib.Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:
+    sys.path.insert(0, str(_HERE))
+
+import common  # noqa: E402  (a sibling module; its directory is put on the path just above)
+
+common.ensure_repo_on_path()
+
+import autoguide_fast  # noqa: E402
+from autoguide_fast import reference  # noqa: E402
+from autoguide_fast.backends import resolve_backend  # noqa: E402
+from autoguide_fast.models.edm2 import edm2_preset, prepare_for_inference  # noqa: E402
+
+COLUMNS = [
+    "date", "run_id", "mode", "card", "device_type", "torch", "cuda", "triton", "python", "commit", "source_hash",
+    "workload", "main", "guide", "latent_shape", "steps", "evals", "guidance", "batch",
+    "arm", "kind", "streams", "status", "n_reps", "p20_ms", "p50_ms", "p80_ms", "wall_p50_ms",
+    "ratio_to_B0", "ratio_to_F", "max_abs_diff_vs_B0", "setup_s", "config", "notes",
+]
+
+# Targets of DESIGN §4 (evaluated on GPU runs only; printed, never asserted).
+TARGET_SPEEDUP_B0 = 2.5
+TARGET_SPEEDUP_B1 = 2.0
+TARGET_SPEEDUP_B2 = 1.3
+TARGET_RATIO_F = 0.85
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the CSV: the exception type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+class Skip(Exception):
+    """This arm cannot run here; the message says why."""
+
+
+# ----------------------------------------------------------------------------
+# Workloads and networks.
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str                   # Workload id in the CSV.
+    main: str                   # EDM2 preset of the main network.
+    guide: str                  # EDM2 preset of the guide network.
+    guidance: float             # w.
+    overrides_main: dict = dataclasses.field(default_factory=dict)   # Preset overrides (smoke: tiny nets).
+    overrides_guide: dict = dataclasses.field(default_factory=dict)
+
+
+WORKLOAD_S_XS = Workload("edm2-img512-s+xs", "s", "xs", 2.1)
+WORKLOAD_XXL_M = Workload("edm2-img512-xxl+m", "xxl", "m", 2.05)
+_TINY = dict(img_resolution=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,))
+WORKLOAD_SMOKE = Workload("smoke-tiny-edm2", "s", "xs", 2.1,
+                          overrides_main=dict(_TINY, model_channels=16, channels_per_head=16),
+                          overrides_guide=dict(_TINY, model_channels=8, channels_per_head=8))
+
+
+def build_network(preset: str, overrides: dict, device: torch.device, seed: int) -> torch.nn.Module:
+    """A randomly initialised EDM2 network with non-zero gains (out_gain and every block's
+    emb_gain start at 0 in the release, which would make the output and the embedding
+    modulation trivially zero), in eval mode, gradients off."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        net = edm2_preset(preset, **overrides)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith(("out_gain", "emb_gain")):
+                p.fill_(0.5 + 0.5 * float(torch.rand((), generator=g)))
+    return net.eval().requires_grad_(False)
+
+
+@dataclasses.dataclass
+class Context:
+    """Everything an arm needs for one (workload, batch)."""
+
+    device: torch.device
+    workload: Workload
+    batch: int
+    steps: int
+    raw_main: torch.nn.Module       # Per-call weight normalisation (B0).
+    raw_guide: torch.nn.Module
+    main: torch.nn.Module           # Normalised once (every other arm).
+    guide: torch.nn.Module
+    noise: torch.Tensor
+    labels: torch.Tensor
+    backend: str                    # Best fused step backend here ("torch" if none).
+    backend_note: str               # Why not a fused one, if so.
+    cpu_compile: bool
+
+    @property
+    def evals(self) -> int:
+        return 2 * self.steps - 1
+
+    @property
+    def guidance(self) -> float:
+        return self.workload.guidance
+
+
+def best_fused_backend(device: torch.device) -> tuple[str, str]:
+    """The best fused step backend that can run here, or ("torch", why none can)."""
+    order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+    reasons = []
+    for name in order:
+        try:
+            resolve_backend(name, device, torch.float32)
+            return name, ""
+        except Exception as exc:  # Any refusal just means "not this one"; the reason is recorded.
+            reasons.append(f"{name}: {describe(exc)}")
+    return "torch", "no fused backend available (" + "; ".join(reasons) + "); ran backend=torch"
+
+
+# ----------------------------------------------------------------------------
+# Arms.
+
+
+@dataclasses.dataclass
+class Prepared:
+    run: Callable[[], torch.Tensor | None]  # One whole sample (or, for floors, 2N-1 graph replays).
+    config: str = ""                        # What exactly runs (backend, switches, engine info).
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Arm:
+    name: str
+    kind: str                               # "baseline", "floor" or "ours".
+    streams: str                            # Streams the two networks run on: "1", "2" or "auto".
+    build: Callable[[Context], Prepared]
+    needs_cuda: bool = False
+    compiles: bool = False
+
+
+def _reference_arm(prepared_nets: bool) -> Callable[[Context], Prepared]:
+    def build(ctx: Context) -> Prepared:
+        net, gnet = (ctx.main, ctx.guide) if prepared_nets else (ctx.raw_main, ctx.raw_guide)
+
+        def run() -> torch.Tensor:
+            return reference.edm_sampler(net, ctx.noise, ctx.labels, gnet, num_steps=ctx.steps,
+                                         guidance=ctx.guidance)
+
+        weights = "weights normalised once" if prepared_nets else "weights normalised on every call"
+        return Prepared(run, f"reference.edm_sampler, eager, {weights}")
+
+    return build
+
+
+def compile_network(net: torch.nn.Module) -> Callable:
+    """``torch.compile(mode="reduce-overhead")`` (Inductor + CUDA graph trees), static shapes.
+
+    The output is cloned right away: a CUDA-graph-tree output is overwritten by the next call of
+    a compiled function, and the reference loop keeps the main output while it calls the guide.
+    """
+    compiled = torch.compile(net, mode="reduce-overhead", dynamic=False)
+
+    def call(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return compiled(x, t, labels).clone()
+
+    return call
+
+
+def _build_b2(ctx: Context) -> Prepared:
+    net, gnet = compile_network(ctx.main), compile_network(ctx.guide)
+
+    def run() -> torch.Tensor:
+        return reference.edm_sampler(net, ctx.noise, ctx.labels, gnet, num_steps=ctx.steps, guidance=ctx.guidance)
+
+    return Prepared(run, 'reference.edm_sampler, both networks torch.compile(mode="reduce-overhead", dynamic=False), '
+                         "weights normalised once, outputs cloned")
+
+
+def _floor_arm(parallel: bool) -> Callable[[Context], Prepared]:
+    def build(ctx: Context) -> Prepared:
+        device = ctx.device
+        x = ctx.noise * 80.0  # Any input works: the cost of a network does not depend on its values.
+        t = torch.tensor(1.0, device=device)
+        side = torch.cuda.Stream(device) if parallel else None
+
+        def both() -> tuple[torch.Tensor, torch.Tensor]:
+            if side is None:
+                return ctx.main(x, t, ctx.labels), ctx.guide(x, t, ctx.labels)
+            here = torch.cuda.current_stream(device)
+            side.wait_stream(here)  # Fork: the guide on the side stream...
+            with torch.cuda.stream(side):
+                d_guide = ctx.guide(x, t, ctx.labels)
+            d_main = ctx.main(x, t, ctx.labels)
+            here.wait_stream(side)  # ...joined back before the evaluation ends.
+            return d_main, d_guide
+
+        # Warm up on the capture stream (and the side stream) so that cuBLAS/cuDNN initialise
+        # outside the capture.
+        capture_stream = torch.cuda.Stream(device)
+        capture_stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(capture_stream):
+            for _ in range(2):
+                both()
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=capture_stream):
+            static_out = both()
+        torch.cuda.synchronize(device)
+        evals = ctx.evals
+
+        def run() -> None:
+            for _ in range(evals):
+                graph.replay()
+
+        run.keep_alive = (graph, static_out, x, t, side, capture_stream)  # type: ignore[attr-defined]
+        streams = "main and guide on two streams" if parallel else "main then guide, one stream"
+        return Prepared(run, f"one evaluation ({streams}) in a CUDA graph, replayed {evals} times; "
+                             "weights normalised once")
+
+    return build
+
+
+def _build_ours_fused(ctx: Context) -> Prepared:
+    def run() -> torch.Tensor:
+        return autoguide_fast.fast_guided_sample(
+            ctx.main, ctx.noise, ctx.labels, ctx.guide, num_steps=ctx.steps, guidance=ctx.guidance,
+            backend=ctx.backend, check_finite=False)
+
+    notes = [ctx.backend_note] if ctx.backend_note else []
+    return Prepared(run, f"fast_guided_sample, eager loop, backend={ctx.backend}", notes)
+
+
+# Engine report keys shown first in the CSV's config column (what the engine actually chose).
+_REPORT_KEYS = ("backend", "graph", "streams", "compile_networks", "capture_error", "graph_reason", "streams_reason")
+
+
+def _engine_notes(wanted: dict[str, Any], report: dict) -> list[str]:
+    """Where the engine ran something other than what the arm asked for (e.g. an eager fallback
+    after a failed capture), so that no row is labelled with a switch that was not on."""
+    notes = []
+    for key, value in wanted.items():
+        if key in report and report[key] is not None:
+            got = report[key]
+            got = {True: "on", False: "off"}.get(got, got) if key == "streams" else got
+            if str(got) != str(value):
+                notes.append(f"asked {key}={value}, engine ran {key}={got}")
+    if report.get("capture_error"):
+        notes.append(f"capture failed: {str(report['capture_error'])[:200]}")
+    return notes
+
+
+def _engine_arm(**switches: Any) -> Callable[[Context], Prepared]:
+    """An arm running ``autoguide_fast.GuidedSampler`` with the given switches (none = all auto)."""
+
+    def build(ctx: Context) -> Prepared:
+        engine = getattr(autoguide_fast, "GuidedSampler", None)
+        if engine is None:
+            raise Skip("autoguide_fast.GuidedSampler is not in this build")
+        try:
+            params = inspect.signature(engine).parameters
+        except (TypeError, ValueError) as exc:
+            raise Skip(f"cannot read GuidedSampler's signature ({describe(exc)})") from exc
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        wanted = dict(switches)
+        if switches:
+            wanted["backend"] = ctx.backend
+        for key, value in wanted.items():
+            if key not in params and not takes_any:
+                raise Skip(f"GuidedSampler has no {key}= switch (wanted {key}={value!r})")
+        # check_finite=False: no arm pays for a host-side NaN check (B0 has none).
+        common_args = dict(noise_shape=tuple(ctx.noise.shape), device=ctx.device, label_shape=tuple(ctx.labels.shape),
+                           label_dtype=ctx.labels.dtype, dtype=torch.float32, num_steps=ctx.steps,
+                           guidance=ctx.guidance, solver="heun", check_finite=False)
+        kwargs = {k: v for k, v in common_args.items() if k in params or takes_any}
+        kwargs.update(wanted)
+        net, gnet = ctx.main, ctx.guide
+        if switches.get("compile_networks"):
+            # The engine may compile the modules in place: give it its own copies.
+            net, gnet = copy.deepcopy(net), copy.deepcopy(gnet)
+        sampler = engine(net, gnet, **kwargs)
+        report = sampler.prepare() if callable(getattr(sampler, "prepare", None)) else None
+
+        def run() -> torch.Tensor:
+            return sampler(noise=ctx.noise, labels=ctx.labels)
+
+        run.keep_alive = (sampler, net, gnet)  # type: ignore[attr-defined]
+        shown = wanted or {"switches": "all auto"}
+        config = "GuidedSampler " + " ".join(f"{k}={v}" for k, v in shown.items())
+        notes = [ctx.backend_note] if ctx.backend_note and switches else []
+        if isinstance(report, dict):
+            first = {k: report[k] for k in _REPORT_KEYS if k in report}
+            rest = {k: v for k, v in report.items() if k not in first}
+            config += " | engine: " + json.dumps(first, default=str) + " " + json.dumps(rest, default=str)[:300]
+            notes.extend(_engine_notes(wanted, report))
+        return Prepared(run, config, notes)
+
+    return build
+
+
+ARMS: list[Arm] = [
+    Arm("B0", "baseline", "1", _reference_arm(prepared_nets=False)),
+    Arm("B1", "baseline", "1", _reference_arm(prepared_nets=True)),
+    Arm("B2", "baseline", "1", _build_b2, compiles=True),
+    Arm("F", "floor", "1", _floor_arm(parallel=False), needs_cuda=True),
+    Arm("F_par", "floor", "2", _floor_arm(parallel=True), needs_cuda=True),
+    Arm("ours-fused", "ours", "1", _build_ours_fused),
+    Arm("ours-streams", "ours", "2", _engine_arm(streams="on", graph="none"), needs_cuda=True),
+    Arm("ours-graph-step", "ours", "2", _engine_arm(streams="on", graph="step"), needs_cuda=True),
+    Arm("ours-graph-traj-1s", "ours", "1", _engine_arm(streams="off", graph="trajectory"), needs_cuda=True),
+    Arm("ours-graph-traj", "ours", "2", _engine_arm(streams="on", graph="trajectory"), needs_cuda=True),
+    Arm("ours-compiled", "ours", "2", _engine_arm(streams="on", graph="trajectory", compile_networks=True),
+        needs_cuda=True, compiles=True),
+    Arm("ours-auto", "ours", "auto", _engine_arm()),
+]
+ARM_NAMES = [a.name for a in ARMS]
+
+
+# ----------------------------------------------------------------------------
+# Run plan.
+
+
+@dataclasses.dataclass
+class Plan:
+    mode: str
+    device: torch.device
+    workloads: list[tuple[Workload, list[int]]]
+    steps: int
+    reps: int
+    warmup: int
+    arms: list[str]             # Selected by --arms (default all).
+    skip: list[str]             # Excluded by --skip.
+    time_budget: float | None   # Seconds; None = unlimited.
+    compile_estimate: float     # Seconds a compiled arm needs to set up (for the budget).
+    cpu_compile: bool
+    seed: int
+
+
+def skip_reason(arm: Arm, plan: Plan, batch: int, first_batch: int) -> str | None:
+    """Why ``arm`` does not run at ``batch`` in this plan, or None if it runs."""
+    if arm.name not in plan.arms:
+        return "not selected by --arms"
+    if arm.name in plan.skip:
+        return "excluded by --skip"
+    if arm.needs_cuda and plan.device.type != "cuda":
+        return "needs CUDA (CUDA graphs / streams)"
+    if arm.compiles and plan.device.type != "cuda" and not plan.cpu_compile:
+        return "compiled arm: runs on CUDA (on CPU only with --cpu-compile)"
+    if plan.mode == "quick":
+        if arm.name in ("ours-compiled", "ours-streams"):
+            return "not in --quick (time budget of the GPU check); run the full benchmark"
+        if arm.compiles and batch != first_batch:
+            return "--quick compiles at the first batch only (compile time budget)"
+    return None
+
+
+class Clock:
+    def __init__(self, budget: float | None) -> None:
+        self.t0 = time.perf_counter()
+        self.budget = budget
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return math.inf if self.budget is None else self.budget - self.elapsed()
+
+
+# ----------------------------------------------------------------------------
+# Measurement.
+
+
+def _global_flags() -> dict[str, Any]:
+    return {
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+
+
+def _cudagraph_skips() -> int:
+    """How often Inductor has declined to use CUDA graphs in this process (0 if never loaded)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["inductor"]["cudagraph_skips"])
+    except Exception:  # A private counter: its absence only loses this diagnostic.
+        return 0
+
+
+def _warning_notes(caught: list[warnings.WarningMessage]) -> list[str]:
+    seen: list[str] = []
+    for w in caught:
+        if issubclass(w.category, DeprecationWarning):
+            continue
+        text = f"warning: {w.category.__name__}: {str(w.message).strip().splitlines()[0][:160]}" if str(
+            w.message).strip() else f"warning: {w.category.__name__}"
+        if text not in seen:
+            seen.append(text)
+    return seen[:2]
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        with contextlib.suppress(Exception):  # A poisoned context must not stop the bookkeeping.
+            torch.cuda.synchronize(device)
+        with contextlib.suppress(Exception):
+            torch.cuda.empty_cache()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return f"{value:.{digits}g}"
+
+
+def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_batch_s: float) -> list[dict]:
+    """Build and warm up every arm at this batch, time them round-robin, return one row per arm."""
+    status: dict[str, str] = {}
+    notes: dict[str, list[str]] = {a.name: [] for a in ARMS}
+    config: dict[str, str] = {}
+    setup_s: dict[str, float] = {}
+    diff: dict[str, float] = {}
+    times: dict[str, list[float]] = {}
+    walls: dict[str, list[float]] = {}
+    live: list[tuple[Arm, Prepared]] = []
+    ref_out: torch.Tensor | None = None
+
+    budget_skip = None
+    if clock.left() < 0.8 * est_batch_s:
+        budget_skip = f"time budget: {clock.left():.0f} s left, this batch needs ~{est_batch_s:.0f} s"
+    for arm in ARMS:
+        reason = skip_reason(arm, plan, ctx.batch, first_batch) or budget_skip
+        if reason is None and arm.compiles and clock.left() < plan.compile_estimate + est_batch_s:
+            reason = f"time budget: {clock.left():.0f} s left, compiling needs ~{plan.compile_estimate:.0f} s"
+        if reason is not None:
+            status[arm.name] = "skipped"
+            notes[arm.name].append(reason)
+            continue
+        log(f"  set up {arm.name}")
+        flags, skips = _global_flags(), _cudagraph_skips()
+        t0 = time.perf_counter()
+        out = None
+        try:
+            with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+                warnings.simplefilter("always")
+                prepared = arm.build(ctx)
+                config[arm.name] = prepared.config
+                notes[arm.name].extend(prepared.notes)
+                for _ in range(plan.warmup):
+                    out = prepared.run()
+            _sync(ctx.device)
+            notes[arm.name].extend(_warning_notes(caught))
+        except Skip as exc:
+            status[arm.name] = "skipped"
+            notes[arm.name].append(str(exc))
+            log(f"  {arm.name}: skipped ({exc})")
+            _free(ctx.device)
+            continue
+        except Exception as exc:  # One arm's failure is recorded; the others still run.
+            status[arm.name] = "failed"
+            notes[arm.name].append(f"setup: {describe(exc)}")
+            log(f"  {arm.name}: FAILED in setup: {describe(exc)}")
+            _free(ctx.device)
+            continue
+        setup_s[arm.name] = time.perf_counter() - t0
+        if _cudagraph_skips() > skips:
+            notes[arm.name].append(f"Inductor declined CUDA graphs {_cudagraph_skips() - skips} time(s) "
+                                   "(those graphs run without CUDA graphs)")
+        changed = {k: v for k, v in _global_flags().items() if flags[k] != v}
+        if changed:
+            notes[arm.name].append(f"changed process-wide flags {changed} (affects the arms after it)")
+        if isinstance(out, torch.Tensor):
+            if not bool(torch.isfinite(out).all()):
+                notes[arm.name].append("output has NaN/Inf")
+            if arm.name == "B0":
+                ref_out = out.detach().float().clone()
+            elif ref_out is not None and out.shape == ref_out.shape:
+                diff[arm.name] = float((out.detach().float() - ref_out).abs().max())
+        del out
+        status[arm.name] = "ok"
+        times[arm.name], walls[arm.name] = [], []
+        live.append((arm, prepared))
+
+    reps_done = 0
+    for rep in range(plan.reps):
+        if not live:
+            break
+        shift = rep % len(live)
+        for arm, prepared in live[shift:] + live[:shift]:
+            if status[arm.name] != "ok":
+                continue
+            try:
+                with torch.no_grad():
+                    ms, wall, out = common.time_call(prepared.run, ctx.device)
+                del out
+            except Exception as exc:  # Recorded; the arm leaves the rotation.
+                status[arm.name] = "failed"
+                notes[arm.name].append(f"repetition {rep + 1}: {describe(exc)}")
+                log(f"  {arm.name}: FAILED in repetition {rep + 1}: {describe(exc)}")
+                continue
+            times[arm.name].append(ms)
+            walls[arm.name].append(wall)
+        reps_done = rep + 1
+        medians = " ".join(f"{a.name}={times[a.name][-1]:.1f}" for a, _ in live if times[a.name])
+        log(f"  rep {reps_done}/{plan.reps}: {medians}")
+        if reps_done < plan.reps and clock.left() <= 0 and reps_done >= 5:
+            for arm, _ in live:
+                notes[arm.name].append(f"time budget: stopped after {reps_done} repetitions")
+            break
+        if reps_done < plan.reps and clock.budget is not None and clock.left() < -0.15 * clock.budget:
+            for arm, _ in live:
+                notes[arm.name].append(f"time budget overrun: stopped after {reps_done} repetitions")
+            break
+    del live
+    _free(ctx.device)
+
+    stats = {name: common.summarize(v) for name, v in times.items() if v and status[name] == "ok"}
+    b0 = stats.get("B0", {}).get("p50")
+    f = stats.get("F", {}).get("p50")
+    rows = []
+    for arm in ARMS:
+        s = stats.get(arm.name)
+        wall_p50 = common.percentile(walls[arm.name], 50) if s else None
+        if s and wall_p50 is not None and wall_p50 > 1.2 * s["p50"] + 0.5:
+            notes[arm.name].append(f"wall clock {wall_p50:.1f} ms >> CUDA events {s['p50']:.1f} ms "
+                                   "(work outside the current stream?)")
+        rows.append({
+            "arm": arm.name, "kind": arm.kind, "streams": arm.streams, "status": status[arm.name],
+            "n_reps": len(times.get(arm.name, [])) if s else 0,
+            "p20_ms": _fmt(s and s["p20"]), "p50_ms": _fmt(s and s["p50"]), "p80_ms": _fmt(s and s["p80"]),
+            "wall_p50_ms": _fmt(wall_p50),
+            "ratio_to_B0": _fmt(s["p50"] / b0) if s and b0 else "",
+            "ratio_to_F": _fmt(s["p50"] / f) if s and f else "",
+            "max_abs_diff_vs_B0": _fmt(diff.get(arm.name), 3),
+            "setup_s": _fmt(setup_s.get(arm.name), 3),
+            "config": config.get(arm.name, ""),
+            "notes": "; ".join(n for n in notes[arm.name] if n),
+        })
+    return rows
+
+
+def make_context(workload: Workload, nets: tuple, batch: int, plan: Plan) -> Context:
+    raw_main, raw_guide, main, guide = nets
+    device = plan.device
+    g = torch.Generator().manual_seed(plan.seed + batch)
+    shape = (batch, main.img_channels, main.img_resolution, main.img_resolution)
+    noise = torch.randn(shape, generator=g).to(device)
+    classes = torch.randint(0, main.label_dim, (batch,), generator=g)
+    labels = torch.nn.functional.one_hot(classes, main.label_dim).to(device=device, dtype=torch.float32)
+    backend, backend_note = best_fused_backend(device)
+    return Context(device, workload, batch, plan.steps, raw_main, raw_guide, main, guide, noise, labels,
+                   backend, backend_note, plan.cpu_compile)
+
+
+def build_networks(workload: Workload, plan: Plan) -> tuple:
+    """(raw main, raw guide, prepared main, prepared guide): the same weights twice."""
+    raw_main = build_network(workload.main, workload.overrides_main, plan.device, plan.seed)
+    raw_guide = build_network(workload.guide, workload.overrides_guide, plan.device, plan.seed + 100)
+    main = prepare_for_inference(copy.deepcopy(raw_main))
+    guide = prepare_for_inference(copy.deepcopy(raw_guide))
+    return raw_main, raw_guide, main, guide
+
+
+def run(plan: Plan, out: pathlib.Path, report: pathlib.Path | None = None) -> list[dict]:
+    """Measure every workload and batch of the plan; append rows to ``out`` batch by batch."""
+    clock = Clock(plan.time_budget)
+    meta = common.run_metadata(plan.device)
+    meta["mode"] = plan.mode
+    log(f"{plan.mode} run {meta['run_id']} on {meta['card']} (torch {meta['torch']}, triton {meta['triton']}, "
+        f"commit {meta['commit']}, sources {meta['source_hash']}); rows -> {out}")
+    all_rows: list[dict] = []
+    for workload, batches in plan.workloads:
+        log(f"workload {workload.name}: building networks")
+        nets, error = None, ""
+        try:
+            nets = build_networks(workload, plan)
+        except Exception as exc:  # e.g. out of memory for XXL: record every arm as failed.
+            error = describe(exc)
+            log(f"workload {workload.name}: FAILED to build the networks: {error}")
+            _free(plan.device)
+        est_batch_s = 0.0
+        for batch in batches:
+            t0 = time.perf_counter()
+            if nets is None:
+                rows = [{"arm": a.name, "kind": a.kind, "streams": a.streams, "status": "failed", "n_reps": 0,
+                         "notes": f"building the networks failed: {error}"} for a in ARMS]
+                ctx_shape = ""
+            else:
+                ctx = make_context(workload, nets, batch, plan)
+                ctx_shape = "x".join(str(d) for d in ctx.noise.shape[1:])
+                log(f"workload {workload.name}, batch {batch}: {ctx.evals} evaluations per network, "
+                    f"step backend {ctx.backend}")
+                rows = measure_batch(ctx, plan, clock, batches[0], est_batch_s)
+                del ctx
+            steps = plan.steps
+            for row in rows:
+                row.update(meta)
+                row.update(workload=workload.name, main=workload.main, guide=workload.guide, latent_shape=ctx_shape,
+                           steps=steps, evals=2 * steps - 1, guidance=workload.guidance, batch=batch)
+            common.append_rows(out, rows, COLUMNS)
+            all_rows.extend(rows)
+            print_batch(rows)
+            compile_setup = sum(float(r["setup_s"] or 0) for r in rows
+                                if r["arm"] in ("B2", "ours-compiled") and r.get("setup_s"))
+            est_batch_s = max(est_batch_s, time.perf_counter() - t0 - compile_setup)
+            if any(r["arm"] in ("B2", "ours-compiled") and r["status"] == "ok" for r in rows):
+                with contextlib.suppress(Exception):  # Drop compiled code and its CUDA graph trees.
+                    torch._dynamo.reset()
+            _free(plan.device)
+        del nets
+        _free(plan.device)
+    log(f"done in {clock.elapsed():.0f} s; {len(all_rows)} rows appended to {out}")
+    text = format_targets(all_rows)
+    print(text, flush=True)
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(text + "\n")
+    return all_rows
+
+
+def print_batch(rows: list[dict]) -> None:
+    print(f"  {'arm':20s} {'status':8s} {'p50 ms':>10s} {'p20-p80 ms':>19s} {'/B0':>7s} {'/F':>7s}  notes")
+    for r in rows:
+        band = f"{r['p20_ms']}-{r['p80_ms']}" if r.get("p50_ms") else ""
+        print(f"  {r['arm']:20s} {r['status']:8s} {r.get('p50_ms', ''):>10s} {band:>19s} "
+              f"{r.get('ratio_to_B0', ''):>7s} {r.get('ratio_to_F', ''):>7s}  {r.get('notes', '')[:150]}", flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Targets (DESIGN §4): computed from rows, printed, never asserted.
+
+
+def _p50(rows: list[dict], arm: str) -> float | None:
+    for r in rows:
+        if r["arm"] == arm and r["status"] == "ok" and r.get("p50_ms"):
+            return float(r["p50_ms"])
+    return None
+
+
+def evaluate_targets(rows: list[dict]) -> list[tuple[str, int, str, str, str]]:
+    """(workload, batch, target, measured, verdict) for every target the rows allow to judge.
+
+    ours_best: the fastest ok "ours-*" arm. Batch 1: ours_best at least 2.5x faster than B0, 2x
+    than B1, 1.3x than B2, and at most 0.85 x F. Largest batch >= 64: ours_best no slower than the
+    best single-stream sampler (baselines and ours arms whose networks share one stream; the floors
+    F/F_par are not samplers).
+    """
+    out = []
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["workload"], int(r["batch"])), []).append(r)
+    for (workload, batch), group in sorted(groups.items()):
+        ours = [(float(r["p50_ms"]), r["arm"]) for r in group
+                if r["kind"] == "ours" and r["status"] == "ok" and r.get("p50_ms")]
+        if not ours:
+            if batch == 1 or batch >= 64:
+                out.append((workload, batch, "ours_best", "no ours arm ran", "n/a"))
+            continue
+        best, best_arm = min(ours)
+        if batch == 1:
+            for base, need in (("B0", TARGET_SPEEDUP_B0), ("B1", TARGET_SPEEDUP_B1), ("B2", TARGET_SPEEDUP_B2)):
+                ref = _p50(group, base)
+                target = f"ours_best >= {need:g}x faster than {base}"
+                if ref is None:
+                    out.append((workload, batch, target, f"{base} not measured", "n/a"))
+                else:
+                    speedup = ref / best
+                    out.append((workload, batch, target, f"{speedup:.2f}x ({best_arm})",
+                                "MET" if speedup >= need else "not met"))
+            f = _p50(group, "F")
+            target = f"ours_best <= {TARGET_RATIO_F:g} x F"
+            if f is None:
+                out.append((workload, batch, target, "F not measured", "n/a"))
+            else:
+                ratio = best / f
+                out.append((workload, batch, target, f"{ratio:.2f} x F ({best_arm})",
+                            "MET" if ratio <= TARGET_RATIO_F else "not met"))
+        if batch >= 64:
+            single = [(float(r["p50_ms"]), r["arm"]) for r in group
+                      if r["kind"] != "floor" and r["streams"] == "1" and r["status"] == "ok" and r.get("p50_ms")]
+            target = "ours_best <= best single-stream sampler"
+            if not single:
+                out.append((workload, batch, target, "no single-stream sampler measured", "n/a"))
+            else:
+                ref, ref_arm = min(single)
+                out.append((workload, batch, target, f"{best / ref:.3f} x {ref_arm} ({best_arm})",
+                            "MET" if best <= ref else "not met"))
+    return out
+
+
+def format_targets(rows: list[dict]) -> str:
+    lines = ["Targets (DESIGN §4): ratios of medians measured side by side in this run; printed, not asserted."]
+    if not rows:
+        return "\n".join(lines + ["  no rows"])
+    if any(r.get("device_type") != "cuda" for r in rows):
+        return "\n".join(lines + ["  not evaluated: this is not a GPU run (the targets are GPU targets)."])
+    results = evaluate_targets(rows)
+    if not any(batch >= 64 for _, batch, *_ in results):
+        results.append(("-", 64, "ours_best <= best single-stream sampler", "batch 64 not in this run", "n/a"))
+    width = max(len(t) for _, _, t, _, _ in results)
+    lines.append(f"  {'workload':20s} {'batch':>5s}  {'target':{width}s}  {'measured':34s} verdict")
+    for workload, batch, target, measured, verdict in results:
+        lines.append(f"  {workload:20s} {batch:>5d}  {target:{width}s}  {measured:34s} {verdict}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Precompilation (run alongside other work so that the timed run finds warm compile caches).
+
+
+def precompile(plan: Plan) -> int:
+    """Compile the B2 networks at every batch the plan compiles them at, with the same inputs'
+    shapes, so Inductor's and Triton's on-disk caches are warm for the timed run."""
+    clock = Clock(plan.time_budget)
+    arm = next(a for a in ARMS if a.name == "B2")
+    for workload, batches in plan.workloads:
+        nets = build_networks(workload, plan)
+        for batch in batches:
+            if skip_reason(arm, plan, batch, batches[0]) is not None:
+                continue
+            if clock.left() <= 0:
+                log("precompile: time budget spent")
+                return 0
+            ctx = make_context(workload, nets, batch, plan)
+            t = reference.edm_time_steps(ctx.steps, 0.002, 80, 7, torch.float32, ctx.device)[0]
+            x = ctx.noise * t
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for net in (ctx.main, ctx.guide):
+                    compile_network(net)(x, t, ctx.labels)
+            _sync(ctx.device)
+            log(f"precompile: {workload.name} batch {batch} compiled in {time.perf_counter() - t0:.1f} s")
+        del nets
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def _names(text: str | None) -> list[str]:
+    if not text:
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ARM_NAMES]
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}; arms are: {', '.join(ARM_NAMES)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="End-to-end latency of guided EDM2 sampling: baselines B0/B1/B2, floors F/F_par and our "
+                    "switches, interleaved in one process. Rows are appended to a tidy CSV.",
+        epilog="Arms: " + ", ".join(ARM_NAMES) + ". See benchmarks/README.md.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="GPU check: batch 1 and 8, 5 repetitions, compiled arms at batch 1 only, time budget "
+                           "150 s unless --time-budget is given")
+    mode.add_argument("--smoke", action="store_true",
+                      help="CPU harness check: tiny EDM2 networks, 2 steps, batch 2; the numbers mean nothing")
+    mode.add_argument("--targets-from", metavar="CSV", default=None,
+                      help="only print the targets for the latest run found in this CSV (no measuring)")
+    p.add_argument("--out", default=None,
+                   help="CSV to append rows to (default: benchmarks/results/latency.csv; with --smoke a file in "
+                        "the temporary directory, since smoke numbers are not results)")
+    p.add_argument("--report", default=None, help="also write the targets table to this text file")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (overrides the mode's)")
+    p.add_argument("--steps", type=int, default=None, help="Heun steps N (default 32; --smoke 2)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per arm (default 10; --quick 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs per arm before timing (default 2; "
+                   "--quick/--smoke 1)")
+    p.add_argument("--arms", default=None, help="comma-separated arms to run (default: all)")
+    p.add_argument("--skip", default=None, help="comma-separated arms not to run (recorded as skipped), e.g. B2")
+    p.add_argument("--xxl", action="store_true", help="also run EDM2-XXL main + EDM2-M guide (w=2.05) at batch 1")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds: after this no new batch or compilation starts and repetitions stop at 5")
+    p.add_argument("--compile-estimate", type=float, default=60.0,
+                   help="seconds a compiled arm is assumed to need, for the time budget (default 60)")
+    p.add_argument("--cpu-compile", action="store_true",
+                   help="run the compiled arm B2 on CPU too (slow; for checking the harness)")
+    p.add_argument("--precompile", action="store_true",
+                   help="only compile the B2 networks of this plan (warms the compile caches), measure nothing")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights, noise and labels")
+    return p
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    defaults = {
+        "full": ([1, 8, 64], 32, 10, 2, None),
+        "quick": ([1, 8], 32, 5, 1, 150.0),
+        "smoke": ([2], 2, 2, 1, None),
+    }[mode]
+    batches, steps, reps, warmup, budget = defaults
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
+    if any(b < 1 for b in batches):
+        raise SystemExit(f"--batches must be positive, got {batches}")
+    steps = args.steps if args.steps is not None else steps
+    if steps < 2:
+        raise SystemExit("--steps must be at least 2")
+    workloads = [(WORKLOAD_SMOKE if mode == "smoke" else WORKLOAD_S_XS, batches)]
+    if args.xxl:
+        workloads.append((WORKLOAD_XXL_M, [1]))
+    return Plan(
+        mode=mode, device=device, workloads=workloads, steps=steps,
+        reps=args.reps if args.reps is not None else reps,
+        warmup=max(1, args.warmup if args.warmup is not None else warmup),
+        arms=_names(args.arms) or list(ARM_NAMES), skip=_names(args.skip),
+        time_budget=args.time_budget if args.time_budget is not None else budget,
+        compile_estimate=args.compile_estimate, cpu_compile=args.cpu_compile, seed=args.seed,
+    )
+
+
+def _latest_run(rows: Sequence[dict]) -> list[dict]:
+    if not rows:
+        return []
+    latest = max(r["run_id"] for r in rows)
+    return [r for r in rows if r["run_id"] == latest]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = pathlib.Path(args.report) if args.report else None
+    if args.targets_from:
+        text = format_targets(_latest_run(common.read_rows(args.targets_from)))
+        print(text)
+        if report is not None:
+            report.write_text(text + "\n")
+        return 0
+    plan = make_plan(args)
+    if plan.device.type == "cuda" or plan.cpu_compile:
+        # Many (network, batch, mode) specialisations are compiled in one process: lift the limit
+        # after which torch.compile silently falls back to eager.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    if args.precompile:
+        return precompile(plan)
+    if args.out:
+        out = pathlib.Path(args.out)
+    elif plan.mode == "smoke":
+        out = pathlib.Path(tempfile.gettempdir()) / "autoguide_fast_latency_smoke.csv"
+    else:
+        out = common.RESULTS_DIR / "latency.csv"
+    run(plan, out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
