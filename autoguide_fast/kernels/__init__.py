@@ -39,8 +39,9 @@ def triton_error() -> str | None:
 def load(*, interpret_without_cuda: bool = False) -> dict[str, ModuleType]:
     """Import every op module (registering the operators); raises ImportError without Triton.
 
-    ``interpret_without_cuda=True`` sets ``TRITON_INTERPRET=1`` first when no CUDA device is
-    present (tests); it has an effect only on the first load, when the kernels are defined.
+    ``interpret_without_cuda=True`` (tests): when no CUDA device is present, set
+    ``TRITON_INTERPRET=1`` for the rest of the process (Triton also reads it while interpreting)
+    before the kernels are defined. It decides the mode only on the first load.
     """
     if interpret_without_cuda:
         import torch

@@ -60,15 +60,18 @@ def _box_muller(ra, rb):
 def normal_tile(seed, g, stream):
     """Float64 noise of the tile [len(g), 4]: row i holds elements 4 g_i .. 4 g_i + 3 of the image
     whose seed is seed_i (int64), for the given stream (an int32 holding the uint32 stream)."""
+    # Only builtins here (tl.full, not the jit-defined tl.zeros_like): jit helpers of Triton's
+    # standard library are compiled-mode objects if Triton was imported before TRITON_INTERPRET=1.
+    zero = tl.full(g.shape, 0, tl.uint32)
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
     c0 = g.to(tl.uint32)
     if g.dtype == tl.int64:
         c1 = (g >> 32).to(tl.uint32)
     else:
-        c1 = tl.zeros_like(c0)
-    c2 = tl.zeros_like(c0) + stream.to(tl.uint32, bitcast=True)
-    c3 = tl.zeros_like(c0)
+        c1 = zero
+    c2 = zero + stream.to(tl.uint32, bitcast=True)
+    c3 = zero
     r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
     z0, z1 = _box_muller(r0, r1)
     z2, z3 = _box_muller(r2, r3)
