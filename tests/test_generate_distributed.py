@@ -34,6 +34,9 @@ def _job(rank, sharded_dir, parallel_dir):
     out["sharded_batches"], batches[:] = list(batches), []
     out["parallel"] = main(["generate", *ARGS, "--outdir", parallel_dir, "--guide-parallel", "--threads", "1"])
     out["parallel_batches"] = list(batches)
+    # Only rank 1 loads the guide under --guide-parallel: its failure must still stop rank 0.
+    bad = [a if a != f"{HERE}:rgb_guide" else f"{HERE}:no_such_guide" for a in ARGS]
+    out["bad_guide"] = main(["generate", *bad, "--outdir", parallel_dir + "-bad", "--guide-parallel"])
     return out
 
 
@@ -77,6 +80,13 @@ def test_guide_parallel_generation_writes_the_same_files_as_one_process(two_proc
     # Rank 0 walks the single-process batches and writes everything; rank 1 only runs the guide.
     assert [r["parallel_batches"] for r in run["results"]] == [[[40, 41, 42, 43], [44, 45, 0, 1], [2, 3, 4]], []]
     assert _files(run["parallel"]) == _files(run["single"])
+
+
+@pytest.mark.slow
+def test_a_setup_failure_on_one_rank_stops_both(two_process_run):
+    # Rank 1 reports its own error (exit 2); rank 0 learns of it instead of waiting (exit 1).
+    assert [r["bad_guide"] for r in two_process_run["results"]] == [1, 2]
+    assert not list(Path(str(two_process_run["parallel"]) + "-bad").glob("*.npy"))
 
 
 @pytest.mark.slow
