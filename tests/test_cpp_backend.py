@@ -1,0 +1,431 @@
+"""The "cpp" backend: fused C++ CPU ops against the reference, bit for bit and within tolerance.
+
+The reference for a single op is the "torch" backend (the reference sampler's own tensor ops);
+whole trajectories are compared with ``autoguide_fast.reference.edm_sampler``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import autoguide_fast
+from autoguide_fast.backends import resolve_backend
+from autoguide_fast.backends.torch_backend import TorchBackend
+from autoguide_fast.noise import churn_stream, philox_normal
+from autoguide_fast.plan import SamplerConfig, StepPlan, build_plan
+from autoguide_fast.reference import edm_sampler as reference_sampler
+
+_HAS_EXT = autoguide_fast.extension() is not None
+if _HAS_EXT:
+    from autoguide_fast.ops import extension_ops as E
+
+    _HAS_CPU = E.has_kernel("cpu")
+else:
+    _HAS_CPU = False
+
+needs_cpp = pytest.mark.skipif(not _HAS_CPU, reason="the compiled extension (CPU kernels) is not loaded")
+
+STATE_DTYPES = (torch.float32, torch.float64)
+NET_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SHAPES = ((1, 3, 37, 53), (5, 4, 64, 64), (2,), (7, 2))
+WEIGHTS = (2.1, 0.3, -0.7, None)  # |w| >= 1/2, |w| < 1/2 (both lerp branches), unguided.
+
+
+def _step(t_hat: float, t_next: float, dtype: torch.dtype, index: int = 3,
+          noise_scale: float | None = None) -> StepPlan:
+    """A plan step whose host floats are exact values of `dtype` (as build_plan makes them)."""
+    th = torch.tensor(t_hat, dtype=dtype)
+    tn = torch.tensor(t_next, dtype=dtype)
+    tensors = {"t_cur": th, "t_hat": th, "t_next": tn}
+    ns = None
+    if noise_scale is not None:
+        tensors["noise_scale"] = torch.tensor(noise_scale, dtype=dtype)
+        ns = tensors["noise_scale"].item()
+    return StepPlan(index=index, t_cur=th.item(), t_hat=th.item(), t_next=tn.item(), noise_scale=ns, w_first=None,
+                    w_second=None, second_order=True, tensors=tensors)
+
+
+def _inputs(shape, dtype, net_dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    D_main = (x.double() * 0.8 + torch.randn(shape, generator=g, dtype=torch.float64)).to(net_dtype)
+    D_guide = (x.double() * 0.6 + torch.randn(shape, generator=g, dtype=torch.float64)).to(net_dtype)
+    return x, D_main, D_guide
+
+
+def _fp64_step(x, D_main, D_guide, w, t_hat, t_next):
+    """Euler and Heun in float64 from the same (rounded) inputs: the accuracy yardstick."""
+    x, D1 = x.double(), D_main.double()
+    D = D1 if w is None else D_guide.double() + w * (D1 - D_guide.double())
+    d = (x - D) / t_hat
+    x_next = x + (t_next - t_hat) * d
+    d2 = (x_next - 0.9 * D) / t_next
+    return d, x_next, x + (t_next - t_hat) * (0.5 * d + 0.5 * d2)
+
+
+def assert_within_torch_error(out: torch.Tensor, torch_out: torch.Tensor, exact: torch.Tensor, what: str) -> None:
+    """Kernel error vs float64 <= 2 x PyTorch's own same-dtype error + a floor of 4 ulp of the data."""
+    err = (out.double() - exact).abs().max().item()
+    torch_err = (torch_out.double() - exact).abs().max().item()
+    floor = 4 * torch.finfo(out.dtype).eps * exact.abs().max().item()
+    assert err <= 2 * torch_err + floor, f"{what}: error {err:.3e} > 2 x torch's {torch_err:.3e} + {floor:.3e}"
+
+
+def test_tolerance_check_can_fail():
+    x = torch.linspace(-3, 3, 101, dtype=torch.float64)
+    exact = x * 1.1
+    good = exact.float()
+    assert_within_torch_error(good, good, exact, "exact")
+    with pytest.raises(AssertionError, match="error"):
+        assert_within_torch_error(good + 1e-4, good, exact, "perturbed")
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("net_dtype", NET_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_ops_match_reference(dtype, net_dtype, shape):
+    x, D_main, D_guide = _inputs(shape, dtype, net_dtype)
+    step = _step(3.7, 2.9, dtype)
+    ref = TorchBackend(dtype)
+    fused = resolve_backend("cpp", torch.device("cpu"), dtype)
+    for w in WEIGHTS:
+        Dg = None if w is None else D_guide
+        d_ref, xn_ref = ref.euler(x, D_main, Dg, w, step)
+        d, xn = fused.euler(x, D_main, Dg, w, step)
+        assert torch.equal(d, d_ref) and torch.equal(xn, xn_ref), f"euler w={w}"
+        # Heun with a different network output at t_next.
+        D_main2 = (D_main.double() * 0.9).to(net_dtype)
+        Dg2 = None if w is None else (D_guide.double() * 0.9).to(net_dtype)
+        h_ref = ref.heun(x, d_ref, xn_ref, D_main2, Dg2, w, step)
+        h = fused.heun(x, d, xn, D_main2, Dg2, w, step)
+        assert torch.equal(h, h_ref), f"heun w={w}"
+        d64, xn64, _ = _fp64_step(x, D_main, Dg, w, step.t_hat, step.t_next)
+        assert_within_torch_error(d, d_ref, d64, f"d w={w}")
+        assert_within_torch_error(xn, xn_ref, xn64, f"x_next w={w}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_baseline_kernels_match_reference(dtype):
+    """The non-AVX2 variant of the kernels (picked on CPUs without FMA) is exact too."""
+    previous = autoguide_fast.extension_info()["cpu_kernels"]
+    assert autoguide_fast.extension().set_cpu_kernels("baseline")
+    try:
+        assert autoguide_fast.extension_info()["cpu_kernels"] == "baseline"
+        x, D_main, D_guide = _inputs((3, 5, 7, 11), dtype, torch.float16)
+        step = _step(1.3, 0.7, dtype)
+        ref, fused = TorchBackend(dtype), resolve_backend("cpp", torch.device("cpu"), dtype)
+        for w in WEIGHTS:
+            Dg = None if w is None else D_guide
+            d_ref, xn_ref = ref.euler(x, D_main, Dg, w, step)
+            d, xn = fused.euler(x, D_main, Dg, w, step)
+            assert torch.equal(d, d_ref) and torch.equal(xn, xn_ref)
+            h_ref = ref.heun(x, d_ref, xn_ref, D_main, Dg, w, step)
+            assert torch.equal(fused.heun(x, d, xn, D_main, Dg, w, step), h_ref)
+    finally:
+        autoguide_fast.extension().set_cpu_kernels(previous)
+
+
+@needs_cpp
+def test_half_conversion_exhaustive():
+    """Every float16 bit pattern (subnormals, inf, NaN included) reaches the state as torch's .to()."""
+    D_main = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    x = torch.zeros(D_main.shape, dtype=torch.float32)
+    d, _ = E.euler_step(x, D_main, None, 1.0, 1.0, 0.5)
+    torch.testing.assert_close(d, (x - D_main.float()) / 1.0, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_cpp
+@pytest.mark.parametrize("cast_dtype", NET_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_euler_step_cast(dtype, cast_dtype):
+    g = torch.Generator().manual_seed(1)
+    # Magnitudes from far below the float16 subnormal range to beyond its maximum, and ties.
+    mag = torch.exp(torch.empty(20000, dtype=torch.float64).uniform_(-25, 12, generator=g))
+    x = (mag * torch.randn(20000, generator=g, dtype=torch.float64).sign()).to(dtype)
+    x[:4] = torch.tensor([65520.0, 65519.0, 2.0**-25, 1 + 2.0**-11 + 2.0**-30], dtype=dtype)
+    D = torch.randn(x.shape, generator=g).to(torch.float16)
+    d, xn, xc = E.euler_step_cast(x, D, None, 1.0, 1.5, 0.25, cast_dtype)
+    d_ref, xn_ref = TorchBackend(dtype).euler(x, D, None, None, _step(1.5, 0.25, dtype))
+    assert torch.equal(d, d_ref) and torch.equal(xn, xn_ref)
+    assert xc.dtype == cast_dtype and torch.equal(xc, xn_ref.to(cast_dtype))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_fused_churn_matches_separate_ops(dtype):
+    shape = (3, 3, 17, 9)  # 459 elements per image: not a multiple of 4 (partial Philox groups).
+    x, D_main, D_guide = _inputs(shape, dtype, torch.float32)
+    seeds = torch.tensor([11, -3, 2**62 + 5])
+    step = _step(2.5, 1.75, dtype)
+    nxt = _step(1.75 * 1.2, 1.1, dtype, index=step.index + 1, noise_scale=1.3)
+    ref, fused = TorchBackend(dtype), resolve_backend("cpp", torch.device("cpu"), dtype)
+    d_ref, xn_ref = ref.euler(x, D_main, D_guide, 2.1, step)
+    h_ref = ref.churn(ref.heun(x, d_ref, xn_ref, D_main, D_guide, 2.1, step), nxt, seeds, None)
+    e_ref = ref.churn(xn_ref, nxt, seeds, None)
+    d, xn = fused.euler(x, D_main, D_guide, 2.1, step)
+    h = fused.heun(x, d, xn, D_main, D_guide, 2.1, step, churn_next=(nxt, seeds))
+    _, e = fused.euler(x, D_main, D_guide, 2.1, step, churn_next=(nxt, seeds))
+    c = fused.churn(x, nxt, seeds, None)
+    c_ref = ref.churn(x, nxt, seeds, None)
+    if dtype == torch.float32:  # The float64 Box-Muller rounds to the same float32 everywhere.
+        for a, b in ((h, h_ref), (e, e_ref), (c, c_ref)):
+            assert torch.equal(a, b)
+    # In float64, libm and torch's vectorised log/sin/cos may differ by an ulp of the noise.
+    for a, b in ((h, h_ref), (e, e_ref), (c, c_ref)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        assert not torch.equal(a, xn_ref)
+    # The churn really adds noise of the next step's stream with the next step's scale.
+    eps = philox_normal(seeds, math.prod(shape[1:]), churn_stream(nxt.index), dtype).reshape(shape)
+    torch.testing.assert_close((e - xn_ref) / nxt.noise_scale, eps, rtol=1e-5, atol=1e-5)
+
+
+@needs_cpp
+def test_churn_with_explicit_eps_is_exact():
+    x, eps, _ = _inputs((2, 3, 5, 5), torch.float32, torch.float32)
+    nxt = _step(2.0, 1.0, torch.float32, noise_scale=0.77)
+    fused = resolve_backend("cpp", torch.device("cpu"), torch.float32)
+    assert torch.equal(fused.churn(x, nxt, None, eps), x + nxt.tensors["noise_scale"] * eps)
+    # An eps of another dtype follows the reference's type promotion.
+    out = fused.churn(x, nxt, None, eps.double())
+    assert out.dtype == torch.float64 and torch.equal(out, x + nxt.tensors["noise_scale"] * eps.double())
+
+
+@needs_cpp
+def test_non_contiguous_inputs():
+    """The backend makes inputs contiguous; the ops themselves reject strided inputs clearly."""
+    x, D_main, D_guide = _inputs((2, 6, 9, 5), torch.float32, torch.float16)
+    xt, Dmt, Dgt = (t.transpose(1, 3) for t in (x, D_main, D_guide))
+    step = _step(1.9, 1.2, torch.float32)
+    ref, fused = TorchBackend(torch.float32), resolve_backend("cpp", torch.device("cpu"), torch.float32)
+    d_ref, xn_ref = ref.euler(xt, Dmt, Dgt, 2.1, step)
+    d, xn = fused.euler(xt, Dmt, Dgt, 2.1, step)
+    assert torch.equal(d, d_ref) and torch.equal(xn, xn_ref)
+    assert torch.equal(fused.heun(xt, d_ref.transpose(1, 3).contiguous().transpose(1, 3), xn_ref, Dmt, Dgt, 2.1, step),
+                       ref.heun(xt, d_ref, xn_ref, Dmt, Dgt, 2.1, step))
+    with pytest.raises(RuntimeError, match="x_hat: expected a contiguous tensor"):
+        E.euler_step(xt, Dmt.contiguous(), None, 1.0, 1.9, 1.2)
+    with pytest.raises(RuntimeError, match="D_guide: expected a contiguous tensor"):
+        E.euler_step(x, D_main, D_guide.transpose(2, 3).contiguous().transpose(2, 3), 2.1, 1.9, 1.2)
+
+
+@needs_cpp
+def test_bad_inputs_raise_clear_errors():
+    x, D_main, D_guide = _inputs((2, 3, 4, 4), torch.float32, torch.float32)
+    seeds = torch.tensor([1, 2])
+    cases = [
+        (lambda: E.euler_step(x.half(), D_main, None, 1.0, 1.0, 0.5), "x_hat: expected the sampler state dtype"),
+        (lambda: E.euler_step(x, D_main[:1], None, 1.0, 1.0, 0.5), "D_main: expected the shape of x_hat"),
+        (lambda: E.euler_step(x, D_main.int(), None, 1.0, 1.0, 0.5), "D_main: expected dtype float32"),
+        (lambda: E.euler_step(x, D_main, D_guide.half(), 2.0, 1.0, 0.5), "D_guide: expected the dtype of D_main"),
+        (lambda: E.heun_step(x, x.double(), x, D_main, None, 1.0, 1.0, 0.5), "d: expected the dtype of x_hat"),
+        (lambda: E.heun_step(x, x, x[:, :2], D_main, None, 1.0, 1.0, 0.5), "x_next: expected the shape of x_hat"),
+        (lambda: E.euler_step(x, D_main, None, 1.0, 1.0, 0.5, seeds[:1], 1.0, 2), "seeds: expected one seed per image"),
+        (lambda: E.euler_step(x, D_main, None, 1.0, 1.0, 0.5, seeds.int(), 1.0, 2), "seeds: expected dtype int64"),
+        (lambda: E.euler_step(x, D_main, None, 1.0, 1.0, 0.5, seeds, 1.0, -1), "churn_stream: expected a Philox"),
+        (lambda: E.churn(x, 1.0), "churn: expected exactly one noise source"),
+        (lambda: E.churn(x, 1.0, seeds=seeds, eps=x), "churn: expected exactly one noise source"),
+        (lambda: E.churn(x, 1.0, eps=x.double()), "eps: expected the dtype of x"),
+        (lambda: E.philox_normal(seeds, 8, 0, torch.float16), "dtype: expected float32 or float64"),
+        (lambda: E.philox_normal(seeds, -1, 0, torch.float32), "numel: expected a non-negative"),
+        (lambda: E.philox4x32(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64)),
+         "counter: expected an int64 tensor"),
+    ]
+    for fn, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            fn()
+
+
+@needs_cpp
+def test_empty_and_tiny_inputs():
+    x = torch.empty(0, 3)
+    d, xn = E.euler_step(x, x, None, 1.0, 1.0, 0.5, torch.empty(0, dtype=torch.int64), 1.0, 1)
+    assert d.shape == (0, 3) and xn.shape == (0, 3)
+    assert E.philox_normal(torch.tensor([5]), 0, 1, torch.float32).shape == (1, 0)
+    one = torch.tensor([0.25])
+    d, xn = E.euler_step(one, one * 2, None, 1.0, 0.5, 0.25)
+    assert torch.equal(d, (one - one * 2) / 0.5)
+
+
+def _opcheck_cases():
+    x, D_main, D_guide = _inputs((2, 3, 5, 7), torch.float32, torch.float16, seed=4)
+    x64 = x.double()
+    seeds = torch.tensor([3, 9])
+    ops = torch.ops.autoguide_fast
+    return [
+        (ops.euler_step.default, (x, D_main, D_guide, 2.1, 1.5, 1.0)),
+        (ops.euler_step.default, (x64, D_main, None, 1.0, 1.5, 1.0, seeds, 0.4, 7)),
+        (ops.euler_step_cast.default, (x, D_main, D_guide, 0.3, 1.5, 1.0, torch.float16)),
+        (ops.heun_step.default, (x, x * 0.5, x * 0.9, D_main, D_guide, 2.1, 1.5, 1.0)),
+        (ops.heun_step.default, (x64, x64 * 0.5, x64, D_main, None, 1.0, 1.5, 1.0, seeds, 0.4, 7)),
+        (ops.churn.default, (x, 0.5, seeds, 3, None)),
+        (ops.churn.default, (x, 0.5, None, 0, x * 0.1)),
+        (ops.philox_normal.default, (seeds, 37, 2, torch.float64)),
+        (ops.philox4x32.default, (torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6]]))),
+    ]
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", range(9))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+@needs_cpp
+def test_torch_compile_fullgraph():
+    x, D_main, D_guide = _inputs((2, 3, 8, 8), torch.float32, torch.float32, seed=5)
+    seeds = torch.tensor([1, 2])
+
+    def step(x, D_main, D_guide):
+        d, xn = torch.ops.autoguide_fast.euler_step(x, D_main, D_guide, 2.1, 1.5, 1.0)
+        return torch.ops.autoguide_fast.heun_step(x, d, xn, D_main, D_guide, 2.1, 1.5, 1.0, seeds, 0.3, 4)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x, D_main, D_guide), step(x, D_main, D_guide))
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole trajectories.
+# ---------------------------------------------------------------------------------------------
+class ToyNet:
+    """A cheap, nonlinear, t-dependent denoiser (float32 body, output in `out_dtype`)."""
+
+    def __init__(self, seed: int, out_dtype: torch.dtype = torch.float32) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.a = torch.randn(3, generator=g)
+        self.out_dtype = out_dtype
+        self.calls = 0
+
+    def __call__(self, x, t, labels=None):
+        self.calls += 1
+        xf, tf = x.float(), t.float()
+        out = xf / (1 + tf * tf) + self.a[0] * torch.tanh(self.a[1] * xf + self.a[2]) * tf / (1 + tf)
+        return out.to(self.out_dtype)
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _seeded_randn_like(seeds: torch.Tensor, config: SamplerConfig):
+    """randn_like for the reference sampler that draws the seeded churn noise of each churn step."""
+    _, steps = build_plan(config, torch.device("cpu"))
+    churn_steps = iter([s.index for s in steps if s.noise_scale is not None])
+
+    def randn_like(x):
+        return philox_normal(seeds, math.prod(x.shape[1:]), churn_stream(next(churn_steps)), x.dtype).reshape(x.shape)
+
+    return randn_like
+
+
+@needs_cpp
+@pytest.mark.parametrize(
+    "dtype,net_dtype,guidance,churn",
+    [
+        (torch.float32, torch.float32, 2.1, 0),
+        (torch.float32, torch.float16, 1.0, 0),
+        (torch.float32, torch.bfloat16, 0.3, 30),
+        (torch.float64, torch.float32, 2.1, 30),
+        (torch.float32, torch.float32, 2.1, 30),
+    ],
+)
+def test_trajectory_matches_reference(dtype, net_dtype, guidance, churn):
+    shape = (3, 2, 9, 7)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    net, gnet = ToyNet(1, net_dtype), ToyNet(2, net_dtype)
+    kwargs = dict(num_steps=9, sigma_max=20.0, guidance=guidance, S_churn=churn, S_min=0.05, S_max=10.0, dtype=dtype)
+    seeds = torch.tensor([5, 6, 7])
+    config = SamplerConfig(num_steps=9, sigma_max=20.0, guidance=guidance, S_churn=churn, S_min=0.05, S_max=10.0,
+                           dtype=dtype)
+    ref = reference_sampler(net, noise, None, gnet, randn_like=_seeded_randn_like(seeds, config), **kwargs)
+    out = autoguide_fast.fast_guided_sample(net, noise, None, gnet, seeds=seeds if churn else None, backend="cpp",
+                                            **kwargs)
+    assert out.dtype == dtype
+    assert _rel_l2(out, ref) <= 1e-6
+    if dtype == torch.float32:
+        assert torch.equal(out, ref)
+
+
+@needs_cpp
+@pytest.mark.parametrize("solver,interval", [("euler", None), ("heun", (0.5, 5.0))])
+def test_trajectory_euler_solver_and_interval_match_torch_backend(solver, interval):
+    noise = torch.randn((2, 3, 6, 6), generator=torch.Generator().manual_seed(3))
+    net, gnet = ToyNet(1), ToyNet(2)
+    kwargs = dict(num_steps=8, guidance=2.5, S_churn=20, dtype=torch.float32, seeds=[1, 2], solver=solver,
+                  guidance_interval=interval)
+    ref = autoguide_fast.fast_guided_sample(net, noise, None, gnet, backend="torch", **kwargs)
+    out = autoguide_fast.fast_guided_sample(net, noise, None, gnet, backend="cpp", **kwargs)
+    assert torch.equal(out, ref)
+
+
+@needs_cpp
+def test_drop_in_edm_sampler_is_exact_on_cpu():
+    """autoguide_fast.edm_sampler (backend "auto" -> "cpp" on CPU) == the reference, with churn."""
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32).name == "cpp"
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    net, gnet = ToyNet(3), ToyNet(4)
+
+    def randn_like_from(seed):
+        g = torch.Generator().manual_seed(seed)
+        return lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+    kwargs = dict(num_steps=7, guidance=1.7, S_churn=40, S_min=0.01, S_max=50)
+    ref = reference_sampler(net, noise, None, gnet, randn_like=randn_like_from(9), **kwargs)
+    out = autoguide_fast.edm_sampler(net, noise, None, gnet, randn_like=randn_like_from(9), **kwargs)
+    assert torch.equal(out, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and the absent extension.
+# ---------------------------------------------------------------------------------------------
+def test_registry_reports_cpp_and_cuda():
+    status = autoguide_fast.backends()
+    assert status["cpp"].available == _HAS_EXT
+    if _HAS_EXT:
+        from autoguide_fast.backends import cpp_backend, cuda_backend
+
+        assert cpp_backend.supports(torch.device("cpu"), torch.float32) is None
+        assert "CPU tensors only" in cpp_backend.supports(torch.device("cuda"), torch.float32)
+        assert "float32 or float64" in cpp_backend.supports(torch.device("cpu"), torch.float16)
+        assert "CUDA tensors only" in cuda_backend.supports(torch.device("cpu"), torch.float32)
+        assert resolve_backend("auto", torch.device("cpu"), torch.float64).name == "cpp"
+        if not autoguide_fast.extension_info()["cuda"]:
+            assert not status["cuda"].available and "without CUDA" in status["cuda"].reason
+    else:
+        assert "not loaded" in status["cpp"].reason
+
+
+@pytest.mark.skipif(os.environ.get("AUTOGUIDE_FAST_DISABLE_EXTENSION") == "1", reason="already simulating")
+def test_without_extension_import_and_suite_pass():
+    """With the extension disabled: the package imports, "auto" falls back, this suite passes."""
+    env = dict(os.environ, AUTOGUIDE_FAST_DISABLE_EXTENSION="1")
+    script = (
+        "import torch, autoguide_fast as a\n"
+        "s = a.backends()\n"
+        "assert not s['cpp'].available and 'AUTOGUIDE_FAST_DISABLE_EXTENSION' in s['cpp'].reason, s['cpp']\n"
+        "assert not s['cuda'].available\n"
+        "net = lambda x, t, labels: x / (1 + t * t)\n"
+        "x = a.fast_guided_sample(net, torch.randn(2, 3, 4, 4), num_steps=4)\n"
+        "assert x.shape == (2, 3, 4, 4)\n"
+        "try:\n"
+        "    a.fast_guided_sample(net, torch.randn(2, 3), num_steps=4, backend='cpp')\n"
+        "    raise SystemExit('backend=cpp should have raised')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not available' in str(e), e\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stdout + run.stderr
+    here = os.path.dirname(os.path.abspath(__file__))
+    tests = [os.path.join(here, name) for name in ("test_cpp_backend.py", "test_noise.py")]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
