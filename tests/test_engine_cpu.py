@@ -1,0 +1,608 @@
+"""The engine without a GPU: configuration, argument errors, the eager path, the cache, the
+fallback and re-capture logic, thread safety.
+
+Graph orchestration is exercised with ``RerunCapturer``, a stand-in for CUDA graphs whose
+"replay" re-runs the captured function on the same static buffers and writes into the outputs of
+the capture — the contract a real graph fulfils. It checks the plumbing (static inputs, seeds
+buffer, chained per-step states, re-capture, fallback); tests/test_engine_gpu.py checks the real
+thing on a GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import types
+import warnings
+import weakref
+
+import pytest
+import torch
+
+import autoguide_fast
+from autoguide_fast import GuidedSampler, fast_guided_sample, seeded_noise
+from autoguide_fast.engine import CaptureFailed, GraphCaptureWarning
+from autoguide_fast.engine import cache as engine_cache
+from autoguide_fast.engine.cuda_graphs import describe_failure
+from autoguide_fast.engine.networks import NetworkRef, network_identity, parameter_signature
+from autoguide_fast.sampler import _engine_applies
+from tests.nets import TinyConvDenoiser, one_hot_labels
+
+SHAPE = (2, 3, 6, 5)
+LABEL_DIM = 4
+CHURN = {"S_churn": 30.0, "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003}
+
+
+def nets(label_dim: int = LABEL_DIM) -> tuple[TinyConvDenoiser, TinyConvDenoiser]:
+    return (TinyConvDenoiser(channels=3, label_dim=label_dim, seed=1),
+            TinyConvDenoiser(channels=3, label_dim=label_dim, seed=2, hidden=4))
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def sampler(net, gnet, **kwargs) -> GuidedSampler:
+    kwargs.setdefault("noise_shape", SHAPE)
+    kwargs.setdefault("label_shape", (SHAPE[0], LABEL_DIM))
+    kwargs.setdefault("device", "cpu")
+    kwargs.setdefault("backend", "torch")
+    kwargs.setdefault("num_steps", 5)
+    kwargs.setdefault("guidance", 2.1)
+    return GuidedSampler(net, gnet, **kwargs)
+
+
+def eager(net, gnet, noise, labels, seeds=None, **kwargs) -> torch.Tensor:
+    """The plain loop on CPU (the path tests/test_sampler_api.py pins to the reference)."""
+    kwargs.setdefault("num_steps", 5)
+    kwargs.setdefault("guidance", 2.1)
+    return fast_guided_sample(net, noise, labels, gnet, backend="torch", seeds=seeds, **kwargs)
+
+
+# ----------------------------------------------------------------------------- a CPU stand-in for graphs
+
+class FakeGraph:
+    def __init__(self, fn, out) -> None:
+        self.fn, self.out = fn, out
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        new = self.fn()
+        for dst, src in zip(self.out, new):
+            if dst is not None:
+                dst.copy_(src)
+
+
+class RerunCapturer:
+    instances: list[RerunCapturer] = []
+    fail_with: str | None = None
+
+    @staticmethod
+    def supports(device: torch.device) -> bool:
+        return True
+
+    def __init__(self, device: torch.device) -> None:
+        self.graphs: list[FakeGraph] = []
+        self.warmups = 0
+        self.released = False
+        RerunCapturer.instances.append(self)
+
+    def warmup(self, fn, runs: int) -> None:
+        for _ in range(runs):
+            fn()
+            self.warmups += 1
+
+    def capture(self, fn):
+        if RerunCapturer.fail_with is not None:
+            raise CaptureFailed(RerunCapturer.fail_with)
+        out = fn()
+        graph = FakeGraph(fn, out)
+        self.graphs.append(graph)
+        return graph, out
+
+    def release(self) -> None:
+        self.released = True
+        self.graphs.clear()
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    RerunCapturer.instances = []
+    RerunCapturer.fail_with = None
+    monkeypatch.setattr(GuidedSampler, "_capturer_type", RerunCapturer)
+    yield RerunCapturer
+    RerunCapturer.fail_with = None
+
+
+# ----------------------------------------------------------------------------- argument errors
+
+class CountingNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, t, labels=None):
+        self.calls += 1
+        return x * 0.5
+
+
+BAD_CONSTRUCTIONS = [
+    ({"net": None}, TypeError, "net"),
+    ({"gnet": 3, "guidance": 2.0}, TypeError, "gnet"),
+    ({"gnet": None, "guidance": 2.0}, TypeError, "gnet"),
+    ({"noise_shape": (0, 3)}, ValueError, "noise_shape"),
+    ({"noise_shape": ()}, ValueError, "noise_shape"),
+    ({"noise_shape": "2x3"}, TypeError, "noise_shape"),
+    ({"noise_shape": (2, 3.5)}, TypeError, "noise_shape"),
+    ({"label_shape": (3, 4)}, ValueError, "label_shape"),
+    ({"label_shape": 4}, TypeError, "label_shape"),
+    ({"label_dtype": "float32"}, TypeError, "label_dtype"),
+    ({"dtype": torch.int32}, TypeError, "dtype"),
+    ({"num_steps": 1}, ValueError, "num_steps"),
+    ({"sigma_max": -1.0}, ValueError, "sigma_max"),
+    ({"solver": "rk4"}, ValueError, "solver"),
+    ({"backend": "fast"}, ValueError, "backend"),
+    ({"streams": "maybe"}, ValueError, "streams"),
+    ({"streams": True}, ValueError, "streams"),
+    ({"graph": "full"}, ValueError, "graph"),
+    ({"graph": "trajectory"}, ValueError, "graph"),  # CPU device: no CUDA graphs.
+    ({"graph": "step"}, ValueError, "graph"),
+    ({"streams": "on"}, ValueError, "streams"),  # CPU device: no streams.
+    ({"compile_networks": 1}, TypeError, "compile_networks"),
+    ({"copy_output": "yes"}, TypeError, "copy_output"),
+    ({"check_finite": None}, TypeError, "check_finite"),
+    ({"device": 3}, TypeError, "device"),
+    ({"device": "gpu:0"}, ValueError, "device"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,name", BAD_CONSTRUCTIONS, ids=[str(b[0]) for b in BAD_CONSTRUCTIONS])
+def test_bad_constructor_arguments_name_the_argument(kwargs, exc, name):
+    net, gnet = CountingNet(), CountingNet()
+    kwargs = dict(kwargs)
+    net = kwargs.pop("net", net)
+    gnet = kwargs.pop("gnet", gnet)
+    with pytest.raises(exc, match=f"^{name}"):
+        sampler(net, gnet, **kwargs)
+    assert getattr(net, "calls", 0) == 0 and getattr(gnet, "calls", 0) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is missing")
+def test_cuda_device_without_cuda_is_refused():
+    with pytest.raises(ValueError, match="^device: .*CUDA is not available"):
+        sampler(CountingNet(), CountingNet(), device="cuda")
+
+
+def test_default_device_is_cuda_if_available_else_cpu():
+    s = GuidedSampler(CountingNet(), noise_shape=(1, 2), backend="torch")
+    assert s.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+LABELS = one_hot_labels(SHAPE[0], LABEL_DIM)
+BAD_CALLS = [
+    ({"noise": randn(3, 3, 6, 5)}, ValueError, "noise: expected shape"),
+    ({"noise": torch.ones(SHAPE, dtype=torch.int64)}, TypeError, "noise: expected a floating"),
+    ({"noise": [0.0] * 4}, TypeError, "noise"),
+    ({"noise": torch.randn(SHAPE, device="meta")}, ValueError, "noise: expected a tensor on cpu"),
+    ({"labels": None}, ValueError, "labels: required"),
+    ({"labels": LABELS[:1]}, ValueError, "labels: expected shape"),
+    ({"labels": LABELS.double()}, TypeError, "labels: expected dtype"),
+    ({"labels": LABELS.tolist()}, TypeError, "labels"),
+    ({"seeds": [1, 2, 3]}, ValueError, "seeds: expected one seed per image"),
+    ({"seeds": [1.0, 2.0]}, TypeError, "seeds"),
+    ({"seeds": "12"}, TypeError, "seeds"),
+    ({"seeds": torch.tensor([1.0, 2.0])}, TypeError, "seeds"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,message", BAD_CALLS, ids=[m for _, _, m in BAD_CALLS])
+def test_bad_call_arguments_name_the_argument_before_any_network_call(kwargs, exc, message):
+    net, gnet = CountingNet(), CountingNet()
+    s = sampler(net, gnet)
+    call = {"noise": randn(*SHAPE), "labels": LABELS}
+    call.update(kwargs)
+    with pytest.raises(exc, match=f"^{message}"):
+        s(**call)
+    assert net.calls == gnet.calls == 0
+    assert not s.report["prepared"]
+
+
+def test_labels_refused_without_label_shape():
+    s = sampler(CountingNet(), CountingNet(), label_shape=None)
+    with pytest.raises(ValueError, match="^labels: this sampler was built without label_shape"):
+        s(randn(*SHAPE), LABELS)
+
+
+def test_prepare_checks_its_argument():
+    with pytest.raises(TypeError, match="^seeded"):
+        sampler(CountingNet(), CountingNet()).prepare(seeded="yes")
+
+
+# ----------------------------------------------------------------------------- the eager path on CPU
+
+CASES = {
+    "guided": {},
+    "unguided": {"guidance": 1},
+    "churn": dict(CHURN),
+    "interval+euler": {"guidance_interval": (0.5, 10.0), "solver": "euler", "guidance": 3.0},
+    "float64": {"dtype": torch.float64, **CHURN},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_sampler_equals_fast_guided_sample_bit_for_bit(case):
+    kwargs = CASES[case]
+    net, gnet = nets()
+    s = sampler(net, gnet, **kwargs)
+    report = s.prepare()
+    assert report["graph"] == "none" and report["streams"] == "off" and report["device"] == "cpu"
+    for seed in (1, 2):
+        noise, seeds = randn(*SHAPE, seed=seed), [seed, 100 + seed]
+        expected = eager(net, gnet, noise, LABELS, seeds, **kwargs)
+        out = s(noise, LABELS, seeds)
+        assert out.dtype == kwargs.get("dtype", torch.float32)
+        assert torch.equal(out, expected)
+
+
+def test_noise_defaults_to_seeded_noise_then_to_torch_randn():
+    net, gnet = nets()
+    s = sampler(net, gnet, **CHURN)
+    seeds = [7, -3]
+    assert torch.equal(s(labels=LABELS, seeds=seeds),
+                       eager(net, gnet, seeded_noise(seeds, SHAPE), LABELS, seeds, **CHURN))
+    s = sampler(net, gnet)
+    torch.manual_seed(5)
+    out = s(labels=LABELS)
+    torch.manual_seed(5)
+    assert torch.equal(out, eager(net, gnet, torch.randn(SHAPE), LABELS))
+
+
+def test_churn_without_seeds_uses_torch_randn_like():
+    net, gnet = nets()
+    s = sampler(net, gnet, **CHURN)
+    noise = randn(*SHAPE)
+    torch.manual_seed(11)
+    out = s(noise, LABELS)
+    torch.manual_seed(11)
+    assert torch.equal(out, eager(net, gnet, noise, LABELS, **CHURN))
+    assert not torch.equal(out, eager(net, gnet, noise, LABELS, [1, 2], **CHURN))
+
+
+def test_noise_of_another_dtype_is_converted_like_the_eager_loop():
+    net, gnet = nets()
+    noise = randn(*SHAPE).half()
+    assert torch.equal(sampler(net, gnet)(noise, LABELS), eager(net, gnet, noise, LABELS))
+
+
+def test_non_finite_result_raises_unless_allowed():
+    def bad_net(x, t, labels):
+        return torch.where(t < 1, torch.full_like(x, float("nan")), x)
+
+    s = GuidedSampler(bad_net, noise_shape=(2, 3), device="cpu", backend="torch", num_steps=4)
+    with pytest.raises(FloatingPointError, match="^GuidedSampler: the result contains NaN"):
+        s(randn(2, 3))
+    s = GuidedSampler(bad_net, noise_shape=(2, 3), device="cpu", backend="torch", num_steps=4, check_finite=False)
+    assert torch.isnan(s(randn(2, 3))).all()
+
+
+def test_compile_networks_compiles_both_without_inductor_cudagraphs(monkeypatch):
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        calls.append((fn, kwargs))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    net, gnet = nets()
+    s = sampler(net, gnet, compile_networks=True)
+    assert calls == []  # Construction does no work.
+    noise = randn(*SHAPE)
+    assert torch.equal(s(noise, LABELS), eager(net, gnet, noise, LABELS))
+    assert [fn for fn, _ in calls] == [net, gnet]
+    assert all(kw["options"] == {"triton.cudagraphs": False} for _, kw in calls)
+    assert s.report["compile_networks"] is True
+
+
+def test_eager_sampler_is_thread_safe():
+    net, gnet = nets()
+    s = sampler(net, gnet, **CHURN)
+    seed_sets = [[i, 1000 + i] for i in range(8)]
+    expected = [eager(net, gnet, seeded_noise(seeds, SHAPE), LABELS, seeds, **CHURN) for seeds in seed_sets]
+    failures: list[str] = []
+
+    def worker(i: int) -> None:
+        for _ in range(4):
+            if not torch.equal(s(labels=LABELS, seeds=seed_sets[i]), expected[i]):
+                failures.append(f"thread {i}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+# ----------------------------------------------------------------------------- graph orchestration (fake graphs)
+
+@pytest.mark.parametrize("graph", ["trajectory", "step"])
+def test_graph_runners_replay_new_inputs_and_seeds(fake_graphs, graph):
+    net, gnet = nets()
+    s = sampler(net, gnet, graph=graph, **CHURN)
+    report = s.prepare(seeded=True)
+    assert report["graph"] == graph and report["variants"] == ["seeded"] and report["warmup_runs"] == 2
+    (capturer,) = fake_graphs.instances
+    assert capturer.warmups == 2
+    assert len(capturer.graphs) == (1 if graph == "trajectory" else 5)
+    # Each call loads new noise, labels and seeds into the static buffers: replay == eager.
+    for seed in (3, 4, 5):
+        noise, seeds = randn(*SHAPE, seed=seed), [seed, -seed]
+        labels = one_hot_labels(SHAPE[0], LABEL_DIM, seed=seed)
+        assert torch.equal(s(noise, labels, seeds), eager(net, gnet, noise, labels, seeds, **CHURN))
+    assert len(fake_graphs.instances) == 1  # Prepared once.
+    assert all(g.replays == 3 for g in capturer.graphs)
+
+
+def test_seeded_and_default_variants_are_prepared_on_demand(fake_graphs):
+    net, gnet = nets()
+    s = sampler(net, gnet, graph="trajectory", **CHURN)
+    s.prepare()
+    s.prepare()
+    assert s.report["variants"] == ["default"] and len(fake_graphs.instances) == 1
+    s(randn(*SHAPE), LABELS, [1, 2])
+    assert s.report["variants"] == ["default", "seeded"] and len(fake_graphs.instances) == 2
+    # Without churn, seeds only choose the initial noise: one variant serves both.
+    s = sampler(net, gnet, graph="trajectory")
+    s(randn(*SHAPE), LABELS)
+    s(labels=LABELS, seeds=[1, 2])
+    assert s.report["variants"] == ["default"]
+
+
+def test_copy_output_false_returns_the_static_buffer(fake_graphs):
+    net, gnet = nets()
+    s = sampler(net, gnet, graph="trajectory", copy_output=False)
+    a = s(randn(*SHAPE, seed=1), LABELS)
+    a_values = a.clone()
+    b = s(randn(*SHAPE, seed=2), LABELS)
+    assert b is a  # Zero-copy: the same buffer, overwritten by the next call.
+    assert torch.equal(b, eager(net, gnet, randn(*SHAPE, seed=2), LABELS))
+    assert not torch.equal(a_values, b)
+    s = sampler(net, gnet, graph="trajectory")
+    c, d = s(randn(*SHAPE, seed=1), LABELS), s(randn(*SHAPE, seed=2), LABELS)
+    assert c.data_ptr() != d.data_ptr() and torch.equal(c, a_values)
+
+
+def test_capture_failure_warns_once_and_falls_back_to_eager(fake_graphs):
+    fake_graphs.fail_with = "RuntimeError: operation not permitted when stream is capturing"
+    net, gnet = nets()
+    s = sampler(net, gnet, **CHURN)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [s(randn(*SHAPE, seed=i), LABELS, [i, i + 1]) for i in range(2)]
+        outs.append(s(randn(*SHAPE, seed=2), LABELS))  # Another variant: no second warning.
+    mine = [w for w in caught if issubclass(w.category, GraphCaptureWarning)]
+    assert len(mine) == 1 and "operation not permitted when stream is capturing" in str(mine[0].message)
+    report = s.report
+    assert report["graph"] == "none" and "operation not permitted" in report["capture_error"]
+    for i in range(2):
+        assert torch.equal(outs[i], eager(net, gnet, randn(*SHAPE, seed=i), LABELS, [i, i + 1], **CHURN))
+    assert all(c.released for c in fake_graphs.instances)
+
+
+def test_parameter_replacement_is_recaptured_in_place_update_is_not(fake_graphs):
+    net, gnet = nets()
+    s = sampler(net, gnet, graph="trajectory")
+    noise = randn(*SHAPE)
+    s(noise, LABELS)
+    assert s.report["recaptures"] == 0
+    # In place (load_state_dict copies into the same storage): a real graph sees it as is.
+    state = {k: v + 0.01 * randn(*v.shape, seed=3) for k, v in gnet.state_dict().items()}
+    gnet.load_state_dict(state)
+    assert torch.equal(s(noise, LABELS), eager(net, gnet, noise, LABELS))
+    assert s.report["recaptures"] == 0 and len(fake_graphs.instances) == 1
+    # Replaced: new storage, the graph's pointers are stale -> re-capture.
+    net.conv1.weight = torch.nn.Parameter(randn(*net.conv1.weight.shape, seed=4) * 0.3)
+    assert torch.equal(s(noise, LABELS), eager(net, gnet, noise, LABELS))
+    assert s.report["recaptures"] == 1 and len(fake_graphs.instances) == 2
+    assert fake_graphs.instances[0].released
+    s(noise, LABELS)
+    assert s.report["recaptures"] == 1
+
+
+def test_release_frees_and_the_next_call_prepares_again(fake_graphs):
+    net, gnet = nets()
+    s = sampler(net, gnet, graph="step")
+    noise = randn(*SHAPE)
+    first = s(noise, LABELS)
+    s.release()
+    assert fake_graphs.instances[0].released and not s.report["prepared"]
+    assert torch.equal(s(noise, LABELS), first) and len(fake_graphs.instances) == 2
+
+
+def test_auto_graph_picks_the_trajectory_graph_when_graphs_are_supported(fake_graphs):
+    report = sampler(*nets(), graph="auto").prepare()
+    assert report["graph"] == "trajectory" and report["graph_requested"] == "auto"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def test_describe_failure_reports_the_first_error_then_the_consequence():
+    try:
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        except RuntimeError:
+            raise RuntimeError("capture invalidated") from None
+    except RuntimeError as exc:
+        outer = exc
+    # `from None` suppresses the display but keeps __context__; the chain is still walked.
+    assert describe_failure(outer) == ("RuntimeError: operation not permitted when stream is capturing; "
+                                       "then RuntimeError: capture invalidated")
+
+
+def test_parameter_signature_sees_replacement_not_in_place_updates():
+    net = TinyConvDenoiser(seed=1)
+    before = parameter_signature(net)
+    assert len(before) == 4 and parameter_signature(net.forward) == before
+    with torch.no_grad():
+        net.conv2.bias.add_(1.0)
+    assert parameter_signature(net) == before
+    net.conv2.bias = torch.nn.Parameter(net.conv2.bias.detach().clone())
+    assert parameter_signature(net) != before
+    assert parameter_signature(lambda x, t, labels: x) == ()
+
+
+def test_network_identity_of_bound_methods_is_stable():
+    net = TinyConvDenoiser(seed=1)
+    assert network_identity(net.forward) == network_identity(net.forward)
+    assert network_identity(net) != network_identity(net.forward)
+    assert network_identity(None) is None
+
+
+def test_weak_network_ref_does_not_keep_the_network_alive():
+    net = TinyConvDenoiser(seed=1)
+    refs = [NetworkRef(net, weak=True), NetworkRef(net.forward, weak=True)]
+    assert all(r.alive and r.refers_to(net if i == 0 else net.forward) for i, r in enumerate(refs))
+    assert not refs[0].refers_to(TinyConvDenoiser(seed=1))
+    probe = weakref.ref(net)
+    del net
+    gc.collect()
+    assert probe() is None and not any(r.alive for r in refs)
+    with pytest.raises(ReferenceError):
+        refs[0].get()
+    strong = NetworkRef(len, weak=True)  # Builtins cannot be weakly referenced: held strongly.
+    assert strong.alive and strong.get() is len
+
+
+def test_engine_route_applies_to_cuda_tensors_without_callback_or_custom_noise():
+    cpu = torch.zeros(1)
+    assert not _engine_applies(cpu, None, None, None)
+    fake_cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    assert _engine_applies(fake_cuda, None, None, None)
+    assert _engine_applies(fake_cuda, None, torch.randn_like, None)
+    assert not _engine_applies(fake_cuda, None, lambda x: x, None)
+    assert not _engine_applies(fake_cuda, None, None, print)
+    assert not _engine_applies(fake_cuda, cpu, None, None)  # Labels on another device: the plain loop.
+
+
+# ----------------------------------------------------------------------------- the cache
+
+def cached(cache, net, gnet, noise, labels=None, seeds=None, **kwargs):
+    kwargs.setdefault("num_steps", 4)
+    kwargs.setdefault("guidance", 2.1)
+    config = autoguide_fast.sampler.make_config(
+        num_steps=kwargs["num_steps"], sigma_min=0.002, sigma_max=80, rho=7, guidance=kwargs["guidance"], gnet=gnet,
+        S_churn=kwargs.get("S_churn", 0), S_min=kwargs.get("S_min", 0), S_max=kwargs.get("S_max", float("inf")),
+        S_noise=kwargs.get("S_noise", 1), dtype=kwargs.get("dtype", torch.float32), guidance_interval=None,
+        solver="heun",
+    )
+    seeds_t = None if seeds is None else torch.tensor(seeds)
+    return engine_cache.sample_cached(net, gnet, noise, labels, config, "torch", seeds_t, True, cache=cache)
+
+
+def test_cache_hits_on_same_key_and_misses_on_any_key_part():
+    cache = engine_cache.SamplerCache(size=16)
+    net, gnet = nets(label_dim=0)
+    other_guide = TinyConvDenoiser(seed=3)  # Kept alive: entries of dead networks are dropped.
+    noise = randn(*SHAPE)
+    out = cached(cache, net, gnet, noise, seeds=[1, 2], **CHURN)
+    assert torch.equal(out, eager(net, gnet, noise, None, [1, 2], num_steps=4, **CHURN))
+    cached(cache, net, gnet, noise, seeds=[3, 4], **CHURN)
+    assert cache.info()["hits"] == 1 and cache.info()["misses"] == 1
+    variations = [
+        lambda: cached(cache, net, gnet, noise),  # Other config (no churn).
+        lambda: cached(cache, net, gnet, noise, num_steps=5),
+        lambda: cached(cache, net, gnet, noise, dtype=torch.float64),
+        lambda: cached(cache, net, gnet, randn(1, 3, 6, 5)),  # Other shape.
+        lambda: cached(cache, net, other_guide, noise),  # Other guide.
+        lambda: cached(cache, net.forward, gnet, noise),  # Other callable (bound method).
+    ]
+    for i, call in enumerate(variations):
+        call()
+        assert cache.info()["misses"] == 2 + i, i
+    cached(cache, net.forward, gnet, noise)  # A fresh bound-method object, same identity.
+    assert cache.info()["misses"] == 1 + len(variations) and len(cache) == 1 + len(variations)
+
+
+def test_cache_key_includes_labels_shape_and_dtype():
+    cache = engine_cache.SamplerCache(size=4)
+    net, gnet = nets()
+    noise = randn(*SHAPE)
+    out = cached(cache, net, gnet, noise, LABELS)
+    assert torch.equal(out, eager(net, gnet, noise, LABELS, num_steps=4))
+    cached(cache, net, gnet, noise, LABELS.double())
+    assert cache.info()["misses"] == 2
+
+
+def test_cache_evicts_least_recently_used_and_releases_it():
+    cache = engine_cache.SamplerCache(size=2)
+    net, gnet = nets(label_dim=0)
+    noise = randn(*SHAPE)
+    for steps in (3, 4, 3, 5):  # 3 is used again before 5 arrives, so 4 is the one evicted.
+        cached(cache, net, gnet, noise, num_steps=steps)
+    kept = sorted(s.config.num_steps for s in cache._entries.values())
+    assert kept == [3, 5] and cache.info()["evictions"] == 1
+    released = [s for s in cache._entries.values()]
+    cache.set_size(1)
+    assert len(cache) == 1 and not released[0].report["prepared"] and released[1].report["prepared"]
+    cache.clear()
+    assert len(cache) == 0 and not released[1].report["prepared"]
+
+
+def test_cache_size_zero_caches_nothing_and_releases_after_use():
+    cache = engine_cache.SamplerCache(size=0)
+    net, gnet = nets(label_dim=0)
+    noise = randn(*SHAPE)
+    assert torch.equal(cached(cache, net, gnet, noise), eager(net, gnet, noise, None, num_steps=4))
+    assert len(cache) == 0 and cache.info()["misses"] == 1
+
+
+@pytest.mark.parametrize("bad,exc", [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("4", TypeError)])
+def test_set_cache_size_rejects_bad_sizes(bad, exc):
+    with pytest.raises(exc, match="^n: expected a non-negative integer"):
+        autoguide_fast.set_cache_size(bad)
+
+
+def test_global_cache_controls():
+    autoguide_fast.set_cache_size(3)
+    try:
+        assert engine_cache.cache_info()["size"] == 3
+        autoguide_fast.clear_cache()
+        assert engine_cache.cache_info()["entries"] == 0
+    finally:
+        autoguide_fast.set_cache_size(engine_cache.DEFAULT_CACHE_SIZE)
+
+
+def test_cache_holds_networks_weakly_and_drops_dead_entries():
+    cache = engine_cache.SamplerCache(size=4)
+    net, gnet = nets(label_dim=0)
+    noise = randn(*SHAPE)
+    cached(cache, net, gnet, noise)
+    probe = weakref.ref(net)
+    del net
+    gc.collect()
+    assert probe() is None  # The cache did not keep the main network alive.
+    other = TinyConvDenoiser(seed=5)
+    cached(cache, other, gnet, noise)  # Any cache operation drops entries whose network died.
+    assert len(cache) == 1 and cache.info()["misses"] == 2
+
+
+def test_cache_is_thread_safe_and_shares_one_sampler():
+    cache = engine_cache.SamplerCache(size=4)
+    net, gnet = nets(label_dim=0)
+    seed_sets = [[i, 50 + i] for i in range(6)]
+    expected = [eager(net, gnet, seeded_noise(s, SHAPE), None, s, num_steps=4, **CHURN) for s in seed_sets]
+    failures: list[int] = []
+
+    def worker(i: int) -> None:
+        for _ in range(3):
+            out = cached(cache, net, gnet, seeded_noise(seed_sets[i], SHAPE), seeds=seed_sets[i], **CHURN)
+            if not torch.equal(out, expected[i]):
+                failures.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == [] and len(cache) == 1
