@@ -34,6 +34,7 @@ COVERAGE_RADIUS = 0.02    # an exact sample is covered if a generated one lies t
 SWD_PROJECTIONS = 256
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 _EXTENT = (-0.6, 1.4, -0.75, 1.55)   # class-A plotting window (x0, x1, y0, y1)
+_ZOOM = (1.0, 1.3, 0.0, 0.3)         # zoomed window: branch tips on the right of the tree
 
 
 @dataclass
@@ -65,14 +66,24 @@ def outline_threshold(gt: GaussianMixture) -> float:
 
 
 # Coverage: share of reference points whose nearest generated point is within `radius`.
+# Both sets are sorted by their first coordinate, so each chunk of reference points is only
+# compared with the generated points in its x-window widened by `radius` (exact, not a grid).
 def coverage(generated: torch.Tensor, reference: torch.Tensor,
-             radius: float = COVERAGE_RADIUS, chunk: int = 1024) -> float:
-    gen = generated.float()
-    hit = torch.empty(reference.shape[0], dtype=torch.bool)
-    for i in range(0, reference.shape[0], chunk):
-        d = torch.cdist(reference[i:i + chunk].float(), gen)
-        hit[i:i + chunk] = d.min(dim=1).values <= radius
-    return float(hit.float().mean())
+             radius: float = COVERAGE_RADIUS, chunk: int = 256) -> float:
+    gen = generated.double()
+    gen = gen[torch.argsort(gen[:, 0])]
+    gx = gen[:, 0].contiguous()
+    ref = reference.double()
+    ref = ref[torch.argsort(ref[:, 0])]
+    hits = 0
+    for i in range(0, ref.shape[0], chunk):
+        rc = ref[i:i + chunk]
+        lo = int(torch.searchsorted(gx, rc[:1, 0] - radius))
+        hi = int(torch.searchsorted(gx, rc[-1:, 0] + radius, right=True))
+        if hi > lo:
+            d2 = (rc[:, None, :] - gen[None, lo:hi, :]).square().sum(-1)
+            hits += int((d2.min(dim=1).values <= radius**2).sum())
+    return hits / max(1, ref.shape[0])
 
 
 # Sliced Wasserstein-2: sqrt(mean over random unit directions of W2^2 of the 1D projections),
@@ -84,9 +95,9 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = SWD_
                          f"{tuple(b.shape)}")
     gen = torch.Generator().manual_seed(seed)
     angle = torch.rand(projections, generator=gen, dtype=torch.float64) * math.pi
-    dirs = torch.stack([torch.cos(angle), torch.sin(angle)])          # [2, P]
-    pa = torch.sort(a.double() @ dirs, dim=0).values
-    pb = torch.sort(b.double() @ dirs, dim=0).values
+    dirs = torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)   # [P, 2]
+    pa = torch.sort(dirs @ a.double().T, dim=1).values                # [P, N], sorted rows
+    pb = torch.sort(dirs @ b.double().T, dim=1).values
     return float((pa - pb).square().mean().sqrt())
 
 
@@ -157,13 +168,6 @@ def format_table(rows: list[ToyRow]) -> str:
     return "\n".join(lines)
 
 
-def _tip_window(gt: GaussianMixture, half: float = 0.09) -> tuple[float, float, float, float]:
-    # Zoom on the branch tip farthest from the root along the class's main direction.
-    score = gt.mu @ torch.tensor([1.0, 1.0]) - 0.35 * (gt.mu[:, 0] - gt.mu[:, 1]).abs()
-    c = gt.mu[int(score.argmax())]
-    return (float(c[0]) - half, float(c[0]) + half, float(c[1]) - half, float(c[1]) + half)
-
-
 def plot_figure(path: str | Path, gt: GaussianMixture, gt_other: GaussianMixture,
                 threshold: float, samples: dict[str, torch.Tensor],
                 titles: dict[str, str], grid: int = 320) -> Path:
@@ -184,7 +188,7 @@ def plot_figure(path: str | Path, gt: GaussianMixture, gt_other: GaussianMixture
     _, _, lp_b = density(_EXTENT, gt_other, grid // 2)
     xb, yb = (torch.linspace(_EXTENT[0], _EXTENT[1], grid // 2),
               torch.linspace(_EXTENT[2], _EXTENT[3], grid // 2))
-    zoom = _tip_window(gt)
+    zoom = _ZOOM
     zx, zy, zlp = density(zoom, gt, grid // 2)
     panels = ["ground truth", "unguided", "CFG-style", "autoguidance"]
     fig, axes = plt.subplots(1, 5, figsize=(20, 4.6))
@@ -209,20 +213,19 @@ def plot_figure(path: str | Path, gt: GaussianMixture, gt_other: GaussianMixture
     axes[0].add_patch(plt.Rectangle((zoom[0], zoom[2]), zoom[1] - zoom[0], zoom[3] - zoom[2],
                                     fill=False, ec="tab:green", lw=1.0))
     ax = axes[4]
-    for key, color in (("unguided", "tab:gray"), ("CFG-style", "tab:orange"),
-                       ("autoguidance", "tab:red")):
+    for key, color, size in (("unguided", "tab:gray", 4), ("autoguidance", "tab:red", 6)):
         pts = samples[key]
         inside = ((pts[:, 0] >= zoom[0]) & (pts[:, 0] <= zoom[1]) & (pts[:, 1] >= zoom[2])
                   & (pts[:, 1] <= zoom[3]))
         pts = pts[inside].numpy()
-        ax.scatter(pts[:, 0], pts[:, 1], s=5, c=color, alpha=0.7, linewidths=0, label=key)
+        ax.scatter(pts[:, 0], pts[:, 1], s=size, c=color, alpha=0.8, linewidths=0, label=key)
     ax.contour(zx.numpy(), zy.numpy(), zlp.numpy(), levels=[threshold], colors="k",
                linewidths=0.6, linestyles="solid")
     ax.set_aspect("equal")
     ax.set_xlim(zoom[0], zoom[1])
     ax.set_ylim(zoom[2], zoom[3])
-    ax.set_title("zoom: a branch tip (green box)", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8, markerscale=2)
+    ax.set_title("zoom on branch tips (green box)", fontsize=10)
+    ax.legend(loc="upper right", fontsize=8, markerscale=2, framealpha=0.9)
     ax.set_xticks([])
     ax.set_yticks([])
     fig.suptitle("Class A of the 2D toy problem: black = class-A outline "

@@ -1,0 +1,179 @@
+"""The toy experiment: shipped models, metrics, the paper's direction, and the CLI end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from autoguide_fast.toy.cli import build_parser, main
+from autoguide_fast.toy.experiment import (
+    OUTLINE_DROP,
+    SIGMA_MAX,
+    WEIGHTS_DIR,
+    coverage,
+    evaluate_samples,
+    load_shipped_models,
+    outline_threshold,
+    sample_four_ways,
+    sliced_wasserstein,
+    start_noise,
+)
+from autoguide_fast.toy.ground_truth import ground_truth
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_shipped_models()
+
+
+@pytest.fixture(scope="module")
+def direction_run(models):
+    """The experiment at a reduced sample count (the figure's samplers, metrics only)."""
+    gt = ground_truth("A")
+    n = 4096
+    noise = start_noise(gt, n, seed=1)
+    reference = gt.sample(n, 0.0, generator=torch.Generator().manual_seed(2))
+    threshold = outline_threshold(gt)
+    runs = sample_four_ways(models, noise, gt=gt)
+    return {name: evaluate_samples(name, x, gt, reference, threshold, w, sec)
+            for name, w, x, sec in runs}
+
+
+def test_shipped_models_load(models):
+    expected = {"main": ("A", 4, 64, 4096), "autoguide": ("A", 4, 32, 512),
+                "cfg": ("AB", 4, 32, 512)}
+    for name, (classes, layers, hidden, iterations) in expected.items():
+        path = WEIGHTS_DIR / f"{name}.pt"
+        assert path.stat().st_size < 300_000
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["meta"]["classes"] == classes
+        assert ckpt["meta"]["iterations"] == iterations
+        assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())
+        net = models[name]
+        assert (net.num_layers, net.hidden) == (layers, hidden)
+        assert float(net.gain) != 0.0                 # trained: the gain left its init of 0
+        x = torch.randn(16, 2)
+        with torch.no_grad():
+            d = net(x, torch.tensor(0.5), None)
+        assert d.shape == x.shape and torch.isfinite(d).all()
+
+
+def test_main_model_denoises_class_a(models):
+    # A trained main model is close to the exact class-A denoiser at moderate noise levels.
+    gt = ground_truth("A")
+    for sigma in (0.05, 0.5):
+        x = gt.sample(2048, sigma, generator=torch.Generator().manual_seed(0))
+        err = (models["main"](x, torch.tensor(sigma)) - gt.denoise(x, sigma)).square().mean()
+        gaussian = (x * 0.25 / (0.25 + sigma**2) - gt.denoise(x, sigma)).square().mean()
+        assert float(err) < 0.1 * float(gaussian)
+
+
+def test_start_noise_is_smoothed_class_a():
+    gt = ground_truth("A")
+    noise = start_noise(gt, 20000, seed=1)
+    x = noise * SIGMA_MAX
+    mean = gt.phi @ gt.mu
+    assert torch.all((x.mean(0) - mean).abs() < 5 * SIGMA_MAX / math.sqrt(20000))
+    # Per-axis std: sqrt(class-A variance + 25), ~5.0.
+    assert torch.all((x.std(0) - SIGMA_MAX).abs() < 0.1)
+    assert torch.equal(noise, start_noise(gt, 20000, seed=1))
+
+
+def test_metrics_on_known_cases():
+    gt = ground_truth("A")
+    a = gt.sample(3000, 0.0, generator=torch.Generator().manual_seed(0))
+    assert coverage(a, a) == 1.0
+    assert coverage(a + 10.0, a) == 0.0
+    assert sliced_wasserstein(a, a) == 0.0
+    # A shift by v: every projection moves by v.u, so SWD^2 = mean (v.u)^2 = |v|^2 / 2.
+    v = torch.tensor([0.3, -0.4])
+    assert sliced_wasserstein(a + v, a, projections=4096) == pytest.approx(0.5 / math.sqrt(2),
+                                                                         rel=0.03)
+    # The outline threshold is the density's maximum minus the drop, and exact samples are
+    # mostly inside it.
+    thr = outline_threshold(gt)
+    assert float(gt.logp(gt.mu.double()).max()) - thr == pytest.approx(OUTLINE_DROP)
+    assert float((gt.logp(a.double()) < thr).double().mean()) < 0.05
+    with pytest.raises(ValueError, match="same shape"):
+        sliced_wasserstein(a, a[:10])
+
+
+def test_coverage_matches_brute_force():
+    gt = ground_truth("A")
+    gen = torch.Generator().manual_seed(4)
+    ref = gt.sample(2000, 0.0, generator=gen)
+    for shift in (0.0, 0.01, 0.03):
+        x = gt.sample(1500, 0.0, generator=gen) + shift
+        brute = float((torch.cdist(ref.double(), x.double()).min(dim=1).values <= 0.02)
+                      .double().mean())
+        assert coverage(x, ref) == brute
+        assert coverage(x, ref, radius=0.005) == float(
+            (torch.cdist(ref.double(), x.double()).min(dim=1).values <= 0.005).double().mean())
+
+
+def test_autoguidance_raises_class_a_likelihood_over_unguided(direction_run):
+    auto, plain = direction_run["autoguidance"], direction_run["unguided"]
+    # Robust summaries (the mean is dominated by a handful of far outliers, see docs/toy.md).
+    assert auto.p05_logp > plain.p05_logp
+    assert auto.outside < plain.outside
+
+
+def test_autoguidance_is_closer_to_class_a_than_cfg(direction_run):
+    auto, cfg = direction_run["autoguidance"], direction_run["CFG-style"]
+    assert auto.coverage > cfg.coverage
+    assert auto.swd < cfg.swd
+
+
+def test_exact_denoiser_lands_on_class_a(direction_run):
+    exact = direction_run["exact denoiser"]
+    assert exact.outside < 0.02
+    assert exact.coverage > 0.85
+
+
+def test_cli_json_end_to_end(tmp_path, capsys):
+    out_json = tmp_path / "toy.json"
+    fig = tmp_path / "toy.png"
+    code = main(["toy", "--samples", "512", "--json", str(out_json), "--figure", str(fig),
+                 "--threads", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert str(fig) in printed and "autoguidance" in printed
+    data = json.loads(out_json.read_text())
+    assert data["samples"] == 512 and data["num_steps"] == 32
+    names = [r["name"] for r in data["rows"]]
+    assert names[:4] == ["exact denoiser", "unguided", "autoguidance", "CFG-style"]
+    for row in data["rows"]:
+        for key in ("mean_logp", "p05_logp", "median_logp", "outside", "coverage", "swd"):
+            assert math.isfinite(row[key])
+        assert 0 <= row["outside"] <= 1 and 0 <= row["coverage"] <= 1
+    assert data["rows"][2]["guidance"] == 3.0 and data["rows"][3]["guidance"] == 4.0
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_options_and_errors(tmp_path):
+    args = build_parser().parse_args(["toy", "--autoguidance", "2.5", "--cfg", "3", "--steps",
+                                      "16", "--samples", "100", "--figure", "none"])
+    assert (args.autoguidance, args.cfg, args.steps, args.samples) == (2.5, 3.0, 16, 100)
+    train = build_parser().parse_args(["toy", "train", "--models", "autoguide"])
+    assert train.toy_action == "train" and train.models == ["autoguide"] and train.seed == 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["toy", "--samples", "0"])
+    with pytest.raises(FileNotFoundError, match="toy weights"):
+        main(["toy", "--samples", "64", "--weights-dir", str(tmp_path), "--figure", "none"])
+
+
+def test_cli_train_writes_loadable_weights(tmp_path):
+    code = main(["toy", "train", "--models", "autoguide", "--iterations", "2", "--batch-size",
+                 "64", "--out-dir", str(tmp_path), "--no-progress"])
+    assert code == 0
+    ckpt = torch.load(tmp_path / "autoguide.pt", weights_only=True)
+    assert ckpt["meta"]["iterations"] == 2 and ckpt["hidden"] == 32
