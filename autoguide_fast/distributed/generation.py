@@ -184,7 +184,10 @@ class _Job:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+            if self.device.type == "cuda":
+                dist.init_process_group(backend="nccl", device_id=self.device)
+            else:
+                dist.init_process_group(backend="gloo")
             self.owned = True
         nccl = self.world_size > 1 and dist.get_backend() == "nccl"
         self.comm_device = self.device if nccl else torch.device("cpu")
