@@ -103,6 +103,8 @@ class _Link:
             raise ValueError(f"group: guide_parallel_sample needs exactly 2 ranks (main, guide), got {size}")
         self.group = group
         self.rank = dist.get_rank(world)
+        if self.rank < 0:
+            raise ValueError("group: this process is not a member of the given process group")
         self.src_main = dist.get_global_rank(world, 0)
         self.src_guide = dist.get_global_rank(world, 1)
         # NCCL moves CUDA tensors of the current device; gloo moves CPU tensors.
