@@ -26,6 +26,7 @@ __all__ = [
     "exact_rn",
     "f64_bits",
     "scalar_from_bits",
+    "tile_offsets",
 ]
 
 # One program handles GROUPS Philox groups of 4 elements (1024 elements): large enough to
@@ -85,6 +86,41 @@ def scalar_from_bits(hi, lo, DTYPE: tl.constexpr):
     """The double carried by (hi, lo), rounded to nearest in DTYPE (torch's scalar-to-dtype rule)."""
     bits = (hi.to(tl.int64) << 32) | (lo.to(tl.int64) & 0xFFFFFFFF)
     return bits.to(tl.float64, bitcast=True).to(DTYPE)
+
+
+@triton.jit
+def tile_offsets(numel, groups_per_image, total_groups, total,
+          PER_IMAGE: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, GROUPS: tl.constexpr):
+    """Offsets and mask of this program's [GROUPS, 4] tile, each row's image b and Philox group g,
+    and which rows exist.
+
+    PER_IMAGE: rows are the per-image groups of 4 (the noise needs (b, g)); otherwise rows are
+    groups of 4 of the flat tensor. ALIGNED: numel % 4 == 0, so b·numel + 4g = 4q and the tile
+    is one contiguous run of memory (vectorised loads)."""
+    pid = tl.program_id(0)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    q = pid * GROUPS + tl.arange(0, GROUPS)
+    lane = tl.arange(0, 4)[None, :]
+    rows = q < total_groups
+    if PER_IMAGE:
+        b = q // groups_per_image
+        g = q - b * groups_per_image
+    else:
+        b = q
+        g = q
+    if ALIGNED:
+        # A row-wise mask is constant across the 4 lanes, which lets Triton emit 16-byte accesses.
+        off = q[:, None] * 4 + lane
+        mask = tl.broadcast_to(rows[:, None], (GROUPS, 4))
+    elif PER_IMAGE:
+        e = g[:, None] * 4 + lane
+        off = b[:, None] * numel + e
+        mask = rows[:, None] & (e < numel)
+    else:
+        off = q[:, None] * 4 + lane
+        mask = off < total
+    return off, mask, b, g, rows
 
 
 # IEEE-exact arithmetic. The reference rounds after every operation; compiled for the GPU, Triton

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import OP_NAMESPACE
-from ._triton_common import GROUPS, LAUNCH, check_device
+from ._triton_common import GROUPS, LAUNCH, check_device, tile_offsets
 
 __all__ = ["normal_tile", "philox4x32_10", "philox4x32_words", "philox_normal"]
 
@@ -90,20 +90,13 @@ def _philox_normal_kernel(
     total_groups,               # B * groups_per_image
     stream,                     # uint32 stream, as an int32
     GROUPS: tl.constexpr,
+    ALIGNED: tl.constexpr,      # numel % 4 == 0
     WIDE: tl.constexpr,         # int64 indices (more than 2^31 - 1 elements in all)
 ):
-    pid = tl.program_id(0)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    q = pid * GROUPS + tl.arange(0, GROUPS)
-    valid = q < total_groups
-    b = q // groups_per_image
-    g = q - b * groups_per_image
-    seed = tl.load(seeds_ptr + b, mask=valid, other=0)
-    e = g[:, None] * 4 + tl.arange(0, 4)[None, :]
-    mask = valid[:, None] & (e < numel)
+    off, mask, b, g, rows = tile_offsets(numel, groups_per_image, total_groups, 0, True, ALIGNED, WIDE, GROUPS)
+    seed = tl.load(seeds_ptr + b, mask=rows, other=0)
     z = normal_tile(seed, g, stream)
-    tl.store(out_ptr + b[:, None] * numel + e, z.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + off, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _stream_i32(stream: int) -> int:
@@ -136,7 +129,7 @@ def _philox_normal_impl(seeds: torch.Tensor, numel: int, stream: int, dtype: tor
     grid = (triton.cdiv(total_groups, GROUPS),)
     _philox_normal_kernel[grid](
         seeds.contiguous(), out, numel, groups_per_image, total_groups, _stream_i32(stream),
-        GROUPS=GROUPS, WIDE=total_groups * 4 >= 2**31 - 4 * GROUPS, **LAUNCH,
+        GROUPS=GROUPS, ALIGNED=numel % 4 == 0, WIDE=4 * total_groups + 4 * GROUPS >= 2**31, **LAUNCH,
     )
     return out
 

@@ -44,6 +44,7 @@ from ._triton_common import (
     exact_rn,
     f64_bits,
     scalar_from_bits,
+    tile_offsets,
 )
 from .triton_philox import normal_tile
 
@@ -57,39 +58,6 @@ _SIZES = ["numel", "groups_per_image", "total_groups", "total"]
 
 # ---------------------------------------------------------------------------------------------
 # Device functions.
-
-
-@triton.jit
-def _tile(numel, groups_per_image, total_groups, total,
-          PER_IMAGE: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, GROUPS: tl.constexpr):
-    """Offsets and mask of this program's [GROUPS, 4] tile, each row's image b and Philox group g,
-    and which rows exist.
-
-    PER_IMAGE: rows are the per-image groups of 4 (the noise needs (b, g)); otherwise rows are
-    groups of 4 of the flat tensor. ALIGNED: numel % 4 == 0, so b·numel + 4g = 4q and the tile
-    is one contiguous run of memory (vectorised loads)."""
-    pid = tl.program_id(0)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    q = pid * GROUPS + tl.arange(0, GROUPS)
-    lane = tl.arange(0, 4)[None, :]
-    if PER_IMAGE:
-        rows = q < total_groups
-        b = q // groups_per_image
-        g = q - b * groups_per_image
-        e = g[:, None] * 4 + lane
-        mask = rows[:, None] & (e < numel)
-        if ALIGNED:
-            off = q[:, None] * 4 + lane
-        else:
-            off = b[:, None] * numel + e
-    else:
-        b = q
-        g = q
-        off = q[:, None] * 4 + lane
-        mask = off < total
-        rows = q * 4 < total
-    return off, mask, b, g, rows
 
 
 @triton.jit
@@ -135,7 +103,7 @@ def _euler_step_kernel(
 ):
     """EDM Algorithm 2, lines 7-8 with D = D_w, optionally followed by the next step's churn (lines 4-6)."""
     state = x_ptr.dtype.element_ty
-    off, mask, b, g, rows = _tile(numel, groups_per_image, total_groups, total, CHURN, ALIGNED, WIDE, GROUPS)
+    off, mask, b, g, rows = tile_offsets(numel, groups_per_image, total_groups, total, CHURN, ALIGNED, WIDE, GROUPS)
     w = scalar_from_bits(w_hi, w_lo, state)
     t_hat = scalar_from_bits(th_hi, th_lo, state)
     t_next = scalar_from_bits(tn_hi, tn_lo, state)
@@ -165,7 +133,7 @@ def _heun_step_kernel(
 ):
     """EDM Algorithm 2, lines 9-11 with D' = D_w at (x_next, t_next), optionally followed by the next churn."""
     state = x_ptr.dtype.element_ty
-    off, mask, b, g, rows = _tile(numel, groups_per_image, total_groups, total, CHURN, ALIGNED, WIDE, GROUPS)
+    off, mask, b, g, rows = tile_offsets(numel, groups_per_image, total_groups, total, CHURN, ALIGNED, WIDE, GROUPS)
     w = scalar_from_bits(w_hi, w_lo, state)
     t_hat = scalar_from_bits(th_hi, th_lo, state)
     t_next = scalar_from_bits(tn_hi, tn_lo, state)
@@ -195,7 +163,9 @@ def _churn_kernel(
 ):
     """EDM Algorithm 2, lines 4-6: x_hat = x + sqrt(t_hat^2 - t^2) S_noise eps."""
     state = x_ptr.dtype.element_ty
-    off, mask, b, g, rows = _tile(numel, groups_per_image, total_groups, total, FROM_SEEDS, ALIGNED, WIDE, GROUPS)
+    off, mask, b, g, rows = tile_offsets(
+        numel, groups_per_image, total_groups, total, FROM_SEEDS, ALIGNED, WIDE, GROUPS
+    )
     scale = scalar_from_bits(ns_hi, ns_lo, state)
     x = tl.load(x_ptr + off, mask=mask, other=0)
     if FROM_SEEDS:
