@@ -64,6 +64,10 @@ def _cases():
         "euler_f64_fp16_guide": dict(
             main=dict(seed=2), guide=dict(seed=3, out_dtype=torch.float16), labels=None,
             kwargs=dict(num_steps=5, guidance=1.7, solver="euler", dtype=torch.float64, sigma_max=20.0)),
+        # The best step backend here (fused C++ on CPU: the next step's churn fused into the update).
+        "auto_backend_fused_churn": dict(
+            main=dict(label_dim=4, seed=6), guide=dict(label_dim=4, seed=7), labels=labels,
+            kwargs=dict(num_steps=5, guidance=2.0, S_churn=20.0, seeds=SEEDS, backend="auto"), callback=False),
         # w = 1: the guide is never called, rank 1 only checks the settings.
         "unguided": dict(
             main=dict(seed=4), guide=dict(seed=5), labels=None, kwargs=dict(num_steps=4, guidance=1)),
@@ -73,13 +77,13 @@ def _cases():
 def _job_cases(rank):
     out = {}
     for name, case in _cases().items():
-        kwargs = dict(case["kwargs"], backend="torch")
+        kwargs = dict({"backend": "torch"}, **case["kwargs"])
         if rank == 0:
             net = TinyConvDenoiser(**case["main"])
             noise = seeded_noise(SEEDS, SHAPE)
             seen = []
-            x = guide_parallel_sample(net, None, noise, case["labels"],
-                                      callback=lambda d, seen=seen: seen.append(d["denoised"].clone()), **kwargs)
+            callback = (lambda d, seen=seen: seen.append(d["denoised"].clone())) if case.get("callback", True) else None
+            x = guide_parallel_sample(net, None, noise, case["labels"], callback=callback, **kwargs)
             out[name] = dict(x=x, denoised=seen)
         else:
             gnet = TinyConvDenoiser(**case["guide"])
@@ -91,8 +95,9 @@ def _job_cases(rank):
 def _reference(case):
     net, gnet = TinyConvDenoiser(**case["main"]), TinyConvDenoiser(**case["guide"])
     seen = []
-    x = fast_guided_sample(net, seeded_noise(SEEDS, SHAPE), case["labels"], gnet, backend="torch",
-                           callback=lambda d: seen.append(d["denoised"].clone()), **case["kwargs"])
+    callback = (lambda d: seen.append(d["denoised"].clone())) if case.get("callback", True) else None
+    x = fast_guided_sample(net, seeded_noise(SEEDS, SHAPE), case["labels"], gnet, callback=callback,
+                           **dict({"backend": "torch"}, **case["kwargs"]))
     return x, seen, gnet.calls
 
 
