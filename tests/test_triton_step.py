@@ -29,6 +29,8 @@ SHAPES = [
     (1, 3, 37, 53),                                         # odd image, numel % 4 == 3
     (2, 3, 5, 7),                                           # two small odd images
     (2,),                                                   # 1-D toy: two images of one element
+    (2, 4, 6, 6),                                           # numel % 4 == 0: the vectorised path
+    (4, 3),                                                 # flat size % 4 == 0, image size % 4 != 0
     pytest.param((5, 4, 64, 64), marks=[gpu, needs_cuda]),  # the benchmark latent batch
 ]
 NET_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=[gpu, needs_cuda])]

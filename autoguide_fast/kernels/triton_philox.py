@@ -10,8 +10,8 @@ Kernels work on tiles of [GROUPS, 4] elements: one Philox call and two Box–Mul
 so no word is computed twice, and the four lanes of a row are adjacent in memory.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library infers the op schemas from real
+# annotation objects (older torch versions do not evaluate string annotations).
 import math
 
 import torch

@@ -24,8 +24,8 @@ its outputs). Inputs that are not contiguous are copied to contiguous memory fir
 pass); outputs are contiguous.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library infers the op schemas from real
+# annotation objects (older torch versions do not evaluate string annotations).
 import math
 
 import torch
