@@ -101,9 +101,19 @@ def _reference(case):
     return x, seen, gnet.calls
 
 
+def _job(rank):
+    return {"cases": _job_cases(rank), "errors": _job_errors(rank)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One 2-process job runs every case of this module (process start-up dominates the cost)."""
+    return run_ranks(tmp_path_factory.mktemp("gp"), _job)
+
+
 @pytest.mark.slow
-def test_guide_parallel_equals_single_device_sampling(tmp_path):
-    rank0, rank1 = run_ranks(tmp_path, _job_cases)
+def test_guide_parallel_equals_single_device_sampling(two_ranks):
+    rank0, rank1 = (r["cases"] for r in two_ranks)
     for name, case in _cases().items():
         x_ref, denoised_ref, guide_calls_ref = _reference(case)
         got = rank0[name]
@@ -153,8 +163,8 @@ def _job_errors(rank):
 
 
 @pytest.mark.slow
-def test_errors_are_raised_on_both_ranks(tmp_path):
-    rank0, rank1 = run_ranks(tmp_path, _job_errors)
+def test_errors_are_raised_on_both_ranks(two_ranks):
+    rank0, rank1 = (r["errors"] for r in two_ranks)
     for res in (rank0, rank1):
         assert res["mismatch"][0] == "ValueError" and "differ between rank 0 and rank 1" in res["mismatch"][1]
     assert rank1["bad_guide"][0] == "ValueError" and "gnet (the guide network)" in rank1["bad_guide"][1]
