@@ -214,3 +214,25 @@ def test_gpu_trajectory_latent_batch():
         want = reference.edm_sampler(net, x0, None, gnet, randn_like=_philox_randn_like(seeds), **kwargs)
     got = agf.fast_guided_sample(net, x0, None, gnet, seeds=seeds, backend="triton", **kwargs)
     assert _rel_l2(got, want) <= 1e-6
+
+
+def test_package_imports_and_reports_without_triton():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None  # as if Triton were not installed\n"
+        "import torch, autoguide_fast as a\n"
+        "st = a.backends()['triton']\n"
+        "assert not st.available and 'triton is not installed' in st.reason, st\n"
+        "try:\n"
+        "    a.fast_guided_sample(lambda x, t, l: x * 0.5, torch.randn(2, 3), num_steps=3, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'triton is not installed' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('the triton backend should be unavailable')\n"
+        "assert a.fast_guided_sample(lambda x, t, l: x * 0.5, torch.randn(2, 3), num_steps=3).shape == (2, 3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

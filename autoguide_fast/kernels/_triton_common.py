@@ -90,13 +90,14 @@ def scalar_from_bits(hi, lo, DTYPE: tl.constexpr):
 
 @triton.jit
 def tile_offsets(numel, groups_per_image, total_groups, total,
-          PER_IMAGE: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, GROUPS: tl.constexpr):
+                 PER_IMAGE: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, GROUPS: tl.constexpr):
     """Offsets and mask of this program's [GROUPS, 4] tile, each row's image b and Philox group g,
     and which rows exist.
 
     PER_IMAGE: rows are the per-image groups of 4 (the noise needs (b, g)); otherwise rows are
-    groups of 4 of the flat tensor. ALIGNED: numel % 4 == 0, so b·numel + 4g = 4q and the tile
-    is one contiguous run of memory (vectorised loads)."""
+    groups of 4 of the flat tensor (total elements). ALIGNED: the image size (PER_IMAGE) or the
+    total size is a multiple of 4, so the element of row q, lane k is at 4q + k: the tile is one
+    contiguous run of memory and rows are full (vectorised accesses)."""
     pid = tl.program_id(0)
     if WIDE:
         pid = pid.to(tl.int64)
@@ -156,9 +157,9 @@ def exact_fma(a, b, c, COMPILED: tl.constexpr):
     if COMPILED:
         r = tl.fma(a, b, c)
     elif a.dtype == tl.float32:
-        # The interpreter's fma rounds twice; in float64 the fp32 product is exact and the sum
-        # is rounded once more before the final rounding, which differs from a true fma only
-        # when the double result lands exactly on a float32 tie (probability ~2^-29).
+        # The interpreter's fma rounds twice. In float64 the fp32 product is exact, so only the
+        # sum is rounded before the final rounding to fp32: a true fma except in rare
+        # double-rounding cases (a float64 sum landing exactly on a float32 tie).
         r = (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
     else:
         # No exact float64 fma in the interpreter: two roundings (CPU tests are toleranced).
@@ -175,6 +176,3 @@ def compiled_flag() -> bool:
     """COMPILED constexpr: False when the interpreter runs the kernels."""
     return not INTERPRETED
 
-
-def cdiv(a: int, b: int) -> int:
-    return triton.cdiv(a, b)

@@ -11,7 +11,7 @@ so no word is computed twice, and the four lanes of a row are adjacent in memory
 """
 
 # No `from __future__ import annotations`: torch.library infers the op schemas from real
-# annotation objects (older torch versions do not evaluate string annotations).
+# annotation objects, never from evaluating annotation strings.
 import math
 
 import torch

@@ -25,7 +25,7 @@ pass); outputs are contiguous.
 """
 
 # No `from __future__ import annotations`: torch.library infers the op schemas from real
-# annotation objects (older torch versions do not evaluate string annotations).
+# annotation objects, never from evaluating annotation strings.
 import math
 
 import torch
