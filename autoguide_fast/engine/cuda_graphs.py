@@ -87,23 +87,36 @@ class CudaGraphCapturer:
         self.stream.wait_stream(current)
         with _CAPTURE_LOCK, torch.cuda.stream(self.stream):
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            failure: Exception | None = None
             try:
                 out = fn()
             except Exception as exc:  # Anything raised while capturing means "cannot capture this".
                 failure = exc
-                try:
-                    graph.capture_end()  # End the (invalidated) capture so the stream is usable again.
-                except Exception as end_exc:  # Expected after an invalidated capture; reported below.
-                    failure = end_exc if end_exc.__context__ is exc else exc
-                raise CaptureFailed(describe_failure(failure)) from exc
             try:
-                graph.capture_end()
-            except Exception as exc:  # e.g. an illegal cross-stream dependency detected at the end.
-                raise CaptureFailed(describe_failure(exc)) from exc
+                graph.capture_end()  # Also after a failure: ends the capture so the stream is usable.
+            except Exception as exc:  # An invalidated capture, or a bad cross-stream dependency.
+                failure = failure if failure is not None else exc
+                self._abandon()
+            if failure is not None:
+                raise CaptureFailed(describe_failure(failure)) from failure
         current.wait_stream(self.stream)
         captured = CapturedGraph(graph)
         self.graphs.append(captured)
         return captured, out
+
+    def _abandon(self) -> None:
+        """After ``capture_end`` failed: it threw before telling the allocator the capture is over,
+        which would leave the allocator routing to a dead pool and deferring cross-stream frees
+        forever. End that routing and drop the failed capture's hold on the pool ourselves."""
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+            fn = getattr(torch._C, name, None)
+            if fn is None:
+                continue
+            try:
+                fn(index, self.pool)
+            except RuntimeError:  # Already done by capture_end before it failed.
+                pass
 
     def release(self) -> None:
         self.graphs.clear()

@@ -269,12 +269,13 @@ class GuidedSampler:
         return seeds.to(self.device, non_blocking=True)
 
     def _default_example(self, seeded: bool) -> tuple:
-        B = self.noise_shape[0]
-        noise = torch.randn(self.noise_shape, device=self.device, dtype=self.config.dtype)
+        """Inputs for warm-up and capture when prepare() is called without a call's inputs:
+        seeded noise (leaves the global RNG untouched), zero labels, seeds 0..B-1."""
+        seeds = torch.arange(self.noise_shape[0], device=self.device, dtype=torch.int64)
+        noise = seeded_noise(seeds, self.noise_shape, device=self.device, dtype=self.config.dtype)
         labels = (None if self.label_shape is None else
                   torch.zeros(self.label_shape, device=self.device, dtype=self.label_dtype))
-        seeds = torch.arange(B, device=self.device, dtype=torch.int64) if seeded else None
-        return noise, labels, seeds
+        return noise, labels, seeds if seeded else None
 
     def _ensure(self, variant: bool, example: tuple | None):
         """The runner of a variant (False: churn from randn_like; True: churn from seeds)."""

@@ -1,0 +1,338 @@
+"""The engine on a GPU: CUDA-graph replay, the guide on a side stream, re-capture, threads,
+fallback, memory. Every comparison is bit for bit against the same backend run eagerly
+(``run_eager`` on one stream), except where a test says otherwise."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import warnings
+
+import pytest
+import torch
+
+import autoguide_fast
+from autoguide_fast import GuidedSampler, fast_guided_sample, seeded_noise
+from autoguide_fast.backends import resolve_backend
+from autoguide_fast.engine import GraphCaptureWarning
+from autoguide_fast.engine import cache as engine_cache
+from autoguide_fast.noise import seeds_to_tensor
+from autoguide_fast.sampler import make_config, run_eager
+from tests.nets import GaussianDenoiser, TinyConvDenoiser, one_hot_labels
+
+pytestmark = pytest.mark.gpu
+
+SHAPE = (4, 3, 16, 16)
+LABEL_DIM = 5
+BASE = {"num_steps": 6, "guidance": 2.1}
+CHURN = {"S_churn": 30.0, "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003}
+BACKENDS = ["torch", "triton", "cuda"]
+
+
+def cuda_nets(label_dim: int = LABEL_DIM) -> tuple[TinyConvDenoiser, TinyConvDenoiser]:
+    return (TinyConvDenoiser(channels=3, label_dim=label_dim, seed=1, hidden=16).cuda(),
+            TinyConvDenoiser(channels=3, label_dim=label_dim, seed=2, hidden=8).cuda())
+
+
+def noise_of(seed: int, shape=SHAPE) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+def labels_of(seed: int = 0) -> torch.Tensor:
+    return one_hot_labels(SHAPE[0], LABEL_DIM, seed=seed).cuda()
+
+
+def backend_or_skip(name: str):
+    try:
+        return resolve_backend(name, torch.device("cuda"), torch.float32)
+    except RuntimeError as exc:
+        pytest.skip(f"backend {name!r} unavailable here: {exc}")
+
+
+def eager(net, gnet, noise, labels, seeds=None, backend="torch", **kwargs) -> torch.Tensor:
+    """The same backend, eagerly, on one stream: the reference for every graph and stream mode."""
+    args = {"num_steps": 32, "sigma_min": 0.002, "sigma_max": 80, "rho": 7, "guidance": 1, "S_churn": 0,
+            "S_min": 0, "S_max": float("inf"), "S_noise": 1, "dtype": torch.float32, "guidance_interval": None,
+            "solver": "heun"}
+    args.update(kwargs)
+    config = make_config(gnet=gnet, **args)
+    seeds_t = None if seeds is None else seeds_to_tensor(seeds, device=noise.device)
+    with torch.no_grad():
+        out = run_eager(net, gnet, noise, labels, config, resolve_backend(backend, noise.device, config.dtype), seeds_t)
+    torch.cuda.synchronize()
+    return out
+
+
+def make(net, gnet, **kwargs) -> GuidedSampler:
+    kwargs.setdefault("noise_shape", SHAPE)
+    kwargs.setdefault("label_shape", (SHAPE[0], LABEL_DIM))
+    kwargs.setdefault("device", "cuda")
+    for k, v in BASE.items():
+        kwargs.setdefault(k, v)
+    return GuidedSampler(net, gnet, **kwargs)
+
+
+@pytest.mark.parametrize("churn", [False, True], ids=["deterministic", "churn"])
+@pytest.mark.parametrize("graph", ["trajectory", "step", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_replay_is_bit_identical_to_the_same_backend_eagerly(backend, graph, churn):
+    backend_or_skip(backend)
+    net, gnet = cuda_nets()
+    extra = CHURN if churn else {}
+    s = make(net, gnet, backend=backend, graph=graph, streams="off", **extra)
+    report = s.prepare(seeded=churn)
+    assert report["graph"] == graph and report["capture_error"] is None and report["backend"] == backend
+    # New noise, labels and seeds on each call, replayed without re-capture.
+    for seed in (1, 2, 3):
+        noise, labels, seeds = noise_of(seed), labels_of(seed), [seed, 10 + seed, -seed, 2**40 + seed]
+        out = s(noise, labels, seeds if churn else None)
+        expected = eager(net, gnet, noise, labels, seeds if churn else None, backend=backend, **BASE, **extra)
+        assert torch.equal(out, expected), (backend, graph, seed)
+    assert s.report["recaptures"] == 0
+
+
+@pytest.mark.parametrize("graph", ["trajectory", "step", "none"])
+def test_streams_on_is_bit_identical_to_streams_off(graph):
+    net, gnet = cuda_nets()
+    on = make(net, gnet, graph=graph, streams="on", **CHURN)
+    off = make(net, gnet, graph=graph, streams="off", **CHURN)
+    assert on.prepare(seeded=True)["streams"] == "on" and off.prepare(seeded=True)["streams"] == "off"
+    for seed in (4, 5):
+        noise, seeds = noise_of(seed), [seed, seed + 1, seed + 2, seed + 3]
+        a, b = on(noise, labels_of(seed), seeds), off(noise, labels_of(seed), seeds)
+        assert torch.equal(a, b)
+        assert torch.equal(a, eager(net, gnet, noise, labels_of(seed), seeds, **BASE, **CHURN))
+
+
+def test_replay_with_new_seeds_equals_eager_with_those_seeds():
+    net, gnet = cuda_nets()
+    s = make(net, gnet, graph="trajectory", **CHURN)
+    noise, labels = noise_of(7), labels_of(7)
+    seeds_a, seeds_b = [1, 2, 3, 4], [5, 6, 7, 8]
+    a = s(noise, labels, seeds_a)
+    b = s(noise, labels, torch.tensor(seeds_b, device="cuda"))  # Seeds already on the device.
+    assert not torch.equal(a, b)  # Only the churn seeds changed.
+    assert torch.equal(b, eager(net, gnet, noise, labels, seeds_b, **BASE, **CHURN))
+    # Noise defaults to seeded_noise(seeds).
+    c = s(labels=labels, seeds=seeds_a)
+    assert torch.equal(c, eager(net, gnet, seeded_noise(seeds_a, SHAPE, device="cuda"), labels, seeds_a,
+                                **BASE, **CHURN))
+
+
+def test_parameter_replacement_recaptures_and_in_place_updates_are_seen():
+    net, gnet = cuda_nets()
+    s = make(net, gnet, graph="trajectory", streams="on")
+    noise, labels = noise_of(8), labels_of(8)
+    s(noise, labels)
+    # In place: same storage, the captured graph reads the new values with no re-capture.
+    with torch.no_grad():
+        state = {k: v * 1.1 for k, v in gnet.state_dict().items()}
+    gnet.load_state_dict(state)
+    assert torch.equal(s(noise, labels), eager(net, gnet, noise, labels, **BASE))
+    assert s.report["recaptures"] == 0
+    # Replaced: new storage; the old graph would read freed memory, so the sampler re-captures.
+    net.conv2.weight = torch.nn.Parameter(net.conv2.weight.detach() * -0.7)
+    assert torch.equal(s(noise, labels), eager(net, gnet, noise, labels, **BASE))
+    assert s.report["recaptures"] == 1
+    net.cuda()  # Moving to the device it is already on changes nothing.
+    s(noise, labels)
+    assert s.report["recaptures"] == 1
+
+
+def test_eight_threads_twenty_calls_each_all_correct():
+    net, gnet = cuda_nets()
+    s = make(net, gnet, graph="trajectory", **CHURN)
+    seed_sets = [[100 * i + j for j in range(SHAPE[0])] for i in range(8)]
+    labels = labels_of(9)
+    expected = [eager(net, gnet, seeded_noise(seeds, SHAPE, device="cuda"), labels, seeds, **BASE, **CHURN)
+                for seeds in seed_sets]
+    s.prepare(seeded=True)
+    failures: list[str] = []
+
+    def worker(i: int) -> None:
+        try:
+            # Half the threads run on their own current stream: the sampler must order its calls.
+            stream = torch.cuda.Stream() if i % 2 else torch.cuda.current_stream()
+            with torch.cuda.stream(stream):
+                for k in range(20):
+                    out = s(labels=labels, seeds=seed_sets[i])
+                    if not torch.equal(out, expected[i]):
+                        failures.append(f"thread {i} call {k}")
+        except Exception as exc:  # Reported by the main thread.
+            failures.append(f"thread {i}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_fast_guided_sample_from_threads_shares_one_cached_sampler():
+    autoguide_fast.clear_cache()
+    net, gnet = cuda_nets()
+    labels = labels_of(3)
+    seed_sets = [[10 * i + j for j in range(SHAPE[0])] for i in range(4)]
+    expected = [eager(net, gnet, seeded_noise(s, SHAPE, device="cuda"), labels, s, **BASE, **CHURN)
+                for s in seed_sets]
+    failures: list[str] = []
+
+    def worker(i: int) -> None:
+        for _ in range(5):
+            out = fast_guided_sample(net, seeded_noise(seed_sets[i], SHAPE, device="cuda"), labels, gnet,
+                                     seeds=seed_sets[i], **BASE, **CHURN)
+            if not torch.equal(out, expected[i]):
+                failures.append(f"thread {i}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    info = engine_cache.cache_info()
+    assert info["entries"] == 1 and info["hits"] >= 19
+    autoguide_fast.clear_cache()
+
+
+def test_memory_does_not_grow_over_100_calls():
+    net, gnet = cuda_nets()
+    s = make(net, gnet, graph="trajectory", **CHURN)
+    labels = labels_of(1)
+    for i in range(10):
+        s(noise_of(i), labels, [i, i + 1, i + 2, i + 3])
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for i in range(100):
+        out = s(labels=labels, seeds=[i, i + 1, i + 2, i + 3])
+        del out
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
+def test_cache_eviction_and_clear_free_memory():
+    autoguide_fast.clear_cache()
+    net, gnet = cuda_nets(label_dim=0)
+    big, small = (64, 3, 64, 64), (1, 3, 8, 8)
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base_alloc, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    autoguide_fast.set_cache_size(1)
+    try:
+        fast_guided_sample(net, noise_of(0, big), None, gnet, **BASE)
+        torch.cuda.synchronize()
+        held_big = torch.cuda.memory_allocated() - base_alloc
+        assert held_big >= 2 * 64 * 3 * 64 * 64 * 4  # At least the static noise and output buffers.
+        held_reserved = torch.cuda.memory_reserved() - base_reserved
+        fast_guided_sample(net, noise_of(1, small), None, gnet, **BASE)  # Evicts the big sampler.
+        torch.cuda.synchronize()
+        assert engine_cache.cache_info()["evictions"] >= 1
+        assert torch.cuda.memory_allocated() - base_alloc < held_big / 4
+        autoguide_fast.clear_cache()  # Releases everything and empties the allocator cache.
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() - base_alloc < held_big / 8
+        # The graph's private pool (its activations) went back to the device too.
+        assert held_reserved > (16 << 20)
+        assert torch.cuda.memory_reserved() - base_reserved < (8 << 20)
+    finally:
+        autoguide_fast.set_cache_size(engine_cache.DEFAULT_CACHE_SIZE)
+        autoguide_fast.clear_cache()
+
+
+def test_fast_guided_sample_on_cuda_goes_through_the_cache_and_matches_eager():
+    autoguide_fast.clear_cache()
+    net, gnet = cuda_nets()
+    noise, labels = noise_of(2), labels_of(2)
+    out = fast_guided_sample(net, noise, labels, gnet, **BASE)
+    again = fast_guided_sample(net, noise, labels, gnet, **BASE)
+    info = engine_cache.cache_info()
+    assert info["misses"] == 1 and info["hits"] == 1
+    assert torch.equal(out, again) and out.data_ptr() != again.data_ptr()
+    expected = eager(net, gnet, noise, labels, backend=_auto_backend_name(), **BASE)
+    assert torch.equal(out, expected)
+    # A callback needs the plain loop: no cache use, same result.
+    seen = []
+    fast_guided_sample(net, noise, labels, gnet, callback=seen.append, **BASE)
+    assert engine_cache.cache_info()["misses"] == 1 and len(seen) == BASE["num_steps"]
+    autoguide_fast.clear_cache()
+
+
+def _auto_backend_name() -> str:
+    return resolve_backend("auto", torch.device("cuda"), torch.float32).name
+
+
+def test_streams_auto_times_both_and_keeps_the_faster():
+    net, gnet = cuda_nets()
+    report = make(net, gnet, graph="trajectory", streams="auto").prepare()
+    timings = report["timings_ms"]
+    assert set(timings) == {"streams_on", "streams_off"} and all(v > 0 for v in timings.values())
+    faster = "on" if timings["streams_on"] < timings["streams_off"] else "off"
+    assert report["streams"] == faster
+    # Unguided: the guide is never called, nothing to fork.
+    report = make(net, gnet, guidance=1, streams="auto").prepare()
+    assert report["streams"] == "off" and report["timings_ms"] == {}
+
+
+def test_copy_output_false_returns_the_static_buffer_zero_copy():
+    net, gnet = cuda_nets()
+    s = make(net, gnet, graph="trajectory", copy_output=False)
+    a = s(noise_of(1), labels_of(1))
+    b = s(noise_of(2), labels_of(2))
+    assert a.data_ptr() == b.data_ptr()
+    assert torch.equal(b, eager(net, gnet, noise_of(2), labels_of(2), **BASE))
+
+
+def test_compiled_networks_are_captured_and_close_to_eager():
+    net, gnet = cuda_nets()
+    s = make(net, gnet, graph="trajectory", compile_networks=True)
+    report = s.prepare()
+    assert report["compile_networks"] and report["graph"] == "trajectory" and report["capture_error"] is None
+    noise, labels = noise_of(3), labels_of(3)
+    out, expected = s(noise, labels), eager(net, gnet, noise, labels, **BASE)
+    # Inductor may fuse differently from eager: close, not bit-identical.
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_noise_and_labels_on_another_device_are_refused():
+    net, gnet = cuda_nets()
+    s = make(net, gnet)
+    with pytest.raises(ValueError, match="^noise: expected a tensor on cuda"):
+        s(noise_of(1).cpu(), labels_of(1))
+    with pytest.raises(ValueError, match="^labels: expected a tensor on cuda"):
+        s(noise_of(1), labels_of(1).cpu())
+
+
+# Last: on torch versions where a failed capture leaves global CUDA state behind, the other tests
+# still ran first.
+def test_capture_failure_falls_back_with_one_warning_and_a_correct_result():
+    # GaussianDenoiser records float(sigma): a host sync, which cannot be captured.
+    net, gnet = GaussianDenoiser(0.5), GaussianDenoiser(0.9)
+    s = GuidedSampler(net, gnet, noise_shape=(4, 3, 8, 8), device="cuda", num_steps=5, guidance=2.0,
+                      graph="trajectory", backend="torch")
+    noises = [noise_of(i, (4, 3, 8, 8)) for i in range(3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [s(n) for n in noises]
+    mine = [w for w in caught if issubclass(w.category, GraphCaptureWarning)]
+    assert len(mine) == 1, [str(w.message) for w in caught]
+    report = s.report
+    assert report["graph"] == "none" and report["capture_error"]
+    for n, out in zip(noises, outs):
+        assert torch.equal(out, eager(net, gnet, n, None, num_steps=5, guidance=2.0))
+
+
+def test_cuda_rng_and_allocator_still_work_after_a_failed_capture():
+    net = GaussianDenoiser(0.5)
+    s = GuidedSampler(net, noise_shape=(2, 8), device="cuda", num_steps=4, graph="trajectory", backend="torch",
+                      S_churn=10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphCaptureWarning)
+        s(noise_of(0, (2, 8)))
+    assert s.report["capture_error"]
+    # Eager random draws advance again (not stuck in a half-finished capture state).
+    a, b = torch.randn(1000, device="cuda"), torch.randn(1000, device="cuda")
+    assert not torch.equal(a, b)
+    out = s(noise_of(1, (2, 8)))  # Churn from torch.randn_like on the eager fallback.
+    assert torch.isfinite(out).all()
