@@ -290,3 +290,14 @@ def test_png_without_pillow_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "Pillow" in err and "--format npy" in err
     assert run("--net", f"{HERE}:rgb_main", "--outdir", str(tmp_path / "npy"), "--seeds", "1", "--format", "npy",
                "--steps", "2", "--no-progress", "--backend", "torch") == 0
+
+
+def test_module_spec_resolves_from_the_current_directory(tmp_path, monkeypatch):
+    # As under the console script, whose sys.path does not hold the working directory.
+    (tmp_path / "agf_user_nets_q3.py").write_text(f"from {HERE} import latent_main as build\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "agf_user_nets_q3", raising=False)
+    assert run("--net", "agf_user_nets_q3:build", "--seeds", "1", "--steps", "2", "--outdir", "out",
+               "--no-progress", "--backend", "torch") == 0
+    assert (tmp_path / "out" / "000001.npy").exists()

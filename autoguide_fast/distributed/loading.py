@@ -2,9 +2,9 @@
 
 A spec is one of:
 
-* ``module:callable`` — ``module`` is imported and ``callable`` (a dotted attribute path) is
-  called with no arguments to build the network; a ``torch.nn.Module`` instance found there is
-  used as is. Example: ``my_models.edm2:load_s_ema``.
+* ``module:callable`` — ``module`` is imported (the current directory is on the path) and
+  ``callable`` (a dotted attribute path) is called with no arguments to build the network; a
+  ``torch.nn.Module`` instance found there is used as is. Example: ``my_models.edm2:load_s_ema``.
 * a file written by ``torch.save(module)`` (a whole pickled module). Loading it runs pickle:
   only load files you trust.
 * ``edm2:SIZE`` or ``edm2:DATASET-SIZE`` — an EDM2 preset (``autoguide_fast.models.edm2``) with
@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,9 @@ def _resolve_callable(spec: str, arg: str) -> Any:
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
         raise ValueError(f"{arg}: expected module:callable, got {spec!r}")
+    # Modules next to the user resolve as with `python -m` (a console script's path lacks the cwd).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
