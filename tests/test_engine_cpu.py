@@ -606,3 +606,118 @@ def test_cache_is_thread_safe_and_shares_one_sampler():
     for t in threads:
         t.join()
     assert failures == [] and len(cache) == 1
+
+
+# ----------------------------------------------------------------------------- CUDA plumbing with fakes
+
+class RecordingGuideStream:
+    """Stands in for GuideStream: runs the guide at once, records the fork/join protocol."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def fork(self, gnet, x, t, labels):
+        self.events.append("fork")
+        return gnet(x, t, labels)
+
+    def join(self, out) -> None:
+        self.events.append("join")
+
+
+@pytest.mark.parametrize("interval", [None, (0.5, 10.0)])
+def test_run_eager_forks_and_joins_the_guide_once_per_guided_evaluation(interval):
+    from autoguide_fast.backends.torch_backend import TorchBackend
+    from autoguide_fast.plan import build_plan
+    from autoguide_fast.sampler import make_config, run_eager
+
+    net, gnet = nets()
+    config = make_config(num_steps=6, sigma_min=0.002, sigma_max=80, rho=7, guidance=2.1, gnet=gnet, S_churn=0,
+                         S_min=0, S_max=float("inf"), S_noise=1, dtype=torch.float32, guidance_interval=interval,
+                         solver="heun")
+    noise = randn(*SHAPE)
+    streams = RecordingGuideStream()
+    with torch.no_grad():
+        forked = run_eager(net, gnet, noise, LABELS, config, TorchBackend(), streams=streams)
+        plain = run_eager(net, gnet, noise, LABELS, config, TorchBackend())
+    assert torch.equal(forked, plain)
+    _, steps = build_plan(config, noise.device)
+    guided = sum(s.w_first is not None for s in steps) + sum(s.w_second is not None for s in steps)
+    assert 0 < guided and streams.events == ["fork", "join"] * guided
+
+
+class FakeStream:
+    def __init__(self, device=None) -> None:
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+class FakeCUDAGraph:
+    end_error: str | None = None
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def capture_begin(self, pool=None, capture_error_mode="global") -> None:
+        self.calls.append(("begin", pool, capture_error_mode))
+
+    def capture_end(self) -> None:
+        self.calls.append("end")
+        if FakeCUDAGraph.end_error is not None:
+            raise RuntimeError(FakeCUDAGraph.end_error)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    import contextlib
+
+    allocator_calls: list = []
+    FakeCUDAGraph.end_error = None
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeCUDAGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 7))
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda d, p: allocator_calls.append(("end", d, p)),
+                        raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda d, p: allocator_calls.append(("release", d, p)),
+                        raising=False)
+    yield allocator_calls
+    FakeCUDAGraph.end_error = None
+
+
+def test_capturer_captures_into_its_pool_in_thread_local_mode(fake_cuda):
+    from autoguide_fast.engine.cuda_graphs import CudaGraphCapturer
+
+    capturer = CudaGraphCapturer(torch.device("cuda", 0))
+    marker = torch.ones(1)
+    graph, out = capturer.capture(lambda: (marker, None))
+    assert out[0] is marker and capturer.graphs == [graph]
+    assert graph.graph.calls == [("begin", (0, 7), "thread_local"), "end"]
+    assert fake_cuda == []
+
+
+@pytest.mark.parametrize("fn_error,end_error,expected,abandoned", [
+    ("cudaErrorStreamCaptureUnsupported: operation not permitted when stream is capturing", None,
+     "RuntimeError: cudaErrorStreamCaptureUnsupported", False),
+    ("operation not permitted when stream is capturing", "capture invalidated",
+     "RuntimeError: operation not permitted when stream is capturing", True),
+    (None, "unjoined work on a side stream", "RuntimeError: unjoined work on a side stream", True),
+])
+def test_capturer_reports_failures_and_cleans_up_after_capture_end(fake_cuda, fn_error, end_error, expected,
+                                                                    abandoned):
+    from autoguide_fast.engine.cuda_graphs import CudaGraphCapturer
+
+    def fn():
+        if fn_error is not None:
+            raise RuntimeError(fn_error)
+        return (torch.ones(1),)
+
+    FakeCUDAGraph.end_error = end_error
+    capturer = CudaGraphCapturer(torch.device("cuda", 0))
+    with pytest.raises(CaptureFailed, match=f"^{expected}"):
+        capturer.capture(fn)
+    assert capturer.graphs == []
+    # capture_end threw before telling the allocator the capture was over: the capturer does it.
+    assert fake_cuda == ([("end", 0, (0, 7)), ("release", 0, (0, 7))] if abandoned else [])

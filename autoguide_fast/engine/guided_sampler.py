@@ -374,6 +374,7 @@ class GuidedSampler:
         return self._ensure(variant, example)
 
     def _release_runners(self) -> None:
+        self._order.drain()  # A replay may still be running (no host sync when check_finite=False).
         for runner in self._runners.values():
             runner.release()
         self._runners.clear()

@@ -73,6 +73,11 @@ class CallOrder:
             event.record(torch.cuda.current_stream())
             self._done = event
 
+    def drain(self) -> None:
+        """Block the host until the last call's GPU work is done (before freeing what it uses)."""
+        if self.cuda and self._done is not None:
+            self._done.synchronize()
+
 
 def device_context(device: torch.device):
     """Makes ``device`` current for CUDA work (multi-GPU processes); nothing on other devices."""
