@@ -15,6 +15,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 __all__ = [
     "GROUPS",
+    "GROUPS_NOISE",
     "INTERPRETED",
     "LAUNCH",
     "NUM_WARPS",
@@ -29,9 +30,12 @@ __all__ = [
     "tile_offsets",
 ]
 
-# One program handles GROUPS Philox groups of 4 elements (1024 elements): large enough to
-# amortise the launch, small enough to keep many programs per SM for the memory-bound pass.
+# Rows of 4 elements per program. Plain passes: 256 rows (1024 elements, 8 per thread with 4
+# warps, 16-byte accesses). Passes that draw noise: 128 rows (one Philox call and two float64
+# Box-Muller pairs per thread), which keeps them near 60 registers instead of ~115 at 256 rows,
+# so enough warps stay resident to saturate memory bandwidth (ptxas, sm_90).
 GROUPS = 256
+GROUPS_NOISE = 128
 NUM_WARPS = 4
 # Launch options of every kernel. The reference rounds after each operation and keeps subnormals:
 # no fmul+fadd contraction (LLVM and ptxas), and libdevice without flush-to-zero. (The

@@ -6,7 +6,7 @@ seed_b hi)); u_k = ((r_k >> 8) + 1)·2^-24; in float64
 z_{4g} = sqrt(-2 ln u0) cos(2π u1), z_{4g+1} = sqrt(-2 ln u0) sin(2π u1), and the same with
 (u2, u3) for z_{4g+2}, z_{4g+3}; then rounded to the output dtype.
 
-Kernels work on tiles of [GROUPS, 4] elements: one Philox call and two Box–Muller pairs per row,
+Kernels work on tiles of [GROUPS_NOISE, 4] elements: one Philox call and two Box–Muller pairs per row,
 so no word is computed twice, and the four lanes of a row are adjacent in memory.
 """
 
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import OP_NAMESPACE
-from ._triton_common import GROUPS, LAUNCH, check_device, tile_offsets
+from ._triton_common import GROUPS_NOISE, LAUNCH, check_device, tile_offsets
 
 __all__ = ["normal_tile", "philox4x32_10", "philox4x32_words", "philox_normal"]
 
@@ -126,10 +126,10 @@ def _philox_normal_impl(seeds: torch.Tensor, numel: int, stream: int, dtype: tor
     total_groups = batch * groups_per_image
     if total_groups == 0:
         return out
-    grid = (triton.cdiv(total_groups, GROUPS),)
+    grid = (triton.cdiv(total_groups, GROUPS_NOISE),)
     _philox_normal_kernel[grid](
         seeds.contiguous(), out, numel, groups_per_image, total_groups, _stream_i32(stream),
-        GROUPS=GROUPS, ALIGNED=numel % 4 == 0, WIDE=4 * total_groups + 4 * GROUPS >= 2**31, **LAUNCH,
+        GROUPS=GROUPS_NOISE, ALIGNED=numel % 4 == 0, WIDE=4 * total_groups + 4 * GROUPS_NOISE >= 2**31, **LAUNCH,
     )
     return out
 

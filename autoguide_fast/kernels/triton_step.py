@@ -35,6 +35,7 @@ import triton.language as tl
 from . import OP_NAMESPACE
 from ._triton_common import (
     GROUPS,
+    GROUPS_NOISE,
     LAUNCH,
     check_device,
     check_float_tensor,
@@ -241,9 +242,9 @@ def _geometry(x: torch.Tensor, per_image: bool) -> tuple[tuple[int], dict, dict]
         "ALIGNED": numel % 4 == 0,
         "WIDE": 4 * total_groups + 4 * GROUPS >= 2**31,
         "COMPILED": compiled_flag(),
-        "GROUPS": GROUPS,
+        "GROUPS": GROUPS_NOISE if per_image else GROUPS,
     }
-    return (triton.cdiv(total_groups, GROUPS),), sizes, flags
+    return (triton.cdiv(total_groups, flags["GROUPS"]),), sizes, flags
 
 
 def _scalars(w: float | None, t_hat: float, t_next: float, noise_scale: float | None, stream: int) -> dict:
