@@ -171,6 +171,7 @@ def test_eight_threads_twenty_calls_each_all_correct():
 
 def test_fast_guided_sample_from_threads_shares_one_cached_sampler():
     autoguide_fast.clear_cache()
+    start = engine_cache.cache_info()
     net, gnet = cuda_nets()
     labels = labels_of(3)
     seed_sets = [[10 * i + j for j in range(SHAPE[0])] for i in range(4)]
@@ -192,7 +193,9 @@ def test_fast_guided_sample_from_threads_shares_one_cached_sampler():
         t.join()
     assert failures == []
     info = engine_cache.cache_info()
-    assert info["entries"] == 1 and info["hits"] >= 19
+    # Threads racing on the first call may each miss, but they end up sharing one entry.
+    assert info["entries"] == 1 and (info["misses"] - start["misses"]) + (info["hits"] - start["hits"]) == 20
+    assert info["hits"] - start["hits"] >= 16
     autoguide_fast.clear_cache()
 
 
@@ -220,6 +223,7 @@ def test_cache_eviction_and_clear_free_memory():
     torch.cuda.empty_cache()
     base_alloc, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     autoguide_fast.set_cache_size(1)
+    start = engine_cache.cache_info()
     try:
         fast_guided_sample(net, noise_of(0, big), None, gnet, **BASE)
         torch.cuda.synchronize()
@@ -228,7 +232,7 @@ def test_cache_eviction_and_clear_free_memory():
         held_reserved = torch.cuda.memory_reserved() - base_reserved
         fast_guided_sample(net, noise_of(1, small), None, gnet, **BASE)  # Evicts the big sampler.
         torch.cuda.synchronize()
-        assert engine_cache.cache_info()["evictions"] >= 1
+        assert engine_cache.cache_info()["evictions"] - start["evictions"] == 1
         assert torch.cuda.memory_allocated() - base_alloc < held_big / 4
         autoguide_fast.clear_cache()  # Releases everything and empties the allocator cache.
         torch.cuda.synchronize()
@@ -243,19 +247,20 @@ def test_cache_eviction_and_clear_free_memory():
 
 def test_fast_guided_sample_on_cuda_goes_through_the_cache_and_matches_eager():
     autoguide_fast.clear_cache()
+    start = engine_cache.cache_info()
     net, gnet = cuda_nets()
     noise, labels = noise_of(2), labels_of(2)
     out = fast_guided_sample(net, noise, labels, gnet, **BASE)
     again = fast_guided_sample(net, noise, labels, gnet, **BASE)
     info = engine_cache.cache_info()
-    assert info["misses"] == 1 and info["hits"] == 1
+    assert info["misses"] - start["misses"] == 1 and info["hits"] - start["hits"] == 1
     assert torch.equal(out, again) and out.data_ptr() != again.data_ptr()
     expected = eager(net, gnet, noise, labels, backend=_auto_backend_name(), **BASE)
     assert torch.equal(out, expected)
     # A callback needs the plain loop: no cache use, same result.
     seen = []
     fast_guided_sample(net, noise, labels, gnet, callback=seen.append, **BASE)
-    assert engine_cache.cache_info()["misses"] == 1 and len(seen) == BASE["num_steps"]
+    assert engine_cache.cache_info()["misses"] - start["misses"] == 1 and len(seen) == BASE["num_steps"]
     autoguide_fast.clear_cache()
 
 
