@@ -1,0 +1,230 @@
+"""The "cuda" backend: fused CUDA C++ ops (GPU only; skipped without a CUDA device or a CUDA build).
+
+The kernels run the same sequence of correctly rounded IEEE operations as the C++ CPU kernels, so
+for the deterministic ops the CUDA result must equal the CPU reference bit for bit; the seeded
+noise goes through the device's float64 log/sin/cos and is checked within 1e-6 of the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import autoguide_fast
+from autoguide_fast.backends import resolve_backend
+from autoguide_fast.backends.torch_backend import TorchBackend
+from autoguide_fast.noise import churn_stream, philox_normal
+from autoguide_fast.plan import SamplerConfig
+from autoguide_fast.reference import edm_sampler as reference_sampler
+
+from .test_cpp_backend import (
+    NET_DTYPES,
+    SHAPES,
+    STATE_DTYPES,
+    WEIGHTS,
+    ToyNet,
+    _fp64_step,
+    _inputs,
+    _rel_l2,
+    _seeded_randn_like,
+    _step,
+    assert_within_torch_error,
+)
+
+
+def _has_cuda_kernels() -> bool:
+    if autoguide_fast.extension() is None or not torch.cuda.is_available():
+        return False
+    from autoguide_fast.ops import extension_ops
+
+    return extension_ops.has_kernel("cuda")
+
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _has_cuda_kernels(), reason="no CUDA device, or the extension has no CUDA kernels"),
+]
+
+DEV = torch.device("cuda")
+
+
+def _ops():
+    from autoguide_fast.ops import extension_ops
+
+    return extension_ops
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("net_dtype", NET_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_ops_match_reference(dtype, net_dtype, shape):
+    x, D_main, D_guide = _inputs(shape, dtype, net_dtype)
+    step = _step(3.7, 2.9, dtype)
+    ref_cpu = TorchBackend(dtype)
+    ref_gpu = TorchBackend(dtype)
+    fused = resolve_backend("cuda", DEV, dtype)
+    xg, Dmg, Dgg = x.to(DEV), D_main.to(DEV), D_guide.to(DEV)
+    step_gpu = _step(3.7, 2.9, dtype)
+    step_gpu.tensors.update({k: v.to(DEV) for k, v in step_gpu.tensors.items()})
+    for w in WEIGHTS:
+        Dg, Dgg_w = (None, None) if w is None else (D_guide, Dgg)
+        d_ref, xn_ref = ref_cpu.euler(x, D_main, Dg, w, step)
+        d, xn = fused.euler(xg, Dmg, Dgg_w, w, step_gpu)
+        assert d.device.type == "cuda" and d.dtype == dtype
+        assert torch.equal(d.cpu(), d_ref) and torch.equal(xn.cpu(), xn_ref), f"euler w={w}"
+        D_main2 = (D_main.double() * 0.9).to(net_dtype)
+        Dg2 = None if w is None else (D_guide.double() * 0.9).to(net_dtype)
+        h_ref = ref_cpu.heun(x, d_ref, xn_ref, D_main2, Dg2, w, step)
+        h = fused.heun(xg, d, xn, D_main2.to(DEV), None if Dg2 is None else Dg2.to(DEV), w, step_gpu)
+        assert torch.equal(h.cpu(), h_ref), f"heun w={w}"
+        # PyTorch's own CUDA ops as the same-dtype yardstick.
+        d_torch, xn_torch = ref_gpu.euler(xg, Dmg, Dgg_w, w, step_gpu)
+        d64, xn64, _ = _fp64_step(x, D_main, Dg, w, step.t_hat, step.t_next)
+        assert_within_torch_error(d.cpu(), d_torch.cpu(), d64, f"d w={w}")
+        assert_within_torch_error(xn.cpu(), xn_torch.cpu(), xn64, f"x_next w={w}")
+
+
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_misaligned_and_ragged_inputs(dtype):
+    """Views at an odd element offset take the scalar path; sizes not a multiple of 4 the tail."""
+    n = 4099
+    x, D_main, D_guide = _inputs((n,), dtype, torch.float16, seed=2)
+    step = _step(1.25, 0.5, dtype)
+    d_ref, xn_ref = TorchBackend(dtype).euler(x, D_main, D_guide, 2.1, step)
+    for offset in (0, 1, 3):
+        buf_x = torch.zeros(n + offset, dtype=dtype, device=DEV)
+        buf_m = torch.zeros(n + offset, dtype=torch.float16, device=DEV)
+        buf_g = torch.zeros(n + offset, dtype=torch.float16, device=DEV)
+        xg, Dm, Dg = buf_x[offset:], buf_m[offset:], buf_g[offset:]
+        xg.copy_(x)
+        Dm.copy_(D_main)
+        Dg.copy_(D_guide)
+        d, xn = _ops().euler_step(xg, Dm, Dg, 2.1, step.t_hat, step.t_next)
+        assert torch.equal(d.cpu(), d_ref) and torch.equal(xn.cpu(), xn_ref), f"offset {offset}"
+
+
+@pytest.mark.parametrize("cast_dtype", NET_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_euler_step_cast(dtype, cast_dtype):
+    g = torch.Generator().manual_seed(1)
+    mag = torch.exp(torch.empty(20001, dtype=torch.float64).uniform_(-25, 12, generator=g))
+    x = (mag * torch.randn(20001, generator=g, dtype=torch.float64).sign()).to(dtype).to(DEV)
+    D = torch.randn(x.shape, generator=g).to(torch.float16).to(DEV)
+    d, xn, xc = _ops().euler_step_cast(x, D, None, 1.0, 1.5, 0.25, cast_dtype)
+    assert xc.dtype == cast_dtype and torch.equal(xc, xn.to(cast_dtype))
+
+
+@pytest.mark.parametrize("image_shape", [(3, 17, 9), (4, 16, 16), (1,)], ids=str)
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_fused_churn(dtype, image_shape):
+    shape = (3, *image_shape)
+    x, D_main, D_guide = _inputs(shape, dtype, torch.float32, seed=6)
+    seeds = torch.tensor([11, -3, 2**62 + 5])
+    step = _step(2.5, 1.75, dtype)
+    nxt = _step(2.1, 1.1, dtype, index=step.index + 1, noise_scale=1.3)
+    ref = TorchBackend(dtype)
+    d_ref, xn_ref = ref.euler(x, D_main, D_guide, 2.1, step)
+    h_ref = ref.churn(ref.heun(x, d_ref, xn_ref, D_main, D_guide, 2.1, step), nxt, seeds, None)
+    e_ref = ref.churn(xn_ref, nxt, seeds, None)
+    fused = resolve_backend("cuda", DEV, dtype)
+    xg, Dm, Dg, sg = x.to(DEV), D_main.to(DEV), D_guide.to(DEV), seeds.to(DEV)
+    d, xn = fused.euler(xg, Dm, Dg, 2.1, step)
+    h = fused.heun(xg, d, xn, Dm, Dg, 2.1, step, churn_next=(nxt, sg))
+    _, e = fused.euler(xg, Dm, Dg, 2.1, step, churn_next=(nxt, sg))
+    c = fused.churn(xg, nxt, sg, None)
+    c_ref = ref.churn(x, nxt, seeds, None)
+    for out, expected in ((h, h_ref), (e, e_ref), (c, c_ref)):
+        err = (out.cpu().double() - expected.double()).abs().max().item()
+        assert err <= 1e-6 * nxt.noise_scale + 4 * torch.finfo(dtype).eps * expected.abs().max().item()
+    eps = philox_normal(seeds, math.prod(image_shape), churn_stream(nxt.index), dtype).reshape(shape)
+    torch.testing.assert_close((e.cpu() - xn_ref) / nxt.noise_scale, eps, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_raise_before_any_launch():
+    E = _ops()
+    x, D_main, _ = _inputs((2, 3, 4, 4), torch.float32, torch.float32)
+    xg = x.to(DEV)
+    with pytest.raises(RuntimeError, match="D_main: expected the device of x_hat"):
+        E.euler_step(xg, D_main, None, 1.0, 1.0, 0.5)
+    with pytest.raises(RuntimeError, match="seeds: expected the device of x_hat"):
+        E.euler_step(xg, D_main.to(DEV), None, 1.0, 1.0, 0.5, torch.tensor([1, 2]), 1.0, 1)
+    with pytest.raises(RuntimeError, match="x_hat: expected a contiguous tensor"):
+        E.euler_step(xg.transpose(1, 2), D_main.to(DEV).transpose(1, 2), None, 1.0, 1.0, 0.5)
+    with pytest.raises(RuntimeError, match="x_hat: expected a CUDA tensor"):
+        E.heun_step(x, xg, xg, D_main.to(DEV), None, 1.0, 1.0, 0.5)
+
+
+def test_no_host_sync_and_cuda_graph_capture():
+    E = _ops()
+    shape = (2, 4, 32, 32)
+    x, D_main, D_guide = (t.to(DEV) for t in _inputs(shape, torch.float32, torch.float16, seed=8))
+    seeds = torch.tensor([3, 4], device=DEV)
+
+    def step(x, D_main, D_guide):
+        d, xn = E.euler_step(x, D_main, D_guide, 2.1, 1.5, 1.0)
+        return E.heun_step(x, d, xn, D_main, D_guide, 2.1, 1.5, 1.0, seeds, 0.3, 4)
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager = step(x, D_main, D_guide)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(x, D_main, D_guide)  # Warm-up on a side stream, as capture requires.
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    static_in = [t.clone() for t in (x, D_main, D_guide)]
+    with torch.cuda.graph(graph):
+        static_out = step(*static_in)
+    graph.replay()
+    assert torch.equal(static_out, eager)
+    x2 = x * 0.5
+    static_in[0].copy_(x2)
+    graph.replay()
+    assert torch.equal(static_out, step(x2, D_main, D_guide))
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_opcheck(case):
+    from .test_cpp_backend import _opcheck_cases
+
+    op, args = _opcheck_cases()[case]
+    args = tuple(a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize(
+    "dtype,net_dtype,guidance,churn",
+    [
+        (torch.float32, torch.float32, 2.1, 0),
+        (torch.float32, torch.float16, 1.0, 0),
+        (torch.float32, torch.bfloat16, 0.3, 30),
+        (torch.float64, torch.float32, 2.1, 30),
+    ],
+)
+def test_trajectory_matches_reference(dtype, net_dtype, guidance, churn):
+    shape = (3, 2, 9, 7)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(DEV)
+    net, gnet = ToyNet(1, net_dtype), ToyNet(2, net_dtype)
+    for m in (net, gnet):
+        m.a = m.a.to(DEV)
+    kwargs = dict(num_steps=9, sigma_max=20.0, guidance=guidance, S_churn=churn, S_min=0.05, S_max=10.0, dtype=dtype)
+    seeds = torch.tensor([5, 6, 7])
+    config = SamplerConfig(num_steps=9, sigma_max=20.0, guidance=guidance, S_churn=churn, S_min=0.05, S_max=10.0,
+                           dtype=dtype)
+    randn_like = _seeded_randn_like(seeds.to(DEV), config)
+    ref = reference_sampler(net, noise, None, gnet, randn_like=randn_like, **kwargs)
+    out = autoguide_fast.fast_guided_sample(net, noise, None, gnet, seeds=seeds if churn else None, backend="cuda",
+                                            **kwargs)
+    assert out.device.type == "cuda" and out.dtype == dtype
+    assert _rel_l2(out, ref) <= 1e-6
+
+
+def test_auto_prefers_cuda_on_cuda_tensors():
+    assert autoguide_fast.backends()["cuda"].available
+    assert resolve_backend("auto", DEV, torch.float32).name == "cuda"
