@@ -172,9 +172,9 @@ class GuidedSampler:
         """What the sampler chose and measured (a copy)."""
         with self._lock:
             report = copy.deepcopy(self._report)
-        report["timings_ms"] = dict(self._timings)
-        report["capture_error"] = self._capture_error
-        report["recaptures"] = self._recaptures
+            report["timings_ms"] = dict(self._timings)
+            report["capture_error"] = self._capture_error
+            report["recaptures"] = self._recaptures
         return report
 
     def release(self) -> None:
@@ -192,6 +192,7 @@ class GuidedSampler:
     # ---------------------------------------------------------------- internals
 
     def _reset(self) -> None:
+        self._timings = {}
         self._plan = None
         self._churns = False
         self._graph_mode: str | None = None
