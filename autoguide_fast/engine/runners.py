@@ -142,6 +142,9 @@ class StepGraphRunner(_GraphRunner):
         super().__init__(program, capturer, inputs, warmup_runs)
         self.graphs = []
         x, finite = inputs.noise, None
+        # State k stays alive while step k+1 is captured (it is that capture's input) and is then
+        # returned to the shared pool, where later steps may reuse it: safe because the graphs are
+        # always replayed in capture order, one after the other, on one stream.
         for k in range(program.num_steps):
             graph, (x, finite) = capturer.capture(
                 lambda k=k, x=x: program.step(k, x, inputs.labels, inputs.seeds))
