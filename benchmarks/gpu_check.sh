@@ -90,7 +90,7 @@ record() {  # name status rc seconds limit note
 stage() {
     local name=$1 lim=$2 logfile=$3; shift 3
     if (( lim < 10 )); then
-        record "$name" skipped - 0 "$lim" "no time left in the budget"
+        record "$name" skipped - 0 "$(( lim > 0 ? lim : 0 ))" "no time left in the budget"
         return 0
     fi
     say "stage $name (limit $lim s) -> $(basename "$logfile")"

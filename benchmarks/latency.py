@@ -495,7 +495,7 @@ def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_
     ref_out: torch.Tensor | None = None
 
     budget_skip = None
-    if clock.left() < est_batch_s:
+    if est_batch_s > 0 and clock.left() < est_batch_s:  # The first batch always runs.
         budget_skip = f"time budget: {max(0.0, clock.left()):.0f} s left, this batch needs ~{est_batch_s:.0f} s"
     for arm in ARMS:
         reason = skip_reason(arm, plan, ctx.batch, first_batch) or budget_skip
@@ -631,6 +631,12 @@ def build_networks(workload: Workload, plan: Plan) -> tuple:
     return raw_main, raw_guide, main, guide
 
 
+def _unmeasured(status: str, note: str) -> list[dict]:
+    """One row per arm for a batch that was not measured at all."""
+    return [{"arm": a.name, "kind": a.kind, "streams": a.streams, "status": status, "n_reps": 0, "notes": note}
+            for a in ARMS]
+
+
 def run(plan: Plan, out: pathlib.Path, report: pathlib.Path | None = None) -> list[dict]:
     """Measure every workload and batch of the plan; append rows to ``out`` batch by batch."""
     clock = Clock(plan.time_budget)
@@ -638,43 +644,47 @@ def run(plan: Plan, out: pathlib.Path, report: pathlib.Path | None = None) -> li
     meta["mode"] = plan.mode
     log(f"{plan.mode} run {meta['run_id']} on {meta['card']} (torch {meta['torch']}, triton {meta['triton']}, "
         f"commit {meta['commit']}, sources {meta['source_hash']}); rows -> {out}")
+    compiled = {a.name for a in ARMS if a.compiles}
     all_rows: list[dict] = []
+    est_batch_s = 0.0  # Expected duration of the next batch, from the ones measured (for the budget).
     for workload, batches in plan.workloads:
-        log(f"workload {workload.name}: building networks")
-        nets, error = None, ""
-        try:
-            nets = build_networks(workload, plan)
-        except Exception as exc:  # e.g. out of memory for XXL: record every arm as failed.
-            error = describe(exc)
-            log(f"workload {workload.name}: FAILED to build the networks: {error}")
-            _free(plan.device)
-        est_batch_s = 0.0
+        nets, unmeasured = None, None
+        if est_batch_s > 0 and clock.left() < est_batch_s:  # The first batch always runs.
+            unmeasured = _unmeasured("skipped", f"time budget: {max(0.0, clock.left()):.0f} s left, a batch needs "
+                                                f"~{est_batch_s:.0f} s")
+        else:
+            log(f"workload {workload.name}: building networks")
+            try:
+                nets = build_networks(workload, plan)
+            except Exception as exc:  # e.g. out of memory for XXL: every arm of the workload failed.
+                unmeasured = _unmeasured("failed", f"building the networks failed: {describe(exc)}")
+                log(f"workload {workload.name}: FAILED to build the networks: {describe(exc)}")
+                _free(plan.device)
         for batch in batches:
             t0 = time.perf_counter()
+            shape = ""
             if nets is None:
-                rows = [{"arm": a.name, "kind": a.kind, "streams": a.streams, "status": "failed", "n_reps": 0,
-                         "notes": f"building the networks failed: {error}"} for a in ARMS]
-                ctx_shape = ""
+                rows = copy.deepcopy(unmeasured)
             else:
                 ctx = make_context(workload, nets, batch, plan)
-                ctx_shape = "x".join(str(d) for d in ctx.noise.shape[1:])
+                shape = "x".join(str(d) for d in ctx.noise.shape[1:])
                 log(f"workload {workload.name}, batch {batch}: {ctx.evals} evaluations per network, "
                     f"step backend {ctx.backend}")
                 rows = measure_batch(ctx, plan, clock, batches[0], est_batch_s)
                 del ctx
-            steps = plan.steps
             for row in rows:
                 row.update(meta)
-                row.update(workload=workload.name, main=workload.main, guide=workload.guide, latent_shape=ctx_shape,
-                           steps=steps, evals=2 * steps - 1, guidance=workload.guidance, batch=batch)
+                row.update(workload=workload.name, main=workload.main, guide=workload.guide, latent_shape=shape,
+                           steps=plan.steps, evals=2 * plan.steps - 1, guidance=workload.guidance, batch=batch)
             common.append_rows(out, rows, COLUMNS)
             all_rows.extend(rows)
             print_batch(rows)
-            compile_setup = sum(float(r["setup_s"] or 0) for r in rows
-                                if r["arm"] in ("B2", "ours-compiled") and r.get("setup_s"))
+            if nets is None:
+                continue
+            compile_s = sum(float(r["setup_s"]) for r in rows if r["arm"] in compiled and r.get("setup_s"))
             # The next (larger) batch is assumed to take 1.3x as long, without compiling.
-            est_batch_s = max(est_batch_s, 1.3 * (time.perf_counter() - t0 - compile_setup))
-            if any(r["arm"] in ("B2", "ours-compiled") and r["status"] == "ok" for r in rows):
+            est_batch_s = max(est_batch_s, 1.3 * (time.perf_counter() - t0 - compile_s))
+            if any(r["arm"] in compiled and r["status"] == "ok" for r in rows):
                 with contextlib.suppress(Exception):  # Drop compiled code and its CUDA graph trees.
                     torch._dynamo.reset()
             _free(plan.device)
