@@ -40,8 +40,9 @@ def _has_cuda_ops() -> bool:
     return extension_ops.has_kernel("cuda")
 
 
-def _noise_backends() -> list[tuple[str, str]]:
-    """(backend, device) pairs that can run here, among the backends that implement the noise."""
+def _noise_backends() -> list:
+    """(backend, device) pairs that can run here, among the backends that implement the noise
+    (CUDA ones marked ``gpu``, so the GPU check selects them)."""
     pairs = []
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     status = autoguide_fast.backends()
@@ -53,7 +54,8 @@ def _noise_backends() -> list[tuple[str, str]]:
                 resolve_backend(name, torch.device(device), torch.float32)
             except RuntimeError:
                 continue
-            pairs.append((name, device))
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            pairs.append(pytest.param((name, device), marks=marks, id=f"{name}-{device}"))
     return pairs
 
 
@@ -149,10 +151,6 @@ def test_statistics_checker_can_fail():
         assert_standard_normal(torch.stack([z, z], -1).flatten())
 
 
-def _sources():
-    return [("torch", "cpu")] + NOISE_BACKENDS
-
-
 def _draw(source, seeds, shape, step_index):
     name, device = source
     if name == "torch":
@@ -160,7 +158,7 @@ def _draw(source, seeds, shape, step_index):
     return backend_noise(name, device, seeds, shape, step_index).cpu()
 
 
-@pytest.mark.parametrize("source", _sources(), ids=lambda s: f"{s[0]}-{s[1]}")
+@pytest.mark.parametrize("source", [pytest.param(("torch", "cpu"), id="torch-cpu"), *NOISE_BACKENDS])
 def test_noise_statistics(source):
     shape = (4, 3, 129, 127)  # 49149 per image, not a multiple of 4.
     z = _draw(source, [17, 18, 19, 20], shape, 5)
@@ -177,7 +175,7 @@ def test_noise_statistics(source):
 # ---------------------------------------------------------------------------------------------
 # Same noise everywhere.
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("source", NOISE_BACKENDS, ids=lambda s: f"{s[0]}-{s[1]}")
+@pytest.mark.parametrize("source", NOISE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(3, 1), (3, 5), (6, 3, 37, 53), (2,)], ids=lambda s: "x".join(map(str, s)))
 def test_backend_noise_equals_reference(source, dtype, shape):
