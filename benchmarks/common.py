@@ -36,6 +36,7 @@ __all__ = [
     "cpu_model",
     "ensure_repo_on_path",
     "git_commit",
+    "latest_run",
     "machine_name",
     "percentile",
     "read_rows",
@@ -223,6 +224,17 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def latest_run(rows: Sequence[dict[str, str]], card: str | None = None) -> list[dict[str, str]]:
+    """The rows of the latest run (largest ``run_id``), among those whose ``card`` contains
+    ``card`` (case-insensitive) if it is given."""
+    if card:
+        rows = [r for r in rows if card.lower() in r.get("card", "").lower()]
+    if not rows:
+        return []
+    latest = max(r["run_id"] for r in rows)
+    return [r for r in rows if r["run_id"] == latest]
 
 
 def _header(path: pathlib.Path) -> list[str]:

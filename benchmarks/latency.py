@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -297,7 +297,8 @@ def _engine_notes(wanted: dict[str, Any], report: dict) -> list[str]:
     for key, value in wanted.items():
         if key in report and report[key] is not None:
             got = report[key]
-            got = {True: "on", False: "off"}.get(got, got) if key == "streams" else got
+            if isinstance(got, bool):  # e.g. streams reported as True/False
+                got = "on" if got else "off"
             if str(got) != str(value):
                 notes.append(f"asked {key}={value}, engine ran {key}={got}")
     if report.get("capture_error"):
@@ -902,18 +903,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     )
 
 
-def _latest_run(rows: Sequence[dict]) -> list[dict]:
-    if not rows:
-        return []
-    latest = max(r["run_id"] for r in rows)
-    return [r for r in rows if r["run_id"] == latest]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report = pathlib.Path(args.report) if args.report else None
     if args.targets_from:
-        text = format_targets(_latest_run(common.read_rows(args.targets_from)))
+        text = format_targets(common.latest_run(common.read_rows(args.targets_from)))
         print(text)
         if report is not None:
             report.write_text(text + "\n")
@@ -933,7 +927,15 @@ def main(argv: list[str] | None = None) -> int:
         out = pathlib.Path(tempfile.gettempdir()) / "autoguide_fast_latency_smoke.csv"
     else:
         out = common.RESULTS_DIR / "latency.csv"
-    run(plan, out, report)
+    threads = torch.get_num_threads()
+    if plan.mode == "smoke":
+        # Smoke numbers mean nothing; one intra-op thread keeps a shared CPU from stalling the
+        # harness check (spinning OpenMP threads on an oversubscribed machine cost 10-100x).
+        torch.set_num_threads(1)
+    try:
+        run(plan, out, report)
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 

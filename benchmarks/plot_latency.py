@@ -22,17 +22,6 @@ if str(_HERE) not in sys.path:
 import common  # noqa: E402  (a sibling module; its directory is put on the path just above)
 
 
-def select_run(rows: list[dict[str, str]], card: str | None) -> list[dict[str, str]]:
-    """Rows of the latest run (largest run_id) whose card contains ``card`` (case-insensitive);
-    with no ``card``, the latest run of all."""
-    if card:
-        rows = [r for r in rows if card.lower() in r.get("card", "").lower()]
-    if not rows:
-        return []
-    latest = max(r["run_id"] for r in rows)
-    return [r for r in rows if r["run_id"] == latest]
-
-
 def plot(rows: list[dict[str, str]], out: pathlib.Path, metric: str = "ms") -> pathlib.Path:
     """Draw the run's rows into a PNG; returns its path. Raises ValueError if no row ran."""
     import matplotlib
@@ -111,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None,
                    help="PNG path (default: benchmarks/results/latency_<card>.png)")
     args = p.parse_args(argv)
-    rows = select_run(common.read_rows(args.csv), args.card)
+    rows = common.latest_run(common.read_rows(args.csv), args.card)
     if not rows:
         print(f"{args.csv}: no run" + (f" on a card matching {args.card!r}" if args.card else ""), file=sys.stderr)
         return 1

@@ -158,7 +158,16 @@ class _FakeEngine:
                                      guidance=self.guidance)
 
 
-def test_engine_arm_plumbing(latency, monkeypatch):
+@pytest.fixture
+def one_thread():
+    # Spinning OpenMP threads on a shared, oversubscribed CPU can make tiny networks 100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_engine_arm_plumbing(latency, monkeypatch, one_thread):
     plan = latency.make_plan(latency.build_parser().parse_args(["--smoke", "--device", "cpu"]))
     nets = latency.build_networks(latency.WORKLOAD_SMOKE, plan)
     ctx = latency.make_context(latency.WORKLOAD_SMOKE, nets, 2, plan)
