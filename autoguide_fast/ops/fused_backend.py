@@ -32,32 +32,54 @@ class FusedBackend:
     # Network outputs as the kernels take them: contiguous, one dtype the kernels read. A dtype
     # they do not read, or two different dtypes, is cast to the state dtype first, which is the
     # reference's own `.to(dtype)` and therefore changes no value.
-    def _net_outputs(self, D_main: torch.Tensor, D_guide: torch.Tensor | None):
+    def _net_outputs(
+        self, D_main: torch.Tensor, D_guide: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if D_main.dtype not in _NET_DTYPES or (D_guide is not None and D_guide.dtype != D_main.dtype):
             D_main = D_main.to(self.dtype)
             D_guide = D_guide.to(self.dtype) if D_guide is not None else None
         return D_main.contiguous(), D_guide.contiguous() if D_guide is not None else None
 
     @staticmethod
-    def _churn_args(churn_next: tuple[StepPlan, torch.Tensor] | None):
+    def _churn_args(churn_next: tuple[StepPlan, torch.Tensor] | None) -> tuple[torch.Tensor | None, float, int]:
         if churn_next is None:
             return None, 0.0, 0
         next_step, seeds = churn_next
         return seeds.contiguous(), next_step.noise_scale, churn_stream(next_step.index)
 
-    def euler(self, x_hat, D_main, D_guide, w, step: StepPlan, churn_next=None):
+    def euler(
+        self,
+        x_hat: torch.Tensor,
+        D_main: torch.Tensor,
+        D_guide: torch.Tensor | None,
+        w: float | None,
+        step: StepPlan,
+        churn_next: tuple[StepPlan, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         D_main, D_guide = self._net_outputs(D_main, D_guide if w is not None else None)
         seeds, scale, stream = self._churn_args(churn_next)
         return self._ops.euler_step(x_hat.contiguous(), D_main, D_guide, 1.0 if w is None else w, step.t_hat,
                                     step.t_next, seeds, scale, stream)
 
-    def heun(self, x_hat, d, x_next, D_main, D_guide, w, step: StepPlan, churn_next=None):
+    def heun(
+        self,
+        x_hat: torch.Tensor,
+        d: torch.Tensor,
+        x_next: torch.Tensor,
+        D_main: torch.Tensor,
+        D_guide: torch.Tensor | None,
+        w: float | None,
+        step: StepPlan,
+        churn_next: tuple[StepPlan, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         D_main, D_guide = self._net_outputs(D_main, D_guide if w is not None else None)
         seeds, scale, stream = self._churn_args(churn_next)
         return self._ops.heun_step(x_hat.contiguous(), d.contiguous(), x_next.contiguous(), D_main, D_guide,
                                    1.0 if w is None else w, step.t_hat, step.t_next, seeds, scale, stream)
 
-    def churn(self, x, step: StepPlan, seeds, eps):
+    def churn(
+        self, x: torch.Tensor, step: StepPlan, seeds: torch.Tensor | None, eps: torch.Tensor | None
+    ) -> torch.Tensor:
         x = x.contiguous()
         if eps is None:
             return self._ops.churn(x, step.noise_scale, seeds=seeds.contiguous(), stream=churn_stream(step.index))
