@@ -1,13 +1,23 @@
-"""The "cuda" backend: fused CUDA C++ ops (GPU only; skipped without a CUDA device or a CUDA build).
+"""The "cuda" backend: fused CUDA C++ ops.
 
-The kernels run the same sequence of correctly rounded IEEE operations as the C++ CPU kernels, so
-for the deterministic ops the CUDA result must equal the CPU reference bit for bit; the seeded
-noise goes through the device's float64 log/sin/cos and is checked within 1e-6 of the reference.
+GPU tests (marked ``gpu``; skipped without a CUDA device or a CUDA build): the kernels run the same
+sequence of correctly rounded IEEE operations as the C++ CPU kernels, so for the deterministic ops
+the CUDA result must equal the CPU reference bit for bit; the seeded noise goes through the
+device's float64 log/sin/cos and is checked within 1e-6 of the reference.
+
+CPU tests (wherever a host compiler and the CUDA headers exist): csrc/cuda/emulate_host.cpp runs
+the very kernels of csrc/cuda/step_kernels.cu on the CPU, thread by thread, which checks their
+indexing, vector accesses, grid-stride loops and noise grouping without a GPU.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import pathlib
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -42,10 +52,11 @@ def _has_cuda_kernels() -> bool:
     return extension_ops.has_kernel("cuda")
 
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not _has_cuda_kernels(), reason="no CUDA device, or the extension has no CUDA kernels"),
-]
+def gpu_test(fn):
+    """A test that needs a CUDA device and the extension's CUDA kernels."""
+    skip = pytest.mark.skipif(not _has_cuda_kernels(), reason="no CUDA device, or the extension has no CUDA kernels")
+    return pytest.mark.gpu(skip(fn))
+
 
 DEV = torch.device("cuda")
 
@@ -56,6 +67,7 @@ def _ops():
     return extension_ops
 
 
+@gpu_test
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("net_dtype", NET_DTYPES, ids=str)
 @pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
@@ -86,6 +98,7 @@ def test_ops_match_reference(dtype, net_dtype, shape):
         assert_within_torch_error(xn.cpu(), xn_torch.cpu(), xn64, f"x_next w={w}")
 
 
+@gpu_test
 @pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
 def test_misaligned_and_ragged_inputs(dtype):
     """Views at an odd element offset take the scalar path; sizes not a multiple of 4 the tail."""
@@ -105,6 +118,7 @@ def test_misaligned_and_ragged_inputs(dtype):
         assert torch.equal(d.cpu(), d_ref) and torch.equal(xn.cpu(), xn_ref), f"offset {offset}"
 
 
+@gpu_test
 @pytest.mark.parametrize("cast_dtype", NET_DTYPES, ids=str)
 @pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
 def test_euler_step_cast(dtype, cast_dtype):
@@ -116,6 +130,7 @@ def test_euler_step_cast(dtype, cast_dtype):
     assert xc.dtype == cast_dtype and torch.equal(xc, xn.to(cast_dtype))
 
 
+@gpu_test
 @pytest.mark.parametrize("image_shape", [(3, 17, 9), (4, 16, 16), (1,)], ids=str)
 @pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
 def test_fused_churn(dtype, image_shape):
@@ -142,6 +157,7 @@ def test_fused_churn(dtype, image_shape):
     torch.testing.assert_close((e.cpu() - xn_ref) / nxt.noise_scale, eps, rtol=1e-5, atol=1e-5)
 
 
+@gpu_test
 def test_bad_inputs_raise_before_any_launch():
     E = _ops()
     x, D_main, _ = _inputs((2, 3, 4, 4), torch.float32, torch.float32)
@@ -156,6 +172,7 @@ def test_bad_inputs_raise_before_any_launch():
         E.heun_step(x, xg, xg, D_main.to(DEV), None, 1.0, 1.0, 0.5)
 
 
+@gpu_test
 def test_no_host_sync_and_cuda_graph_capture():
     E = _ops()
     shape = (2, 4, 32, 32)
@@ -189,6 +206,7 @@ def test_no_host_sync_and_cuda_graph_capture():
     assert torch.equal(static_out, step(x2, D_main, D_guide))
 
 
+@gpu_test
 @pytest.mark.parametrize("case", range(9))
 def test_opcheck(case):
     from .test_cpp_backend import _opcheck_cases
@@ -207,6 +225,7 @@ def test_opcheck(case):
         (torch.float64, torch.float32, 2.1, 30),
     ],
 )
+@gpu_test
 def test_trajectory_matches_reference(dtype, net_dtype, guidance, churn):
     shape = (3, 2, 9, 7)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(DEV)
@@ -225,6 +244,152 @@ def test_trajectory_matches_reference(dtype, net_dtype, guidance, churn):
     assert _rel_l2(out, ref) <= 1e-6
 
 
+@gpu_test
 def test_auto_prefers_cuda_on_cuda_tensors():
     assert autoguide_fast.backends()["cuda"].available
     assert resolve_backend("auto", DEV, torch.float32).name == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels emulated on the CPU (no GPU needed).
+# ---------------------------------------------------------------------------------------------
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_KIND = {"euler": 0, "heun": 1, "churn": 2, "normal": 3}
+_DT = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def _cuda_include() -> pathlib.Path | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (pathlib.Path(home) / "include" / "cuda_runtime.h").is_file():
+            return pathlib.Path(home) / "include"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        inc = pathlib.Path(os.path.realpath(nvcc)).parent.parent / "include"
+        if (inc / "cuda_runtime.h").is_file():
+            return inc
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """csrc/cuda/emulate_host.cpp built with the host compiler (ctypes handle)."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    include = _cuda_include()
+    if cxx is None or include is None:
+        pytest.skip("needs a host C++ compiler and the CUDA headers (cuda_runtime.h)")
+    lib = tmp_path_factory.mktemp("emu") / "agf_emulate.so"
+    cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-Wno-unknown-pragmas",
+           "-I", str(_ROOT / "csrc"), "-I", str(include), str(_ROOT / "csrc" / "cuda" / "emulate_host.cpp"),
+           "-o", str(lib)]
+    build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    handle = ctypes.CDLL(str(lib))
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    handle.agf_emu_step.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, vp, vp, vp, vp, vp, vp, vp,
+                                    vp, vp, vp, ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_double,
+                                    ctypes.c_double, ctypes.c_uint32]
+    handle.agf_emu_step.restype = ctypes.c_int
+    handle.agf_emu_philox.argtypes = [vp, vp, vp, i64]
+    handle.agf_emu_philox.restype = ctypes.c_int
+    return handle
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _emu_step(emu, kind, x=None, D_main=None, D_guide=None, d=None, x_next=None, eps=None, seeds=None, w=1.0,
+              t_hat=1.0, t_next=0.5, scale=0.0, stream=0, cast_dtype=None, shape=None, dtype=None):
+    """One emulated launch; returns the outputs the op allocates (like the ATen op would)."""
+    ref = x if x is not None else torch.empty(shape, dtype=dtype)
+    out_x = torch.full_like(ref, float("nan"))
+    out_d = torch.full_like(ref, float("nan")) if kind == "euler" else None
+    out_c = torch.zeros(ref.shape, dtype=cast_dtype) if cast_dtype is not None else None
+    numel = ref.numel()
+    image_numel = max(1, numel // ref.shape[0]) if ref.dim() > 0 and ref.shape[0] > 0 else 1
+    net = _DT[D_main.dtype] if D_main is not None else 0
+    rc = emu.agf_emu_step(_KIND[kind], _DT[ref.dtype], net, numel, image_numel, _ptr(x), _ptr(D_main), _ptr(D_guide),
+                          _ptr(d), _ptr(x_next), _ptr(eps), _ptr(seeds), _ptr(out_d), _ptr(out_x), _ptr(out_c),
+                          _DT.get(cast_dtype, 0), w, t_hat, t_next, scale, stream)
+    assert rc == 0
+    return out_d, out_x, out_c
+
+
+def _offset_copy(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A contiguous copy of t whose data starts `offset` elements into its storage (misaligned)."""
+    buf = torch.zeros(t.numel() + offset, dtype=t.dtype)
+    view = buf[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+EMU_SHAPES = ((3, 4, 61, 67), (3, 5, 55, 61), (7, 2), (2,))  # > 32768 elements: grid-stride loops.
+
+
+@pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("net_dtype", NET_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_emulated_kernels_match_reference(emu, dtype, net_dtype, shape):
+    x, D_main, D_guide = _inputs(shape, dtype, net_dtype, seed=3)
+    step = _step(3.7, 2.9, dtype)
+    ref = TorchBackend(dtype)
+    for offset in (0, 1):  # Vector accesses, then the scalar path of misaligned pointers.
+        xo, Dmo, Dgo = (_offset_copy(t, offset) for t in (x, D_main, D_guide))
+        for w in (2.1, 0.3, None):
+            Dg = None if w is None else Dgo
+            d_ref, xn_ref = ref.euler(x, D_main, None if w is None else D_guide, w, step)
+            d, xn, _ = _emu_step(emu, "euler", x=xo, D_main=Dmo, D_guide=Dg, w=1.0 if w is None else w,
+                                 t_hat=step.t_hat, t_next=step.t_next)
+            assert torch.equal(d, d_ref) and torch.equal(xn, xn_ref), f"euler w={w} offset={offset}"
+            h_ref = ref.heun(x, d_ref, xn_ref, D_main, None if w is None else D_guide, w, step)
+            _, h, _ = _emu_step(emu, "heun", x=xo, d=_offset_copy(d_ref, offset), x_next=_offset_copy(xn_ref, offset),
+                                D_main=Dmo, D_guide=Dg, w=1.0 if w is None else w, t_hat=step.t_hat,
+                                t_next=step.t_next)
+            assert torch.equal(h, h_ref), f"heun w={w} offset={offset}"
+
+
+@pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_emulated_noise_kernels(emu, dtype, shape):
+    x, D_main, D_guide = _inputs(shape, dtype, torch.float16, seed=4)
+    seeds = torch.tensor([5, -9, 2**63 - 1, 17, 0, 1, 2][: shape[0]])
+    step = _step(2.5, 1.75, dtype)
+    nxt = _step(2.1, 1.1, dtype, index=6, noise_scale=1.3)
+    stream = churn_stream(nxt.index)
+    ref = TorchBackend(dtype)
+    d_ref, xn_ref = ref.euler(x, D_main, D_guide, 2.1, step)
+    expected = {
+        "euler": ref.churn(xn_ref, nxt, seeds, None),
+        "heun": ref.churn(ref.heun(x, d_ref, xn_ref, D_main, D_guide, 2.1, step), nxt, seeds, None),
+        "churn": ref.churn(x, nxt, seeds, None),
+        "normal": philox_normal(seeds, math.prod(shape[1:]), stream, dtype).reshape(shape),
+    }
+    common = dict(seeds=seeds, scale=nxt.noise_scale, stream=stream, t_hat=step.t_hat, t_next=step.t_next, w=2.1)
+    got = {
+        "euler": _emu_step(emu, "euler", x=x, D_main=D_main, D_guide=D_guide, **common)[1],
+        "heun": _emu_step(emu, "heun", x=x, d=d_ref, x_next=xn_ref, D_main=D_main, D_guide=D_guide, **common)[1],
+        "churn": _emu_step(emu, "churn", x=x, **common)[1],
+        "normal": _emu_step(emu, "normal", shape=shape, dtype=dtype, **common)[1],
+    }
+    for name, out in got.items():
+        if dtype == torch.float32:
+            assert torch.equal(out, expected[name]), name
+        torch.testing.assert_close(out, expected[name], rtol=0, atol=1e-12, msg=name)
+    # Explicit eps, and the cast copy of x_next.
+    eps = expected["normal"]
+    _, c, _ = _emu_step(emu, "churn", x=_offset_copy(x, 1), eps=_offset_copy(eps, 1), scale=nxt.noise_scale)
+    assert torch.equal(c, ref.churn(x, nxt, None, eps))
+    for cast in NET_DTYPES:
+        _, xn, xc = _emu_step(emu, "euler", x=x, D_main=D_main, D_guide=D_guide, w=2.1, t_hat=step.t_hat,
+                              t_next=step.t_next, cast_dtype=cast)
+        assert torch.equal(xn, xn_ref) and torch.equal(xc, xn_ref.to(cast)), cast
+
+
+def test_emulated_philox_known_answers(emu):
+    counter = torch.tensor([[0, 0, 0, 0], [0xFFFFFFFF] * 4, [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344]])
+    key = torch.tensor([[0, 0], [0xFFFFFFFF] * 2, [0xA4093822, 0x299F31D0]])
+    out = torch.zeros_like(counter)
+    assert emu.agf_emu_philox(counter.data_ptr(), key.data_ptr(), out.data_ptr(), 3) == 0
+    assert out.tolist() == [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8],
+                            [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD],
+                            [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]]

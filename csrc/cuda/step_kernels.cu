@@ -23,6 +23,12 @@
 #include "../step_math.h"
 #include "step_kernels.h"
 
+// Kernel launch; csrc/cuda/emulate_host.cpp redefines it to run the kernels on the CPU (a check of
+// the indexing, vector and noise logic where no GPU is available).
+#ifndef AGF_LAUNCH
+#define AGF_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#endif
+
 namespace agf {
 namespace cuda {
 namespace {
@@ -277,15 +283,15 @@ void launch_typed(StepKernel kind, const StepParams& p, dim3 grid, cudaStream_t 
   const bool guided = p.d_guide != nullptr;
   switch (kind) {
     case StepKernel::kEuler:
-      if (guided) euler_kernel<T, N, true><<<grid, kThreads, 0, stream>>>(p, vec, small);
-      else euler_kernel<T, N, false><<<grid, kThreads, 0, stream>>>(p, vec, small);
+      if (guided) AGF_LAUNCH(grid, kThreads, stream, euler_kernel<T, N, true>)(p, vec, small);
+      else AGF_LAUNCH(grid, kThreads, stream, euler_kernel<T, N, false>)(p, vec, small);
       break;
     case StepKernel::kHeun:
-      if (guided) heun_kernel<T, N, true><<<grid, kThreads, 0, stream>>>(p, vec, small);
-      else heun_kernel<T, N, false><<<grid, kThreads, 0, stream>>>(p, vec, small);
+      if (guided) AGF_LAUNCH(grid, kThreads, stream, heun_kernel<T, N, true>)(p, vec, small);
+      else AGF_LAUNCH(grid, kThreads, stream, heun_kernel<T, N, false>)(p, vec, small);
       break;
-    case StepKernel::kChurn: churn_kernel<T, false><<<grid, kThreads, 0, stream>>>(p, vec, small); break;
-    case StepKernel::kNormal: churn_kernel<T, true><<<grid, kThreads, 0, stream>>>(p, vec, small); break;
+    case StepKernel::kChurn: AGF_LAUNCH(grid, kThreads, stream, churn_kernel<T, false>)(p, vec, small); break;
+    case StepKernel::kNormal: AGF_LAUNCH(grid, kThreads, stream, churn_kernel<T, true>)(p, vec, small); break;
   }
 }
 
@@ -327,7 +333,7 @@ cudaError_t launch_philox_words(const int64_t* counter, const int64_t* key, int6
                                 cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads));
-  philox_words_kernel<<<grid, kThreads, 0, stream>>>(counter, key, out, n);
+  AGF_LAUNCH(grid, kThreads, stream, philox_words_kernel)(counter, key, out, n);
   return cudaGetLastError();
 }
 
