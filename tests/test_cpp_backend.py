@@ -241,6 +241,9 @@ def test_bad_inputs_raise_clear_errors():
     for fn, message in cases:
         with pytest.raises(RuntimeError, match=message):
             fn()
+    fused = resolve_backend("cpp", torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="D_guide: a guided evaluation"):
+        fused.euler(x, D_main, None, 2.0, _step(1.0, 0.5, torch.float32))
 
 
 @needs_cpp

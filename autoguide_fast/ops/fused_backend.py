@@ -33,8 +33,12 @@ class FusedBackend:
     # they do not read, or two different dtypes, is cast to the state dtype first, which is the
     # reference's own `.to(dtype)` and therefore changes no value.
     def _net_outputs(
-        self, D_main: torch.Tensor, D_guide: torch.Tensor | None
+        self, D_main: torch.Tensor, D_guide: torch.Tensor | None, w: float | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if w is None:
+            D_guide = None  # Unguided: the guide output is never read.
+        elif D_guide is None:
+            raise ValueError(f"D_guide: a guided evaluation (w = {w}) needs the guide network's output, got None")
         if D_main.dtype not in _NET_DTYPES or (D_guide is not None and D_guide.dtype != D_main.dtype):
             D_main = D_main.to(self.dtype)
             D_guide = D_guide.to(self.dtype) if D_guide is not None else None
@@ -56,7 +60,7 @@ class FusedBackend:
         step: StepPlan,
         churn_next: tuple[StepPlan, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        D_main, D_guide = self._net_outputs(D_main, D_guide if w is not None else None)
+        D_main, D_guide = self._net_outputs(D_main, D_guide, w)
         seeds, scale, stream = self._churn_args(churn_next)
         return self._ops.euler_step(x_hat.contiguous(), D_main, D_guide, 1.0 if w is None else w, step.t_hat,
                                     step.t_next, seeds, scale, stream)
@@ -72,7 +76,7 @@ class FusedBackend:
         step: StepPlan,
         churn_next: tuple[StepPlan, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        D_main, D_guide = self._net_outputs(D_main, D_guide if w is not None else None)
+        D_main, D_guide = self._net_outputs(D_main, D_guide, w)
         seeds, scale, stream = self._churn_args(churn_next)
         return self._ops.heun_step(x_hat.contiguous(), d.contiguous(), x_next.contiguous(), D_main, D_guide,
                                    1.0 if w is None else w, step.t_hat, step.t_next, seeds, scale, stream)
