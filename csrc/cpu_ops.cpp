@@ -134,6 +134,9 @@ bool set_cpu_kernels_isa(const std::string& isa) {
 }  // namespace agf
 
 TORCH_LIBRARY(autoguide_fast, m) {
+  // The fake (meta) implementations are registered in Python; torch imports this module when it
+  // needs them (torch.compile, opcheck) and the ops were reached without it.
+  m.set_python_module("autoguide_fast.ops.extension_ops");
   // Scalars are the plan's values of the state dtype (exact in float64); the kernels round them
   // to the state dtype and form t_next - t_hat there, as the reference's 0-dim tensors do.
   m.def(
