@@ -337,6 +337,7 @@ def _seeded_randn_like(seeds: torch.Tensor, config: SamplerConfig):
         (torch.float32, torch.float16, 1.0, 0),
         (torch.float32, torch.bfloat16, 0.3, 30),
         (torch.float64, torch.float32, 2.1, 30),
+        (torch.float64, torch.float16, 2.1, 0),
         (torch.float32, torch.float32, 2.1, 30),
     ],
 )
@@ -353,7 +354,8 @@ def test_trajectory_matches_reference(dtype, net_dtype, guidance, churn):
                                             **kwargs)
     assert out.dtype == dtype
     assert _rel_l2(out, ref) <= 1e-6
-    if dtype == torch.float32:
+    # Bit for bit, except float64 with seeded noise (libm vs torch's vectorised log/sin/cos: an ulp).
+    if dtype == torch.float32 or not churn:
         assert torch.equal(out, ref)
 
 
