@@ -37,8 +37,9 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="output PNG path (default toy.png); 'none' skips the figure")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="also write the table as JSON to PATH")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's default)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (default 1: the tensors are small, and extra threads "
+                        "slow it down badly when the cores are shared)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:

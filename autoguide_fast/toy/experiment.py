@@ -229,7 +229,7 @@ def plot_figure(path: str | Path, gt: GaussianMixture, gt_other: GaussianMixture
     ax.set_xticks([])
     ax.set_yticks([])
     fig.suptitle("Class A of the 2D toy problem: black = class-A outline "
-                 "(log p = max - 4.49), dashed blue = class B", fontsize=11)
+                 "(log p = max - 4.49); dashed blue = class-B outline", fontsize=11)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
