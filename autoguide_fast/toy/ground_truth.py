@@ -168,7 +168,7 @@ class GaussianMixture:
         logterm = torch.log(phi)[None] - _LOG_2PI - 0.5 * torch.log(det) - 0.5 * maha
         return logterm, g0, g1
 
-    def _chunks(self, n: int) -> int:
+    def _chunk_rows(self) -> int:
         return max(1, _CHUNK_ELEMENTS // max(1, self.num_components))
 
     # ---------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ class GaussianMixture:
         x = self._check_x(x)
         sigma = _as_sigma(sigma, x.shape[0], x)
         out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-        step = self._chunks(x.shape[0])
+        step = self._chunk_rows()
         if sigma.ndim == 0:
             w, _ = self._shared_tables(sigma, x)
             for i in range(0, x.shape[0], step):
@@ -196,7 +196,7 @@ class GaussianMixture:
         x = self._check_x(x)
         sigma = _as_sigma(sigma, x.shape[0], x)
         out = torch.empty_like(x)
-        step = self._chunks(x.shape[0])
+        step = self._chunk_rows()
         if sigma.ndim == 0:
             w, score_tab = self._shared_tables(sigma, x)
             for i in range(0, x.shape[0], step):

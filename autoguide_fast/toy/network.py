@@ -52,7 +52,7 @@ class MPLinear(nn.Module):
 class ToyNet(nn.Module):
     """Toy log-density network; called as a sampler network ``net(x, sigma, labels) -> D``.
 
-    Input features: [x̃, log(sigma)/4, 1] with x̃ = x / sqrt(sigma_data^2 + sigma).
+    Input features: [x̃, log(sigma)/4, 1] with x̃ = x / sqrt(sigma_data^2 + sigma^2).
     Body: MP-linear 4 -> H, then ``num_layers`` x (MP-SiLU, MP-linear H -> H).
     Output: log p̂ = gain * mean_j(y_j^2) / sigma - 1/2 ||x̃||^2, with ``gain`` initialised to 0.
     """
