@@ -69,7 +69,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.3"],
         "cli": ["tqdm", "matplotlib", "Pillow"],
-        "test": ["pytest", "pytest-benchmark", "tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "tqdm", "matplotlib", "Pillow"],
     },
     entry_points={"console_scripts": ["autoguide-fast = autoguide_fast.cli:main"]},
     ext_modules=ext_modules,
