@@ -78,11 +78,13 @@ def run_eager(
     callback: Callable[[dict], Any] | None = None,
     plan: tuple[torch.Tensor, list[StepPlan]] | None = None,
     streams: Any = None,                # Fork/join of the guide onto a side stream; None = one stream.
+    evaluate: Callable | None = None,   # Evaluation strategy (see run_eager_steps); None = call the networks here.
 ) -> torch.Tensor:
     """The sampling loop, eager, with the backend doing the element-wise work."""
     plan = plan if plan is not None else build_plan(config, noise.device)
     x = noise.to(config.dtype) * plan[0][0]
-    return run_eager_steps(net, gnet, x, labels, config, backend, seeds, randn_like, callback, plan, streams)
+    return run_eager_steps(net, gnet, x, labels, config, backend, seeds, randn_like, callback, plan, streams,
+                           evaluate=evaluate)
 
 
 def run_eager_steps(
@@ -99,13 +101,17 @@ def run_eager_steps(
     streams: Any = None,
     first: int = 0,                     # First step to run.
     stop: int | None = None,            # One past the last step to run; None = to the end.
+    evaluate: Callable | None = None,   # Evaluation strategy: evaluate(x, t, w) -> (D_main, D_guide or None
+                                        # when w is None); None = _Evaluator(net, gnet, labels, streams).
 ) -> torch.Tensor:
     """Steps first..stop-1 of the loop (``run_eager`` runs them all; the engine also runs them
-    one at a time to capture one CUDA graph per step)."""
+    one at a time to capture one CUDA graph per step; guide-parallel sampling passes an
+    ``evaluate`` that gets the guide's output from another rank)."""
     dtype = config.dtype
     t_steps, steps = plan if plan is not None else build_plan(config, x.device)
     stop = len(steps) if stop is None else stop
-    evaluate = _Evaluator(net, gnet, labels, streams)
+    if evaluate is None:
+        evaluate = _Evaluator(net, gnet, labels, streams)
     if randn_like is None and seeds is None:
         randn_like = torch.randn_like
     # The next step's seeded churn can be fused into the op ending this one (not with a callback,

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from .. import validation as V
 from ..backends import resolve_backend
 from ..plan import SamplerConfig, StepPlan, build_plan
-from ..sampler import make_config
+from ..sampler import make_config, run_eager
 
 __all__ = ["PeerFailure", "guide_parallel_sample"]
 
@@ -199,6 +199,8 @@ def guide_parallel_sample(
 
 
 class _MainEvaluator:
+    """The evaluation strategy of rank 0's loop: the main network here, the guide's output from rank 1."""
+
     def __init__(self, link: _Link, net: Callable, labels: torch.Tensor | None) -> None:
         self.link, self.net, self.labels = link, net, labels
         self.checked_main = False
@@ -273,49 +275,15 @@ def _run_main(link, net, noise, labels, kwargs, randn_like, seeds, backend, call
     if labels is not None:
         link.from_main(labels.to(link.device).contiguous())
 
-    dtype = config.dtype
-    evaluate = _MainEvaluator(link, net, labels)
-    if randn_like is None and seeds_t is None:
-        randn_like = torch.randn_like
-    # Same loop as sampler.run_eager (fused next-step churn included), networks split over ranks.
-    fuse = getattr(step_backend, "fuses_churn", False) and randn_like is None and callback is None
-    x = noise.to(dtype) * t_steps[0]
-    churned = False
-    for k, step in enumerate(steps):
-        # Churn: x_hat = x + sqrt(t_hat² - t_cur²) S_noise eps (EDM Algorithm 2, line 5).
-        if step.noise_scale is not None and not churned:
-            eps = randn_like(x) if randn_like is not None else None
-            x_hat = step_backend.churn(x, step, seeds_t, eps)
-        else:
-            x_hat = x
-        nxt = steps[k + 1] if k + 1 < len(steps) else None
-        churned = fuse and nxt is not None and nxt.noise_scale is not None
-        churn_next = (nxt, seeds_t) if churned else None
-        D_main, D_guide = evaluate(x_hat, step.tensors["t_hat"], step.w_first)
-        if callback is not None:
-            denoised = _guided(D_main, D_guide, step.w_first, dtype)
-        if step.second_order:
-            d, x_next = step_backend.euler(x_hat, D_main, D_guide, step.w_first, step)
-            D_main, D_guide = evaluate(x_next, step.tensors["t_next"], step.w_second)
-            x_next = step_backend.heun(x_hat, d, x_next, D_main, D_guide, step.w_second, step, churn_next)
-        else:
-            _, x_next = step_backend.euler(x_hat, D_main, D_guide, step.w_first, step, churn_next)
-        if callback is not None:
-            callback({"x": x_next, "i": step.index, "sigma": step.t_cur, "sigma_hat": step.t_hat,
-                      "denoised": denoised})
-        x = x_next
+    # The loop of sampler.run_eager (fused next-step churn included), networks split over ranks.
+    x = run_eager(net, None, noise, labels, config, step_backend, seeds_t, randn_like, callback, (t_steps, steps),
+                  evaluate=_MainEvaluator(link, net, labels))
     if check_finite and not bool(torch.isfinite(x).all()):
         raise FloatingPointError(
             "guide_parallel_sample: the result contains NaN or Inf (check the networks and the schedule; "
             "pass check_finite=False to return it anyway)"
         )
     return x
-
-
-# Guided denoiser D_w = lerp(D0, D1, w) (autoguidance eq. 2), for the callback only.
-def _guided(D_main: torch.Tensor, D_guide: torch.Tensor | None, w: float | None, dtype: torch.dtype) -> torch.Tensor:
-    Dx = D_main.to(dtype)
-    return Dx if w is None else D_guide.to(dtype).lerp(Dx, w)
 
 
 # ----------------------------------------------------------------------------
