@@ -133,12 +133,13 @@ def run_eager_steps(
         D_main, D_guide = evaluate(x_hat, step.tensors["t_hat"], step.w_first)
         if callback is not None:
             denoised = _denoised(D_main, D_guide, step.w_first, dtype)
-        if step.second_order:
-            d, x_next = backend.euler(x_hat, D_main, D_guide, step.w_first, step)
+        # Euler step; the op that ends the step (this one without a Heun correction) takes churn_next.
+        heun = step.second_order
+        d, x_next = backend.euler(x_hat, D_main, D_guide, step.w_first, step, None if heun else churn_next,
+                                  need_d=heun)
+        if heun:
             D_main, D_guide = evaluate(x_next, step.tensors["t_next"], step.w_second)
             x_next = backend.heun(x_hat, d, x_next, D_main, D_guide, step.w_second, step, churn_next)
-        else:
-            _, x_next = backend.euler(x_hat, D_main, D_guide, step.w_first, step, churn_next)
         if callback is not None:
             callback({"x": x_next, "i": step.index, "sigma": step.t_cur, "sigma_hat": step.t_hat,
                       "denoised": denoised})

@@ -113,6 +113,29 @@ def test_ops_match_reference(dtype, net_dtype, shape):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_euler_need_d_false(dtype):
+    """need_d=False (no Heun correction follows): the cpp backend returns d as None, the torch
+    backend ignores the flag; x_next is the same bit for bit, with and without the fused churn."""
+    x, D_main, D_guide = _inputs(SHAPES[0], dtype, dtype)
+    step = _step(3.7, 2.9, dtype)
+    nxt = _step(2.9, 2.0, dtype, index=4, noise_scale=0.75)
+    seeds = torch.tensor([17], dtype=torch.int64)
+    ref = TorchBackend(dtype)
+    fused = resolve_backend("cpp", torch.device("cpu"), dtype)
+    for w in WEIGHTS:
+        Dg = None if w is None else D_guide
+        d_ref, xn_ref = ref.euler(x, D_main, Dg, w, step)
+        d_t, xn_t = ref.euler(x, D_main, Dg, w, step, need_d=False)
+        assert torch.equal(d_t, d_ref) and torch.equal(xn_t, xn_ref), f"torch w={w}"
+        d, xn = fused.euler(x, D_main, Dg, w, step, need_d=False)
+        assert d is None and torch.equal(xn, xn_ref), f"cpp w={w}"
+        churned = fused.euler(x, D_main, Dg, w, step, churn_next=(nxt, seeds))[1]
+        d, xn = fused.euler(x, D_main, Dg, w, step, churn_next=(nxt, seeds), need_d=False)
+        assert d is None and torch.equal(xn, churned), f"cpp churn_next w={w}"
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
 def test_baseline_kernels_match_reference(dtype):
     """The non-AVX2 variant of the kernels (picked on CPUs without FMA) is exact too."""
     previous = autoguide_fast.extension_info()["cpu_kernels"]

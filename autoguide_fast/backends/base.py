@@ -32,9 +32,11 @@ class StepBackend(Protocol):
         w: float | None,                # Guidance weight; None = unguided.
         step: StepPlan,
         churn_next: tuple[StepPlan, torch.Tensor] | None = None,  # Fuse next step's churn into x_next.
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        need_d: bool = True,            # False: the caller does not use d (no Heun correction follows).
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """D = lerp(D_guide, D_main, w); d = (x_hat - D)/t_hat; x_next = x_hat + (t_next - t_hat) d.
-        Returns (d, x_next)."""
+        Returns (d, x_next); with ``need_d=False`` the backend may skip writing d and return None
+        for it (x_next is the same either way)."""
         ...
 
     def heun(

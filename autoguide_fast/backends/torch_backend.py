@@ -26,7 +26,8 @@ class TorchBackend:
             return Dx
         return D_guide.to(self.dtype).lerp(Dx, w)
 
-    def euler(self, x_hat, D_main, D_guide, w, step: StepPlan, churn_next=None):
+    # need_d is ignored: x_next is computed from d, which is returned either way.
+    def euler(self, x_hat, D_main, D_guide, w, step: StepPlan, churn_next=None, need_d=True):
         t_hat, t_next = step.tensors["t_hat"], step.tensors["t_next"]
         d = (x_hat - self._denoised(D_main, D_guide, w)) / t_hat
         return d, x_hat + (t_next - t_hat) * d

@@ -59,11 +59,13 @@ class FusedBackend:
         w: float | None,
         step: StepPlan,
         churn_next: tuple[StepPlan, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        need_d: bool = True,            # False: d is returned as None (the op still writes it).
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         D_main, D_guide = self._net_outputs(D_main, D_guide, w)
         seeds, scale, stream = self._churn_args(churn_next)
-        return self._ops.euler_step(x_hat.contiguous(), D_main, D_guide, 1.0 if w is None else w, step.t_hat,
-                                    step.t_next, seeds, scale, stream)
+        d, x_next = self._ops.euler_step(x_hat.contiguous(), D_main, D_guide, 1.0 if w is None else w, step.t_hat,
+                                         step.t_next, seeds, scale, stream)
+        return (d if need_d else None), x_next
 
     def heun(
         self,
