@@ -267,6 +267,13 @@ def test_bad_inputs_raise_clear_errors():
     fused = resolve_backend("cpp", torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="D_guide: a guided evaluation"):
         fused.euler(x, D_main, None, 2.0, _step(1.0, 0.5, torch.float32))
+    # A churn_next the fused op cannot inject (as the triton backend reports it).
+    with pytest.raises(ValueError, match="churn_next: seeds are required"):
+        fused.euler(x, D_main, None, None, _step(1.0, 0.5, torch.float32),
+                    churn_next=(_step(0.5, 0.25, torch.float32, noise_scale=0.1), None))
+    with pytest.raises(ValueError, match="churn_next: step 4 has no churn"):
+        fused.heun(x, x, x, D_main, None, None, _step(1.0, 0.5, torch.float32),
+                   churn_next=(_step(0.5, 0.25, torch.float32, index=4), seeds))
 
 
 @needs_cpp

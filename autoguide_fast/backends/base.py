@@ -12,9 +12,10 @@ from typing import Protocol
 
 import torch
 
+from ..noise import churn_stream
 from ..plan import StepPlan
 
-__all__ = ["StepBackend"]
+__all__ = ["StepBackend", "fused_churn_args"]
 
 
 class StepBackend(Protocol):
@@ -62,3 +63,16 @@ class StepBackend(Protocol):
     ) -> torch.Tensor:
         """x_hat = x + sqrt(t_hat² - t_cur²)·S_noise·eps."""
         ...
+
+
+def fused_churn_args(churn_next: tuple[StepPlan, torch.Tensor] | None) -> tuple[torch.Tensor, float, int] | None:
+    """(seeds, scale, Philox stream) of the next step's churn that a fused op injects, or None
+    when there is none; for the backends with ``fuses_churn``."""
+    if churn_next is None:
+        return None
+    nxt, seeds = churn_next
+    if nxt.noise_scale is None:
+        raise ValueError(f"churn_next: step {nxt.index} has no churn (noise_scale is None)")
+    if seeds is None:
+        raise ValueError("churn_next: seeds are required to fuse the churn noise")
+    return seeds, nxt.noise_scale, churn_stream(nxt.index)

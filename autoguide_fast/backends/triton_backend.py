@@ -12,6 +12,7 @@ import torch
 from .. import kernels
 from ..noise import churn_stream
 from ..plan import StepPlan
+from .base import fused_churn_args
 
 __all__ = ["TritonBackend", "create", "status", "supports"]
 
@@ -69,14 +70,8 @@ class TritonBackend:
 
     @staticmethod
     def _churn_args(churn_next: tuple[StepPlan, torch.Tensor] | None) -> tuple[torch.Tensor | None, float | None, int]:
-        if churn_next is None:
-            return None, None, 0
-        nxt, seeds = churn_next
-        if nxt.noise_scale is None:
-            raise ValueError(f"churn_next: step {nxt.index} has no churn (noise_scale is None)")
-        if seeds is None:
-            raise ValueError("churn_next: seeds are required to fuse the churn noise")
-        return seeds, nxt.noise_scale, churn_stream(nxt.index)
+        args = fused_churn_args(churn_next)
+        return (None, None, 0) if args is None else args
 
     # EDM Algorithm 2, lines 7-8 with D_w = D0 + w (D1 - D0) (autoguidance eq. 2).
     def euler(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backends.base import fused_churn_args
 from ..noise import churn_stream
 from ..plan import StepPlan
 
@@ -46,10 +47,11 @@ class FusedBackend:
 
     @staticmethod
     def _churn_args(churn_next: tuple[StepPlan, torch.Tensor] | None) -> tuple[torch.Tensor | None, float, int]:
-        if churn_next is None:
+        args = fused_churn_args(churn_next)
+        if args is None:
             return None, 0.0, 0
-        next_step, seeds = churn_next
-        return seeds.contiguous(), next_step.noise_scale, churn_stream(next_step.index)
+        seeds, scale, stream = args
+        return seeds.contiguous(), scale, stream
 
     def euler(
         self,
