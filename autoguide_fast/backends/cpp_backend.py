@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._extension import extension, extension_error
-
-_STATE_DTYPES = (torch.float32, torch.float64)
+from ..ops import fused_backend
 
 
 def status() -> tuple[bool, str]:
@@ -22,14 +21,8 @@ def status() -> tuple[bool, str]:
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> str | None:
-    if torch.device(device).type != "cpu":
-        return f"runs on CPU tensors only, got device {device}"
-    if dtype not in _STATE_DTYPES:
-        return f"state dtype must be float32 or float64, got {dtype}"
-    return None
+    return fused_backend.supports("cpu", device, dtype)
 
 
-def create(dtype: torch.dtype):
-    from ..ops.fused_backend import FusedBackend
-
-    return FusedBackend("cpp", dtype)
+def create(dtype: torch.dtype) -> fused_backend.FusedBackend:
+    return fused_backend.FusedBackend("cpp", dtype)

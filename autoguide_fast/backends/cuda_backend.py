@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._extension import extension, extension_error
-
-_STATE_DTYPES = (torch.float32, torch.float64)
+from ..ops import fused_backend
 
 
 def status() -> tuple[bool, str]:
@@ -27,14 +26,8 @@ def status() -> tuple[bool, str]:
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> str | None:
-    if torch.device(device).type != "cuda":
-        return f"runs on CUDA tensors only, got device {device}"
-    if dtype not in _STATE_DTYPES:
-        return f"state dtype must be float32 or float64, got {dtype}"
-    return None
+    return fused_backend.supports("cuda", device, dtype)
 
 
-def create(dtype: torch.dtype):
-    from ..ops.fused_backend import FusedBackend
-
-    return FusedBackend("cuda", dtype)
+def create(dtype: torch.dtype) -> fused_backend.FusedBackend:
+    return fused_backend.FusedBackend("cuda", dtype)

@@ -13,9 +13,21 @@ from ..backends.base import fused_churn_args
 from ..noise import churn_stream
 from ..plan import StepPlan
 
-__all__ = ["FusedBackend"]
+__all__ = ["FusedBackend", "supports"]
 
 _NET_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_STATE_DTYPES = (torch.float32, torch.float64)
+_DEVICE_NAMES = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def supports(device_type: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the fused ops of ``device_type`` ("cpu" or "cuda") cannot run a ``dtype`` state on
+    ``device``, or None: the ``supports`` of the "cpp" and "cuda" registry entries."""
+    if torch.device(device).type != device_type:
+        return f"runs on {_DEVICE_NAMES[device_type]} tensors only, got device {device}"
+    if dtype not in _STATE_DTYPES:
+        return f"state dtype must be float32 or float64, got {dtype}"
+    return None
 
 
 class FusedBackend:
@@ -24,7 +36,7 @@ class FusedBackend:
     def __init__(self, name: str, dtype: torch.dtype) -> None:
         from . import extension_ops  # Needs the compiled extension: imported only when one is used.
 
-        if dtype not in (torch.float32, torch.float64):
+        if dtype not in _STATE_DTYPES:
             raise ValueError(f"dtype: the {name} backend supports float32 and float64 states, got {dtype}")
         self.name = name
         self.dtype = dtype
