@@ -164,3 +164,24 @@ def test_non_finite_result_raises_and_can_be_allowed():
         fast_guided_sample(bad_net, torch.randn(1, 2), num_steps=4)
     out = fast_guided_sample(bad_net, torch.randn(1, 2), num_steps=4, check_finite=False)
     assert torch.isnan(out).all()
+
+
+def test_entry_points_declare_the_same_sampler_defaults():
+    """Each entry point spells out the sampler keywords in its own signature; their defaults are
+    SamplerConfig's (edm_sampler, the official signature, has no guidance_interval or solver)."""
+    import dataclasses
+    import inspect
+
+    from autoguide_fast.distributed import guide_parallel_sample
+    from autoguide_fast.engine import GuidedSampler
+    from autoguide_fast.plan import SamplerConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SamplerConfig)}
+    for fn, absent in ((fast_guided_sample, ()), (GuidedSampler.__init__, ()), (guide_parallel_sample, ()),
+                       (edm_sampler, ("guidance_interval", "solver"))):
+        params = inspect.signature(fn).parameters
+        for name, value in defaults.items():
+            if name in absent:
+                assert name not in params, f"{fn.__qualname__}: {name}"
+            else:
+                assert params[name].default == value, f"{fn.__qualname__}: {name}"
