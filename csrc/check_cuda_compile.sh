@@ -16,12 +16,15 @@ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 CUDA_INC=$CUDA_HOME/include
 [ -f "$CUDA_INC/cuda_runtime.h" ] || { echo "check_cuda_compile: no cuda_runtime.h under $CUDA_INC (set CUDA_HOME)" >&2; exit 2; }
 mapfile -t TORCH_INC < <("$PY" -c "from torch.utils.cpp_extension import include_paths; print('\n'.join(include_paths()))")
+# The flags torch's build adds to every nvcc call (no implicit half/bfloat16 conversions and
+# operators, ...): code that needs one of those would compile here and fail in the real build.
+mapfile -t TORCH_NVCC < <("$PY" -c "from torch.utils.cpp_extension import COMMON_NVCC_FLAGS; print('\n'.join(COMMON_NVCC_FLAGS))")
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 
 for cu in csrc/cuda/*.cu; do
   echo "nvcc  $cu"
-  "$NVCC" -std=c++17 -O3 -Xcompiler -fPIC -DAGF_WITH_CUDA \
+  "$NVCC" "${TORCH_NVCC[@]}" -std=c++17 -O3 -Xcompiler -fPIC -DAGF_WITH_CUDA \
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
     -c "$cu" -o "$OUT/$(basename "$cu").o"
 done
