@@ -5,6 +5,7 @@ Importing this module imports Triton.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "exact_fma",
     "exact_rn",
     "f64_bits",
+    "launch_device",
     "scalar_from_bits",
     "tile_offsets",
 ]
@@ -55,6 +57,15 @@ def check_device(name: str, tensor: torch.Tensor, device: torch.device | None = 
         raise ValueError(f"{name}: {_NOT_CUDA}; got a tensor on {tensor.device}")
     if device is not None and tensor.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (like x_hat), got one on {tensor.device}")
+
+
+def launch_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Makes the tensor's CUDA device current for a launch. Triton launches on torch's *current*
+    device and its current stream, whatever device the pointers live on: a tensor on cuda:1 while
+    cuda:0 is current would be read through the wrong context (illegal address)."""
+    if tensor.device.type == "cuda" and tensor.device.index != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
 
 
 def check_float_tensor(name: str, tensor: object, dtypes: tuple[torch.dtype, ...] | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import OP_NAMESPACE
-from ._triton_common import GROUPS_NOISE, LAUNCH, check_device, tile_offsets
+from ._triton_common import GROUPS_NOISE, LAUNCH, check_device, launch_device, tile_offsets
 
 __all__ = ["normal_tile", "philox4x32_10", "philox4x32_words", "philox_normal"]
 
@@ -127,10 +127,11 @@ def _philox_normal_impl(seeds: torch.Tensor, numel: int, stream: int, dtype: tor
     if total_groups == 0:
         return out
     grid = (triton.cdiv(total_groups, GROUPS_NOISE),)
-    _philox_normal_kernel[grid](
-        seeds.contiguous(), out, numel, groups_per_image, total_groups, _stream_i32(stream),
-        GROUPS=GROUPS_NOISE, ALIGNED=numel % 4 == 0, WIDE=4 * total_groups + 4 * GROUPS_NOISE >= 2**31, **LAUNCH,
-    )
+    with launch_device(seeds):
+        _philox_normal_kernel[grid](
+            seeds.contiguous(), out, numel, groups_per_image, total_groups, _stream_i32(stream),
+            GROUPS=GROUPS_NOISE, ALIGNED=numel % 4 == 0, WIDE=4 * total_groups + 4 * GROUPS_NOISE >= 2**31, **LAUNCH,
+        )
     return out
 
 
@@ -190,5 +191,7 @@ def philox4x32_words(counters: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
     out = torch.empty((n, 4), dtype=torch.int32, device=counters.device)
     if n:
         block = 64
-        _philox_words_kernel[(math.ceil(n / block),)](as_i32(counters), as_i32(keys), out, n, BLOCK=block, **LAUNCH)
+        with launch_device(counters):
+            _philox_words_kernel[(math.ceil(n / block),)](as_i32(counters), as_i32(keys), out, n, BLOCK=block,
+                                                          **LAUNCH)
     return out.to(torch.int64) & 0xFFFFFFFF

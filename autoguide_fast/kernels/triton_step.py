@@ -44,6 +44,7 @@ from ._triton_common import (
     exact_fma,
     exact_rn,
     f64_bits,
+    launch_device,
     scalar_from_bits,
     tile_offsets,
 )
@@ -309,14 +310,15 @@ def euler_step(
     if x_hat.numel():
         D_main = _net_input(D_main, x_hat)
         D_guide = _net_input(D_guide, x_hat) if w is not None else None
-        _euler_step_kernel[grid](
-            x_hat, D_main, D_guide if D_guide is not None else D_main,
-            seeds.contiguous() if churn_on else x_hat,
-            d if write_d else x_next, x_next, x_cast if x_cast is not None else x_next,
-            **_scalars(w, t_hat, t_next, noise_scale, stream), **sizes,
-            GUIDED=w is not None, W_SMALL=_w_small(w, x_hat.dtype), WRITE_D=write_d, CAST=x_cast is not None,
-            CHURN=churn_on, **flags, **LAUNCH,
-        )
+        with launch_device(x_hat):
+            _euler_step_kernel[grid](
+                x_hat, D_main, D_guide if D_guide is not None else D_main,
+                seeds.contiguous() if churn_on else x_hat,
+                d if write_d else x_next, x_next, x_cast if x_cast is not None else x_next,
+                **_scalars(w, t_hat, t_next, noise_scale, stream), **sizes,
+                GUIDED=w is not None, W_SMALL=_w_small(w, x_hat.dtype), WRITE_D=write_d, CAST=x_cast is not None,
+                CHURN=churn_on, **flags, **LAUNCH,
+            )
     out = [d, x_next]
     if cast_dtype is not None:
         out.append(x_cast.to(cast_dtype) if target != cast_dtype else x_cast)
@@ -366,14 +368,15 @@ def heun_step(
     if x_hat.numel():
         D_main = _net_input(D_main, x_hat)
         D_guide = _net_input(D_guide, x_hat) if w is not None else None
-        _heun_step_kernel[grid](
-            x_hat, d, x_next, D_main, D_guide if D_guide is not None else D_main,
-            seeds.contiguous() if churn_on else x_hat,
-            x_out, x_cast if x_cast is not None else x_out,
-            **_scalars(w, t_hat, t_next, noise_scale, stream), **sizes,
-            GUIDED=w is not None, W_SMALL=_w_small(w, x_hat.dtype), CAST=x_cast is not None,
-            CHURN=churn_on, **flags, **LAUNCH,
-        )
+        with launch_device(x_hat):
+            _heun_step_kernel[grid](
+                x_hat, d, x_next, D_main, D_guide if D_guide is not None else D_main,
+                seeds.contiguous() if churn_on else x_hat,
+                x_out, x_cast if x_cast is not None else x_out,
+                **_scalars(w, t_hat, t_next, noise_scale, stream), **sizes,
+                GUIDED=w is not None, W_SMALL=_w_small(w, x_hat.dtype), CAST=x_cast is not None,
+                CHURN=churn_on, **flags, **LAUNCH,
+            )
     out = [x_out]
     if cast_dtype is not None:
         out.append(x_cast.to(cast_dtype) if target != cast_dtype else x_cast)
@@ -416,12 +419,13 @@ def churn(
     target = _cast_target(cast_dtype, x)
     x_cast = torch.empty_like(x, dtype=target) if target is not None else None
     if x.numel():
-        _churn_kernel[grid](
-            x, x if from_seeds else eps.contiguous(), seeds.contiguous() if from_seeds else x,
-            out, x_cast if x_cast is not None else out,
-            *f64_bits(noise_scale), _i32(stream), **sizes,
-            FROM_SEEDS=from_seeds, CAST=x_cast is not None, **flags, **LAUNCH,
-        )
+        with launch_device(x):
+            _churn_kernel[grid](
+                x, x if from_seeds else eps.contiguous(), seeds.contiguous() if from_seeds else x,
+                out, x_cast if x_cast is not None else out,
+                *f64_bits(noise_scale), _i32(stream), **sizes,
+                FROM_SEEDS=from_seeds, CAST=x_cast is not None, **flags, **LAUNCH,
+            )
     res = [out]
     if cast_dtype is not None:
         res.append(x_cast.to(cast_dtype) if target != cast_dtype else x_cast)
