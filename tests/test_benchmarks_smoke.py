@@ -7,6 +7,7 @@ No timing is asserted anywhere: smoke numbers mean nothing.
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 import sys
 
@@ -188,3 +189,16 @@ def test_engine_arm_plumbing(latency, monkeypatch, one_thread):
     monkeypatch.delattr(autoguide_fast, "GuidedSampler")
     with pytest.raises(latency.Skip, match="not in this build"):
         latency._engine_arm()(ctx)
+
+
+def test_gpu_smoke_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_smoke.py (the first stage of a GPU visit) runs its eager items on CPU: one
+    verdict line per item, graph items skipped with the reason, one JSON record per line."""
+    gpu_smoke = _load("gpu_smoke")
+    assert gpu_smoke.main(["--device", "cpu", "--out", str(tmp_path), "--timeout", "120"]) == 0
+    lines = (tmp_path / "smoke.txt").read_text().splitlines()
+    verdicts = {line.split()[1]: line.split()[0] for line in lines[:-1]}
+    assert verdicts["env"] == "PASS" and verdicts["torch/eager"] == "PASS" and verdicts["auto"] == "PASS"
+    assert verdicts["torch/graphs"] == "SKIP" and verdicts["edm2-xs/*"] == "SKIP"
+    assert lines[-1].startswith("smoke: ") and "0 fail" in lines[-1]
+    assert len(json.loads((tmp_path / "smoke.json").read_text())) == len(lines) - 1
