@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one script of a GPU visit: build the CUDA extension, run the GPU tests and the benchmarks,
-# and leave every result and log in OUTDIR.
+# The one script of a GPU visit: build the CUDA extension, check every GPU path (smoke), run the
+# GPU tests and the benchmarks, and leave every result and log in OUTDIR.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR            (from the repository root)
 #
@@ -8,13 +8,14 @@
 # limit: the whole run stays within GPU_CHECK_BUDGET_S seconds (default 345), every stage runs
 # under `timeout` with its own cap, a stage that fails or hangs does not stop the next, and later
 # stages keep a reserved share of the budget. OUTDIR/summary.txt lists each stage's status, exit
-# code and duration, then the latency targets. Environment knobs:
+# code and duration, then the smoke verdicts, the test counts and the latency targets. Knobs:
 #   GPU_CHECK_BUDGET_S   total seconds (default 345)
 #   LATENCY_ARGS         extra arguments for benchmarks/latency.py (e.g. "--skip B2")
 #   LATENCY_MODE         its mode flag (default --quick; --smoke checks this script on a CPU machine)
 #   GPU_CHECK_SKIP_BUILD 1 = keep the installed build (a re-run on the same machine)
-#   PRECOMPILE_GRACE_S   how long the background precompilation may outlast the tests (default 30)
-#   GPU_CHECK_TESTS      test files run in full besides `-m gpu` (default: the fused-backend tests)
+#   PRECOMPILE_GRACE_S   how long the background precompilation may outlast the tests (default 20)
+#   GPU_CHECK_TESTS      test files run in full besides `-m gpu` (default: the Triton test files,
+#                        whose unmarked tests run the compiled kernels on CUDA tensors here)
 #   PYTHON               interpreter (default: python, else python3)
 #   BENCH_COMMIT         commit recorded in the CSV when the tree has no .git
 set -u
@@ -31,25 +32,35 @@ if [ "${1:-}" = "__tests" ]; then
         echo "pytest is not installed for $PY: no tests run (install it or put it on PYTHONPATH)"
         exit 127
     fi
+    # The stage's time limit arrives as SIGINT: pytest stops, reports what ran and still writes its
+    # junit file; this script then starts no further run.
+    stopped=0
+    trap 'stopped=1' INT TERM
     # pytest exits 5 when nothing is selected: not a failure here.
     norm() { if [ "$1" = 5 ]; then echo 0; else echo "$1"; fi; }
+    # -v: one line per test as it finishes, so a log cut short still says what passed.
+    opts=(-v --tb=short --durations=10 -p no:cacheprovider)
     echo "== python -m pytest -m gpu tests"
-    "$PY" -m pytest -q -p no:cacheprovider -m gpu --junitxml="$out/pytest_gpu.xml" tests
+    "$PY" -m pytest "${opts[@]}" -m gpu --junitxml="$out/pytest_gpu.xml" tests
     rc_gpu=$(norm $?)
+    if [ "$stopped" = 1 ]; then
+        echo "== stopped by the time limit: the other test files were not run"
+        exit 124
+    fi
     if [ -n "${GPU_CHECK_TESTS:-}" ]; then
         files=$GPU_CHECK_TESTS
     else
-        files=$(ls tests/test_*triton*.py tests/test_*cuda*.py tests/test_*fused*.py tests/test_*kernel*.py \
-                   tests/test_*backend*.py 2>/dev/null | sort -u | tr '\n' ' ')
+        # The CPU-only tests (C++ kernels, the CUDA kernels' host emulation) ran before the visit.
+        files=$(ls tests/test_*triton*.py 2>/dev/null | sort -u | tr '\n' ' ')
     fi
     rc_fused=0
     if [ -n "$files" ]; then
         echo "== python -m pytest -m 'not gpu' $files"
         # shellcheck disable=SC2086  # word splitting of the file list is intended
-        "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" --junitxml="$out/pytest_fused.xml" $files
+        "$PY" -m pytest "${opts[@]}" -m "not gpu" --junitxml="$out/pytest_fused.xml" $files
         rc_fused=$(norm $?)
     else
-        echo "== no fused-backend test files found"
+        echo "== no further test files"
     fi
     echo "exit codes: gpu=$rc_gpu fused=$rc_fused"
     [ "$rc_gpu" = 0 ] && [ "$rc_fused" = 0 ]
@@ -87,21 +98,25 @@ record() {  # name status rc seconds limit note
     case $2 in failed|timeout) FAILED=1 ;; esac
 }
 
-# stage NAME LIMIT LOG COMMAND...: run COMMAND under timeout, output to LOG.
+# stage NAME LIMIT LOG COMMAND...: run COMMAND under timeout, output to LOG. At the limit the
+# command gets STAGE_SIGNAL (default TERM), and KILL 10 s later. Sets LAST_STATUS.
+LAST_STATUS=""
 stage() {
     local name=$1 lim=$2 logfile=$3; shift 3
     if (( lim < 10 )); then
         record "$name" skipped - 0 "$(( lim > 0 ? lim : 0 ))" "no time left in the budget"
+        LAST_STATUS=skipped
         return 0
     fi
     say "stage $name (limit $lim s) -> $(basename "$logfile")"
     local start rc status
     start=$(date +%s)
-    timeout -k 10 "$lim" "$@" >"$logfile" 2>&1
+    timeout -s "${STAGE_SIGNAL:-TERM}" -k 10 "$lim" "$@" >"$logfile" 2>&1
     rc=$?
     status=ok
     if (( rc == 124 || rc == 137 )); then status=timeout; elif (( rc != 0 )); then status=failed; fi
     record "$name" "$status" "$rc" "$(( $(date +%s) - start ))" "$lim" ""
+    LAST_STATUS=$status
     tail -n 4 "$logfile" | sed 's/^/        /'
 }
 
@@ -109,35 +124,40 @@ say "GPU check -> $OUT (budget $BUDGET s, python $PY)"
 
 # 0. Environment (also finds the GPU's compute capability for the build).
 ARCH=$(timeout 60 "$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
-stage env "$(limit 60 250)" "$OUT/env.txt" bash -c '
+stage env "$(limit 60 280)" "$OUT/env.txt" bash -c '
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "host cores: $(nproc)"; uname -a
     "$0" -c "import sys, torch; print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); print(\"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
     "$0" -c "import triton; print(\"triton\", triton.__version__)" || true
     command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo "nvcc: not found"
-    for m in pytest numpy matplotlib ninja; do "$0" -c "import $m" 2>/dev/null && echo "$m: yes" || echo "$m: NO"; done
+    for m in pytest numpy matplotlib ninja setuptools; do "$0" -c "import $m" 2>/dev/null && echo "$m: yes" || echo "$m: NO"; done
+    command -v ninja >/dev/null && echo "ninja binary: yes" || echo "ninja binary: NO (the build compiles one file at a time)"
+    "$0" -m pip --version || echo "pip: NO"
 ' "$PY"
 say "compute capability: ${ARCH:-unknown}"
 
 # 1. Build (compiles csrc/ for the visible GPU only).
+BUILD_ENV=(env ${ARCH:+TORCH_CUDA_ARCH_LIST=$ARCH} MAX_JOBS="$(nproc)")
+# A compiler's own error message (gcc/clang "file.cpp:12:3: error", nvcc "file.cu(12): error").
+COMPILE_ERROR='\.(c|cc|cpp|cu|cuh|h|hpp)(:[0-9]+:[0-9]+: (fatal )?error|\([0-9]+\): error)|nvcc fatal'
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
     record build skipped - 0 0 "GPU_CHECK_SKIP_BUILD=1: using the installed build"
 else
-    stage build "$(limit 150 185)" "$OUT/build.log" env ${ARCH:+TORCH_CUDA_ARCH_LIST=$ARCH} MAX_JOBS="$(nproc)" \
+    # PIP_BREAK_SYSTEM_PACKAGES: a system interpreter marked "externally managed" (PEP 668) would
+    # otherwise refuse the install outright.
+    stage build "$(limit 150 200)" "$OUT/build.log" "${BUILD_ENV[@]}" PIP_BREAK_SYSTEM_PACKAGES=1 \
         "$PY" -m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -v -e .
+    if [ "$LAST_STATUS" = failed ] && ! grep -qE "$COMPILE_ERROR" "$OUT/build.log"; then
+        # pip itself failed (absent, a read-only site-packages, no editable support), not the
+        # compiler: build the extension next to the sources. Tests and benchmarks run from the
+        # checkout, so `import autoguide_fast` finds it there.
+        stage build-inplace "$(limit 150 200)" "$OUT/build_inplace.log" "${BUILD_ENV[@]}" \
+            "$PY" setup.py build_ext --inplace
+    fi
 fi
 
-# 2. What is here: the card, the extension, the backends.
-if command -v nvidia-smi >/dev/null; then
-    timeout 30 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-else
-    echo "nvidia-smi: not found" >"$OUT/nvidia-smi.txt"
-fi
-if command -v autoguide-fast >/dev/null; then INFO=(autoguide-fast info); else INFO=("$PY" -m autoguide_fast.cli info); fi
-stage info "$(limit 30 185)" "$OUT/info.txt" "${INFO[@]}"
-
-# 3. Tests, while the compiled baseline's networks compile in the background (no timing runs
-#    meanwhile; the timed run below then finds warm Inductor/Triton caches).
-PRE_LIMIT=$(limit 130 145)
+# 2. The compiled baseline's networks compile in the background during the smoke check and the
+#    tests (no timing runs meanwhile), so the timed run below finds warm Inductor/Triton caches.
+PRE_LIMIT=$(limit 150 120)
 PRE_PID=""
 if (( PRE_LIMIT >= 10 )); then
     say "background: precompile of B2 (limit $PRE_LIMIT s) -> precompile.log"
@@ -147,11 +167,28 @@ if (( PRE_LIMIT >= 10 )); then
         >"$OUT/precompile.log" 2>&1 &
     PRE_PID=$!
 fi
-stage tests "$(limit 90 145)" "$OUT/pytest_gpu.log" bash "$SELF" __tests "$OUT"
+
+# 3. Smoke: one verdict per backend x graph mode x streams on a tiny network (and EDM2-XS), each
+#    group in its own process, in well under a minute: whatever fails later, this says what works.
+SMOKE_LIMIT=$(limit 60 185)
+stage smoke "$SMOKE_LIMIT" "$OUT/smoke.log" "$PY" benchmarks/gpu_smoke.py --out "$OUT" \
+    --timeout "$(( SMOKE_LIMIT > 15 ? SMOKE_LIMIT - 5 : SMOKE_LIMIT ))"
+
+# 4. What is here: the card, the extension, the backends.
+if command -v nvidia-smi >/dev/null; then
+    timeout 30 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+else
+    echo "nvidia-smi: not found" >"$OUT/nvidia-smi.txt"
+fi
+if command -v autoguide-fast >/dev/null; then INFO=(autoguide-fast info); else INFO=("$PY" -m autoguide_fast.cli info); fi
+stage info "$(limit 20 175)" "$OUT/info.txt" "${INFO[@]}"
+
+# 5. Tests (stopped with SIGINT at the limit, so pytest still reports and writes its junit file).
+STAGE_SIGNAL=INT stage tests "$(limit 90 155)" "$OUT/pytest_gpu.log" bash "$SELF" __tests "$OUT"
 if [ -n "$PRE_PID" ]; then
     # Give it at most PRECOMPILE_GRACE_S more seconds: every kernel it has compiled by then is
     # cached already, and the timed run compiles the rest.
-    deadline=$(( $(date +%s) + ${PRECOMPILE_GRACE_S:-30} ))
+    deadline=$(( $(date +%s) + ${PRECOMPILE_GRACE_S:-20} ))
     while kill -0 "$PRE_PID" 2>/dev/null && (( $(date +%s) < deadline )); do sleep 1; done
     kill -TERM "$PRE_PID" 2>/dev/null  # timeout passes the signal on to the compiler process
     wait "$PRE_PID"
@@ -167,15 +204,15 @@ if [ -n "$PRE_PID" ]; then
     record precompile "$status" "$rc" "$(( $(date +%s) - PRE_START ))" "$PRE_LIMIT" "$note"
 fi
 
-# 4. Step-kernel benchmark (if this tree has it).
+# 6. Step-kernel benchmark (if this tree has it).
 if [ -f benchmarks/bench_step.py ]; then
-    stage step "$(limit 40 125)" "$OUT/step.log" "$PY" benchmarks/bench_step.py --quick --out "$OUT/step.csv"
+    stage step "$(limit 30 110)" "$OUT/step.log" "$PY" benchmarks/bench_step.py --quick --out "$OUT/step.csv"
 else
     record step skipped - 0 0 "benchmarks/bench_step.py is not in this tree"
 fi
 
-# 5. End-to-end latency, its targets and its plot.
-LAT_LIMIT=$(limit 150 15)
+# 7. End-to-end latency, its targets and its plot.
+LAT_LIMIT=$(limit 150 10)
 # The harness's own budget leaves room for its start-up, a 10 s overrun and the final report.
 # shellcheck disable=SC2086  # LATENCY_ARGS is a list of arguments
 stage latency "$LAT_LIMIT" "$OUT/latency.log" "$PY" benchmarks/latency.py "$LATENCY_MODE" --out "$OUT/latency.csv" \
@@ -203,6 +240,12 @@ fi
     cat "$STAGES"
     echo
     echo "total: $(elapsed) s of a $BUDGET s budget"
+    if [ -s "$OUT/smoke.txt" ]; then echo; echo "Smoke (benchmarks/gpu_smoke.py):"; cat "$OUT/smoke.txt"; fi
+    if [ -s "$OUT/pytest_gpu.log" ]; then
+        echo; echo "Tests (pytest_gpu.log): failures and totals"
+        grep -E '^(FAILED|ERROR) |^=+ .*(passed|failed|error|skipped|no tests ran).* =+$|^== stopped' \
+            "$OUT/pytest_gpu.log" | head -n 60
+    fi
     if [ -s "$OUT/targets.txt" ]; then echo; cat "$OUT/targets.txt"; fi
 } >"$OUT/summary.txt"
 rm -f "$STAGES"
