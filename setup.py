@@ -36,7 +36,8 @@ def _extensions():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     # No implicit fma contraction and no fast-math: the CPU kernels reproduce the reference's
     # separately rounded float operations bit for bit.
-    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math"]
+    # The C++ standard is left to torch's build helpers (C++17 or C++20 depending on the torch).
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
     if os.name != "nt":
         cxx_flags += ["-fopenmp"]
     extra_link = ["-fopenmp"] if os.name != "nt" else []
@@ -47,7 +48,7 @@ def _extensions():
             "autoguide_fast._C",
             sources,
             define_macros=[("AGF_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=extra_link,
         )
     else:
