@@ -1,0 +1,157 @@
+"""The Triton kernels compiled for the GPU, without a GPU: every kernel family compiles to PTX for
+sm_90 (H100/H200) with the launch options the ops use, and the PTX keeps the reference's rounding.
+
+The interpreter tests (tests/test_triton_*.py on a CPU) never run the compiled branch of the
+kernels (libdevice's *_rn operations, tl.fma, float64 log/sin/cos, vector accesses), so this is the
+only check of that code before a GPU runs it. Triton compiles ahead of time for an explicit
+target with its bundled ptxas; the compilation runs in a subprocess because Triton fixes the
+interpreter mode (TRITON_INTERPRET) when the kernels are defined, and the other Triton tests set it.
+
+Checked in the PTX, per variant:
+* it compiles (type errors, unsupported float64 math or casts surface here);
+* no fused multiply-add besides the one of torch.lerp's rule (one per element when guided, none
+  otherwise), only correctly rounded divisions (no div.approx / div.full), and no float32
+  operation that flushes subnormals to zero (.ftz);
+* with 16-byte aligned pointers, the aligned layout gives vector (v2/v4) global accesses.
+Skipped on a CUDA machine, where the Triton tests run the kernels themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton tests run the kernels on this GPU")
+
+STEP_PTRS = {
+    "euler": ["x_ptr", "dm_ptr", "dg_ptr", "seeds_ptr", "d_ptr", "xn_ptr", "xc_ptr"],
+    "heun": ["x_ptr", "d_ptr", "xn_ptr", "dm_ptr", "dg_ptr", "seeds_ptr", "out_ptr", "xc_ptr"],
+    "churn": ["x_ptr", "eps_ptr", "seeds_ptr", "out_ptr", "xc_ptr"],
+}
+# (name, kernel, state dtype, net dtype, cast dtype or None, constexprs): the layouts and flags the
+# ops select (GROUPS_NOISE rows with per-image noise, GROUPS rows otherwise).
+VARIANTS = [
+    ("euler-f32-guided", "euler", "fp32", "fp32", None,
+     dict(GUIDED=True, W_SMALL=False, WRITE_D=True, CHURN=False, ALIGNED=True, WIDE=False)),
+    ("euler-f32-unguided-f16", "euler", "fp32", "fp16", None,
+     dict(GUIDED=False, W_SMALL=True, WRITE_D=False, CHURN=False, ALIGNED=True, WIDE=False)),
+    ("euler-f32-small-w-bf16-cast-ragged", "euler", "fp32", "bf16", "bf16",
+     dict(GUIDED=True, W_SMALL=True, WRITE_D=True, CHURN=False, ALIGNED=False, WIDE=False)),
+    ("euler-f32-churn", "euler", "fp32", "fp16", None,
+     dict(GUIDED=True, W_SMALL=False, WRITE_D=True, CHURN=True, ALIGNED=True, WIDE=False)),
+    ("euler-f64-churn-wide-ragged", "euler", "fp64", "fp32", None,
+     dict(GUIDED=True, W_SMALL=False, WRITE_D=True, CHURN=True, ALIGNED=False, WIDE=True)),
+    ("heun-f32-guided", "heun", "fp32", "fp32", None,
+     dict(GUIDED=True, W_SMALL=False, CHURN=False, ALIGNED=True, WIDE=False)),
+    ("heun-f64-guided-f16", "heun", "fp64", "fp16", None,
+     dict(GUIDED=True, W_SMALL=False, CHURN=False, ALIGNED=True, WIDE=False)),
+    ("heun-f32-churn-f16-cast", "heun", "fp32", "fp16", "fp16",
+     dict(GUIDED=True, W_SMALL=False, CHURN=True, ALIGNED=True, WIDE=False)),
+    ("churn-f32-seeds", "churn", "fp32", None, None, dict(FROM_SEEDS=True, ALIGNED=True, WIDE=False)),
+    ("churn-f64-eps-ragged", "churn", "fp64", None, None, dict(FROM_SEEDS=False, ALIGNED=False, WIDE=False)),
+    ("philox-normal-f32", "normal", "fp32", None, None, dict(ALIGNED=True, WIDE=False)),
+    ("philox-normal-bf16-wide-ragged", "normal", "bf16", None, None, dict(ALIGNED=False, WIDE=True)),
+    ("philox-words", "words", None, None, None, {}),
+]
+
+
+def _compile_all() -> dict:
+    """Runs in a fresh interpreter (compiled mode): PTX statistics of every variant."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from autoguide_fast import kernels
+
+    kernels.load()
+    from autoguide_fast.kernels import _triton_common as C
+    from autoguide_fast.kernels import triton_philox as P
+    from autoguide_fast.kernels import triton_step as S
+
+    assert not C.INTERPRETED
+    target = GPUTarget("cuda", 90, 32)
+    options = dict(C.LAUNCH)  # num_warps, no fp fusion, libdevice without flush-to-zero.
+    results = {}
+    for name, kind, state, net, cast, flags in VARIANTS:
+        if kind == "normal":
+            fn = P._philox_normal_kernel
+            sig = {"seeds_ptr": "*i64", "out_ptr": f"*{state}", "numel": "i32", "groups_per_image": "i32",
+                   "total_groups": "i32", "stream": "i32"}
+            consts = dict(flags, GROUPS=C.GROUPS_NOISE)
+            ptrs = ["seeds_ptr", "out_ptr"]
+        elif kind == "words":
+            fn = P._philox_words_kernel
+            sig = {"counter_ptr": "*i32", "key_ptr": "*i32", "out_ptr": "*i32", "n": "i32"}
+            consts = {"BLOCK": 64}
+            ptrs = list(sig)[:3]
+        else:
+            fn = {"euler": S._euler_step_kernel, "heun": S._heun_step_kernel, "churn": S._churn_kernel}[kind]
+            ptrs = STEP_PTRS[kind]
+            types = {"dm_ptr": net, "dg_ptr": net, "seeds_ptr": "i64", "xc_ptr": cast or state}
+            sig = {p: f"*{types.get(p, state)}" for p in ptrs}
+            sig.update({a: "i32" for a in fn.arg_names if a not in sig and not a.isupper()})  # Scalars, sizes.
+            noisy = flags.get("CHURN", flags.get("FROM_SEEDS", False))
+            consts = dict(flags, CAST=cast is not None, COMPILED=True, GROUPS=C.GROUPS_NOISE if noisy else C.GROUPS)
+        for k in consts:
+            sig[k] = "constexpr"
+        sig = {a: sig[a] for a in fn.arg_names}  # Declaration order.
+        attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in ptrs}
+        kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options)
+        ptx = kernel.asm["ptx"]
+        per_thread = consts.get("GROUPS", 0) * 4 // (C.NUM_WARPS * 32)
+        results[name] = {
+            "per_thread": per_thread,
+            "fma_f32": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
+            "fma_f64": len(re.findall(r"\bfma\.rn\.f64\b", ptx)),
+            "mad": len(re.findall(r"\bmad\.(?:rn\.)?f(?:32|64)\b", ptx)),
+            "approx_div": len(re.findall(r"\bdiv\.(?:approx|full)\.", ptx)),
+            "ftz_f32": len(re.findall(r"\.ftz\.f32\b", ptx)),
+            "vector": len(re.findall(r"\b(?:ld|st)\.global(?:\.[a-z]+)*\.v[24]\.", ptx)),
+        }
+    return results
+
+
+def _check(name: str, r: dict, state, flags: dict) -> None:
+    noisy = flags.get("CHURN", flags.get("FROM_SEEDS", False))
+    guided = flags.get("GUIDED", False)
+    assert r["mad"] == 0 and r["approx_div"] == 0 and r["ftz_f32"] == 0, (name, r)
+    # Only the noise uses float64 library math (with its own fmas): count fmas where it is absent.
+    if state == "fp32":
+        assert r["fma_f32"] == (r["per_thread"] if guided else 0), (name, r)
+    elif state == "fp64" and not noisy:
+        assert r["fma_f64"] == (r["per_thread"] if guided else 0), (name, r)
+    if flags.get("ALIGNED"):
+        assert r["vector"] > 0, (name, r)
+
+
+@pytest.fixture(scope="module")
+def ptx_stats():
+    pytest.importorskip("triton")
+    from autoguide_fast import kernels
+
+    if kernels.triton_error() is not None:
+        pytest.skip(kernels.triton_error())
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("Triton's ptxas is not available here")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_kernel_compiles_for_sm90_with_the_reference_rounding(ptx_stats, variant):
+    name, _, state, _, _, flags = variant
+    _check(name, ptx_stats[name], state, flags)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    print(json.dumps(_compile_all()))
