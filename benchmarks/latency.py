@@ -97,6 +97,14 @@ class Skip(Exception):
     """This arm cannot run here; the message says why."""
 
 
+class BatchInterrupted(Exception):
+    """A batch was interrupted (KeyboardInterrupt / SIGINT); carries the rows measured until then."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        super().__init__("interrupted")
+        self.rows = rows
+
+
 # ----------------------------------------------------------------------------
 # Workloads and networks.
 
@@ -488,96 +496,113 @@ def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_
     live: list[tuple[Arm, Prepared]] = []
     ref_out: torch.Tensor | None = None
 
-    budget_skip = None
-    if est_batch_s > 0 and clock.left() < est_batch_s:  # The first batch always runs.
-        budget_skip = f"time budget: {max(0.0, clock.left()):.0f} s left, this batch needs ~{est_batch_s:.0f} s"
-    for arm in ARMS:
-        reason = skip_reason(arm, plan, ctx.batch, first_batch) or budget_skip
-        if reason is None and arm.compiles and clock.left() < plan.compile_estimate + est_batch_s:
-            reason = (f"time budget: {max(0.0, clock.left()):.0f} s left, compiling needs "
-                      f"~{plan.compile_estimate:.0f} s")
-        if reason is not None:
-            status[arm.name] = "skipped"
-            notes[arm.name].append(reason)
-            continue
-        log(f"  set up {arm.name}")
-        flags, skips = _global_flags(), _cudagraph_skips()
-        t0 = time.perf_counter()
-        out = None
-        try:
-            with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-                warnings.simplefilter("always")
-                prepared = arm.build(ctx)
-                config[arm.name] = prepared.config
-                notes[arm.name].extend(prepared.notes)
-                for _ in range(plan.warmup):
-                    out = prepared.run()
-            _sync(ctx.device)
-            notes[arm.name].extend(_warning_notes(caught))
-        except Skip as exc:
-            status[arm.name] = "skipped"
-            notes[arm.name].append(str(exc))
-            log(f"  {arm.name}: skipped ({exc})")
-            _free(ctx.device)
-            continue
-        except Exception as exc:  # One arm's failure is recorded; the others still run.
-            status[arm.name] = "failed"
-            notes[arm.name].append(f"setup: {describe(exc)}")
-            log(f"  {arm.name}: FAILED in setup: {describe(exc)}")
-            _free(ctx.device)
-            continue
-        setup_s[arm.name] = time.perf_counter() - t0
-        if _cudagraph_skips() > skips:
-            notes[arm.name].append(f"Inductor declined CUDA graphs {_cudagraph_skips() - skips} time(s) "
-                                   "(those graphs run without CUDA graphs)")
-        changed = {k: v for k, v in _global_flags().items() if flags[k] != v}
-        if changed:
-            notes[arm.name].append(f"changed process-wide flags {changed} (affects the arms after it)")
-        if isinstance(out, torch.Tensor):
-            if not bool(torch.isfinite(out).all()):
-                notes[arm.name].append("output has NaN/Inf")
-            if arm.name == "B0":
-                ref_out = out.detach().float().clone()
-            elif ref_out is not None and out.shape == ref_out.shape:
-                diff[arm.name] = float((out.detach().float() - ref_out).abs().max())
-        del out
-        status[arm.name] = "ok"
-        times[arm.name], walls[arm.name] = [], []
-        live.append((arm, prepared))
-
-    reps_done = 0
-    for rep in range(plan.reps):
-        if not live:
-            break
-        shift = rep % len(live)
-        for arm, prepared in live[shift:] + live[:shift]:
-            if status[arm.name] != "ok":
+    interrupted = False
+    try:
+        budget_skip = None
+        if est_batch_s > 0 and clock.left() < est_batch_s:  # The first batch always runs.
+            budget_skip = f"time budget: {max(0.0, clock.left()):.0f} s left, this batch needs ~{est_batch_s:.0f} s"
+        for arm in ARMS:
+            reason = skip_reason(arm, plan, ctx.batch, first_batch) or budget_skip
+            if reason is None and arm.compiles and clock.left() < plan.compile_estimate + est_batch_s:
+                reason = (f"time budget: {max(0.0, clock.left()):.0f} s left, compiling needs "
+                          f"~{plan.compile_estimate:.0f} s")
+            if reason is not None:
+                status[arm.name] = "skipped"
+                notes[arm.name].append(reason)
                 continue
+            log(f"  set up {arm.name}")
+            flags, skips = _global_flags(), _cudagraph_skips()
+            t0 = time.perf_counter()
+            out = None
             try:
-                with torch.no_grad():
-                    ms, wall, out = common.time_call(prepared.run, ctx.device)
-                del out
-            except Exception as exc:  # Recorded; the arm leaves the rotation.
-                status[arm.name] = "failed"
-                notes[arm.name].append(f"repetition {rep + 1}: {describe(exc)}")
-                log(f"  {arm.name}: FAILED in repetition {rep + 1}: {describe(exc)}")
+                with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+                    warnings.simplefilter("always")
+                    prepared = arm.build(ctx)
+                    config[arm.name] = prepared.config
+                    notes[arm.name].extend(prepared.notes)
+                    for _ in range(plan.warmup):
+                        out = prepared.run()
+                _sync(ctx.device)
+                notes[arm.name].extend(_warning_notes(caught))
+            except Skip as exc:
+                status[arm.name] = "skipped"
+                notes[arm.name].append(str(exc))
+                log(f"  {arm.name}: skipped ({exc})")
+                _free(ctx.device)
                 continue
-            times[arm.name].append(ms)
-            walls[arm.name].append(wall)
-        reps_done = rep + 1
-        medians = " ".join(f"{a.name}={times[a.name][-1]:.1f}" for a, _ in live if times[a.name])
-        log(f"  rep {reps_done}/{plan.reps}: {medians}")
-        if reps_done < plan.reps and clock.left() <= 0 and reps_done >= 5:
-            for arm, _ in live:
-                notes[arm.name].append(f"time budget: stopped after {reps_done} repetitions")
-            break
-        if reps_done < plan.reps and clock.left() < -OVERRUN_S:
-            for arm, _ in live:
-                notes[arm.name].append(f"time budget overrun: stopped after {reps_done} repetitions")
-            break
+            except Exception as exc:  # One arm's failure is recorded; the others still run.
+                status[arm.name] = "failed"
+                notes[arm.name].append(f"setup: {describe(exc)}")
+                log(f"  {arm.name}: FAILED in setup: {describe(exc)}")
+                _free(ctx.device)
+                continue
+            setup_s[arm.name] = time.perf_counter() - t0
+            if _cudagraph_skips() > skips:
+                notes[arm.name].append(f"Inductor declined CUDA graphs {_cudagraph_skips() - skips} time(s) "
+                                       "(those graphs run without CUDA graphs)")
+            changed = {k: v for k, v in _global_flags().items() if flags[k] != v}
+            if changed:
+                notes[arm.name].append(f"changed process-wide flags {changed} (affects the arms after it)")
+            if isinstance(out, torch.Tensor):
+                if not bool(torch.isfinite(out).all()):
+                    notes[arm.name].append("output has NaN/Inf")
+                if arm.name == "B0":
+                    ref_out = out.detach().float().clone()
+                elif ref_out is not None and out.shape == ref_out.shape:
+                    diff[arm.name] = float((out.detach().float() - ref_out).abs().max())
+            del out
+            status[arm.name] = "ok"
+            times[arm.name], walls[arm.name] = [], []
+            live.append((arm, prepared))
+
+        reps_done = 0
+        for rep in range(plan.reps):
+            if not live:
+                break
+            shift = rep % len(live)
+            for arm, prepared in live[shift:] + live[:shift]:
+                if status[arm.name] != "ok":
+                    continue
+                try:
+                    with torch.no_grad():
+                        ms, wall, out = common.time_call(prepared.run, ctx.device)
+                    del out
+                except Exception as exc:  # Recorded; the arm leaves the rotation.
+                    status[arm.name] = "failed"
+                    notes[arm.name].append(f"repetition {rep + 1}: {describe(exc)}")
+                    log(f"  {arm.name}: FAILED in repetition {rep + 1}: {describe(exc)}")
+                    continue
+                times[arm.name].append(ms)
+                walls[arm.name].append(wall)
+            reps_done = rep + 1
+            medians = " ".join(f"{a.name}={times[a.name][-1]:.1f}" for a, _ in live if times[a.name])
+            log(f"  rep {reps_done}/{plan.reps}: {medians}")
+            if reps_done < plan.reps and clock.left() <= 0 and reps_done >= 5:
+                for arm, _ in live:
+                    notes[arm.name].append(f"time budget: stopped after {reps_done} repetitions")
+                break
+            if reps_done < plan.reps and clock.left() < -OVERRUN_S:
+                for arm, _ in live:
+                    notes[arm.name].append(f"time budget overrun: stopped after {reps_done} repetitions")
+                break
+    except KeyboardInterrupt:
+        # A time limit (the GPU check stops this stage with SIGINT): keep what was measured.
+        interrupted = True
+        log("  interrupted: writing the rows measured so far")
     del live
     _free(ctx.device)
 
+    for arm in ARMS:
+        if not interrupted:
+            break
+        if arm.name not in status:
+            status[arm.name] = "skipped"
+            notes[arm.name].append("interrupted (time limit) before it was set up")
+        elif status[arm.name] == "ok" and not times[arm.name]:
+            status[arm.name] = "skipped"
+            notes[arm.name].append("interrupted (time limit) before its first timed repetition")
+        elif status[arm.name] == "ok":
+            notes[arm.name].append(f"interrupted (time limit) after {len(times[arm.name])} repetitions")
     stats = {name: common.summarize(v) for name, v in times.items() if v and status[name] == "ok"}
     b0 = stats.get("B0", {}).get("p50")
     f = stats.get("F", {}).get("p50")
@@ -600,6 +625,8 @@ def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_
             "config": config.get(arm.name, ""),
             "notes": "; ".join(n for n in notes[arm.name] if n),
         })
+    if interrupted:
+        raise BatchInterrupted(rows)
     return rows
 
 
@@ -641,49 +668,62 @@ def run(plan: Plan, out: pathlib.Path, report: pathlib.Path | None = None) -> li
     compiled = {a.name for a in ARMS if a.compiles}
     all_rows: list[dict] = []
     est_batch_s = 0.0  # Expected duration of the next batch, from the ones measured (for the budget).
-    for workload, batches in plan.workloads:
-        nets, unmeasured = None, None
-        if est_batch_s > 0 and clock.left() < est_batch_s:  # The first batch always runs.
-            unmeasured = _unmeasured("skipped", f"time budget: {max(0.0, clock.left()):.0f} s left, a batch needs "
-                                                f"~{est_batch_s:.0f} s")
-        else:
-            log(f"workload {workload.name}: building networks")
-            try:
-                nets = build_networks(workload, plan)
-            except Exception as exc:  # e.g. out of memory for XXL: every arm of the workload failed.
-                unmeasured = _unmeasured("failed", f"building the networks failed: {describe(exc)}")
-                log(f"workload {workload.name}: FAILED to build the networks: {describe(exc)}")
-                _free(plan.device)
-        for batch in batches:
-            t0 = time.perf_counter()
-            shape = ""
-            if nets is None:
-                rows = copy.deepcopy(unmeasured)
+    interrupted = False  # A KeyboardInterrupt (SIGINT: the GPU check's time limit) ends the run early.
+    try:
+        for workload, batches in plan.workloads:
+            nets, unmeasured = None, None
+            if est_batch_s > 0 and clock.left() < est_batch_s:  # The first batch always runs.
+                unmeasured = _unmeasured("skipped", f"time budget: {max(0.0, clock.left()):.0f} s left, a batch needs "
+                                                    f"~{est_batch_s:.0f} s")
             else:
-                ctx = make_context(workload, nets, batch, plan)
-                shape = "x".join(str(d) for d in ctx.noise.shape[1:])
-                log(f"workload {workload.name}, batch {batch}: {ctx.evals} evaluations per network, "
-                    f"step backend {ctx.backend}")
-                rows = measure_batch(ctx, plan, clock, batches[0], est_batch_s)
-                del ctx
-            for row in rows:
-                row.update(meta)
-                row.update(workload=workload.name, main=workload.main, guide=workload.guide, latent_shape=shape,
-                           steps=plan.steps, evals=2 * plan.steps - 1, guidance=workload.guidance, batch=batch)
-            common.append_rows(out, rows, COLUMNS)
-            all_rows.extend(rows)
-            print_batch(rows)
-            if nets is None:
-                continue
-            compile_s = sum(float(r["setup_s"]) for r in rows if r["arm"] in compiled and r.get("setup_s"))
-            # The next (larger) batch is assumed to take 1.3x as long, without compiling.
-            est_batch_s = max(est_batch_s, 1.3 * (time.perf_counter() - t0 - compile_s))
-            if any(r["arm"] in compiled and r["status"] == "ok" for r in rows):
-                with contextlib.suppress(Exception):  # Drop compiled code and its CUDA graph trees.
-                    torch._dynamo.reset()
+                log(f"workload {workload.name}: building networks")
+                try:
+                    nets = build_networks(workload, plan)
+                except Exception as exc:  # e.g. out of memory for XXL: every arm of the workload failed.
+                    unmeasured = _unmeasured("failed", f"building the networks failed: {describe(exc)}")
+                    log(f"workload {workload.name}: FAILED to build the networks: {describe(exc)}")
+                    _free(plan.device)
+            for batch in batches:
+                t0 = time.perf_counter()
+                shape = ""
+                if nets is None:
+                    rows = copy.deepcopy(unmeasured)
+                else:
+                    ctx = make_context(workload, nets, batch, plan)
+                    shape = "x".join(str(d) for d in ctx.noise.shape[1:])
+                    log(f"workload {workload.name}, batch {batch}: {ctx.evals} evaluations per network, "
+                        f"step backend {ctx.backend}")
+                    try:
+                        rows = measure_batch(ctx, plan, clock, batches[0], est_batch_s)
+                    except BatchInterrupted as exc:
+                        rows, interrupted = exc.rows, True
+                    del ctx
+                for row in rows:
+                    row.update(meta)
+                    row.update(workload=workload.name, main=workload.main, guide=workload.guide, latent_shape=shape,
+                               steps=plan.steps, evals=2 * plan.steps - 1, guidance=workload.guidance, batch=batch)
+                common.append_rows(out, rows, COLUMNS)
+                all_rows.extend(rows)
+                print_batch(rows)
+                if interrupted:
+                    break
+                if nets is None:
+                    continue
+                compile_s = sum(float(r["setup_s"]) for r in rows if r["arm"] in compiled and r.get("setup_s"))
+                # The next (larger) batch is assumed to take 1.3x as long, without compiling.
+                est_batch_s = max(est_batch_s, 1.3 * (time.perf_counter() - t0 - compile_s))
+                if any(r["arm"] in compiled and r["status"] == "ok" for r in rows):
+                    with contextlib.suppress(Exception):  # Drop compiled code and its CUDA graph trees.
+                        torch._dynamo.reset()
+                _free(plan.device)
+            del nets
             _free(plan.device)
-        del nets
-        _free(plan.device)
+            if interrupted:
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+    if interrupted:
+        log("interrupted (time limit): no further batch")
     log(f"done in {clock.elapsed():.0f} s; {len(all_rows)} rows appended to {out}")
     text = format_targets(all_rows)
     print(text, flush=True)
