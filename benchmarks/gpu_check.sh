@@ -123,16 +123,16 @@ stage() {
 say "GPU check -> $OUT (budget $BUDGET s, python $PY)"
 
 # 0. Environment (also finds the GPU's compute capability for the build).
-ARCH=$(timeout 60 "$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
 stage env "$(limit 60 280)" "$OUT/env.txt" bash -c '
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "host cores: $(nproc)"; uname -a
-    "$0" -c "import sys, torch; print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); print(\"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+    "$0" -c "import sys, torch; print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); print(\"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else None); print(\"capability\", \"%d.%d\" % torch.cuda.get_device_capability() if torch.cuda.is_available() else None)"
     "$0" -c "import triton; print(\"triton\", triton.__version__)" || true
     command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo "nvcc: not found"
     for m in pytest numpy matplotlib ninja setuptools; do "$0" -c "import $m" 2>/dev/null && echo "$m: yes" || echo "$m: NO"; done
     command -v ninja >/dev/null && echo "ninja binary: yes" || echo "ninja binary: NO (the build compiles one file at a time)"
     "$0" -m pip --version || echo "pip: NO"
 ' "$PY"
+ARCH=$(sed -n 's/^capability \([0-9][0-9]*\.[0-9][0-9]*\)$/\1/p' "$OUT/env.txt" 2>/dev/null | head -n 1)
 say "compute capability: ${ARCH:-unknown}"
 
 # 1. Build (compiles csrc/ for the visible GPU only).
@@ -169,23 +169,28 @@ if (( PRE_LIMIT >= 10 )); then
     PRE_PID=$!
 fi
 
-# 3. Smoke: one verdict per backend x graph mode x streams on a tiny network (and EDM2-XS), each
+# 3. What is here (the card, the extension, the backends), in the background during the smoke check.
+if command -v autoguide-fast >/dev/null; then INFO=(autoguide-fast info); else INFO=("$PY" -m autoguide_fast.cli info); fi
+INFO_START=$(date +%s)
+(
+    if command -v nvidia-smi >/dev/null; then timeout 30 nvidia-smi; else echo "nvidia-smi: not found"; fi \
+        >"$OUT/nvidia-smi.txt" 2>&1
+    timeout -k 5 30 "${INFO[@]}" >"$OUT/info.txt" 2>&1
+) &
+INFO_PID=$!
+
+# 4. Smoke: one verdict per backend x graph mode x streams on a tiny network (and EDM2-XS), each
 #    group in its own process, in well under a minute: whatever fails later, this says what works.
-SMOKE_LIMIT=$(limit 60 185)
+SMOKE_LIMIT=$(limit 60 175)
 stage smoke "$SMOKE_LIMIT" "$OUT/smoke.log" "$PY" benchmarks/gpu_smoke.py --out "$OUT" \
     --timeout "$(( SMOKE_LIMIT > 15 ? SMOKE_LIMIT - 5 : SMOKE_LIMIT ))"
-
-# 4. What is here: the card, the extension, the backends.
-if command -v nvidia-smi >/dev/null; then
-    timeout 30 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-else
-    echo "nvidia-smi: not found" >"$OUT/nvidia-smi.txt"
-fi
-if command -v autoguide-fast >/dev/null; then INFO=(autoguide-fast info); else INFO=("$PY" -m autoguide_fast.cli info); fi
-stage info "$(limit 20 175)" "$OUT/info.txt" "${INFO[@]}"
+wait "$INFO_PID"
+rc=$?
+record info "$( (( rc == 0 )) && echo ok || echo failed)" "$rc" "$(( $(date +%s) - INFO_START ))" 30 \
+    "(background, during the smoke check)"
 
 # 5. Tests (stopped with SIGINT at the limit, so pytest still reports and writes its junit file).
-STAGE_SIGNAL=INT stage tests "$(limit 90 155)" "$OUT/pytest_gpu.log" bash "$SELF" __tests "$OUT"
+STAGE_SIGNAL=INT stage tests "$(limit 90 150)" "$OUT/pytest_gpu.log" bash "$SELF" __tests "$OUT"
 if [ -n "$PRE_PID" ]; then
     # Give it at most PRECOMPILE_GRACE_S more seconds: every kernel it has compiled by then is
     # cached already, and the timed run compiles the rest.
