@@ -107,20 +107,9 @@ class Report:
         self.add(verdict, item, detail)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _ms(fn: Callable[[], object], device: torch.device, reps: int = 5) -> float:
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of one call (CUDA events on a GPU, the wall clock on a CPU)."""
+    return statistics.median(common.time_call(fn, device)[0] for _ in range(reps))
 
 
 def _compare(out: torch.Tensor, expected: torch.Tensor) -> tuple[str, str]:
@@ -179,7 +168,6 @@ def backend_group(name: str, device: torch.device, report: Report) -> None:
         seeds = SEEDS if churn else None
         with torch.no_grad():
             out = s(noise, labels, seeds)
-            _sync(device)
             results[f"churn={churn}"] = out
             ms = _ms(lambda: s(noise, labels, seeds), device)
             if churn:  # Seeded churn has no reference-sampler equivalent: checked against graphs below.
@@ -240,17 +228,12 @@ def engine_group(device: torch.device, report: Report) -> None:
     if device.type != "cuda":
         report.add("SKIP", "edm2-xs/*", f"needs a CUDA device (device={device})")
         return
-    from autoguide_fast.models.edm2 import edm2_preset, prepare_for_inference
+    from latency import build_network  # The benchmark's random EDM2 network (non-zero gains).
+
+    from autoguide_fast.models.edm2 import prepare_for_inference
 
     def edm2_net(seed: int):
-        torch.manual_seed(seed)
-        with torch.device(device):
-            m = edm2_preset("xs")
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if n.endswith(("out_gain", "emb_gain")):
-                    p.fill_(0.7)
-        return prepare_for_inference(m.eval().requires_grad_(False))
+        return prepare_for_inference(build_network("xs", {}, device, seed))
 
     state: dict = {}
 
