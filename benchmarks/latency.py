@@ -1,6 +1,6 @@
 """End-to-end latency of guided EDM2 sampling: baselines, floors and our switches, side by side.
 
-Workload (DESIGN §4): EDM2-S main + EDM2-XS guide (ImageNet-512 presets, random weights with the
+Workload (README "Performance"): EDM2-S main + EDM2-XS guide (ImageNet-512 presets, random weights with the
 zero-initialised gains set to random non-zero values), 4x64x64 latents, 32 Heun steps (63
 evaluations of each network), w = 2.1, fp16 network body, float32 sampler state; batch 1, 8, 64.
 ``--xxl`` adds EDM2-XXL main + EDM2-M guide (w = 2.05) at batch 1.
@@ -76,7 +76,7 @@ COLUMNS = [
     "ratio_to_B0", "ratio_to_F", "max_abs_diff_vs_B0", "setup_s", "config", "notes",
 ]
 
-# Targets of DESIGN §4 (evaluated on GPU runs only; printed, never asserted).
+# The speed targets (README "Performance") (evaluated on GPU runs only; printed, never asserted).
 TARGET_SPEEDUP_B0 = 2.5
 TARGET_SPEEDUP_B1 = 2.0
 TARGET_SPEEDUP_B2 = 1.3
@@ -742,7 +742,7 @@ def print_batch(rows: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Targets (DESIGN §4): computed from rows, printed, never asserted.
+# Targets (README "Performance"): computed from rows, printed, never asserted.
 
 
 def _p50(rows: list[dict], arm: str) -> float | None:
@@ -804,7 +804,7 @@ def evaluate_targets(rows: list[dict]) -> list[tuple[str, int, str, str, str]]:
 
 
 def format_targets(rows: list[dict]) -> str:
-    lines = ["Targets (DESIGN §4): ratios of medians measured side by side in this run; printed, not asserted."]
+    lines = ["Targets (README "Performance"): ratios of medians measured side by side in this run; printed, not asserted."]
     if not rows:
         return "\n".join(lines + ["  no rows"])
     if any(r.get("device_type") != "cuda" for r in rows):

@@ -1,4 +1,4 @@
-"""The exact tree-mixture ground truth of the 2D toy experiment (DESIGN §2)."""
+"""The exact tree-mixture ground truth of the 2D toy experiment (the autoguidance paper, Sec. 3)."""
 
 import importlib
 import math

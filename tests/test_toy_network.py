@@ -1,4 +1,4 @@
-"""The toy log-density network and its exact score-matching training (DESIGN §2)."""
+"""The toy log-density network and its exact score-matching training (the autoguidance paper, Sec. 3)."""
 
 import math
 

@@ -1,7 +1,7 @@
 """The paper's 2D toy experiment, with numbers: exact vs unguided vs autoguidance vs CFG.
 
 All four samplers run the 32-step Heun sampler (``fast_guided_sample``) with sigma_max = 5 from
-the same exact class-A samples smoothed at sigma = 5 (DESIGN §2). The samples are scored against
+the same exact class-A samples smoothed at sigma = 5 (the autoguidance paper, Sec. 3). The samples are scored against
 the exact class-A density at sigma = 0:
 
 - log p quantiles (mean, 5th percentile, median): the mean is dominated by a few far outliers,

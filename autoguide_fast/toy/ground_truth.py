@@ -1,6 +1,6 @@
 """Exact ground truth of the 2D toy experiment: a fractal "tree" mixture of Gaussians.
 
-The construction follows the autoguidance paper's toy example (DESIGN §2): two classes, A and B,
+The construction follows the autoguidance paper's toy example (its Sec. 3 and appendix): two classes, A and B,
 each a tree of 127 branches with 8 Gaussian components per branch (1016 components per class),
 drawn from ``numpy.random.RandomState(2)``. Everything a sampler or a metric needs is available
 in closed form at any noise level sigma:

@@ -1,4 +1,4 @@
-"""The toy log-density network of the paper's 2D experiment (DESIGN §2).
+"""The toy log-density network of the paper's 2D experiment (the autoguidance paper, Sec. 3).
 
 The network outputs an (unnormalised) log-density log p̂(x; sigma); its score comes from autograd
 and the denoiser is D(x; sigma) = x + sigma^2 * score. Layers are magnitude-preserving (MP) as in

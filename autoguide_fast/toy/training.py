@@ -1,4 +1,4 @@
-"""Training the toy models by exact score matching, with a power-function EMA (DESIGN §2)."""
+"""Training the toy models by exact score matching, with a power-function EMA (as in the paper)."""
 
 from __future__ import annotations
 
