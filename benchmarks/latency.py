@@ -804,7 +804,7 @@ def evaluate_targets(rows: list[dict]) -> list[tuple[str, int, str, str, str]]:
 
 
 def format_targets(rows: list[dict]) -> str:
-    lines = ["Targets (README 'Performance'): ratios of medians measured side by side in this run; printed, not asserted."]
+    lines = ["Targets: ratios of medians measured side by side in this run; printed, not asserted."]
     if not rows:
         return "\n".join(lines + ["  no rows"])
     if any(r.get("device_type") != "cuda" for r in rows):
