@@ -54,13 +54,7 @@ def inputs(batch: int = 3, label_dim: int = 10, seed: int = 2, res: int = 16, ch
     return x, labels
 
 
-# Tiny convolutions lose badly to OpenMP spin-waits on a shared 2-core machine: one thread here.
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ from autoguide_fast.toy.experiment import (
 )
 from autoguide_fast.toy.ground_truth import ground_truth
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

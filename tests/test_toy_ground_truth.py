@@ -14,13 +14,7 @@ gt_module = importlib.import_module("autoguide_fast.toy.ground_truth")
 SIGMAS = [0.0, 0.003, 0.05, 0.4, 5.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors: one thread is faster and leaves the second core to others.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixture_moments(gt, sigma):

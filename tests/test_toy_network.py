@@ -18,14 +18,7 @@ from autoguide_fast.toy.training import (
     train_toy_model,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors: one thread is faster and leaves the second core to others.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_like_net(seed=0):
