@@ -178,12 +178,13 @@ void cast_block(const T* __restrict src, void* dst, int64_t i0, int64_t n, DType
 }
 
 // ---- Euler: D = lerp(D0, D1, w); d = (x_hat - D)/t_hat; x_next = x_hat + (t_next - t_hat) d ----
-template <typename T, typename N, int kMode, bool kChurn>
+// kWriteD = false (no out_slope): d is only an intermediate of x_next and is never stored.
+template <typename T, typename N, int kMode, bool kChurn, bool kWriteD>
 void euler_block(const StepParams& p, int64_t i0, int64_t n, const T* __restrict eps, LerpCoeff<T> lc) {
   const T* __restrict x = static_cast<const T*>(p.x_hat) + i0;
   const N* __restrict d1 = static_cast<const N*>(p.d_main) + i0;
   const N* __restrict d0 = kMode == kUnguided ? nullptr : static_cast<const N*>(p.d_guide) + i0;
-  T* __restrict slope = static_cast<T*>(p.out_slope) + i0;
+  T* __restrict slope = kWriteD ? static_cast<T*>(p.out_slope) + i0 : nullptr;
   T* __restrict out = static_cast<T*>(p.out_x) + i0;
   const T t_hat = static_cast<T>(p.t_hat);
   const T dt = sub_rn(static_cast<T>(p.t_next), t_hat);
@@ -192,24 +193,30 @@ void euler_block(const StepParams& p, int64_t i0, int64_t n, const T* __restrict
     const T d = euler_slope(x[i], denoised<T, kMode>(d1, d0, i, lc), t_hat);
     T x_next = euler_update(x[i], d, dt);
     if constexpr (kChurn) x_next = churn_update(x_next, scale, eps[i]);
-    slope[i] = d;
+    if constexpr (kWriteD) slope[i] = d;
     out[i] = x_next;
   }
+}
+
+template <typename T, typename N, bool kChurn, bool kWriteD>
+void euler_block_mode(const StepParams& p, int mode, int64_t i0, int64_t n, const T* eps, LerpCoeff<T> lc) {
+  if (mode == kUnguided) euler_block<T, N, kUnguided, kChurn, kWriteD>(p, i0, n, eps, lc);
+  else if (mode == kBaseD0) euler_block<T, N, kBaseD0, kChurn, kWriteD>(p, i0, n, eps, lc);
+  else euler_block<T, N, kBaseD1, kChurn, kWriteD>(p, i0, n, eps, lc);
 }
 
 template <typename T, typename N>
 void euler_chunk(const StepParams& p, int64_t begin, int64_t end) {
   LerpCoeff<T> lc;
   const int mode = guide_mode<T>(p, lc);
+  const bool write_d = p.out_slope != nullptr;
   for_blocks<T>(p, begin, end, [&](int64_t i0, int64_t n, const T* eps) {
     if (eps != nullptr) {
-      if (mode == kUnguided) euler_block<T, N, kUnguided, true>(p, i0, n, eps, lc);
-      else if (mode == kBaseD0) euler_block<T, N, kBaseD0, true>(p, i0, n, eps, lc);
-      else euler_block<T, N, kBaseD1, true>(p, i0, n, eps, lc);
+      if (write_d) euler_block_mode<T, N, true, true>(p, mode, i0, n, eps, lc);
+      else euler_block_mode<T, N, true, false>(p, mode, i0, n, eps, lc);
     } else {
-      if (mode == kUnguided) euler_block<T, N, kUnguided, false>(p, i0, n, eps, lc);
-      else if (mode == kBaseD0) euler_block<T, N, kBaseD0, false>(p, i0, n, eps, lc);
-      else euler_block<T, N, kBaseD1, false>(p, i0, n, eps, lc);
+      if (write_d) euler_block_mode<T, N, false, true>(p, mode, i0, n, eps, lc);
+      else euler_block_mode<T, N, false, false>(p, mode, i0, n, eps, lc);
     }
     if (p.out_cast != nullptr) cast_block<T>(static_cast<const T*>(p.out_x) + i0, p.out_cast, i0, n, p.cast_dtype);
   });

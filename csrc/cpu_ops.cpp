@@ -3,7 +3,9 @@
 // Ops (namespace autoguide_fast; the fake/meta implementations live in
 // autoguide_fast/ops/extension_ops.py):
 //   euler_step       first evaluation of a step, EDM Algorithm 2 lines 7-8 with the guided
-//                    denoiser D_w = D0 + w (D1 - D0); optional fused churn of the next step.
+//                    denoiser D_w = D0 + w (D1 - D0); optional fused churn of the next step;
+//                    write_d=False skips the store of d (returned as a 0-element tensor) when no
+//                    Heun correction needs it.
 //   euler_step_cast  the same, plus x_next already cast to the networks' input dtype.
 //   heun_step        Heun correction, lines 9-11; optional fused churn of the next step.
 //   churn            line 5 on its own, x + scale eps with explicit or seeded eps.
@@ -59,8 +61,9 @@ void run_cpu(const Launch& l) {
 std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& x_hat, const at::Tensor& D_main,
                                                   const c10::optional<at::Tensor>& D_guide, double w, double t_hat,
                                                   double t_next, const c10::optional<at::Tensor>& seeds,
-                                                  double churn_scale, int64_t churn_stream) {
-  Launch l = prepare_euler(x_hat, D_main, D_guide, w, t_hat, t_next, seeds, churn_scale, churn_stream, c10::nullopt);
+                                                  double churn_scale, int64_t churn_stream, bool write_d) {
+  Launch l = prepare_euler(x_hat, D_main, D_guide, w, t_hat, t_next, seeds, churn_scale, churn_stream, c10::nullopt,
+                           write_d);
   run_cpu(l);
   return two_outputs(l);
 }
@@ -69,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> euler_step_cast_cpu(const at::Ten
                                                                    const c10::optional<at::Tensor>& D_guide, double w,
                                                                    double t_hat, double t_next,
                                                                    at::ScalarType cast_dtype) {
-  Launch l = prepare_euler(x_hat, D_main, D_guide, w, t_hat, t_next, c10::nullopt, 0.0, 0, cast_dtype);
+  Launch l = prepare_euler(x_hat, D_main, D_guide, w, t_hat, t_next, c10::nullopt, 0.0, 0, cast_dtype, true);
   run_cpu(l);
   return three_outputs(l);
 }
@@ -141,7 +144,7 @@ TORCH_LIBRARY(autoguide_fast, m) {
   // to the state dtype and form t_next - t_hat there, as the reference's 0-dim tensors do.
   m.def(
       "euler_step(Tensor x_hat, Tensor D_main, Tensor? D_guide, float w, float t_hat, float t_next, "
-      "Tensor? seeds=None, float churn_scale=0., int churn_stream=0) -> (Tensor d, Tensor x_next)");
+      "Tensor? seeds=None, float churn_scale=0., int churn_stream=0, bool write_d=True) -> (Tensor d, Tensor x_next)");
   m.def(
       "euler_step_cast(Tensor x_hat, Tensor D_main, Tensor? D_guide, float w, float t_hat, float t_next, "
       "ScalarType cast_dtype) -> (Tensor d, Tensor x_next, Tensor x_next_cast)");

@@ -30,10 +30,11 @@ void run_cuda(const Launch& l, cuda::StepKernel kind, const at::Tensor& ref) {
 std::tuple<at::Tensor, at::Tensor> euler_step_cuda(const at::Tensor& x_hat, const at::Tensor& D_main,
                                                    const c10::optional<at::Tensor>& D_guide, double w, double t_hat,
                                                    double t_next, const c10::optional<at::Tensor>& seeds,
-                                                   double churn_scale, int64_t churn_stream) {
+                                                   double churn_scale, int64_t churn_stream, bool write_d) {
   check_cuda(x_hat, "x_hat");
   const c10::cuda::CUDAGuard guard(x_hat.device());
-  Launch l = prepare_euler(x_hat, D_main, D_guide, w, t_hat, t_next, seeds, churn_scale, churn_stream, c10::nullopt);
+  Launch l = prepare_euler(x_hat, D_main, D_guide, w, t_hat, t_next, seeds, churn_scale, churn_stream, c10::nullopt,
+                           write_d);
   run_cuda(l, cuda::StepKernel::kEuler, x_hat);
   return two_outputs(l);
 }
@@ -45,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> euler_step_cast_cuda(const at::Te
                                                                     at::ScalarType cast_dtype) {
   check_cuda(x_hat, "x_hat");
   const c10::cuda::CUDAGuard guard(x_hat.device());
-  Launch l = prepare_euler(x_hat, D_main, D_guide, w, t_hat, t_next, c10::nullopt, 0.0, 0, cast_dtype);
+  Launch l = prepare_euler(x_hat, D_main, D_guide, w, t_hat, t_next, c10::nullopt, 0.0, 0, cast_dtype, true);
   run_cuda(l, cuda::StepKernel::kEuler, x_hat);
   return three_outputs(l);
 }

@@ -110,7 +110,8 @@ void set_churn(const c10::optional<at::Tensor>& seeds, const at::Tensor& x, doub
 
 Launch prepare_euler(const at::Tensor& x_hat, const at::Tensor& D_main, const c10::optional<at::Tensor>& D_guide,
                      double w, double t_hat, double t_next, const c10::optional<at::Tensor>& seeds,
-                     double churn_scale, int64_t churn_stream, c10::optional<at::ScalarType> cast_dtype) {
+                     double churn_scale, int64_t churn_stream, c10::optional<at::ScalarType> cast_dtype,
+                     bool write_d) {
   Launch l{OpKind::kEuler, {}, DType::kFloat32, DType::kFloat32, {}};
   check_state(x_hat, "x_hat", l);
   check_networks(x_hat, D_main, D_guide, l);
@@ -119,8 +120,8 @@ Launch prepare_euler(const at::Tensor& x_hat, const at::Tensor& D_main, const c1
   l.params.w = w;
   l.params.t_hat = t_hat;
   l.params.t_next = t_next;
-  l.outputs = {empty_state_like(x_hat), empty_state_like(x_hat)};
-  l.params.out_slope = l.outputs[0].data_ptr();
+  l.outputs = {write_d ? empty_state_like(x_hat) : at::empty({0}, x_hat.options()), empty_state_like(x_hat)};
+  l.params.out_slope = write_d ? l.outputs[0].data_ptr() : nullptr;
   l.params.out_x = l.outputs[1].data_ptr();
   if (cast_dtype.has_value()) {
     l.params.cast_dtype = net_type(*cast_dtype, "cast_dtype");

@@ -15,6 +15,8 @@ namespace agf {
 enum class OpKind { kEuler, kHeun, kChurn, kNormal };
 
 // A validated op: the kernel arguments, the element types and the freshly allocated outputs.
+// prepare_euler with write_d = false returns d as a 0-element tensor of the state dtype (shape
+// [0]) and leaves params.out_slope null: the kernels then never store d.
 struct Launch {
   OpKind kind;
   StepParams params;
@@ -25,7 +27,8 @@ struct Launch {
 
 Launch prepare_euler(const at::Tensor& x_hat, const at::Tensor& D_main, const c10::optional<at::Tensor>& D_guide,
                      double w, double t_hat, double t_next, const c10::optional<at::Tensor>& seeds,
-                     double churn_scale, int64_t churn_stream, c10::optional<at::ScalarType> cast_dtype);
+                     double churn_scale, int64_t churn_stream, c10::optional<at::ScalarType> cast_dtype,
+                     bool write_d);
 
 Launch prepare_heun(const at::Tensor& x_hat, const at::Tensor& d, const at::Tensor& x_next, const at::Tensor& D_main,
                     const c10::optional<at::Tensor>& D_guide, double w, double t_hat, double t_next,

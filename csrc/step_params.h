@@ -23,7 +23,7 @@ struct StepParams {
   const void* x_next = nullptr;      // Euler prediction (state type), Heun input.
   const void* eps = nullptr;         // Explicit churn noise (state type), churn op only.
   const int64_t* seeds = nullptr;    // Per-image seeds; non-null = add the seeded churn noise.
-  void* out_slope = nullptr;         // Euler slope d (state type).
+  void* out_slope = nullptr;         // Euler slope d (state type); null = not written.
   void* out_x = nullptr;             // x_next / x_out / x_hat / noise (state type).
   void* out_cast = nullptr;          // Optional copy of out_x in cast_dtype.
   DType cast_dtype = DType::kFloat32;

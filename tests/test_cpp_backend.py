@@ -135,6 +135,30 @@ def test_euler_need_d_false(dtype):
 
 
 @needs_cpp
+@pytest.mark.parametrize("isa", ("avx2+fma", "baseline"))
+@pytest.mark.parametrize("net_dtype", NET_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_euler_step_write_d_false(dtype, net_dtype, isa):
+    """write_d=False: d comes back with 0 elements (state dtype) and x_next is bit-identical to the
+    write_d=True result, guided and unguided, with and without the fused churn, in both ISAs."""
+    previous = autoguide_fast.extension_info()["cpu_kernels"]
+    if not autoguide_fast.extension().set_cpu_kernels(isa):
+        pytest.skip(f"no {isa} kernels on this CPU")
+    try:
+        x, D_main, D_guide = _inputs((3, 5, 37, 11), dtype, net_dtype, seed=6)
+        seeds = torch.tensor([4, -2, 99])
+        for w in WEIGHTS:
+            Dg = None if w is None else D_guide
+            for churn in ((), (seeds, 0.65, 9)):
+                d, xn = E.euler_step(x, D_main, Dg, 1.0 if w is None else w, 3.7, 2.9, *churn)
+                d0, xn0 = E.euler_step(x, D_main, Dg, 1.0 if w is None else w, 3.7, 2.9, *churn, write_d=False)
+                assert d.shape == x.shape and d0.shape == (0,) and d0.dtype == dtype, f"w={w} churn={bool(churn)}"
+                assert torch.equal(xn0, xn), f"w={w} churn={bool(churn)}"
+    finally:
+        autoguide_fast.extension().set_cpu_kernels(previous)
+
+
+@needs_cpp
 @pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
 def test_baseline_kernels_match_reference(dtype):
     """The non-AVX2 variant of the kernels (picked on CPUs without FMA) is exact too."""
@@ -295,6 +319,8 @@ def _opcheck_cases():
     return [
         (ops.euler_step.default, (x, D_main, D_guide, 2.1, 1.5, 1.0)),
         (ops.euler_step.default, (x64, D_main, None, 1.0, 1.5, 1.0, seeds, 0.4, 7)),
+        (ops.euler_step.default, (x, D_main, D_guide, 2.1, 1.5, 1.0, None, 0.0, 0, False)),
+        (ops.euler_step.default, (x64, D_main, None, 1.0, 1.5, 1.0, seeds, 0.4, 7, False)),
         (ops.euler_step_cast.default, (x, D_main, D_guide, 0.3, 1.5, 1.0, torch.float16)),
         (ops.heun_step.default, (x, x * 0.5, x * 0.9, D_main, D_guide, 2.1, 1.5, 1.0)),
         (ops.heun_step.default, (x64, x64 * 0.5, x64, D_main, None, 1.0, 1.5, 1.0, seeds, 0.4, 7)),
@@ -306,7 +332,7 @@ def _opcheck_cases():
 
 
 @needs_cpp
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(11))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -319,10 +345,12 @@ def test_torch_compile_fullgraph():
 
     def step(x, D_main, D_guide):
         d, xn = torch.ops.autoguide_fast.euler_step(x, D_main, D_guide, 2.1, 1.5, 1.0)
-        return torch.ops.autoguide_fast.heun_step(x, d, xn, D_main, D_guide, 2.1, 1.5, 1.0, seeds, 0.3, 4)
+        _, last = torch.ops.autoguide_fast.euler_step(x, D_main, None, 1.0, 1.5, 0.0, write_d=False)
+        return torch.ops.autoguide_fast.heun_step(x, d, xn, D_main, D_guide, 2.1, 1.5, 1.0, seeds, 0.3, 4), last
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    assert torch.equal(compiled(x, D_main, D_guide), step(x, D_main, D_guide))
+    got, want = compiled(x, D_main, D_guide), step(x, D_main, D_guide)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 # ---------------------------------------------------------------------------------------------

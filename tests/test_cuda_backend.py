@@ -207,7 +207,7 @@ def test_no_host_sync_and_cuda_graph_capture():
 
 
 @gpu_test
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(11))
 def test_opcheck(case):
     from .test_cpp_backend import _opcheck_cases
 
@@ -299,11 +299,12 @@ def _ptr(t: torch.Tensor | None):
 
 
 def _emu_step(emu, kind, x=None, D_main=None, D_guide=None, d=None, x_next=None, eps=None, seeds=None, w=1.0,
-              t_hat=1.0, t_next=0.5, scale=0.0, stream=0, cast_dtype=None, shape=None, dtype=None):
-    """One emulated launch; returns the outputs the op allocates (like the ATen op would)."""
+              t_hat=1.0, t_next=0.5, scale=0.0, stream=0, cast_dtype=None, shape=None, dtype=None, write_d=True):
+    """One emulated launch; returns the outputs the op allocates (like the ATen op would; with
+    write_d=False the euler kernel gets no d buffer, a null pointer, and d comes back as None)."""
     ref = x if x is not None else torch.empty(shape, dtype=dtype)
     out_x = torch.full_like(ref, float("nan"))
-    out_d = torch.full_like(ref, float("nan")) if kind == "euler" else None
+    out_d = torch.full_like(ref, float("nan")) if kind == "euler" and write_d else None
     out_c = torch.zeros(ref.shape, dtype=cast_dtype) if cast_dtype is not None else None
     numel = ref.numel()
     image_numel = max(1, numel // ref.shape[0]) if ref.dim() > 0 and ref.shape[0] > 0 else 1
@@ -341,6 +342,9 @@ def test_emulated_kernels_match_reference(emu, dtype, net_dtype, shape):
             d, xn, _ = _emu_step(emu, "euler", x=xo, D_main=Dmo, D_guide=Dg, w=1.0 if w is None else w,
                                  t_hat=step.t_hat, t_next=step.t_next)
             assert torch.equal(d, d_ref) and torch.equal(xn, xn_ref), f"euler w={w} offset={offset}"
+            _, xn0, _ = _emu_step(emu, "euler", x=xo, D_main=Dmo, D_guide=Dg, w=1.0 if w is None else w,
+                                  t_hat=step.t_hat, t_next=step.t_next, write_d=False)
+            assert torch.equal(xn0, xn_ref), f"euler write_d=False w={w} offset={offset}"
             h_ref = ref.heun(x, d_ref, xn_ref, D_main, None if w is None else D_guide, w, step)
             _, h, _ = _emu_step(emu, "heun", x=xo, d=_offset_copy(d_ref, offset), x_next=_offset_copy(xn_ref, offset),
                                 D_main=Dmo, D_guide=Dg, w=1.0 if w is None else w, t_hat=step.t_hat,
@@ -360,6 +364,7 @@ def test_emulated_noise_kernels(emu, dtype, shape):
     d_ref, xn_ref = ref.euler(x, D_main, D_guide, 2.1, step)
     expected = {
         "euler": ref.churn(xn_ref, nxt, seeds, None),
+        "euler, no d": ref.churn(xn_ref, nxt, seeds, None),
         "heun": ref.churn(ref.heun(x, d_ref, xn_ref, D_main, D_guide, 2.1, step), nxt, seeds, None),
         "churn": ref.churn(x, nxt, seeds, None),
         "normal": philox_normal(seeds, math.prod(shape[1:]), stream, dtype).reshape(shape),
@@ -367,6 +372,7 @@ def test_emulated_noise_kernels(emu, dtype, shape):
     common = dict(seeds=seeds, scale=nxt.noise_scale, stream=stream, t_hat=step.t_hat, t_next=step.t_next, w=2.1)
     got = {
         "euler": _emu_step(emu, "euler", x=x, D_main=D_main, D_guide=D_guide, **common)[1],
+        "euler, no d": _emu_step(emu, "euler", x=x, D_main=D_main, D_guide=D_guide, write_d=False, **common)[1],
         "heun": _emu_step(emu, "heun", x=x, d=d_ref, x_next=xn_ref, D_main=D_main, D_guide=D_guide, **common)[1],
         "churn": _emu_step(emu, "churn", x=x, **common)[1],
         "normal": _emu_step(emu, "normal", shape=shape, dtype=dtype, **common)[1],

@@ -10,7 +10,9 @@ Ops (one pass over memory each; scalars are the plan's exact state-dtype values)
 * ``euler_step``: D = lerp(D_guide, D_main, w) (autoguidance eq. 2, D_w = D0 + w (D1 - D0); D_main
   alone when D_guide is None), d = (x_hat - D)/t_hat, x_next = x_hat + (t_next - t_hat) d
   (EDM Algorithm 2, lines 7-8) -> (d, x_next); with ``seeds``, x_next also gets the next step's
-  churn x_next + churn_scale·eps(seeds, churn_stream) (line 5 of the next step).
+  churn x_next + churn_scale·eps(seeds, churn_stream) (line 5 of the next step). With
+  ``write_d=False`` d is never stored (one write pass less) and comes back as a 0-element tensor
+  of the state dtype (shape (0,)); x_next is the same bit for bit.
 * ``euler_step_cast``: the same without churn, plus x_next cast to ``cast_dtype`` (the networks'
   input dtype) -> (d, x_next, x_next_cast).
 * ``heun_step``: d' = (x_next - D')/t_next, x_out = x_hat + (t_next - t_hat)(d/2 + d'/2)
@@ -57,9 +59,10 @@ def _like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 @torch.library.register_fake("autoguide_fast::euler_step")
-def _euler_step_fake(x_hat, D_main, D_guide, w, t_hat, t_next, seeds=None, churn_scale=0.0, churn_stream=0):
+def _euler_step_fake(x_hat, D_main, D_guide, w, t_hat, t_next, seeds=None, churn_scale=0.0, churn_stream=0,
+                     write_d=True):
     torch._check(D_main.shape == x_hat.shape, lambda: f"D_main: expected shape {x_hat.shape}, got {D_main.shape}")
-    return _like(x_hat), _like(x_hat)
+    return (_like(x_hat) if write_d else x_hat.new_empty((0,))), _like(x_hat)
 
 
 @torch.library.register_fake("autoguide_fast::euler_step_cast")
@@ -99,10 +102,11 @@ def euler_step(
     seeds: torch.Tensor | None = None,      # int64 [B]: fuse the next step's churn into x_next.
     churn_scale: float = 0.0,               # Next step's sqrt(t_hat'^2 - t'^2)·S_noise.
     churn_stream: int = 0,                  # Philox stream of that churn.
+    write_d: bool = True,                   # False: d is not stored (returned with 0 elements).
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d, x_next) of one Euler step with the guided denoiser; see the module docstring."""
     return _ops.euler_step(x_hat, D_main, D_guide, float(w), float(t_hat), float(t_next), seeds,
-                           float(churn_scale), int(churn_stream))
+                           float(churn_scale), int(churn_stream), bool(write_d))
 
 
 def euler_step_cast(

@@ -73,12 +73,12 @@ class FusedBackend:
         w: float | None,
         step: StepPlan,
         churn_next: tuple[StepPlan, torch.Tensor] | None = None,
-        need_d: bool = True,            # False: d is returned as None (the op still writes it).
+        need_d: bool = True,            # False: d is not written (returned as None), one write pass less.
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         D_main, D_guide = self._net_outputs(D_main, D_guide, w)
         seeds, scale, stream = self._churn_args(churn_next)
         d, x_next = self._ops.euler_step(x_hat.contiguous(), D_main, D_guide, 1.0 if w is None else w, step.t_hat,
-                                         step.t_next, seeds, scale, stream)
+                                         step.t_next, seeds, scale, stream, need_d)
         return (d if need_d else None), x_next
 
     def heun(

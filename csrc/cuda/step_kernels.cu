@@ -1,7 +1,8 @@
 // CUDA kernels of the fused sampler ops: one pass over memory per evaluation.
 //
 //   euler:  D = D0 + w (D1 - D0) (autoguidance eq. 2, torch.lerp's rule), d = (x_hat - D)/t_hat,
-//           x_next = x_hat + (t_next - t_hat) d                      (EDM Algorithm 2, lines 7-8)
+//           x_next = x_hat + (t_next - t_hat) d                      (EDM Algorithm 2, lines 7-8);
+//           d is stored only when out_slope is set (no Heun correction follows otherwise)
 //   heun:   d' = (x_next - D')/t_next, x_out = x_hat + (t_next - t_hat)(d/2 + d'/2)     (lines 9-11)
 //   churn:  x_hat' = x + sqrt(t_hat'^2 - t'^2) S_noise eps                             (line 5)
 // with eps the per-image Philox noise of autoguide_fast/noise.py, generated in-kernel from the
@@ -176,7 +177,7 @@ __global__ void __launch_bounds__(kThreads) euler_kernel(const StepParams p, boo
 #pragma unroll
       for (int k = 0; k < 4; ++k) x_next[k] = churn_update(x_next[k], scale, eps[k]);
     }
-    store4(static_cast<T*>(p.out_slope), i0, p.numel, vec, d);
+    if (p.out_slope != nullptr) store4(static_cast<T*>(p.out_slope), i0, p.numel, vec, d);  // Uniform branch.
     store4(static_cast<T*>(p.out_x), i0, p.numel, vec, x_next);
     if (p.out_cast != nullptr) store_cast4(p, i0, x_next);
   }
