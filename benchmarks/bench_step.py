@@ -16,8 +16,9 @@ Ops (state float32 by default, network outputs in --net-dtype):
                      that cannot fuse it run it as a second op (the torch backend: Philox in torch).
 Method: one process; per (size, op) every arm is warmed up, then the arms are timed round-robin;
 a sample is the mean over an inner loop of calls (CUDA events around the loop on GPU, the wall
-clock on CPU). On CPU, glibc is told to keep freed memory (mallopt), so every arm reuses its
-output buffers as a caching allocator would instead of page-faulting fresh ones on each call.
+clock on CPU), the loop sized from the median of 5 single calls. On CPU, glibc is told to keep
+freed memory (mallopt), so every arm reuses its output buffers as a caching allocator would
+instead of page-faulting fresh ones on each call.
 
     python benchmarks/bench_step.py --backends cpp,torch --sizes 1M --out benchmarks/results/step_cpu.csv
     python benchmarks/bench_step.py --quick --out step.csv        # GPU check: cuda, triton, torch
@@ -141,8 +142,13 @@ def _time(fn: Callable[[], object], device: torch.device, inner: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / inner
 
 
-def _inner_for(fn: Callable[[], object], device: torch.device, target_ms: float) -> int:
-    ms = _time(fn, device, 1)
+def _inner_for(fn: Callable[[], object], device: torch.device, target_ms: float, probes: int = 5) -> int:
+    """Calls per sample: `target_ms` worth at the median time of `probes` single calls. One call is
+    not enough: right after the warm-up a call can take 10-20x its steady time (page faults of
+    freshly allocated memory, a descheduled thread), and sizing from it left a handful of calls
+    per sample, each sample then dominated by its first call after the other arms evicted this
+    arm's data from the caches (2-thread CPU timings up to 2x the steady time)."""
+    ms = sorted(_time(fn, device, 1) for _ in range(probes))[probes // 2]
     return max(1, min(1000, int(target_ms / max(ms, 1e-3))))
 
 
