@@ -16,12 +16,19 @@
 #   PRECOMPILE_GRACE_S   how long the background precompilation may outlast the tests (default 20)
 #   GPU_CHECK_TESTS      test files run in full besides `-m gpu` (default: the Triton test files,
 #                        whose unmarked tests run the compiled kernels on CUDA tensors here)
-#   PYTHON               interpreter (default: python, else python3)
+#   PYTHON               interpreter (default: the first of python3, python that imports torch)
 #   BENCH_COMMIT         commit recorded in the CSV when the tree has no .git
 set -u
 
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
-PY=${PYTHON:-$(command -v python || command -v python3)}
+# The interpreter that holds torch: on the GPU image that is the plain `python3`; a `python` on the
+# PATH may be another interpreter without it.
+if [ -z "${PYTHON:-}" ]; then
+    for cand in python3 python; do
+        if command -v "$cand" >/dev/null && "$cand" -c "import torch" 2>/dev/null; then PYTHON=$(command -v "$cand"); break; fi
+    done
+fi
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +177,7 @@ if (( PRE_LIMIT >= 10 )); then
 fi
 
 # 3. What is here (the card, the extension, the backends), in the background during the smoke check.
-if command -v autoguide-fast >/dev/null; then INFO=(autoguide-fast info); else INFO=("$PY" -m autoguide_fast.cli info); fi
+INFO=("$PY" -m autoguide_fast.cli info)  # the console script may belong to another interpreter
 INFO_START=$(date +%s)
 (
     if command -v nvidia-smi >/dev/null; then timeout 30 nvidia-smi; else echo "nvidia-smi: not found"; fi \
