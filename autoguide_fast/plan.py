@@ -69,32 +69,38 @@ def build_plan(config: SamplerConfig, device: torch.device) -> tuple[torch.Tenso
     n = config.num_steps
     t_steps = edm_time_steps(n, config.sigma_min, config.sigma_max, config.rho, config.dtype, device)
     t_host = t_steps.cpu()
-    steps = []
+    per_step = []
     for i in range(n):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
         # Same comparison as the reference (0-dim tensor against Python scalars), on the host.
         churn = config.S_churn > 0 and bool(config.S_min <= t_host[i] <= config.S_max)
+        tensors = {"t_cur": t_cur, "t_hat": t_cur, "t_next": t_next}
         if churn:
             gamma = min(config.S_churn / n, math.sqrt(2) - 1)
-            t_hat = t_cur + gamma * t_cur
-            noise_scale = (t_hat ** 2 - t_cur ** 2).sqrt() * config.S_noise
-        else:
-            t_hat = t_cur
-            noise_scale = None
-        tensors = {"t_cur": t_cur, "t_hat": t_hat, "t_next": t_next}
-        if noise_scale is not None:
-            tensors["noise_scale"] = noise_scale
-        host = {k: float(v) for k, v in zip(tensors, torch.stack(list(tensors.values())).cpu().tolist())}
+            tensors["t_hat"] = t_cur + gamma * t_cur
+            tensors["noise_scale"] = (tensors["t_hat"] ** 2 - t_cur ** 2).sqrt() * config.S_noise
+        per_step.append(tensors)
+    # The churned scalars were computed on the device: bring them to the host in one transfer.
+    churned = [tensors for tensors in per_step if "noise_scale" in tensors]
+    churn_host = (
+        torch.stack([v for tensors in churned for v in (tensors["t_hat"], tensors["noise_scale"])]).cpu().tolist()
+        if churned else []
+    )
+    churn_pairs = iter(zip(churn_host[0::2], churn_host[1::2]))
+    steps = []
+    for i, tensors in enumerate(per_step):
+        t_cur, t_next = float(t_host[i]), float(t_host[i + 1])
+        t_hat, noise_scale = next(churn_pairs) if "noise_scale" in tensors else (t_cur, None)
         second = config.solver == "heun" and i < n - 1
         steps.append(
             StepPlan(
                 index=i,
-                t_cur=host["t_cur"],
-                t_hat=host["t_hat"],
-                t_next=host["t_next"],
-                noise_scale=host.get("noise_scale"),
-                w_first=_weight(config, host["t_hat"]),
-                w_second=_weight(config, host["t_next"]) if second else None,
+                t_cur=t_cur,
+                t_hat=t_hat,
+                t_next=t_next,
+                noise_scale=noise_scale,
+                w_first=_weight(config, t_hat),
+                w_second=_weight(config, t_next) if second else None,
                 second_order=second,
                 tensors=tensors,
             )
