@@ -51,6 +51,10 @@ class StepPlan:
     w_second: float | None          # Same at t_next for the Heun correction.
     second_order: bool              # Heun correction applied (False on the last step / euler).
     tensors: dict[str, torch.Tensor]  # 0-dim device tensors: t_cur, t_hat, t_next, noise_scale.
+    # float64 [5] device tensor [w, t_hat, t_next, next step's noise_scale, next step's churn stream]
+    # that the fused backends hand to their kernels instead of the floats above; None (the plan's
+    # own steps) = use the floats. The per-kind step graphs set it (see engine/step_kinds.py).
+    scalars: torch.Tensor | None = None
 
 
 def _weight(config: SamplerConfig, sigma: float) -> float | None:

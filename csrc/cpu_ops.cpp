@@ -43,8 +43,18 @@ constexpr int64_t kGrainPlain = 1 << 15;
 constexpr int64_t kGrainNoise = 1 << 11;
 
 void run_cpu(const Launch& l) {
-  const StepParams& p = l.params;
+  // Host memory: the values of a `scalars` tensor are simply read into the fields here.
+  StepParams p = l.params;
   if (p.numel == 0) return;
+  if (p.scalars != nullptr) {
+    const StepScalars s = step_scalars(p);
+    p.w = s.w;
+    p.t_hat = s.t_hat;
+    p.t_next = s.t_next;
+    p.scale = s.scale;
+    p.stream = s.stream;
+    p.scalars = nullptr;
+  }
   const KernelTable& table = cpu_table();
   const int s = static_cast<int>(l.state);
   ChunkFn fn = nullptr;
@@ -61,9 +71,10 @@ void run_cpu(const Launch& l) {
 std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& x_hat, const at::Tensor& D_main,
                                                   const c10::optional<at::Tensor>& D_guide, double w, double t_hat,
                                                   double t_next, const c10::optional<at::Tensor>& seeds,
-                                                  double churn_scale, int64_t churn_stream, bool write_d) {
+                                                  double churn_scale, int64_t churn_stream, bool write_d,
+                                                  const c10::optional<at::Tensor>& scalars) {
   Launch l = prepare_euler(x_hat, D_main, D_guide, w, t_hat, t_next, seeds, churn_scale, churn_stream, c10::nullopt,
-                           write_d);
+                           write_d, scalars);
   run_cpu(l);
   return two_outputs(l);
 }
@@ -80,8 +91,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> euler_step_cast_cpu(const at::Ten
 at::Tensor heun_step_cpu(const at::Tensor& x_hat, const at::Tensor& d, const at::Tensor& x_next,
                          const at::Tensor& D_main, const c10::optional<at::Tensor>& D_guide, double w, double t_hat,
                          double t_next, const c10::optional<at::Tensor>& seeds, double churn_scale,
-                         int64_t churn_stream) {
-  Launch l = prepare_heun(x_hat, d, x_next, D_main, D_guide, w, t_hat, t_next, seeds, churn_scale, churn_stream);
+                         int64_t churn_stream, const c10::optional<at::Tensor>& scalars) {
+  Launch l = prepare_heun(x_hat, d, x_next, D_main, D_guide, w, t_hat, t_next, seeds, churn_scale, churn_stream,
+                          scalars);
   run_cpu(l);
   return l.outputs[0];
 }
@@ -142,15 +154,20 @@ TORCH_LIBRARY(autoguide_fast, m) {
   m.set_python_module("autoguide_fast.ops.extension_ops");
   // Scalars are the plan's values of the state dtype (exact in float64); the kernels round them
   // to the state dtype and form t_next - t_hat there, as the reference's 0-dim tensors do.
+  // `scalars` (float64 [5] = [w, t_hat, t_next, churn_scale, churn_stream] on the op's device),
+  // when given, replaces those five arguments: the kernels read it, so a captured CUDA graph can
+  // be replayed for another step after the values in it were updated. The double `w` is then
+  // unused; an absent D_guide / seeds still decides unguided / no churn.
   m.def(
       "euler_step(Tensor x_hat, Tensor D_main, Tensor? D_guide, float w, float t_hat, float t_next, "
-      "Tensor? seeds=None, float churn_scale=0., int churn_stream=0, bool write_d=True) -> (Tensor d, Tensor x_next)");
+      "Tensor? seeds=None, float churn_scale=0., int churn_stream=0, bool write_d=True, Tensor? scalars=None) "
+      "-> (Tensor d, Tensor x_next)");
   m.def(
       "euler_step_cast(Tensor x_hat, Tensor D_main, Tensor? D_guide, float w, float t_hat, float t_next, "
       "ScalarType cast_dtype) -> (Tensor d, Tensor x_next, Tensor x_next_cast)");
   m.def(
       "heun_step(Tensor x_hat, Tensor d, Tensor x_next, Tensor D_main, Tensor? D_guide, float w, float t_hat, "
-      "float t_next, Tensor? seeds=None, float churn_scale=0., int churn_stream=0) -> Tensor");
+      "float t_next, Tensor? seeds=None, float churn_scale=0., int churn_stream=0, Tensor? scalars=None) -> Tensor");
   m.def("churn(Tensor x, float scale, Tensor? seeds=None, int stream=0, Tensor? eps=None) -> Tensor");
   m.def("philox_normal(Tensor seeds, int numel, int stream, ScalarType dtype) -> Tensor");
   m.def("philox4x32(Tensor counter, Tensor key) -> Tensor");

@@ -30,11 +30,12 @@ void run_cuda(const Launch& l, cuda::StepKernel kind, const at::Tensor& ref) {
 std::tuple<at::Tensor, at::Tensor> euler_step_cuda(const at::Tensor& x_hat, const at::Tensor& D_main,
                                                    const c10::optional<at::Tensor>& D_guide, double w, double t_hat,
                                                    double t_next, const c10::optional<at::Tensor>& seeds,
-                                                   double churn_scale, int64_t churn_stream, bool write_d) {
+                                                   double churn_scale, int64_t churn_stream, bool write_d,
+                                                   const c10::optional<at::Tensor>& scalars) {
   check_cuda(x_hat, "x_hat");
   const c10::cuda::CUDAGuard guard(x_hat.device());
   Launch l = prepare_euler(x_hat, D_main, D_guide, w, t_hat, t_next, seeds, churn_scale, churn_stream, c10::nullopt,
-                           write_d);
+                           write_d, scalars);
   run_cuda(l, cuda::StepKernel::kEuler, x_hat);
   return two_outputs(l);
 }
@@ -54,10 +55,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> euler_step_cast_cuda(const at::Te
 at::Tensor heun_step_cuda(const at::Tensor& x_hat, const at::Tensor& d, const at::Tensor& x_next,
                           const at::Tensor& D_main, const c10::optional<at::Tensor>& D_guide, double w, double t_hat,
                           double t_next, const c10::optional<at::Tensor>& seeds, double churn_scale,
-                          int64_t churn_stream) {
+                          int64_t churn_stream, const c10::optional<at::Tensor>& scalars) {
   check_cuda(x_hat, "x_hat");
   const c10::cuda::CUDAGuard guard(x_hat.device());
-  Launch l = prepare_heun(x_hat, d, x_next, D_main, D_guide, w, t_hat, t_next, seeds, churn_scale, churn_stream);
+  Launch l = prepare_heun(x_hat, d, x_next, D_main, D_guide, w, t_hat, t_next, seeds, churn_scale, churn_stream,
+                          scalars);
   run_cuda(l, cuda::StepKernel::kHeun, x_hat);
   return l.outputs[0];
 }

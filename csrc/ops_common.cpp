@@ -106,16 +106,30 @@ void set_churn(const c10::optional<at::Tensor>& seeds, const at::Tensor& x, doub
   l.params.stream = check_stream(stream, "churn_stream");
 }
 
+void set_scalars(const c10::optional<at::Tensor>& scalars, const at::Tensor& x_hat, StepParams& p) {
+  if (!scalars.has_value()) return;
+  const at::Tensor& s = *scalars;
+  TORCH_CHECK(s.scalar_type() == at::kDouble, "scalars: expected dtype float64 ([w, t_hat, t_next, churn_scale, "
+              "churn_stream]), got ", s.scalar_type());
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == 5, "scalars: expected shape [5] ([w, t_hat, t_next, churn_scale, "
+              "churn_stream]), got ", s.sizes());
+  TORCH_CHECK(s.device() == x_hat.device(), "scalars: expected the device of x_hat (", x_hat.device(), "), got ",
+              s.device());
+  check_contiguous(s, "scalars");
+  p.scalars = s.data_ptr<double>();
+}
+
 }  // namespace
 
 Launch prepare_euler(const at::Tensor& x_hat, const at::Tensor& D_main, const c10::optional<at::Tensor>& D_guide,
                      double w, double t_hat, double t_next, const c10::optional<at::Tensor>& seeds,
                      double churn_scale, int64_t churn_stream, c10::optional<at::ScalarType> cast_dtype,
-                     bool write_d) {
+                     bool write_d, const c10::optional<at::Tensor>& scalars) {
   Launch l{OpKind::kEuler, {}, DType::kFloat32, DType::kFloat32, {}};
   check_state(x_hat, "x_hat", l);
   check_networks(x_hat, D_main, D_guide, l);
   set_churn(seeds, x_hat, churn_scale, churn_stream, l);
+  set_scalars(scalars, x_hat, l.params);
   l.params.x_hat = x_hat.data_ptr();
   l.params.w = w;
   l.params.t_hat = t_hat;
@@ -133,13 +147,15 @@ Launch prepare_euler(const at::Tensor& x_hat, const at::Tensor& D_main, const c1
 
 Launch prepare_heun(const at::Tensor& x_hat, const at::Tensor& d, const at::Tensor& x_next, const at::Tensor& D_main,
                     const c10::optional<at::Tensor>& D_guide, double w, double t_hat, double t_next,
-                    const c10::optional<at::Tensor>& seeds, double churn_scale, int64_t churn_stream) {
+                    const c10::optional<at::Tensor>& seeds, double churn_scale, int64_t churn_stream,
+                    const c10::optional<at::Tensor>& scalars) {
   Launch l{OpKind::kHeun, {}, DType::kFloat32, DType::kFloat32, {}};
   check_state(x_hat, "x_hat", l);
   check_state_like(d, "d", x_hat, "x_hat");
   check_state_like(x_next, "x_next", x_hat, "x_hat");
   check_networks(x_hat, D_main, D_guide, l);
   set_churn(seeds, x_hat, churn_scale, churn_stream, l);
+  set_scalars(scalars, x_hat, l.params);
   l.params.x_hat = x_hat.data_ptr();
   l.params.slope = d.data_ptr();
   l.params.x_next = x_next.data_ptr();

@@ -14,6 +14,10 @@ namespace agf {
 
 enum class OpKind { kEuler, kHeun, kChurn, kNormal };
 
+// `scalars` (optional, euler/heun): float64 [5] = [w, t_hat, t_next, churn_scale, churn_stream] on
+// the device of x_hat; when given, the kernels read those values from it instead of the double
+// arguments (see StepParams::scalars). Its values are not checked (they may be on the GPU).
+//
 // A validated op: the kernel arguments, the element types and the freshly allocated outputs.
 // prepare_euler with write_d = false returns d as a 0-element tensor of the state dtype (shape
 // [0]) and leaves params.out_slope null: the kernels then never store d.
@@ -28,11 +32,12 @@ struct Launch {
 Launch prepare_euler(const at::Tensor& x_hat, const at::Tensor& D_main, const c10::optional<at::Tensor>& D_guide,
                      double w, double t_hat, double t_next, const c10::optional<at::Tensor>& seeds,
                      double churn_scale, int64_t churn_stream, c10::optional<at::ScalarType> cast_dtype,
-                     bool write_d);
+                     bool write_d, const c10::optional<at::Tensor>& scalars = c10::nullopt);
 
 Launch prepare_heun(const at::Tensor& x_hat, const at::Tensor& d, const at::Tensor& x_next, const at::Tensor& D_main,
                     const c10::optional<at::Tensor>& D_guide, double w, double t_hat, double t_next,
-                    const c10::optional<at::Tensor>& seeds, double churn_scale, int64_t churn_stream);
+                    const c10::optional<at::Tensor>& seeds, double churn_scale, int64_t churn_stream,
+                    const c10::optional<at::Tensor>& scalars = c10::nullopt);
 
 Launch prepare_churn(const at::Tensor& x, double scale, const c10::optional<at::Tensor>& seeds, int64_t stream,
                      const c10::optional<at::Tensor>& eps);

@@ -32,6 +32,31 @@ struct StepParams {
   double t_next = 0.0;
   double scale = 0.0;                // Churn scale sqrt(t_hat'^2 - t'^2) S_noise.
   uint32_t stream = 0;               // Philox stream of the noise.
+  // Optional [w, t_hat, t_next, scale, stream] in float64, in the memory of the op's device. When
+  // set, the kernels read the five values from there instead of the fields above (so one CUDA graph
+  // can serve every step of a kind: the engine updates the values between replays).
+  const double* scalars = nullptr;
 };
+
+// The five per-step values a kernel uses, from `scalars` when set, else from the fields. Plain
+// inline code: the CUDA kernels call it on the device (AGF_HOST_DEVICE), the CPU ops on the host.
+#if defined(__CUDACC__)
+#define AGF_HOST_DEVICE __host__ __device__
+#else
+#define AGF_HOST_DEVICE
+#endif
+
+struct StepScalars {
+  double w, t_hat, t_next, scale;
+  uint32_t stream;
+};
+
+AGF_HOST_DEVICE inline StepScalars step_scalars(const StepParams& p) {
+  if (p.scalars == nullptr) return {p.w, p.t_hat, p.t_next, p.scale, p.stream};
+  const double* s = p.scalars;
+  // The stream is an integer in [0, 2^32) stored exactly in a double (checked by the engine when
+  // it writes it; the device value cannot be checked here without a synchronisation).
+  return {s[0], s[1], s[2], s[3], static_cast<uint32_t>(static_cast<int64_t>(s[4]))};
+}
 
 }  // namespace agf

@@ -328,11 +328,59 @@ def _opcheck_cases():
         (ops.churn.default, (x, 0.5, None, 0, x * 0.1)),
         (ops.philox_normal.default, (seeds, 37, 2, torch.float64)),
         (ops.philox4x32.default, (torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6]]))),
+        (ops.euler_step.default, (x, D_main, D_guide, 2.1, 1.5, 1.0, seeds, 0.4, 7, False, _scalars(2.1, 1.5, 1.0))),
+        (ops.heun_step.default, (x, x * 0.5, x * 0.9, D_main, D_guide, 2.1, 1.5, 1.0, None, 0.0, 0,
+                                 _scalars(0.3, 2.5, 1.0))),
     ]
 
 
+def _scalars(w, t_hat, t_next, scale=0.0, stream=0):
+    return torch.tensor([w, t_hat, t_next, scale, stream], dtype=torch.float64)
+
+
 @needs_cpp
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("churn", [False, True], ids=["no churn", "fused churn"])
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_ops_read_device_scalars_instead_of_the_floats(dtype, churn):
+    """With `scalars`, the ops take w, t_hat, t_next and the churn's scale and stream from the
+    tensor: equal to passing those values as floats, whatever the float arguments say."""
+    x, D_main, D_guide = _inputs((3, 2, 5, 7), dtype, torch.float16, seed=9)
+    d0 = torch.randn(x.shape, dtype=dtype)
+
+    def exact(v):
+        return torch.tensor(v, dtype=dtype).item()
+
+    seeds = torch.tensor([4, -1, 2**45]) if churn else None
+    for w in (exact(2.1), exact(0.3), None):
+        dg = None if w is None else D_guide
+        true = (1.0 if w is None else w, exact(2.5), exact(1.75), exact(0.6), 9)
+        decoy = (1.7, 7.0, 3.0, 0.2, 2)
+        for name in ("euler_step", "heun_step"):
+            op = getattr(E, name)
+            head = (x, D_main, dg) if name == "euler_step" else (x, d0, x * 0.5, D_main, dg)
+            expected = op(*head, *true[:3], seeds, *true[3:])
+            got = op(*head, *decoy[:3], seeds, *decoy[3:], scalars=_scalars(*true))
+            wrong = op(*head, *decoy[:3], seeds, *decoy[3:])
+            for e, g, o in zip(*(t if isinstance(t, tuple) else (t,) for t in (expected, got, wrong))):
+                assert torch.equal(g, e), (name, w)
+                assert not torch.equal(o, e)
+
+
+@needs_cpp
+def test_bad_device_scalars_raise_naming_scalars():
+    x, D_main, D_guide = _inputs((2, 3), torch.float32, torch.float32, seed=2)
+    good = _scalars(2.1, 1.5, 1.0)
+    bad = [good.float(), good[:4], good.reshape(1, 5), torch.zeros(10, dtype=torch.float64)[::2],
+           torch.empty(5, dtype=torch.float64, device="meta")]
+    for scalars in bad:
+        with pytest.raises(RuntimeError, match="scalars: expected"):
+            E.euler_step(x, D_main, D_guide, 2.1, 1.5, 1.0, scalars=scalars)
+        with pytest.raises(RuntimeError, match="scalars: expected"):
+            E.heun_step(x, x, x, D_main, D_guide, 2.1, 1.5, 1.0, scalars=scalars)
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", range(13))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)

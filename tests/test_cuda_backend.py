@@ -287,7 +287,7 @@ def emu(tmp_path_factory):
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
     handle.agf_emu_step.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, vp, vp, vp, vp, vp, vp, vp,
                                     vp, vp, vp, ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_double,
-                                    ctypes.c_double, ctypes.c_uint32]
+                                    ctypes.c_double, ctypes.c_uint32, vp]
     handle.agf_emu_step.restype = ctypes.c_int
     handle.agf_emu_philox.argtypes = [vp, vp, vp, i64]
     handle.agf_emu_philox.restype = ctypes.c_int
@@ -299,7 +299,8 @@ def _ptr(t: torch.Tensor | None):
 
 
 def _emu_step(emu, kind, x=None, D_main=None, D_guide=None, d=None, x_next=None, eps=None, seeds=None, w=1.0,
-              t_hat=1.0, t_next=0.5, scale=0.0, stream=0, cast_dtype=None, shape=None, dtype=None, write_d=True):
+              t_hat=1.0, t_next=0.5, scale=0.0, stream=0, cast_dtype=None, shape=None, dtype=None, write_d=True,
+              scalars=None):
     """One emulated launch; returns the outputs the op allocates (like the ATen op would; with
     write_d=False the euler kernel gets no d buffer, a null pointer, and d comes back as None)."""
     ref = x if x is not None else torch.empty(shape, dtype=dtype)
@@ -311,7 +312,7 @@ def _emu_step(emu, kind, x=None, D_main=None, D_guide=None, d=None, x_next=None,
     net = _DT[D_main.dtype] if D_main is not None else 0
     rc = emu.agf_emu_step(_KIND[kind], _DT[ref.dtype], net, numel, image_numel, _ptr(x), _ptr(D_main), _ptr(D_guide),
                           _ptr(d), _ptr(x_next), _ptr(eps), _ptr(seeds), _ptr(out_d), _ptr(out_x), _ptr(out_c),
-                          _DT.get(cast_dtype, 0), w, t_hat, t_next, scale, stream)
+                          _DT.get(cast_dtype, 0), w, t_hat, t_next, scale, stream, _ptr(scalars))
     assert rc == 0
     return out_d, out_x, out_c
 
@@ -389,6 +390,33 @@ def test_emulated_noise_kernels(emu, dtype, shape):
         _, xn, xc = _emu_step(emu, "euler", x=x, D_main=D_main, D_guide=D_guide, w=2.1, t_hat=step.t_hat,
                               t_next=step.t_next, cast_dtype=cast)
         assert torch.equal(xn, xn_ref) and torch.equal(xc, xn_ref.to(cast)), cast
+
+
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_emulated_kernels_read_device_scalars(emu, dtype):
+    """With a scalars buffer the kernels take w, t_hat, t_next, scale and stream from it: the
+    result equals the launch with those values as arguments, whatever the arguments say."""
+    shape = (3, 5, 7)
+    x, D_main, D_guide = _inputs(shape, dtype, torch.float16, seed=6)
+    seeds = torch.tensor([11, -3, 2**40])
+    d = torch.randn(shape, dtype=dtype)
+    def exact(v):  # A value of the state dtype, as the plan holds them.
+        return torch.tensor(v, dtype=dtype).item()
+
+    values = dict(w=exact(0.3), t_hat=exact(2.5), t_next=exact(1.75), scale=exact(0.9), stream=7)
+    scalars = torch.tensor([values["w"], values["t_hat"], values["t_next"], values["scale"], values["stream"]],
+                           dtype=torch.float64)
+    decoy = dict(w=2.1, t_hat=9.0, t_next=4.0, scale=3.0, stream=1)
+    for kind, extra in (("euler", {}), ("heun", dict(d=d, x_next=x))):
+        for churn_seeds in (None, seeds):
+            common = dict(x=x, D_main=D_main, D_guide=D_guide, seeds=churn_seeds, **extra)
+            expected = _emu_step(emu, kind, **common, **values)
+            got = _emu_step(emu, kind, **common, **decoy, scalars=scalars)
+            other = _emu_step(emu, kind, **common, **decoy)
+            for e, g, o in zip(expected, got, other):
+                if e is not None:
+                    assert torch.equal(g, e), (kind, churn_seeds is not None)
+                    assert not torch.equal(o, e), "the decoy values must change the result"
 
 
 def test_emulated_philox_known_answers(emu):

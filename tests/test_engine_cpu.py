@@ -333,7 +333,10 @@ def test_graph_runners_replay_new_inputs_and_seeds(fake_graphs, graph):
     report = s.prepare(seeded=True)
     assert report["graph"] == graph and report["variants"] == ["seeded"] and report["warmup_runs"] == 2
     (capturer,) = fake_graphs.instances
-    assert capturer.warmups == 2
+    # Step graphs: one more warm-up (the kinds' own launch sequence). Schedule t = 80, 17.5, 2.52,
+    # 0.170, 0.002: steps 1-3 churn (S_min <= t <= S_max) with the torch backend's own op, which
+    # bakes its step in: each is a kind of its own, as are the first and the last step.
+    assert capturer.warmups == (2 if graph == "trajectory" else 3)
     assert len(capturer.graphs) == (1 if graph == "trajectory" else 5)
     # Each call loads new noise, labels and seeds into the static buffers: replay == eager.
     for seed in (3, 4, 5):
@@ -341,7 +344,52 @@ def test_graph_runners_replay_new_inputs_and_seeds(fake_graphs, graph):
         labels = one_hot_labels(SHAPE[0], LABEL_DIM, seed=seed)
         assert torch.equal(s(noise, labels, seeds), eager(net, gnet, noise, labels, seeds, **CHURN))
     assert len(fake_graphs.instances) == 1  # Prepared once.
-    assert all(g.replays == 3 for g in capturer.graphs)
+    replays = [g.replays for g in capturer.graphs]
+    assert replays == [3] * len(capturer.graphs)
+
+
+STEP_KIND_CASES = [
+    # (sampler arguments, seeded call, graphs expected, why); the same for both backends unless a
+    # dict {backend: graphs}.
+    ({"num_steps": 6}, False, 3, "first, 4 x guided Heun, last"),
+    ({"num_steps": 6, "solver": "euler"}, False, 3, "first, 4 x guided Euler, last"),
+    ({"num_steps": 6, "guidance": 1.0}, False, 3, "first, 4 x unguided Heun, last"),
+    # 7 steps: t = 80, 30.2, 9.72, 2.52, 0.470, 0.0515, 0.002; guide only for 0.5 < t <= 10. Guided at
+    # (t_hat, t_next): step 1 (no, yes), step 2 (yes, yes), step 3 (yes, no), steps 4 and 5 (no, no).
+    ({"num_steps": 7, "guidance_interval": (0.5, 10.0)}, False, 6, "first, 4 kinds of middle steps, last"),
+    # 6 steps: t = 80, 24.4, 5.84, 0.965, 0.0851, 0.002: steps 1-4 churn. Seeded with cpp, the churn
+    # is fused into the op ending the step before: steps 1-3 (next step churns) share a kind, step 4
+    # (next does not) has its own. The torch backend churns with an op of each step's own.
+    ({"num_steps": 6, **CHURN}, True, {"cpp": 4, "torch": 6}, "seeded churn"),
+    # Churn from randn_like (never fused): every churned middle step is a graph of its own.
+    ({"num_steps": 6, **CHURN}, False, 6, "randn_like churn"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("kwargs,seeded,graphs,why", STEP_KIND_CASES, ids=[c[3] for c in STEP_KIND_CASES])
+def test_step_graphs_are_one_per_kind_of_step_and_equal_eager(fake_graphs, backend, kwargs, seeded, graphs, why):
+    if backend == "cpp" and not autoguide_fast.backends()["cpp"].available:
+        pytest.skip("the compiled extension is not built")
+    net, gnet = nets()
+    s = sampler(net, gnet, graph="step", backend=backend, **kwargs)
+    s.prepare(seeded=seeded)
+    (capturer,) = fake_graphs.instances
+    expected_graphs = graphs[backend] if isinstance(graphs, dict) else graphs
+    assert len(capturer.graphs) == expected_graphs == s.report["graphs"]
+    eager_kwargs = {k: v for k, v in kwargs.items()}
+    for seed in (7, 8):
+        noise, labels = randn(*SHAPE, seed=seed), one_hot_labels(SHAPE[0], LABEL_DIM, seed=seed)
+        seeds = [seed, seed + 1] if seeded else None
+        if kwargs.get("S_churn"):
+            torch.manual_seed(seed)
+            got = s(noise, labels, seeds)
+            torch.manual_seed(seed)
+            expected = eager(net, gnet, noise, labels, seeds, **eager_kwargs)
+        else:
+            got = s(noise, labels, seeds)
+            expected = eager(net, gnet, noise, labels, seeds, **eager_kwargs)
+        assert torch.equal(got, expected), why
 
 
 def test_seeded_and_default_variants_are_prepared_on_demand(fake_graphs):

@@ -236,3 +236,25 @@ def test_package_imports_and_reports_without_triton():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(CUDA, reason="CPU stand-in for graphs; tests/test_engine_gpu.py captures real ones")
+def test_step_graphs_per_kind_replay_other_steps_with_the_triton_kernels(monkeypatch):
+    """graph="step" with the Triton ops reading their scalars from the slot buffer: one graph per
+    kind of step (a CPU stand-in re-runs what each graph captured), equal to the eager backend."""
+    from autoguide_fast import GuidedSampler
+
+    from .test_engine_cpu import RerunCapturer
+
+    RerunCapturer.instances, RerunCapturer.fail_with = [], None
+    monkeypatch.setattr(GuidedSampler, "_capturer_type", RerunCapturer)
+    net, gnet = _nets()
+    kwargs = dict(num_steps=5, guidance=2.1, S_churn=30.0, S_min=0.05, S_max=50.0)
+    s = GuidedSampler(net, gnet, noise_shape=(2, 3, 7, 5), device="cpu", backend="triton", graph="step", **kwargs)
+    s.prepare(seeded=True)
+    # t = 80, 17.5, 2.52, 0.170, 0.002: steps 1-3 churn, fused into the op before; steps 1 and 2 share a kind.
+    assert len(RerunCapturer.instances[0].graphs) == 4
+    for seed in (1, 2):
+        x0 = _noise(seed=seed)
+        eager = agf.fast_guided_sample(net, x0, None, gnet, backend="triton", seeds=[seed, 5], **kwargs)
+        assert torch.equal(s(x0, seeds=[seed, 5]), eager)

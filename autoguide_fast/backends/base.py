@@ -24,6 +24,12 @@ class StepBackend(Protocol):
     # (x_hat' = x_out + next.noise_scale · eps(seeds, churn_stream(next.index))). The loop then
     # passes ``churn_next=(next_step, seeds)``; otherwise it is always None.
     fuses_churn: bool
+    # True if euler()/heun() take every per-step value from device memory: step.tensors, and
+    # step.scalars when it is set (w, t_hat, t_next and the fused churn's scale and stream).
+    # Then one CUDA graph captured for a step replays correctly for any step of the same kind
+    # once those buffers hold the new step's values (engine/step_kinds.py). Python floats of the
+    # step may still decide branches (guided or not, churn or not), never values.
+    device_scalars: bool
 
     def euler(
         self,

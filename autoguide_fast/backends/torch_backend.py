@@ -15,6 +15,7 @@ __all__ = ["TorchBackend"]
 class TorchBackend:
     name = "torch"
     fuses_churn = False
+    device_scalars = True   # Euler/Heun read t_hat, t_next from step.tensors only.
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         self.dtype = dtype

@@ -55,6 +55,7 @@ class TritonBackend:
 
     name = "triton"
     fuses_churn = True
+    device_scalars = True   # Honours step.scalars (see StepBackend.device_scalars).
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         if dtype not in _STATE_DTYPES:
@@ -88,7 +89,7 @@ class TritonBackend:
         seeds, scale, stream = self._churn_args(churn_next)
         d, x_next = self.ops.euler_step(
             x_hat, D_main, D_guide if w is not None else None, w, step.t_hat, step.t_next,
-            seeds, scale, stream, None, need_d,
+            seeds, scale, stream, None, need_d, step.scalars,
         )
         return (d if need_d else None), x_next
 
@@ -108,7 +109,7 @@ class TritonBackend:
         seeds, scale, stream = self._churn_args(churn_next)
         (x_out,) = self.ops.heun_step(
             x_hat, d, x_next, D_main, D_guide if w is not None else None, w, step.t_hat, step.t_next,
-            seeds, scale, stream, None,
+            seeds, scale, stream, None, step.scalars,
         )
         return x_out
 

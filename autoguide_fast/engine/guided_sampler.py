@@ -210,6 +210,7 @@ class GuidedSampler:
             "compile_networks": self.compile_networks,
             "copy_output": self.copy_output,
             "warmup_runs": 0,
+            "graphs": 0,
             "variants": [],
             "prepared": False,
         }
@@ -294,6 +295,7 @@ class GuidedSampler:
         self._runners[variant] = runner
         r = self._report
         r["variants"] = sorted("seeded" if v else "default" for v in self._runners)
+        r["graphs"] = sum(len(getattr(run, "graphs", ())) for run in self._runners.values())
         r["graph"] = self._graph_mode
         r["streams"] = "on" if self._streams_on else "off"
         r["prepared"] = True

@@ -1,6 +1,6 @@
 """The three ways a prepared sampler runs a trajectory: eagerly, as one CUDA graph, or as one CUDA
-graph per step. All three run the same loop (``sampler.run_eager_steps``) with the same backend,
-so their results are the same bit for bit.
+graph per kind of step. All three run the same loop (``sampler.run_eager_steps``) with the same
+backend, so their results are the same bit for bit.
 
 A runner is called with (noise, labels, seeds) and returns (x, finite): the result and, when
 finiteness is checked, a 0-dim device bool computed in the same launch sequence (no extra sync).
@@ -16,6 +16,7 @@ import torch
 
 from ..plan import SamplerConfig, StepPlan
 from ..sampler import run_eager, run_eager_steps
+from .step_kinds import StepTable, step_kinds
 
 __all__ = ["EagerRunner", "SamplingProgram", "StaticInputs", "StepGraphRunner", "TrajectoryGraphRunner"]
 
@@ -50,12 +51,15 @@ class SamplingProgram:
                       self.streams)
         return self._finish(x)
 
-    def step(self, k: int, x: torch.Tensor, labels: torch.Tensor | None, seeds: torch.Tensor | None) -> Result:
-        """Step k from state x (from the unit noise when k == 0); finiteness on the last step."""
+    def step(self, k: int, x: torch.Tensor, labels: torch.Tensor | None, seeds: torch.Tensor | None,
+             steps: list[StepPlan] | None = None) -> Result:
+        """Step k from state x (from the unit noise when k == 0); finiteness on the last step.
+        ``steps`` replaces the plan's step list (the per-kind graphs pass slot steps)."""
         net, gnet = self.networks()
         if k == 0:
             x = x.to(self.config.dtype) * self.plan[0][0]
-        x = run_eager_steps(net, gnet, x, labels, self.config, self.backend, seeds, None, None, self.plan,
+        plan = self.plan if steps is None else (self.plan[0], steps)
+        x = run_eager_steps(net, gnet, x, labels, self.config, self.backend, seeds, None, None, plan,
                             self.streams, first=k, stop=k + 1)
         return self._finish(x) if k == self.num_steps - 1 else (x, None)
 
@@ -132,27 +136,73 @@ class TrajectoryGraphRunner(_GraphRunner):
 
 
 class StepGraphRunner(_GraphRunner):
-    """One graph per step, replayed in order. Each step's scalars are baked into its own graph
-    (the fused backends take them as Python floats), so this is one graph per step rather than
-    one per kind of step; the graphs share one memory pool and chain through static states."""
+    """One graph per kind of step (see ``step_kinds``), replayed in step order.
+
+    Graphs chain through one static state buffer: each graph reads it and ends by writing its
+    result back into it (the last writes the static output instead). A middle kind's graph first
+    loads its step's values from the device tables at the step counter and ends by advancing the
+    counter; the first graph sets the counter. So a call is: load the inputs, replay N graphs,
+    nothing else on the host. The graphs share one memory pool: safe because they are replayed one
+    after the other on one stream, and everything that outlives a graph (state, tables, slots,
+    output) was allocated before the captures or stays referenced.
+    """
 
     mode = "step"
 
     def __init__(self, program, capturer, inputs, warmup_runs: int) -> None:
         super().__init__(program, capturer, inputs, warmup_runs)
-        self.graphs = []
-        x, finite = inputs.noise, None
-        # State k stays alive while step k+1 is captured (it is that capture's input) and is then
-        # returned to the shared pool, where later steps may reuse it: safe because the graphs are
-        # always replayed in capture order, one after the other, on one stream.
-        for k in range(program.num_steps):
-            graph, (x, finite) = capturer.capture(
-                lambda k=k, x=x: program.step(k, x, inputs.labels, inputs.seeds))
-            self.graphs.append(graph)
-        self.out, self.finite = x, finite
+        steps = program.plan[1]
+        fused_churn = getattr(program.backend, "fuses_churn", False) and inputs.seeds is not None
+        kinds = step_kinds(steps, fused_churn, getattr(program.backend, "device_scalars", False))
+        self.table = StepTable(program.config, steps, inputs.noise.device)
+        self.state = torch.empty_like(inputs.noise)
+        self.kinds = kinds
+        # Each kind's launch sequence, eagerly once in step order (warms up whatever the kinds
+        # launch that the trajectory did not, e.g. kernels reading their scalars from memory,
+        # before anything is captured); then one capture per kind.
+        capturer.warmup(lambda: [self._kind_fn(k)() for k in range(len(steps))], 1)
+        graphs: dict[tuple, Any] = {}
+        for k, kind in enumerate(kinds):
+            if kind not in graphs:
+                graph, out = capturer.capture(self._kind_fn(k))
+                graphs[kind] = graph
+                if kind == ("last",):
+                    self.out, self.finite = out
+        self.graphs = list(graphs.values())
+        self.sequence = [graphs[kind] for kind in kinds]
+
+    def _kind_fn(self, k: int) -> Callable[[], Result]:
+        """The launch sequence of step k's kind, with step k as its representative."""
+        program, inputs, table = self.program, self.inputs, self.table
+        steps = program.plan[1]
+        labels, seeds = inputs.labels, inputs.seeds
+        if self.kinds[k] == ("first",):
+            def first() -> Result:
+                x, _ = program.step(0, inputs.noise, labels, seeds)
+                self.state.copy_(x)
+                table.start_at(1)
+                return self.state, None
+            return first
+        if self.kinds[k] == ("last",):
+            return lambda: program.step(k, self.state, labels, seeds)
+        slot_steps = list(steps)
+        slot_steps[k] = table.slot_step(steps[k])
+
+        def middle() -> Result:
+            table.load_current()
+            x, _ = program.step(k, self.state, labels, seeds, slot_steps)
+            self.state.copy_(x)
+            table.advance()
+            return self.state, None
+        return middle
 
     def __call__(self, noise, labels, seeds) -> Result:
         self.inputs.load(noise, labels, seeds)
-        for graph in self.graphs:
+        for graph in self.sequence:
             graph.replay()
         return self.out, self.finite
+
+    def release(self) -> None:
+        super().release()
+        self.sequence = []
+        self.table = self.state = None

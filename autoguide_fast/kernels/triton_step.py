@@ -18,6 +18,12 @@ dtype in the kernel, as torch rounds a Python scalar; t_next - t_hat is computed
 dtype like the reference's tensor subtraction. The network outputs may have any float dtype;
 they are widened (exactly) or rounded to the state dtype like ``D.to(dtype)``.
 
+``euler_step`` and ``heun_step`` also take the scalars from device memory: ``scalars``, a float64
+tensor [w, t_hat, t_next, noise_scale, stream] (stream an integer in [0, 2^32)), is read by the
+kernel and replaces those Python values in the arithmetic (same rounding, bit-identical results),
+so a CUDA graph captured once per kind of step replays any step after a copy into that tensor.
+The Python arguments still select the compiled variant (w None or not, |w| < 0.5, churn or not).
+
 Every op is a ``torch.library`` custom op with a fake implementation, so it works under
 ``torch.compile`` and inside CUDA-graph capture (no host synchronisation, no allocation besides
 its outputs). Inputs that are not contiguous are copied to contiguous memory first (an extra
@@ -89,6 +95,19 @@ def _add_churn(x, seeds_ptr, b, g, rows, scale, stream, COMPILED: tl.constexpr):
     return exact_rn(x, exact_rn(tl.broadcast_to(scale, eps.shape), eps, "mul", COMPILED), "add", COMPILED)
 
 
+@triton.jit
+def _load_scalar(scalars_ptr, index, DTYPE: tl.constexpr):
+    """Element index of the float64 scalars, rounded to nearest in DTYPE like scalar_from_bits."""
+    return tl.load(scalars_ptr + index).to(DTYPE)
+
+
+@triton.jit
+def _load_stream(scalars_ptr):
+    """The Philox stream stored as a float64 integer in [0, 2^32), as the uint32 that normal_tile
+    reinterprets (exact: the float64 holds the integer exactly)."""
+    return tl.load(scalars_ptr + 4).to(tl.int64).to(tl.uint32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels.
 
@@ -98,6 +117,7 @@ def _euler_step_kernel(
     x_ptr, dm_ptr, dg_ptr, seeds_ptr,           # inputs (dg_ptr / seeds_ptr unused unless GUIDED / CHURN)
     d_ptr, xn_ptr, xc_ptr,                      # outputs (d_ptr / xc_ptr unused unless WRITE_D / CAST)
     w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, stream,
+    scalars_ptr,                                # float64 [w, t_hat, t_next, noise_scale, stream]; 0: the bits above
     numel, groups_per_image, total_groups, total,
     GUIDED: tl.constexpr, W_SMALL: tl.constexpr, WRITE_D: tl.constexpr, CAST: tl.constexpr,
     CHURN: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, COMPILED: tl.constexpr,
@@ -105,17 +125,30 @@ def _euler_step_kernel(
 ):
     """EDM Algorithm 2, lines 7-8 with D = D_w, optionally followed by the next step's churn (lines 4-6)."""
     state = x_ptr.dtype.element_ty
+    # Scalars from memory when scalars_ptr is a pointer, not the int 0 the host passes without them.
+    # The flag is the argument's type, not a constexpr parameter: launches without scalars (and the
+    # PTX check's signatures, an i32 per lowercase argument) compile exactly the code they did before.
+    HAS_SCALARS: tl.constexpr = scalars_ptr.dtype.is_ptr()
     off, mask, b, g, rows = tile_offsets(numel, groups_per_image, total_groups, total, CHURN, ALIGNED, WIDE, GROUPS)
-    w = scalar_from_bits(w_hi, w_lo, state)
-    t_hat = scalar_from_bits(th_hi, th_lo, state)
-    t_next = scalar_from_bits(tn_hi, tn_lo, state)
+    if HAS_SCALARS:
+        w = _load_scalar(scalars_ptr, 0, state)
+        t_hat = _load_scalar(scalars_ptr, 1, state)
+        t_next = _load_scalar(scalars_ptr, 2, state)
+    else:
+        w = scalar_from_bits(w_hi, w_lo, state)
+        t_hat = scalar_from_bits(th_hi, th_lo, state)
+        t_next = scalar_from_bits(tn_hi, tn_lo, state)
     step = t_next - t_hat
     x = tl.load(x_ptr + off, mask=mask, other=0)
     den = _denoised(dm_ptr, dg_ptr, off, mask, w, GUIDED, W_SMALL, COMPILED)
     d = exact_rn(exact_rn(x, den, "sub", COMPILED), tl.broadcast_to(t_hat, x.shape), "div", COMPILED)
     x_next = exact_rn(x, exact_rn(tl.broadcast_to(step, d.shape), d, "mul", COMPILED), "add", COMPILED)
     if CHURN:
-        x_next = _add_churn(x_next, seeds_ptr, b, g, rows, scalar_from_bits(ns_hi, ns_lo, state), stream, COMPILED)
+        if HAS_SCALARS:
+            x_next = _add_churn(x_next, seeds_ptr, b, g, rows, _load_scalar(scalars_ptr, 3, state),
+                                _load_stream(scalars_ptr), COMPILED)
+        else:
+            x_next = _add_churn(x_next, seeds_ptr, b, g, rows, scalar_from_bits(ns_hi, ns_lo, state), stream, COMPILED)
     if WRITE_D:
         tl.store(d_ptr + off, d, mask=mask)
     tl.store(xn_ptr + off, x_next, mask=mask)
@@ -128,6 +161,7 @@ def _heun_step_kernel(
     x_ptr, d_ptr, xn_ptr, dm_ptr, dg_ptr, seeds_ptr,    # inputs
     out_ptr, xc_ptr,                                    # outputs
     w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, stream,
+    scalars_ptr,                                        # float64 [w, t_hat, t_next, noise_scale, stream]; or 0
     numel, groups_per_image, total_groups, total,
     GUIDED: tl.constexpr, W_SMALL: tl.constexpr, CAST: tl.constexpr,
     CHURN: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, COMPILED: tl.constexpr,
@@ -135,10 +169,19 @@ def _heun_step_kernel(
 ):
     """EDM Algorithm 2, lines 9-11 with D' = D_w at (x_next, t_next), optionally followed by the next churn."""
     state = x_ptr.dtype.element_ty
+    # Scalars from memory when scalars_ptr is a pointer, not the int 0 the host passes without them.
+    # The flag is the argument's type, not a constexpr parameter: launches without scalars (and the
+    # PTX check's signatures, an i32 per lowercase argument) compile exactly the code they did before.
+    HAS_SCALARS: tl.constexpr = scalars_ptr.dtype.is_ptr()
     off, mask, b, g, rows = tile_offsets(numel, groups_per_image, total_groups, total, CHURN, ALIGNED, WIDE, GROUPS)
-    w = scalar_from_bits(w_hi, w_lo, state)
-    t_hat = scalar_from_bits(th_hi, th_lo, state)
-    t_next = scalar_from_bits(tn_hi, tn_lo, state)
+    if HAS_SCALARS:
+        w = _load_scalar(scalars_ptr, 0, state)
+        t_hat = _load_scalar(scalars_ptr, 1, state)
+        t_next = _load_scalar(scalars_ptr, 2, state)
+    else:
+        w = scalar_from_bits(w_hi, w_lo, state)
+        t_hat = scalar_from_bits(th_hi, th_lo, state)
+        t_next = scalar_from_bits(tn_hi, tn_lo, state)
     step = t_next - t_hat
     x = tl.load(x_ptr + off, mask=mask, other=0)
     d = tl.load(d_ptr + off, mask=mask, other=0)
@@ -149,7 +192,11 @@ def _heun_step_kernel(
     slope = exact_rn(d * 0.5, d_prime * 0.5, "add", COMPILED)
     x_out = exact_rn(x, exact_rn(tl.broadcast_to(step, slope.shape), slope, "mul", COMPILED), "add", COMPILED)
     if CHURN:
-        x_out = _add_churn(x_out, seeds_ptr, b, g, rows, scalar_from_bits(ns_hi, ns_lo, state), stream, COMPILED)
+        if HAS_SCALARS:
+            x_out = _add_churn(x_out, seeds_ptr, b, g, rows, _load_scalar(scalars_ptr, 3, state),
+                               _load_stream(scalars_ptr), COMPILED)
+        else:
+            x_out = _add_churn(x_out, seeds_ptr, b, g, rows, scalar_from_bits(ns_hi, ns_lo, state), stream, COMPILED)
     tl.store(out_ptr + off, x_out, mask=mask)
     if CAST:
         tl.store(xc_ptr + off, x_out.to(xc_ptr.dtype.element_ty), mask=mask)
@@ -223,6 +270,25 @@ def _check_churn(x_hat: torch.Tensor, seeds: torch.Tensor | None, noise_scale: f
         raise ValueError(f"stream: expected an integer in [0, 2^32), got {stream}")
 
 
+def _check_scalars(x_hat: torch.Tensor, scalars: object) -> None:
+    # Layout, dtype and device only: the values live on the device, and reading them would
+    # synchronise (and fail inside CUDA-graph capture).
+    if scalars is None:
+        return
+    expected = "a contiguous float64 tensor of shape [5] ([w, t_hat, t_next, noise_scale, stream])"
+    if not isinstance(scalars, torch.Tensor):
+        raise TypeError(f"scalars: expected {expected}, got {type(scalars).__name__}")
+    if scalars.dtype != torch.float64:
+        raise TypeError(f"scalars: expected {expected}, got dtype {scalars.dtype}")
+    if scalars.shape != (5,):
+        raise ValueError(f"scalars: expected {expected}, got shape {tuple(scalars.shape)}")
+    if not scalars.is_contiguous():
+        raise ValueError(f"scalars: expected {expected}, got strides {scalars.stride()}")
+    # x_hat's device is already a valid one: the same device is all the kernel needs.
+    if scalars.device != x_hat.device:
+        raise ValueError(f"scalars: expected {expected} on {x_hat.device} (like x_hat), got one on {scalars.device}")
+
+
 def _check_cast(cast_dtype: torch.dtype | None) -> None:
     if cast_dtype is not None and cast_dtype not in _NET_DTYPES:
         raise TypeError(f"cast_dtype: expected a floating dtype or None, got {cast_dtype}")
@@ -254,6 +320,12 @@ def _scalars(w: float | None, t_hat: float, t_next: float, noise_scale: float | 
         out[f"{name}_hi"], out[f"{name}_lo"] = f64_bits(0.0 if value is None else value)
     out["stream"] = _i32(stream)
     return out
+
+
+def _scalars_arg(scalars: torch.Tensor | None) -> torch.Tensor | int:
+    # Without device scalars the kernel gets the int 0 (not a dummy pointer): its type is the
+    # kernel's HAS_SCALARS flag. 0, not 1: Triton makes an int argument equal to 1 a constant.
+    return 0 if scalars is None else scalars
 
 
 def _w_small(w: float | None, dtype: torch.dtype) -> bool:
@@ -297,9 +369,12 @@ def euler_step(
     stream: int,                        # Philox stream of that churn (noise.churn_stream(i + 1)).
     cast_dtype: torch.dtype | None,     # Also return x_next in this dtype (the networks' input); None = no.
     write_d: bool,                      # Write d (needed by a Heun correction); False returns an empty d.
+    scalars: torch.Tensor | None = None,  # float64 [5] on x_hat's device, [w, t_hat, t_next, noise_scale,
+                                          # stream]: read by the kernel instead of the Python values, so a
+                                          # captured CUDA graph replays any step (None = the Python values).
 ) -> list[torch.Tensor]:
     """Fused Euler step: returns [d, x_next] (+ [x_next in cast_dtype]); x_next includes the churn if fused."""
-    _check_euler(x_hat, D_main, D_guide, w, seeds, noise_scale, stream, cast_dtype)
+    _check_euler(x_hat, D_main, D_guide, w, seeds, noise_scale, stream, cast_dtype, scalars)
     x_hat = x_hat.contiguous()
     churn_on = seeds is not None
     grid, sizes, flags = _geometry(x_hat, churn_on)
@@ -315,7 +390,7 @@ def euler_step(
                 x_hat, D_main, D_guide if D_guide is not None else D_main,
                 seeds.contiguous() if churn_on else x_hat,
                 d if write_d else x_next, x_next, x_cast if x_cast is not None else x_next,
-                **_scalars(w, t_hat, t_next, noise_scale, stream), **sizes,
+                **_scalars(w, t_hat, t_next, noise_scale, stream), scalars_ptr=_scalars_arg(scalars), **sizes,
                 GUIDED=w is not None, W_SMALL=_w_small(w, x_hat.dtype), WRITE_D=write_d, CAST=x_cast is not None,
                 CHURN=churn_on, **flags, **LAUNCH,
             )
@@ -325,16 +400,17 @@ def euler_step(
     return out
 
 
-def _check_euler(x_hat, D_main, D_guide, w, seeds, noise_scale, stream, cast_dtype) -> None:
+def _check_euler(x_hat, D_main, D_guide, w, seeds, noise_scale, stream, cast_dtype, scalars=None) -> None:
     x_hat = _check_state(x_hat)
     _check_denoiser(x_hat, D_main, D_guide, w)
     _check_churn(x_hat, seeds, noise_scale, stream)
     _check_cast(cast_dtype)
+    _check_scalars(x_hat, scalars)
 
 
 @euler_step.register_fake
-def _(x_hat, D_main, D_guide, w, t_hat, t_next, seeds, noise_scale, stream, cast_dtype, write_d):
-    _check_euler(x_hat, D_main, D_guide, w, seeds, noise_scale, stream, cast_dtype)
+def _(x_hat, D_main, D_guide, w, t_hat, t_next, seeds, noise_scale, stream, cast_dtype, write_d, scalars=None):
+    _check_euler(x_hat, D_main, D_guide, w, seeds, noise_scale, stream, cast_dtype, scalars)
     shape = x_hat.shape
     out = [x_hat.new_empty(shape if write_d else (0,)), x_hat.new_empty(shape)]
     if cast_dtype is not None:
@@ -356,9 +432,11 @@ def heun_step(
     noise_scale: float | None,          # Churn scale of the next step, with seeds.
     stream: int,                        # Philox stream of that churn.
     cast_dtype: torch.dtype | None,     # Also return x_out in this dtype; None = no.
+    scalars: torch.Tensor | None = None,  # float64 [5], [w, t_hat, t_next, noise_scale, stream]: read by the
+                                          # kernel instead of the Python values (as in euler_step).
 ) -> list[torch.Tensor]:
     """Fused Heun correction: returns [x_out] (+ [x_out in cast_dtype]); x_out includes the churn if fused."""
-    _check_heun(x_hat, d, x_next, D_main, D_guide, w, seeds, noise_scale, stream, cast_dtype)
+    _check_heun(x_hat, d, x_next, D_main, D_guide, w, seeds, noise_scale, stream, cast_dtype, scalars)
     x_hat, d, x_next = x_hat.contiguous(), d.contiguous(), x_next.contiguous()
     churn_on = seeds is not None
     grid, sizes, flags = _geometry(x_hat, churn_on)
@@ -373,7 +451,7 @@ def heun_step(
                 x_hat, d, x_next, D_main, D_guide if D_guide is not None else D_main,
                 seeds.contiguous() if churn_on else x_hat,
                 x_out, x_cast if x_cast is not None else x_out,
-                **_scalars(w, t_hat, t_next, noise_scale, stream), **sizes,
+                **_scalars(w, t_hat, t_next, noise_scale, stream), scalars_ptr=_scalars_arg(scalars), **sizes,
                 GUIDED=w is not None, W_SMALL=_w_small(w, x_hat.dtype), CAST=x_cast is not None,
                 CHURN=churn_on, **flags, **LAUNCH,
             )
@@ -383,18 +461,19 @@ def heun_step(
     return out
 
 
-def _check_heun(x_hat, d, x_next, D_main, D_guide, w, seeds, noise_scale, stream, cast_dtype) -> None:
+def _check_heun(x_hat, d, x_next, D_main, D_guide, w, seeds, noise_scale, stream, cast_dtype, scalars=None) -> None:
     x_hat = _check_state(x_hat)
     _check_like("d", d, x_hat, same_dtype=True)
     _check_like("x_next", x_next, x_hat, same_dtype=True)
     _check_denoiser(x_hat, D_main, D_guide, w)
     _check_churn(x_hat, seeds, noise_scale, stream)
     _check_cast(cast_dtype)
+    _check_scalars(x_hat, scalars)
 
 
 @heun_step.register_fake
-def _(x_hat, d, x_next, D_main, D_guide, w, t_hat, t_next, seeds, noise_scale, stream, cast_dtype):
-    _check_heun(x_hat, d, x_next, D_main, D_guide, w, seeds, noise_scale, stream, cast_dtype)
+def _(x_hat, d, x_next, D_main, D_guide, w, t_hat, t_next, seeds, noise_scale, stream, cast_dtype, scalars=None):
+    _check_heun(x_hat, d, x_next, D_main, D_guide, w, seeds, noise_scale, stream, cast_dtype, scalars)
     out = [x_hat.new_empty(x_hat.shape)]
     if cast_dtype is not None:
         out.append(x_hat.new_empty(x_hat.shape, dtype=cast_dtype))

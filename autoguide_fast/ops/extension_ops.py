@@ -18,6 +18,11 @@ Ops (one pass over memory each; scalars are the plan's exact state-dtype values)
 * ``heun_step``: d' = (x_next - D')/t_next, x_out = x_hat + (t_next - t_hat)(d/2 + d'/2)
   (lines 9-11), with the same optional fused churn.
 * ``churn``: x + scale·eps, eps explicit or seeded.
+
+``euler_step`` and ``heun_step`` also take ``scalars``: float64 [5] = [w, t_hat, t_next,
+churn_scale, churn_stream] on the op's device. The kernels then read those five values from it
+(never the host), so a CUDA graph captured once can be replayed for another step after the
+engine wrote that step's values into the buffer. D_guide / seeds still decide guided / churned.
 * ``philox_normal``: the seeded noise of :mod:`autoguide_fast.noise`, [B, numel].
 * ``philox4x32``: raw Philox4x32-10 words (known-answer tests of the generator).
 """
@@ -58,10 +63,22 @@ def _like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
 
 
+def _check_scalars_meta(scalars: torch.Tensor | None, x_hat: torch.Tensor) -> None:
+    if scalars is not None:
+        torch._check(
+            scalars.dtype == torch.float64 and tuple(scalars.shape) == (5,),
+            lambda: f"scalars: expected a float64 tensor of shape [5], got {scalars.dtype} {tuple(scalars.shape)}",
+        )
+        # A meta `scalars` beside real inputs dispatches here too: refuse rather than return garbage.
+        torch._check(scalars.device == x_hat.device,
+                     lambda: f"scalars: expected the device of x_hat ({x_hat.device}), got {scalars.device}")
+
+
 @torch.library.register_fake("autoguide_fast::euler_step")
 def _euler_step_fake(x_hat, D_main, D_guide, w, t_hat, t_next, seeds=None, churn_scale=0.0, churn_stream=0,
-                     write_d=True):
+                     write_d=True, scalars=None):
     torch._check(D_main.shape == x_hat.shape, lambda: f"D_main: expected shape {x_hat.shape}, got {D_main.shape}")
+    _check_scalars_meta(scalars, x_hat)
     return (_like(x_hat) if write_d else x_hat.new_empty((0,))), _like(x_hat)
 
 
@@ -72,8 +89,10 @@ def _euler_step_cast_fake(x_hat, D_main, D_guide, w, t_hat, t_next, cast_dtype):
 
 
 @torch.library.register_fake("autoguide_fast::heun_step")
-def _heun_step_fake(x_hat, d, x_next, D_main, D_guide, w, t_hat, t_next, seeds=None, churn_scale=0.0, churn_stream=0):
+def _heun_step_fake(x_hat, d, x_next, D_main, D_guide, w, t_hat, t_next, seeds=None, churn_scale=0.0, churn_stream=0,
+                    scalars=None):
     torch._check(D_main.shape == x_hat.shape, lambda: f"D_main: expected shape {x_hat.shape}, got {D_main.shape}")
+    _check_scalars_meta(scalars, x_hat)
     return _like(x_hat)
 
 
@@ -103,10 +122,11 @@ def euler_step(
     churn_scale: float = 0.0,               # Next step's sqrt(t_hat'^2 - t'^2)·S_noise.
     churn_stream: int = 0,                  # Philox stream of that churn.
     write_d: bool = True,                   # False: d is not stored (returned with 0 elements).
+    scalars: torch.Tensor | None = None,    # float64 [5] on the device: replaces w .. churn_stream.
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d, x_next) of one Euler step with the guided denoiser; see the module docstring."""
     return _ops.euler_step(x_hat, D_main, D_guide, float(w), float(t_hat), float(t_next), seeds,
-                           float(churn_scale), int(churn_stream), bool(write_d))
+                           float(churn_scale), int(churn_stream), bool(write_d), scalars)
 
 
 def euler_step_cast(
@@ -134,10 +154,11 @@ def heun_step(
     seeds: torch.Tensor | None = None,
     churn_scale: float = 0.0,
     churn_stream: int = 0,
+    scalars: torch.Tensor | None = None,    # float64 [5] on the device: replaces w .. churn_stream.
 ) -> torch.Tensor:
     """x_out of the Heun correction, optionally already churned for the next step."""
     return _ops.heun_step(x_hat, d, x_next, D_main, D_guide, float(w), float(t_hat), float(t_next), seeds,
-                          float(churn_scale), int(churn_stream))
+                          float(churn_scale), int(churn_stream), scalars)
 
 
 def churn(

@@ -32,6 +32,7 @@ def supports(device_type: str, device: torch.device, dtype: torch.dtype) -> str 
 
 class FusedBackend:
     fuses_churn = True
+    device_scalars = True   # Honours step.scalars (see StepBackend.device_scalars).
 
     def __init__(self, name: str, dtype: torch.dtype) -> None:
         from . import extension_ops  # Needs the compiled extension: imported only when one is used.
@@ -78,7 +79,7 @@ class FusedBackend:
         D_main, D_guide = self._net_outputs(D_main, D_guide, w)
         seeds, scale, stream = self._churn_args(churn_next)
         d, x_next = self._ops.euler_step(x_hat.contiguous(), D_main, D_guide, 1.0 if w is None else w, step.t_hat,
-                                         step.t_next, seeds, scale, stream, need_d)
+                                         step.t_next, seeds, scale, stream, need_d, step.scalars)
         return (d if need_d else None), x_next
 
     def heun(
@@ -95,7 +96,8 @@ class FusedBackend:
         D_main, D_guide = self._net_outputs(D_main, D_guide, w)
         seeds, scale, stream = self._churn_args(churn_next)
         return self._ops.heun_step(x_hat.contiguous(), d.contiguous(), x_next.contiguous(), D_main, D_guide,
-                                   1.0 if w is None else w, step.t_hat, step.t_next, seeds, scale, stream)
+                                   1.0 if w is None else w, step.t_hat, step.t_next, seeds, scale, stream,
+                                   step.scalars)
 
     def churn(
         self, x: torch.Tensor, step: StepPlan, seeds: torch.Tensor | None, eps: torch.Tensor | None

@@ -65,7 +65,8 @@ extern "C" {
 int agf_emu_step(int kind, int state, int net, int64_t numel, int64_t image_numel, const void* x_hat,
                  const void* d_main, const void* d_guide, const void* slope, const void* x_next, const void* eps,
                  const int64_t* seeds, void* out_slope, void* out_x, void* out_cast, int cast_dtype, double w,
-                 double t_hat, double t_next, double scale, uint32_t stream) {
+                 double t_hat, double t_next, double scale, uint32_t stream,
+                 const double* scalars) {
   agf::StepParams p;
   p.numel = numel;
   p.image_numel = image_numel;
@@ -85,6 +86,7 @@ int agf_emu_step(int kind, int state, int net, int64_t numel, int64_t image_nume
   p.t_next = t_next;
   p.scale = scale;
   p.stream = stream;
+  p.scalars = scalars;  // Null: the fields above.
   return static_cast<int>(agf::cuda::launch_step(static_cast<agf::cuda::StepKernel>(kind), p,
                                                  static_cast<agf::DType>(state), static_cast<agf::DType>(net), 0,
                                                  nullptr));

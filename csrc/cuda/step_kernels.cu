@@ -95,13 +95,13 @@ __device__ __forceinline__ void image_index(int64_t i, int64_t image_numel, bool
 
 // Noise of elements i0 .. i0+3 of the flat range, rounded to T (noise.py's specification).
 template <typename T>
-__device__ __forceinline__ void noise4(const StepParams& p, int64_t i0, bool small, T eps[4]) {
+__device__ __forceinline__ void noise4(const StepParams& p, uint32_t stream, int64_t i0, bool small, T eps[4]) {
   if ((p.image_numel & 3) == 0) {
     // i0 is a multiple of 4 and so is every image start: the group is one Philox call.
     int64_t image, element;
     image_index(i0, p.image_numel, small, image, element);
     double z[4];
-    philox_normal4(p.seeds[image], static_cast<uint64_t>(element) >> 2, p.stream, z);
+    philox_normal4(p.seeds[image], static_cast<uint64_t>(element) >> 2, stream, z);
 #pragma unroll
     for (int k = 0; k < 4; ++k) eps[k] = static_cast<T>(z[k]);
   } else {
@@ -111,7 +111,7 @@ __device__ __forceinline__ void noise4(const StepParams& p, int64_t i0, bool sma
       const int64_t i = i0 + k < p.numel ? i0 + k : i0;
       int64_t image, element;
       image_index(i, p.image_numel, small, image, element);
-      const Words4 w = philox_group(p.seeds[image], static_cast<uint64_t>(element) >> 2, p.stream);
+      const Words4 w = philox_group(p.seeds[image], static_cast<uint64_t>(element) >> 2, stream);
       const int pair = static_cast<int>(element & 2);
       double z_cos, z_sin;
       box_muller(w.r[pair], w.r[pair + 1], z_cos, z_sin);
@@ -155,10 +155,11 @@ __device__ __forceinline__ void load_denoised(const StepParams& p, int64_t i0, b
 
 template <typename T, typename N, bool kGuided>
 __global__ void __launch_bounds__(kThreads) euler_kernel(const StepParams p, bool vec, bool small) {
-  const LerpCoeff<T> lc = lerp_coeff(static_cast<T>(p.w));
-  const T t_hat = static_cast<T>(p.t_hat);
-  const T dt = sub_rn(static_cast<T>(p.t_next), t_hat);
-  const T scale = static_cast<T>(p.scale);
+  const StepScalars s = step_scalars(p);  // Five loads per thread from device memory when p.scalars is set.
+  const LerpCoeff<T> lc = lerp_coeff(static_cast<T>(s.w));
+  const T t_hat = static_cast<T>(s.t_hat);
+  const T dt = sub_rn(static_cast<T>(s.t_next), t_hat);
+  const T scale = static_cast<T>(s.scale);
   const int64_t groups = (p.numel + 3) / 4;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -173,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) euler_kernel(const StepParams p, boo
     }
     if (p.seeds != nullptr) {
       T eps[4];
-      noise4(p, i0, small, eps);
+      noise4(p, s.stream, i0, small, eps);
 #pragma unroll
       for (int k = 0; k < 4; ++k) x_next[k] = churn_update(x_next[k], scale, eps[k]);
     }
@@ -185,10 +186,11 @@ __global__ void __launch_bounds__(kThreads) euler_kernel(const StepParams p, boo
 
 template <typename T, typename N, bool kGuided>
 __global__ void __launch_bounds__(kThreads) heun_kernel(const StepParams p, bool vec, bool small) {
-  const LerpCoeff<T> lc = lerp_coeff(static_cast<T>(p.w));
-  const T t_next = static_cast<T>(p.t_next);
-  const T dt = sub_rn(t_next, static_cast<T>(p.t_hat));
-  const T scale = static_cast<T>(p.scale);
+  const StepScalars s = step_scalars(p);
+  const LerpCoeff<T> lc = lerp_coeff(static_cast<T>(s.w));
+  const T t_next = static_cast<T>(s.t_next);
+  const T dt = sub_rn(t_next, static_cast<T>(s.t_hat));
+  const T scale = static_cast<T>(s.scale);
   const int64_t groups = (p.numel + 3) / 4;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -202,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) heun_kernel(const StepParams p, bool
     for (int k = 0; k < 4; ++k) out[k] = heun_update(x[k], d[k], x_next[k], D[k], t_next, dt);
     if (p.seeds != nullptr) {
       T eps[4];
-      noise4(p, i0, small, eps);
+      noise4(p, s.stream, i0, small, eps);
 #pragma unroll
       for (int k = 0; k < 4; ++k) out[k] = churn_update(out[k], scale, eps[k]);
     }
@@ -220,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) churn_kernel(const StepParams p, boo
     const int64_t i0 = 4 * g;
     T eps[4], out[4];
     if (p.seeds != nullptr) {
-      noise4(p, i0, small, eps);
+      noise4(p, p.stream, i0, small, eps);
     } else {
       load4(static_cast<const T*>(p.eps), i0, p.numel, vec, eps);
     }
