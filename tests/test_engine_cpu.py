@@ -258,6 +258,18 @@ def test_noise_defaults_to_seeded_noise_then_to_torch_randn():
     assert torch.equal(out, eager(net, gnet, torch.randn(SHAPE), LABELS))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_seeded_default_noise_from_the_backend_kernel_is_seeded_noise(backend, dtype):
+    if backend == "cpp" and not autoguide_fast.backends()["cpp"].available:
+        pytest.skip("the compiled extension is not built")
+    s = sampler(*nets(), backend=backend, dtype=dtype)
+    seeds = torch.tensor([7, -3])
+    expected = seeded_noise(seeds, SHAPE, dtype=dtype)
+    got = s._seeded_noise(seeds)
+    assert got.dtype == dtype and torch.equal(got, expected)
+
+
 def test_churn_without_seeds_uses_torch_randn_like():
     net, gnet = nets()
     s = sampler(net, gnet, **CHURN)

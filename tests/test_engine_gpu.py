@@ -341,3 +341,26 @@ def test_cuda_rng_and_allocator_still_work_after_a_failed_capture():
     assert not torch.equal(a, b)
     out = s(noise_of(1, (2, 8)))  # Churn from torch.randn_like on the eager fallback.
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeded_default_noise_from_the_backend_kernel_is_seeded_noise(backend):
+    """Calls with seeds and no noise draw the initial noise with the backend's Philox kernel
+    (float32 state): the same values as the specification's torch implementation."""
+    backend_or_skip(backend)
+    shape = (8, 4, 64, 64)
+    s = GuidedSampler(GaussianDenoiser(0.5), noise_shape=shape, device="cuda", num_steps=4, backend=backend,
+                      graph="none")
+    seeds = seeds_to_tensor([3, -1, 2**63 - 1, 0, 17, 2**40, 5, 6], device="cuda")
+    assert torch.equal(s._seeded_noise(seeds), seeded_noise(seeds, shape, device="cuda"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_graphs_need_three_graphs_for_a_deterministic_schedule(backend):
+    backend_or_skip(backend)
+    net, gnet = cuda_nets()
+    s = make(net, gnet, backend=backend, graph="step", streams="off")
+    report = s.prepare()
+    assert report["graph"] == "step" and report["graphs"] == 3, report
+    noise, labels = noise_of(9), labels_of(9)
+    assert torch.equal(s(noise, labels), eager(net, gnet, noise, labels, None, backend=backend, **BASE))

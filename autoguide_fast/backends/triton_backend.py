@@ -113,6 +113,9 @@ class TritonBackend:
         )
         return x_out
 
+    def normal(self, seeds: torch.Tensor, numel: int, stream: int) -> torch.Tensor:
+        return self.ops.philox_normal(seeds, numel, stream, self.dtype)
+
     # EDM Algorithm 2, lines 4-6.
     def churn(
         self,
