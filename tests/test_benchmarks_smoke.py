@@ -202,3 +202,46 @@ def test_gpu_smoke_dry_run_on_cpu(tmp_path):
     assert verdicts["torch/graphs"] == "SKIP" and verdicts["edm2-xs/*"] == "SKIP"
     assert lines[-1].startswith("smoke: ") and "0 fail" in lines[-1]
     assert len(json.loads((tmp_path / "smoke.json").read_text())) == len(lines) - 1
+
+
+def _gpu_run(run_id: str, card: str, b0: float, ours: float) -> list[dict]:
+    meta = {"date": "2026-11-26T10:00:00", "run_id": run_id, "mode": "quick", "card": card, "torch": "2.11.0",
+            "cuda": "13.0", "triton": "3.6.0", "commit": "0123456789abcdef", "n_reps": "5"}
+    rows = [_row("B0", "baseline", "1", b0), _row("B1", "baseline", "1", b0 / 2), _row("B2", "baseline", "1", None),
+            _row("F", "floor", "1", 40.0), _row("F_par", "floor", "2", 30.0),
+            _row("ours-fused", "ours", "1", 70.0), _row("ours-graph-traj", "ours", "2", ours)]
+    return [{**meta, **r} for r in rows]
+
+
+def test_performance_table_reports_the_latest_gpu_run_only(common, smoke, tmp_path):
+    table = _load("performance_table")
+    _, cpu_rows = smoke
+    csv_path = tmp_path / "latency.csv"
+    rows = _gpu_run("2026-11-01", "NVIDIA H100 80GB HBM3", 300.0, 50.0) + _gpu_run(
+        "2026-11-26", "NVIDIA H200", 200.0, 32.0)
+    common.append_rows(csv_path, rows + cpu_rows, list(rows[0]) + [c for c in cpu_rows[0] if c not in rows[0]])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{table.BEGIN}\nold\n{table.END}\nafter\n")
+    assert table.main(["--csv", str(csv_path), "--write", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("after\n") and "old" not in text
+    assert "**NVIDIA H200**" in text and "H100" not in text
+    # B0 200 ms, best ours 32 ms (ours-graph-traj, not ours-fused): 6.25x; B1 100 ms: 3.12x; F 40 ms: 0.80.
+    line = next(x for x in text.splitlines() if x.startswith("| w | 1 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2:7] == ["200.0", "100.0", "–", "40.00", "30.00"]
+    assert cells[7:] == ["32.00 (ours-graph-traj)", "6.25×", "3.12×", "–", "0.80"]
+    assert "| ours_best <= 0.85 x F | 0.80 x F (ours-graph-traj) | MET |" in text
+    # The older H100 run is still reachable by card.
+    assert table.main(["--csv", str(csv_path), "--card", "h100", "--write", str(readme)]) == 0
+    assert "**NVIDIA H100 80GB HBM3**" in readme.read_text()
+
+
+def test_performance_table_refuses_cpu_only_results_and_unmarked_files(smoke, tmp_path, capsys):
+    table = _load("performance_table")
+    out, _ = smoke
+    with pytest.raises(SystemExit):
+        table.main(["--csv", str(out)])
+    assert "no GPU run" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="expected exactly one"):
+        table.replace_between_markers("no markers here", "body", "README.md")

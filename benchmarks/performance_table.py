@@ -1,0 +1,131 @@
+"""The README's "Performance" results from ``benchmarks/results/latency.csv``: one markdown table of
+the latest GPU run (medians, the best "ours" arm, its speed-ups and its ratio to the floor F) and
+the verdict on every target, written between the markers
+
+    <!-- performance-table:begin -->  ...  <!-- performance-table:end -->
+
+of each file given to ``--write`` (README.md and docs/performance.md), or printed.
+
+    python benchmarks/performance_table.py                         # print the latest GPU run
+    python benchmarks/performance_table.py --card H100 --write README.md docs/performance.md
+
+Only rows measured on a CUDA device count: a CPU run (``--smoke``) never reaches the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import sys
+
+_HERE = pathlib.Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:
+    sys.path.insert(0, str(_HERE))
+
+import common  # noqa: E402  (a sibling module; its directory is put on the path just above)
+
+BEGIN = "<!-- performance-table:begin -->"
+END = "<!-- performance-table:end -->"
+BASES = ("B0", "B1", "B2", "F", "F_par")
+
+
+def _p50(group: list[dict[str, str]], arm: str) -> float | None:
+    for r in group:
+        if r["arm"] == arm and r.get("status") == "ok" and r.get("p50_ms"):
+            return float(r["p50_ms"])
+    return None
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}" if value < 100 else f"{value:.1f}"
+
+
+def _speedup(base: float | None, ours: float) -> str:
+    return "–" if base is None else f"{base / ours:.2f}×"
+
+
+def results_table(rows: list[dict[str, str]]) -> str:
+    """Markdown: provenance line, one row per (workload, batch), then the targets' verdicts."""
+    gpu = [r for r in rows if r.get("device_type") == "cuda"]
+    if not gpu:
+        raise ValueError("no row of this run was measured on a CUDA device")
+    first = gpu[0]
+    reps = sorted({r["n_reps"] for r in gpu if r.get("n_reps")})
+    lines = [
+        f"Measured on **{first['card']}** on {first['date'][:10]} (commit `{first['commit'][:12]}`, torch "
+        f"{first['torch']}, CUDA {first['cuda']}, Triton {first['triton']}; `{first['mode']}` mode, medians of "
+        f"{'/'.join(reps) or '?'} repetitions, all arms interleaved in one process). Milliseconds per "
+        "sampled batch (p50); p20/p80 and every arm are in `benchmarks/results/latency.csv`.",
+        "",
+        "| workload | batch | B0 | B1 | B2 | F | F_par | ours (best arm) | vs B0 | vs B1 | vs B2 | ours / F |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    groups: dict[tuple[str, int], list[dict[str, str]]] = {}
+    for r in gpu:
+        groups.setdefault((r["workload"], int(r["batch"])), []).append(r)
+    for (workload, batch), group in sorted(groups.items()):
+        base = {arm: _p50(group, arm) for arm in BASES}
+        ours = [(float(r["p50_ms"]), r["arm"]) for r in group
+                if r.get("kind") == "ours" and r.get("status") == "ok" and r.get("p50_ms")]
+        cells = [workload, str(batch)] + [_ms(base[a]) for a in BASES]
+        if ours:
+            best, arm = min(ours)
+            ratio_f = "–" if base["F"] is None else f"{best / base['F']:.2f}"
+            cells += [f"{_ms(best)} ({arm})", _speedup(base["B0"], best), _speedup(base["B1"], best),
+                      _speedup(base["B2"], best), ratio_f]
+        else:
+            cells += ["no ours arm ran", "–", "–", "–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Targets (from the same run):", ""]
+    lines += ["| workload | batch | target | measured | verdict |", "|---|---:|---|---|---|"]
+    for workload, batch, target, measured, verdict in _targets(gpu):
+        lines.append(f"| {workload} | {batch} | {target} | {measured} | {verdict} |")
+    return "\n".join(lines)
+
+
+def _targets(rows: list[dict[str, str]]) -> list[tuple]:
+    # The benchmark's own judgement of its targets (imports torch and the package: only here).
+    import latency
+
+    return latency.evaluate_targets(rows)
+
+
+def replace_between_markers(text: str, body: str, where: str) -> str:
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
+    if len(pattern.findall(text)) != 1:
+        raise ValueError(f"{where}: expected exactly one '{BEGIN}' ... '{END}' block")
+    return pattern.sub(lambda _: f"{BEGIN}\n{body}\n{END}", text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--csv", default=str(common.RESULTS_DIR / "latency.csv"), help="latency results CSV")
+    p.add_argument("--card", default=None, help="only runs whose card name contains this (e.g. H100)")
+    p.add_argument("--write", nargs="*", default=[], metavar="FILE",
+                   help="replace the marked block of these files (README.md, docs/performance.md)")
+    args = p.parse_args(argv)
+    path = pathlib.Path(args.csv)
+    if not path.is_file():
+        p.error(f"--csv: no such file {path}")
+    gpu_rows = [r for r in common.read_rows(path) if r.get("device_type") == "cuda"]
+    run = common.latest_run(gpu_rows, args.card)
+    if not run:
+        p.error(f"--csv: no GPU run{' of a card matching ' + repr(args.card) if args.card else ''} in {path}")
+    body = results_table(run)
+    if not args.write:
+        print(body)
+    texts = {}
+    for name in args.write:  # Check every file before writing any.
+        f = pathlib.Path(name)
+        if not f.is_file():
+            p.error(f"--write: no such file {f}")
+        texts[f] = replace_between_markers(f.read_text(), body, str(f))
+    for f, text in texts.items():
+        f.write_text(text)
+        print(f"wrote the results of run {run[0]['run_id']} ({run[0]['card']}) into {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
