@@ -239,7 +239,9 @@ if [ -s "$OUT/latency.csv" ]; then
         stage targets "$(limit 30 0)" "$OUT/targets.log" "$PY" benchmarks/latency.py \
             --targets-from "$OUT/latency.csv" --report "$OUT/targets.txt"
     fi
+    # performance.md: the README's results block for this run (an error text on a CPU run).
     stage plot "$(limit 40 0)" "$OUT/plot.log" bash -c '
+        "$0" benchmarks/performance_table.py --csv "$1/latency.csv" >"$1/performance.md" 2>&1
         "$0" benchmarks/plot_latency.py --csv "$1/latency.csv" --out "$1/latency.png" &&
         "$0" benchmarks/plot_latency.py --csv "$1/latency.csv" --out "$1/latency_speedup.png" --metric speedup' \
         "$PY" "$OUT"
