@@ -53,6 +53,13 @@ VARIANTS = [
      dict(GUIDED=True, W_SMALL=False, CHURN=False, ALIGNED=True, WIDE=False)),
     ("heun-f32-churn-f16-cast", "heun", "fp32", "fp16", "fp16",
      dict(GUIDED=True, W_SMALL=False, CHURN=True, ALIGNED=True, WIDE=False)),
+    # SCALARS (not a kernel constexpr): the step's scalars read from a float64 buffer (per-kind step graphs).
+    ("euler-f32-churn-scalars", "euler", "fp32", "fp16", None,
+     dict(GUIDED=True, W_SMALL=False, WRITE_D=True, CHURN=True, ALIGNED=True, WIDE=False, SCALARS=True)),
+    ("heun-f32-guided-scalars", "heun", "fp32", "fp32", None,
+     dict(GUIDED=True, W_SMALL=True, CHURN=False, ALIGNED=True, WIDE=False, SCALARS=True)),
+    ("heun-f64-churn-scalars", "heun", "fp64", "fp16", None,
+     dict(GUIDED=True, W_SMALL=False, CHURN=True, ALIGNED=True, WIDE=False, SCALARS=True)),
     ("churn-f32-seeds", "churn", "fp32", None, None, dict(FROM_SEEDS=True, ALIGNED=True, WIDE=False)),
     ("churn-f64-eps-ragged", "churn", "fp64", None, None, dict(FROM_SEEDS=False, ALIGNED=False, WIDE=False)),
     ("philox-normal-f32", "normal", "fp32", None, None, dict(ALIGNED=True, WIDE=False)),
@@ -79,6 +86,8 @@ def _compile_all() -> dict:
     options = dict(C.LAUNCH)  # num_warps, no fp fusion, libdevice without flush-to-zero.
     results = {}
     for name, kind, state, net, cast, flags in VARIANTS:
+        flags = dict(flags)
+        scalars = flags.pop("SCALARS", False)
         if kind == "normal":
             fn = P._philox_normal_kernel
             sig = {"seeds_ptr": "*i64", "out_ptr": f"*{state}", "numel": "i32", "groups_per_image": "i32",
@@ -95,6 +104,8 @@ def _compile_all() -> dict:
             ptrs = STEP_PTRS[kind]
             types = {"dm_ptr": net, "dg_ptr": net, "seeds_ptr": "i64", "xc_ptr": cast or state}
             sig = {p: f"*{types.get(p, state)}" for p in ptrs}
+            if scalars:
+                sig["scalars_ptr"] = "*fp64"
             sig.update({a: "i32" for a in fn.arg_names if a not in sig and not a.isupper()})  # Scalars, sizes.
             noisy = flags.get("CHURN", flags.get("FROM_SEEDS", False))
             consts = dict(flags, CAST=cast is not None, COMPILED=True, GROUPS=C.GROUPS_NOISE if noisy else C.GROUPS)
@@ -113,6 +124,7 @@ def _compile_all() -> dict:
             "approx_div": len(re.findall(r"\bdiv\.(?:approx|full)\.", ptx)),
             "ftz_f32": len(re.findall(r"\.ftz\.f32\b", ptx)),
             "vector": len(re.findall(r"\b(?:ld|st)\.global(?:\.[a-z]+)*\.v[24]\.", ptx)),
+            "scalar_f64_loads": len(re.findall(r"\bld\.global(?:\.[a-z]+)*\.(?:f64|b64)\b", ptx)),
         }
     return results
 
@@ -150,6 +162,15 @@ def ptx_stats():
 def test_kernel_compiles_for_sm90_with_the_reference_rounding(ptx_stats, variant):
     name, _, state, _, _, flags = variant
     _check(name, ptx_stats[name], state, flags)
+
+
+def test_scalars_variants_load_their_values_from_memory(ptx_stats):
+    """With a scalars buffer the kernels load w, t_hat, t_next (and, with churn, the scale and the
+    stream) as float64 from global memory: 3 (5) more 64-bit loads than the same kernel without."""
+    assert ptx_stats["heun-f32-guided"]["scalar_f64_loads"] == 0
+    assert ptx_stats["heun-f32-guided-scalars"]["scalar_f64_loads"] == 3
+    assert ptx_stats["euler-f32-churn-scalars"]["scalar_f64_loads"] == ptx_stats["euler-f32-churn"][
+        "scalar_f64_loads"] + 5
 
 
 if __name__ == "__main__":

@@ -108,6 +108,29 @@ def _load_stream(scalars_ptr):
     return tl.load(scalars_ptr + 4).to(tl.int64).to(tl.uint32)
 
 
+@triton.jit
+def _step_scalars(scalars_ptr, w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, stream, DTYPE: tl.constexpr):
+    """(w, t_hat, t_next, noise_scale) in DTYPE and the Philox stream: loaded from memory when
+    scalars_ptr is a pointer, else from the launch's arguments (the int 0 the host passes without
+    scalars). The flag is the argument's type, not a constexpr parameter: launches without scalars
+    (and the PTX check's signatures, an i32 per lowercase argument) compile the code they did before;
+    values a kernel does not use are dead code."""
+    HAS_SCALARS: tl.constexpr = scalars_ptr.dtype.is_ptr()
+    if HAS_SCALARS:
+        w = _load_scalar(scalars_ptr, 0, DTYPE)
+        t_hat = _load_scalar(scalars_ptr, 1, DTYPE)
+        t_next = _load_scalar(scalars_ptr, 2, DTYPE)
+        noise_scale = _load_scalar(scalars_ptr, 3, DTYPE)
+        churn_stream = _load_stream(scalars_ptr)
+    else:
+        w = scalar_from_bits(w_hi, w_lo, DTYPE)
+        t_hat = scalar_from_bits(th_hi, th_lo, DTYPE)
+        t_next = scalar_from_bits(tn_hi, tn_lo, DTYPE)
+        noise_scale = scalar_from_bits(ns_hi, ns_lo, DTYPE)
+        churn_stream = stream
+    return w, t_hat, t_next, noise_scale, churn_stream
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels.
 
@@ -125,30 +148,16 @@ def _euler_step_kernel(
 ):
     """EDM Algorithm 2, lines 7-8 with D = D_w, optionally followed by the next step's churn (lines 4-6)."""
     state = x_ptr.dtype.element_ty
-    # Scalars from memory when scalars_ptr is a pointer, not the int 0 the host passes without them.
-    # The flag is the argument's type, not a constexpr parameter: launches without scalars (and the
-    # PTX check's signatures, an i32 per lowercase argument) compile exactly the code they did before.
-    HAS_SCALARS: tl.constexpr = scalars_ptr.dtype.is_ptr()
     off, mask, b, g, rows = tile_offsets(numel, groups_per_image, total_groups, total, CHURN, ALIGNED, WIDE, GROUPS)
-    if HAS_SCALARS:
-        w = _load_scalar(scalars_ptr, 0, state)
-        t_hat = _load_scalar(scalars_ptr, 1, state)
-        t_next = _load_scalar(scalars_ptr, 2, state)
-    else:
-        w = scalar_from_bits(w_hi, w_lo, state)
-        t_hat = scalar_from_bits(th_hi, th_lo, state)
-        t_next = scalar_from_bits(tn_hi, tn_lo, state)
+    w, t_hat, t_next, noise_scale, churn_stream = _step_scalars(
+        scalars_ptr, w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, stream, state)
     step = t_next - t_hat
     x = tl.load(x_ptr + off, mask=mask, other=0)
     den = _denoised(dm_ptr, dg_ptr, off, mask, w, GUIDED, W_SMALL, COMPILED)
     d = exact_rn(exact_rn(x, den, "sub", COMPILED), tl.broadcast_to(t_hat, x.shape), "div", COMPILED)
     x_next = exact_rn(x, exact_rn(tl.broadcast_to(step, d.shape), d, "mul", COMPILED), "add", COMPILED)
     if CHURN:
-        if HAS_SCALARS:
-            x_next = _add_churn(x_next, seeds_ptr, b, g, rows, _load_scalar(scalars_ptr, 3, state),
-                                _load_stream(scalars_ptr), COMPILED)
-        else:
-            x_next = _add_churn(x_next, seeds_ptr, b, g, rows, scalar_from_bits(ns_hi, ns_lo, state), stream, COMPILED)
+        x_next = _add_churn(x_next, seeds_ptr, b, g, rows, noise_scale, churn_stream, COMPILED)
     if WRITE_D:
         tl.store(d_ptr + off, d, mask=mask)
     tl.store(xn_ptr + off, x_next, mask=mask)
@@ -169,19 +178,9 @@ def _heun_step_kernel(
 ):
     """EDM Algorithm 2, lines 9-11 with D' = D_w at (x_next, t_next), optionally followed by the next churn."""
     state = x_ptr.dtype.element_ty
-    # Scalars from memory when scalars_ptr is a pointer, not the int 0 the host passes without them.
-    # The flag is the argument's type, not a constexpr parameter: launches without scalars (and the
-    # PTX check's signatures, an i32 per lowercase argument) compile exactly the code they did before.
-    HAS_SCALARS: tl.constexpr = scalars_ptr.dtype.is_ptr()
     off, mask, b, g, rows = tile_offsets(numel, groups_per_image, total_groups, total, CHURN, ALIGNED, WIDE, GROUPS)
-    if HAS_SCALARS:
-        w = _load_scalar(scalars_ptr, 0, state)
-        t_hat = _load_scalar(scalars_ptr, 1, state)
-        t_next = _load_scalar(scalars_ptr, 2, state)
-    else:
-        w = scalar_from_bits(w_hi, w_lo, state)
-        t_hat = scalar_from_bits(th_hi, th_lo, state)
-        t_next = scalar_from_bits(tn_hi, tn_lo, state)
+    w, t_hat, t_next, noise_scale, churn_stream = _step_scalars(
+        scalars_ptr, w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, stream, state)
     step = t_next - t_hat
     x = tl.load(x_ptr + off, mask=mask, other=0)
     d = tl.load(d_ptr + off, mask=mask, other=0)
@@ -192,11 +191,7 @@ def _heun_step_kernel(
     slope = exact_rn(d * 0.5, d_prime * 0.5, "add", COMPILED)
     x_out = exact_rn(x, exact_rn(tl.broadcast_to(step, slope.shape), slope, "mul", COMPILED), "add", COMPILED)
     if CHURN:
-        if HAS_SCALARS:
-            x_out = _add_churn(x_out, seeds_ptr, b, g, rows, _load_scalar(scalars_ptr, 3, state),
-                               _load_stream(scalars_ptr), COMPILED)
-        else:
-            x_out = _add_churn(x_out, seeds_ptr, b, g, rows, scalar_from_bits(ns_hi, ns_lo, state), stream, COMPILED)
+        x_out = _add_churn(x_out, seeds_ptr, b, g, rows, noise_scale, churn_stream, COMPILED)
     tl.store(out_ptr + off, x_out, mask=mask)
     if CAST:
         tl.store(xc_ptr + off, x_out.to(xc_ptr.dtype.element_ty), mask=mask)
