@@ -105,7 +105,7 @@ def run_eager_steps(
                                         # when w is None); None = _Evaluator(net, gnet, labels, streams).
 ) -> torch.Tensor:
     """Steps first..stop-1 of the loop (``run_eager`` runs them all; the engine also runs them
-    one at a time to capture one CUDA graph per step; guide-parallel sampling passes an
+    one at a time to capture one CUDA graph per kind of step; guide-parallel sampling passes an
     ``evaluate`` that gets the guide's output from another rank)."""
     dtype = config.dtype
     t_steps, steps = plan if plan is not None else build_plan(config, x.device)

@@ -16,7 +16,7 @@ Arms (every row of the CSV is one arm at one batch of one workload):
   ours-fused         ``GuidedSampler(streams="off", graph="none")``: the fused step kernels alone (eager
                      loop, one stream), best fused step backend.
   ours-streams       ``GuidedSampler``: + guide on a second stream (no graph).
-  ours-graph-step    + one CUDA graph per step.
+  ours-graph-step    + one CUDA graph per kind of step (replayed once per step).
   ours-graph-traj-1s one CUDA graph per trajectory, one stream.
   ours-graph-traj    one CUDA graph per trajectory, two streams.
   ours-compiled      + compiled networks.

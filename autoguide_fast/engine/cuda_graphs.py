@@ -53,8 +53,10 @@ class CapturedGraph:
 class CudaGraphCapturer:
     """Captures graphs that share one private memory pool and one warm-up/capture stream.
 
-    Graphs sharing the pool must be replayed in capture order and never concurrently: a sampler's
-    per-step graphs satisfy that (and its lock serialises calls). Dropping the capturer and its
+    Graphs sharing the pool must never run concurrently, and one graph may read what another wrote
+    only through memory that stays allocated (the temporaries of a capture go back to the pool when
+    it ends and may be reused by the next capture). A sampler's step graphs pass the state through a
+    buffer allocated before any capture, and its lock serialises calls. Dropping the capturer and its
     graphs returns the pool to the allocator (``torch.cuda.empty_cache()`` then gives it back to
     the device).
     """
