@@ -6,20 +6,52 @@ Environment switches:
                                of torch are present; =0 never; =1 always (fails if impossible).
   TORCH_CUDA_ARCH_LIST         honoured by torch's build helpers; set it to build with no visible
                                GPU (e.g. "9.0" for H100/H200). Default here: "8.0;9.0".
+  CUDA_HOME                    the CUDA toolkit root; when unset and the nvcc on the PATH is a
+                               wrapper outside a toolkit, a toolkit root is looked for (see
+                               _cuda_home_fallback) instead of torch's guess.
 """
 
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _has_toolkit(root):
+    return bool(root) and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+
+
+def _cuda_home_fallback(torch_cuda):
+    """A CUDA toolkit root for torch's build helpers when their own guess would be wrong.
+
+    Without CUDA_HOME/CUDA_PATH, torch takes the parent of the directory of the first `nvcc` on
+    the PATH; when that nvcc is a wrapper or a link outside the toolkit (e.g. /usr/local/bin/nvcc)
+    the guess has no headers and the CUDA build fails. Then prefer the wrapper's real target, the
+    usual /usr/local/cuda, and toolkits whose major version is torch's. None = leave torch's guess.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or not torch_cuda:
+        return None
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or _has_toolkit(os.path.dirname(os.path.dirname(nvcc))):
+        return None
+    major = torch_cuda.split(".")[0]
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    candidates += sorted(glob.glob(f"/usr/local/cuda-{major}.*"), reverse=True)
+    return next((c for c in candidates if _has_toolkit(c)), None)
+
+
 def _extensions():
     if os.environ.get("AUTOGUIDE_FAST_BUILD_EXT", "1") == "0":
         return [], {}
     import torch
+
+    cuda_home = _cuda_home_fallback(torch.version.cuda)
+    if cuda_home is not None:  # Before torch's build helpers read it (at their import).
+        print(f"autoguide_fast: CUDA_HOME not set and the nvcc on the PATH is outside a toolkit; using {cuda_home}")
+        os.environ["CUDA_HOME"] = cuda_home
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     cuda_flag = os.environ.get("AUTOGUIDE_FAST_CUDA", "auto")

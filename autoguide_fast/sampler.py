@@ -205,7 +205,11 @@ def fast_guided_sample(
         return sample_cached(net, gnet, noise, labels, config, backend, seeds_t if randn_like is None else None,
                              check_finite)
     step_backend = resolve_backend(backend, noise.device, dtype)
-    with torch.no_grad():
+    from .engine.cuda_graphs import engine_lock  # Lazy: the engine imports this module.
+
+    # On CUDA, not while a GuidedSampler captures in another thread (its capture puts torch's CUDA
+    # generator in capture mode process-wide, which randn_like here would trip over).
+    with torch.no_grad(), engine_lock(noise.device):
         x = run_eager(net, gnet, noise, labels, config, step_backend, seeds_t, randn_like, callback)
     if check_finite and not bool(torch.isfinite(x).all()):
         raise FloatingPointError(

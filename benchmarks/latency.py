@@ -501,7 +501,9 @@ def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_
         budget_skip = None
         if est_batch_s > 0 and clock.left() < est_batch_s:  # The first batch always runs.
             budget_skip = f"time budget: {max(0.0, clock.left()):.0f} s left, this batch needs ~{est_batch_s:.0f} s"
-        for arm in ARMS:
+        # Arms that compile are set up last: if the time limit interrupts a long compilation, every
+        # other arm was already set up and its rows are written (the CSV keeps the ARMS order).
+        for arm in sorted(ARMS, key=lambda a: a.compiles):
             reason = skip_reason(arm, plan, ctx.batch, first_batch) or budget_skip
             if reason is None and arm.compiles and clock.left() < plan.compile_estimate + est_batch_s:
                 reason = (f"time budget: {max(0.0, clock.left()):.0f} s left, compiling needs "

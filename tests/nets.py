@@ -9,11 +9,13 @@ class TinyConvDenoiser(torch.nn.Module):
     """D(x; σ) = c_skip x + c_out F(c_in x, c_noise, labels), F a random conv + label embedding.
 
     Runs in float32 internally whatever the input dtype; ``out_dtype`` sets the output dtype
-    (e.g. float16 to mimic an fp16 network body that is not cast back).
+    (e.g. float16 to mimic an fp16 network body that is not cast back). ``count_calls=False``
+    for torch.compile: an int attribute changed by forward makes Dynamo recompile on every call
+    (and fall back to eager after its recompile limit).
     """
 
     def __init__(self, channels: int = 3, label_dim: int = 0, seed: int = 0, hidden: int = 8,
-                 out_dtype: torch.dtype = torch.float32, sigma_data: float = 0.5) -> None:
+                 out_dtype: torch.dtype = torch.float32, sigma_data: float = 0.5, count_calls: bool = True) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.conv1 = torch.nn.Conv2d(channels, hidden, 3, padding=1)
@@ -26,10 +28,12 @@ class TinyConvDenoiser(torch.nn.Module):
             self.emb = torch.nn.Parameter(torch.randn(label_dim, hidden, generator=g) * 0.3)
         self.out_dtype = out_dtype
         self.sigma_data = sigma_data
+        self.count_calls = count_calls
         self.calls = 0
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        self.calls += 1
+        if self.count_calls:
+            self.calls += 1
         x32 = x.to(torch.float32)
         sigma = sigma.to(torch.float32)
         sd = self.sigma_data

@@ -510,6 +510,13 @@ def test_parameter_signature_sees_replacement_not_in_place_updates():
     net.conv2.bias = torch.nn.Parameter(net.conv2.bias.detach().clone())
     assert parameter_signature(net) != before
     assert parameter_signature(lambda x, t, labels: x) == ()
+    # A replaced submodule (its parent's children change) and a dtype conversion (new storages).
+    replaced = parameter_signature(net)
+    net.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+    assert parameter_signature(net) != replaced
+    converted = parameter_signature(net)
+    net.double()
+    assert parameter_signature(net) != converted
 
 
 def test_network_identity_of_bound_methods_is_stable():
@@ -715,16 +722,19 @@ class FakeStream:
 
 class FakeCUDAGraph:
     end_error: str | None = None
+    instances: list[FakeCUDAGraph] = []
 
     def __init__(self) -> None:
         self.calls: list = []
+        FakeCUDAGraph.instances.append(self)
 
     def capture_begin(self, pool=None, capture_error_mode="global") -> None:
         self.calls.append(("begin", pool, capture_error_mode))
 
     def capture_end(self) -> None:
         self.calls.append("end")
-        if FakeCUDAGraph.end_error is not None:
+        # A capture into the sampler's pool fails as told; the capturer's reset capture (no pool) does not.
+        if FakeCUDAGraph.end_error is not None and self.calls[0][1] is not None:
             raise RuntimeError(FakeCUDAGraph.end_error)
 
 
@@ -734,6 +744,7 @@ def fake_cuda(monkeypatch):
 
     allocator_calls: list = []
     FakeCUDAGraph.end_error = None
+    FakeCUDAGraph.instances = []
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeCUDAGraph)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 7))
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
@@ -781,3 +792,37 @@ def test_capturer_reports_failures_and_cleans_up_after_capture_end(fake_cuda, fn
     assert capturer.graphs == []
     # capture_end threw before telling the allocator the capture was over: the capturer does it.
     assert fake_cuda == ([("end", 0, (0, 7)), ("release", 0, (0, 7))] if abandoned else [])
+    # ... and before the CUDA generator left capture mode: one empty capture (own pool) ends it.
+    resets = [g.calls for g in FakeCUDAGraph.instances[1:]]
+    assert resets == ([[("begin", None, "thread_local"), "end"]] if abandoned else [])
+
+
+def test_capturer_does_not_release_the_pool_twice(fake_cuda, monkeypatch):
+    """If capture_end already ended the pool routing before failing (endAllocateToPool refuses), it
+    also settled the pool's use count: the capturer must not release the pool again."""
+    from autoguide_fast.engine.cuda_graphs import CudaGraphCapturer
+
+    def refuse(device, pool):
+        fake_cuda.append(("end refused", device, pool))
+        raise RuntimeError("not allocating to this pool")
+
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", refuse, raising=False)
+    FakeCUDAGraph.end_error = "instantiation failed"
+    with pytest.raises(CaptureFailed, match="instantiation failed"):
+        CudaGraphCapturer(torch.device("cuda", 0)).capture(lambda: (torch.ones(1),))
+    assert fake_cuda == [("end refused", 0, (0, 7))]
+
+
+def test_a_dropped_sampler_is_freed_without_the_cycle_collector(fake_graphs):
+    """Runners hold the sampling program, the program reaches the sampler only weakly: dropping
+    the last reference frees the sampler (and its graphs) by reference counting alone."""
+    net, gnet = nets()
+    s = sampler(net, gnet, graph="trajectory")
+    s(randn(*SHAPE), LABELS)
+    probe = weakref.ref(s)
+    gc.disable()
+    try:
+        del s
+        assert probe() is None
+    finally:
+        gc.enable()

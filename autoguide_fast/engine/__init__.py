@@ -4,7 +4,15 @@ stream, eager fallback) and the sampler cache behind ``fast_guided_sample`` on C
 from __future__ import annotations
 
 from .cache import cache_info, clear_cache, set_cache_size
-from .cuda_graphs import CaptureFailed
+from .cuda_graphs import ENGINE_LOCK, CaptureFailed
 from .guided_sampler import GraphCaptureWarning, GuidedSampler
 
-__all__ = ["CaptureFailed", "GraphCaptureWarning", "GuidedSampler", "cache_info", "clear_cache", "set_cache_size"]
+__all__ = [
+    "ENGINE_LOCK",
+    "CaptureFailed",
+    "GraphCaptureWarning",
+    "GuidedSampler",
+    "cache_info",
+    "clear_cache",
+    "set_cache_size",
+]

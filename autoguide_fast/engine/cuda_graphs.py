@@ -4,22 +4,41 @@ and a typed failure that the sampler turns into its eager fallback.
 Why not ``torch.cuda.graph``: it synchronises the device and empties the allocator cache on every
 capture, which a server capturing while other threads sample does not want. This module calls
 ``CUDAGraph.capture_begin/capture_end`` directly, with ``capture_error_mode="thread_local"`` so
-that other threads' CUDA calls neither break this capture nor are refused during it.
+that other threads' CUDA *API* calls neither break this capture nor are refused during it.
+
+That is not enough on its own: while any capture is open, torch's default CUDA generator is in
+capture mode for the whole process, and every eager CUDA random draw or ``CUDAGraph.replay()`` in
+another thread then raises ("Offset increment outside graph capture encountered unexpectedly").
+So the engine takes ``ENGINE_LOCK`` around its captures (exclusive) and around everything else it
+launches on CUDA (eager runs, random draws, replays): the engine's own threads never meet a
+capture. Code outside the engine that draws CUDA random numbers or replays graphs in other
+threads while a sampler prepares must take the lock too (``with autoguide_fast.engine.ENGINE_LOCK``).
+
+A failed capture leaves the generator in capture mode as well (only a successful ``capture_end``
+ends it), which would break every later random draw and replay; after a failure this module
+therefore captures and drops one empty graph, whose successful end resets the generator.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["CaptureFailed", "CudaGraphCapturer", "describe_failure"]
+__all__ = ["ENGINE_LOCK", "CaptureFailed", "CudaGraphCapturer", "describe_failure", "engine_lock"]
 
-# One capture at a time in the process: captures are rare (prepare, re-capture) and serialising
-# them keeps the allocator's capture bookkeeping simple.
-_CAPTURE_LOCK = threading.Lock()
+# Captures exclude every other CUDA launch of the engine (see the module docstring); re-entrant,
+# so a call that holds it may prepare (warm up and capture) without releasing it.
+ENGINE_LOCK = threading.RLock()
+
+
+def engine_lock(device: torch.device):
+    """ENGINE_LOCK for a CUDA device; nothing to lock on other devices."""
+    return ENGINE_LOCK if device.type == "cuda" else contextlib.nullcontext()
 
 
 class CaptureFailed(RuntimeError):
@@ -87,7 +106,7 @@ class CudaGraphCapturer:
         graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        with _CAPTURE_LOCK, torch.cuda.stream(self.stream):
+        with ENGINE_LOCK, torch.cuda.stream(self.stream):
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             failure: Exception | None = None
             try:
@@ -99,6 +118,7 @@ class CudaGraphCapturer:
             except Exception as exc:  # An invalidated capture, or a bad cross-stream dependency.
                 failure = failure if failure is not None else exc
                 self._abandon()
+                self._reset_generator_capture_state()
             if failure is not None:
                 raise CaptureFailed(describe_failure(failure)) from failure
         current.wait_stream(self.stream)
@@ -111,14 +131,34 @@ class CudaGraphCapturer:
         which would leave the allocator routing to a dead pool and deferring cross-stream frees
         forever. End that routing and drop the failed capture's hold on the pool ourselves."""
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
-            fn = getattr(torch._C, name, None)
-            if fn is None:
-                continue
+        end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+        release = getattr(torch._C, "_cuda_releasePool", None)
+        try:
+            if end is not None:
+                end(index, self.pool)
+        except RuntimeError:
+            # capture_end got that far before it failed, and then also settled the pool's use count
+            # (the graph's destructor releases it): releasing here too would release it twice.
+            return
+        if release is not None:
             try:
-                fn(index, self.pool)
-            except RuntimeError:  # Already done by capture_end before it failed.
+                release(index, self.pool)
+            except RuntimeError:
                 pass
+
+    def _reset_generator_capture_state(self) -> None:
+        """End the CUDA generators' capture mode that the failed capture left on: one empty capture
+        (its own pool), whose successful ``capture_end`` runs the generators' capture epilogue
+        (torch only warns that the graph is empty)."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph.capture_begin(capture_error_mode="thread_local")
+                graph.capture_end()
+        except Exception as exc:  # Leave the original failure as the one reported.
+            warnings.warn(f"resetting the CUDA generator after a failed capture failed too: {exc}", RuntimeWarning,
+                          stacklevel=3)
 
     def release(self) -> None:
         self.graphs.clear()

@@ -13,6 +13,7 @@ import copy
 import math
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from ..noise import STREAM_INITIAL, seeded_noise
 from ..plan import build_plan
 from ..sampler import make_config
 from . import arguments as A
-from .cuda_graphs import CaptureFailed, CudaGraphCapturer
+from .cuda_graphs import CaptureFailed, CudaGraphCapturer, engine_lock
 from .networks import NetworkRef, parameter_signature
 from .runners import EagerRunner, SamplingProgram, StaticInputs, StepGraphRunner, TrajectoryGraphRunner
 from .streams import CallOrder, GuideStream, device_context, time_alternating
@@ -122,7 +123,7 @@ class GuidedSampler:
         differs from the default one only when the schedule has churn steps).
         """
         A.check_flag("seeded", seeded)
-        with self._lock, device_context(self.device), torch.no_grad():
+        with self._lock, device_context(self.device), engine_lock(self.device), torch.no_grad():
             self._order.begin()
             self._setup()
             self._ensure(seeded and self._churns, None)
@@ -143,29 +144,37 @@ class GuidedSampler:
         A.check_call_labels(labels, self.label_shape, self.label_dtype, self.device)
         seeds_t = A.check_call_seeds(seeds, self.noise_shape[0])
         with self._lock, device_context(self.device), torch.no_grad():
-            self._order.begin()
-            try:
-                self._setup()
-                seeds_t = self._seeds_to_device(seeds_t)
-                if noise is None:
-                    noise = (self._seeded_noise(seeds_t) if seeds_t is not None else
-                             torch.randn(self.noise_shape, device=self.device, dtype=self.config.dtype))
-                variant = seeds_t is not None and self._churns
-                run_seeds = seeds_t if variant else None
-                example = (noise, labels, run_seeds)
-                runner = self._ensure(variant, example)
-                if runner.signature is not None and runner.signature != self._signature():
-                    runner = self._recapture(variant, example)
-                x, finite = runner(noise, labels, run_seeds)
-                out = x.clone() if self.copy_output and runner.mode != "none" else x
-            finally:
-                self._order.end()
+            # The engine lock covers the launches only, not the finiteness sync below: other samplers
+            # queue their work meanwhile (see cuda_graphs.ENGINE_LOCK for why launches take it).
+            with engine_lock(self.device):
+                finite, out = self._launch(noise, labels, seeds_t)
             if finite is not None and not bool(finite):
                 raise FloatingPointError(
                     f"{self._caller}: the result contains NaN or Inf (check the networks and the schedule; "
                     "pass check_finite=False to return it anyway)"
                 )
         return out
+
+    def _launch(self, noise, labels, seeds_t) -> tuple:
+        """Everything a call launches (noise, preparation on first use, the run): (finite, result)."""
+        self._order.begin()
+        try:
+            self._setup()
+            seeds_t = self._seeds_to_device(seeds_t)
+            if noise is None:
+                noise = (self._seeded_noise(seeds_t) if seeds_t is not None else
+                         torch.randn(self.noise_shape, device=self.device, dtype=self.config.dtype))
+            variant = seeds_t is not None and self._churns
+            run_seeds = seeds_t if variant else None
+            example = (noise, labels, run_seeds)
+            runner = self._ensure(variant, example)
+            if runner.signature is not None and runner.signature != self._signature():
+                runner = self._recapture(variant, example)
+            x, finite = runner(noise, labels, run_seeds)
+            out = x.clone() if self.copy_output and runner.mode != "none" else x
+        finally:
+            self._order.end()
+        return finite, out
 
     @property
     def report(self) -> dict:
@@ -261,7 +270,11 @@ class GuidedSampler:
             if self._guide_stream is None:
                 self._guide_stream = GuideStream(self.device)
             streams = self._guide_stream
-        return SamplingProgram(self._networks, self.config, self._backend, self._plan, streams, self.check_finite)
+        # The program (held by the runners the sampler holds) reaches the sampler weakly: no reference
+        # cycle, so a sampler dropped without release() frees its graphs and pools at once.
+        sampler = weakref.ref(self)
+        return SamplingProgram(lambda: sampler()._networks(), self.config, self._backend, self._plan, streams,
+                               self.check_finite)
 
     def _seeded_noise(self, seeds: torch.Tensor) -> torch.Tensor:
         """``seeded_noise(seeds, noise_shape)`` in the state dtype. For float32 states it comes from

@@ -30,16 +30,36 @@ def _module_of(fn: Any) -> torch.nn.Module | None:
     return None
 
 
+# Per root module: its submodules with the children each had when listed. Checked on every call
+# (a replaced submodule changes its parent's children), re-listed only when the tree changed.
+_MODULE_LISTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _modules(root: torch.nn.Module) -> list[tuple[torch.nn.Module, tuple]]:
+    listed = _MODULE_LISTS.get(root)
+    if listed is not None and all(tuple(m._modules.values()) == children for m, children in listed):
+        return listed
+    listed = [(m, tuple(m._modules.values())) for m in root.modules()]
+    _MODULE_LISTS[root] = listed
+    return listed
+
+
 def parameter_signature(fn: Any) -> tuple:
-    """(storage pointer, dtype, shape) of every parameter and buffer of a module network; () for
-    any other callable (its tensors cannot be enumerated, so their replacement is not seen)."""
+    """The storage pointer of every parameter and buffer of a module network, in module order; ()
+    for any other callable (its tensors cannot be enumerated, so their replacement is not seen).
+
+    Called before every replay, so it avoids ``Module.parameters()`` (a recursive generator with
+    name bookkeeping, ~0.3 ms for EDM2-S): the submodule list is cached and only the tensors'
+    pointers are read (~0.03 ms)."""
     module = _module_of(fn)
     if module is None:
         return ()
     sig = []
-    for tensors in (module.parameters(), module.buffers()):
-        for t in tensors:
-            sig.append((t.data_ptr(), t.dtype, tuple(t.shape)))
+    for m, _ in _modules(module):
+        for tensors in (m._parameters, m._buffers):
+            for t in tensors.values():
+                if t is not None:
+                    sig.append(t.data_ptr())
     return tuple(sig)
 
 
