@@ -1,6 +1,7 @@
 """Tests of the EDM2 network: sizes, names, shapes, preconditioning contract, inference preparation."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from autoguide_fast.models import (
     prepare_for_inference,
     unprepare,
 )
-from autoguide_fast.models.edm2 import resample
+from autoguide_fast.models.edm2 import normalize, resample
 
 # Parameters (millions) of the conditional ImageNet-512 presets, from the release.
 PAPER_PARAMS_M = {"xs": 125, "s": 280, "m": 498, "l": 778, "xl": 1119, "xxl": 1523}
@@ -397,3 +398,51 @@ def test_fp16_cuda_s_preset():
     assert out.dtype == torch.float32 and out.isfinite().all()
     assert rel_l2(out, ref) < 1e-3
     assert rel_l2(out, ref32) < 5e-2
+
+
+def test_normalize_rounds_like_the_release():
+    # The release: torch.add(eps, norm, alpha=sqrt(norm.numel() / x.numel())), one op, then x / norm.
+    x = torch.randn(7, 5, 3, 3, generator=torch.Generator().manual_seed(3))
+    norm = torch.linalg.vector_norm(x, dim=[1, 2, 3], keepdim=True, dtype=torch.float32)
+    expected = x / torch.add(1e-4, norm, alpha=math.sqrt(norm.numel() / x.numel()))
+    assert torch.equal(normalize(x), expected)
+
+
+def test_prepared_weights_updated_in_place_are_not_used_stale(cond_net):
+    net = copy.deepcopy(cond_net)
+    prepare_for_inference(net)
+    x, labels = inputs()
+    with torch.no_grad():
+        before = net(x, 1.0, labels)
+        for m in net.modules():  # An in-place update, e.g. an EMA step.
+            if isinstance(m, MPConv):
+                m.weight.mul_(1.5).add_(0.05)
+        net.unet.out_gain.add_(0.3)
+        after = net(x, 1.0, labels)
+        fresh = copy.deepcopy(net)
+        unprepare(fresh)
+        expected = fresh(x, 1.0, labels)
+    assert torch.equal(after, expected) and not torch.equal(after, before)
+
+
+def test_integer_one_hot_rows_are_one_hot(cond_net):
+    x, labels = inputs()
+    one_hot = torch.nn.functional.one_hot(labels, 10)
+    with torch.no_grad():
+        assert torch.equal(cond_net(x, 1.0, one_hot), cond_net(x, 1.0, one_hot.float()))
+    with pytest.raises(ValueError, match="class_labels"):
+        cond_net(x, 1.0, one_hot[None])
+
+
+def test_weights_held_in_float16_like_the_release_run_on_cpu(cond_net):
+    # Released networks are stored in float16; held that way (net.half()) every weight and gain is
+    # widened to float32 where it is used, and the output is float32 like the float32 network's.
+    x, labels = inputs()
+    half = copy.deepcopy(cond_net).half()
+    ref = copy.deepcopy(cond_net)
+    with torch.no_grad():
+        for p_ref, p_half in zip(ref.parameters(), half.parameters()):
+            p_ref.copy_(p_half.float())  # The same (fp16-rounded) values in float32.
+        out, out_ref = half(x, 1.0, labels), ref(x, 1.0, labels)
+    assert out.dtype == torch.float32
+    assert rel_l2(out, out_ref) < 1e-2

@@ -49,8 +49,9 @@ def normalize(x: Tensor, dim: int | Sequence[int] | None = None, eps: float = 1e
     if dim is None:
         dim = list(range(1, x.ndim))
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    rms = norm * math.sqrt(norm.numel() / x.numel())
-    return x / (eps + rms).to(x.dtype)
+    # eps + norm·sqrt(n_norm / n_x) with one rounding (torch.add's alpha), as the release computes it.
+    norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
+    return x / norm.to(x.dtype)
 
 
 # Resampling by a separable filter: 'down' = strided depthwise conv, 'up' = transposed conv.
@@ -134,15 +135,25 @@ class MPConv(torch.nn.Module):
         self.out_channels = out_channels
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
         self.register_buffer("ready_weight", None, persistent=False)
+        self._ready_source: tuple | None = None
+
+    # What a prepared weight was computed from: the weight's and the gain's storage and version
+    # counters (an in-place update such as an EMA step bumps the version).
+    def _source(self, gain: Tensor | float) -> tuple:
+        w = self.weight
+        g = (gain.data_ptr(), gain._version) if isinstance(gain, Tensor) else gain
+        return w.data_ptr(), w._version, g
 
     # Normalise once: store mp_weight(weight, gain) in `dtype` (same bits as a per-call cast).
     @torch.no_grad()
     def prepare(self, dtype: torch.dtype, gain: Tensor | float = 1.0) -> None:
         self.ready_weight = mp_weight(self.weight, gain).to(dtype)
+        self._ready_source = self._source(gain)
 
     # Drop the prepared weight (it would go stale as soon as the parameters change).
     def unprepare(self) -> None:
         self.ready_weight = None
+        self._ready_source = None
 
     def train(self, mode: bool = True) -> MPConv:
         if mode:
@@ -156,6 +167,10 @@ class MPConv(torch.nn.Module):
 
     def forward(self, x: Tensor, gain: Tensor | float = 1.0) -> Tensor:
         w = self.ready_weight
+        # A prepared weight whose sources changed since (in place or replaced) is not used: the
+        # call normalises per call, as an unprepared network does (prepare again to cache anew).
+        if w is not None and self._ready_source != self._source(gain):
+            w = None
         if w is None or w.dtype != x.dtype or self.training:
             if self.training:
                 with torch.no_grad():
@@ -385,9 +400,11 @@ class Precond(torch.nn.Module):
         if class_labels is None:
             return torch.zeros([1, self.label_dim], device=x.device)
         if not class_labels.is_floating_point():
-            if class_labels.ndim != 1:
-                raise ValueError(f"class_labels: integer labels must have shape [B], got {tuple(class_labels.shape)}")
-            class_labels = F.one_hot(class_labels.long(), self.label_dim)
+            if class_labels.ndim == 1:
+                class_labels = F.one_hot(class_labels.long(), self.label_dim)  # Class indices [B].
+            elif class_labels.ndim != 2:
+                raise ValueError("class_labels: integer labels must be indices [B] or one-hot rows "
+                                 f"[B, {self.label_dim}], got shape {tuple(class_labels.shape)}")
         if class_labels.ndim != 2 or class_labels.shape[1] != self.label_dim:
             raise ValueError(
                 f"class_labels must be one-hot [B, {self.label_dim}] or indices [B], got {tuple(class_labels.shape)}")
@@ -469,6 +486,7 @@ def unprepare(net: torch.nn.Module) -> torch.nn.Module:
 
 # Per size: base channels C and the training dropout of the release (inference ignores dropout).
 EDM2_PRESETS: dict[str, dict] = {
+    "xxs": dict(model_channels=64, dropout=0.00),
     "xs":  dict(model_channels=128, dropout=0.00),
     "s":   dict(model_channels=192, dropout=0.00),
     "m":   dict(model_channels=256, dropout=0.10),
@@ -504,7 +522,7 @@ def edm2_preset_kwargs(name: str, dataset: str = "img512", conditional: bool = T
 
 
 def edm2_preset(
-    name: str,                  # Size: 'xs', 's', 'm', 'l', 'xl' or 'xxl' (case-insensitive).
+    name: str,                  # Size: 'xxs', 'xs', 's', 'm', 'l', 'xl' or 'xxl' (case-insensitive).
     dataset: str = "img512",    # 'img512' (4x64x64 latents) or 'img64' (3x64x64 pixels).
     conditional: bool = True,   # 1000 ImageNet classes (True) or unconditional (False).
     **overrides,                # Any Precond / UNet / Block keyword, applied over the preset.
