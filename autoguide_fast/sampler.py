@@ -154,6 +154,17 @@ def _engine_applies(noise: torch.Tensor, labels, randn_like, callback) -> bool:
             and (labels is None or labels.device == noise.device))
 
 
+def _needs_reference_ops(noise: torch.Tensor, config: SamplerConfig, randn_like, seeds) -> bool:
+    """Whether only the reference's own tensor ops reproduce it: churn noise drawn by randn_like
+    (not from seeds) depends on the state's memory layout (randn_like fills in memory order, and the
+    reference keeps the noise's layout while the fused ops return contiguous states), and a custom
+    randn_like may return noise of another dtype, which the reference promotes."""
+    if config.S_churn <= 0 or (randn_like is None and seeds is not None):
+        return False
+    custom = randn_like is not None and randn_like is not torch.randn_like
+    return custom or not noise.is_contiguous()
+
+
 def fast_guided_sample(
     net: Callable,                          # Main network D1: net(x, t, labels) -> tensor like x.
     noise: torch.Tensor,                    # Unit-variance initial noise [B, ...].
@@ -198,7 +209,9 @@ def fast_guided_sample(
     V.check_noise(noise)
     V.check_labels(labels, noise)
     seeds_t = V.check_seeds(seeds, noise)
-    if _engine_applies(noise, labels, randn_like, callback):
+    if backend == "auto" and _needs_reference_ops(noise, config, randn_like, seeds_t):
+        backend = "torch"
+    elif _engine_applies(noise, labels, randn_like, callback):
         from .engine.cache import sample_cached  # Lazy: the engine imports this module.
 
         # randn_like=torch.randn_like wins over seeds, as in run_eager.
@@ -237,9 +250,10 @@ def edm_sampler(
     randn_like: Callable = torch.randn_like,
 ) -> torch.Tensor:
     """Drop-in for the official ``edm_sampler`` (same signature, positional order included),
-    running on the fast path."""
+    running on the fast path. Like the official sampler it returns NaN/Inf results as they are
+    (``check_finite=False``); invalid arguments still raise, naming the argument."""
     return fast_guided_sample(
         net, noise, labels, gnet, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
         guidance=guidance, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, dtype=dtype,
-        randn_like=randn_like,
+        randn_like=randn_like, check_finite=False,
     )

@@ -40,8 +40,8 @@ def check_schedule(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, 
     sigma_max = _real("sigma_max", sigma_max)
     if not sigma_min > 0:
         raise ValueError(f"sigma_min: expected > 0, got {sigma_min}")
-    if not math.isfinite(sigma_max) or not sigma_max > sigma_min:
-        raise ValueError(f"sigma_max: expected a finite value > sigma_min = {sigma_min}, got {sigma_max}")
+    if not math.isfinite(sigma_max) or not sigma_max >= sigma_min:
+        raise ValueError(f"sigma_max: expected a finite value >= sigma_min = {sigma_min}, got {sigma_max}")
     if not _real("rho", rho) > 0:
         raise ValueError(f"rho: expected > 0, got {rho}")
     if not _real("S_churn", S_churn) >= 0:

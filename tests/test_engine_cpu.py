@@ -270,6 +270,21 @@ def test_seeded_default_noise_from_the_backend_kernel_is_seeded_noise(backend, d
     assert got.dtype == dtype and torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("graph", ["trajectory", "step"])
+def test_preparing_does_not_shift_the_callers_random_numbers(fake_graphs, graph):
+    """Warm-up runs and the capture draw churn noise from torch.randn_like: the first call (which
+    prepares) must still equal the eager loop run from the same generator state."""
+    net, gnet = nets()
+    s = sampler(net, gnet, graph=graph, **CHURN)
+    noise = randn(*SHAPE)
+    torch.manual_seed(11)
+    first = s(noise, LABELS)
+    after_first = torch.randn(3)
+    torch.manual_seed(11)
+    expected = eager(net, gnet, noise, LABELS, **CHURN)
+    assert torch.equal(first, expected) and torch.equal(after_first, torch.randn(3))
+
+
 def test_churn_without_seeds_uses_torch_randn_like():
     net, gnet = nets()
     s = sampler(net, gnet, **CHURN)

@@ -402,3 +402,17 @@ def test_replays_and_random_draws_in_other_threads_while_a_sampler_captures():
         stop.set()
         worker.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("graph", ["trajectory", "step"])
+def test_unseeded_churn_draws_the_numbers_the_eager_loop_draws(graph):
+    """Churn from torch.randn_like inside CUDA graphs: preparing (warm-up, timing, capture) leaves
+    the generator as it was, and each replay draws what the eager loop draws from the same state."""
+    net, gnet = cuda_nets()
+    s = make(net, gnet, graph=graph, streams="off", **CHURN)
+    noise, labels = noise_of(8), labels_of(8)
+    for seed in (5, 6):  # The first call prepares, the second replays.
+        torch.manual_seed(seed)
+        out = s(noise, labels)
+        torch.manual_seed(seed)
+        assert torch.equal(out, eager(net, gnet, noise, labels, **BASE, **CHURN)), (graph, seed)

@@ -185,3 +185,51 @@ def test_entry_points_declare_the_same_sampler_defaults():
                 assert name not in params, f"{fn.__qualname__}: {name}"
             else:
                 assert params[name].default == value, f"{fn.__qualname__}: {name}"
+
+
+CHURNY = {"num_steps": 5, "S_churn": 40.0, "S_min": 0.05, "S_max": 50.0}
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_dropin_keeps_the_reference_noise_layout_with_randn_like_churn(layout):
+    """randn_like fills in memory order, and the reference keeps the noise's layout: the drop-in
+    (default backend) must reproduce that for non-contiguous noise, not only for contiguous."""
+    net = TinyConvDenoiser(channels=3, label_dim=0, seed=1)
+    base = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(4))
+    noise = base.to(memory_format=torch.channels_last) if layout == "channels_last" else base.transpose(2, 3)
+    torch.manual_seed(21)
+    expected = reference_sampler(net, noise, **CHURNY)
+    torch.manual_seed(21)
+    got = edm_sampler(net, noise, **CHURNY)
+    assert torch.equal(got, expected)
+
+
+def test_custom_randn_like_of_another_dtype_is_promoted_like_the_reference():
+    net = TinyConvDenoiser(channels=3, label_dim=0, seed=1)
+    noise = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(5))
+
+    def randn64(seed):
+        g = torch.Generator().manual_seed(seed)
+        return lambda x: torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+    expected = reference_sampler(net, noise, randn_like=randn64(3), **CHURNY)
+    got = fast_guided_sample(net, noise, randn_like=randn64(3), **CHURNY)
+    assert got.dtype == expected.dtype == torch.float64 and torch.equal(got, expected)
+
+
+def test_dropin_returns_non_finite_results_like_the_official_sampler():
+    class NaNNet(torch.nn.Module):
+        def forward(self, x, t, labels=None):
+            return x * float("nan")
+
+    noise = torch.randn(2, 5)
+    assert torch.isnan(edm_sampler(NaNNet(), noise, num_steps=3)).all()
+    with pytest.raises(FloatingPointError, match="check_finite=False"):
+        fast_guided_sample(NaNNet(), noise, num_steps=3)
+
+
+def test_equal_sigma_min_and_sigma_max_is_a_valid_schedule():
+    net = GaussianDenoiser(0.7)
+    noise = torch.randn(3, 4, generator=torch.Generator().manual_seed(6))
+    expected = reference_sampler(net, noise, num_steps=4, sigma_min=1.0, sigma_max=1.0)
+    assert torch.equal(edm_sampler(net, noise, num_steps=4, sigma_min=1.0, sigma_max=1.0), expected)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ENGINE_LOCK", "CaptureFailed", "CudaGraphCapturer", "describe_failure", "engine_lock"]
+__all__ = ["ENGINE_LOCK", "CaptureFailed", "CudaGraphCapturer", "describe_failure", "engine_lock", "preserved_rng"]
 
 # Captures exclude every other CUDA launch of the engine (see the module docstring); re-entrant,
 # so a call that holds it may prepare (warm up and capture) without releasing it.
@@ -39,6 +39,26 @@ ENGINE_LOCK = threading.RLock()
 def engine_lock(device: torch.device):
     """ENGINE_LOCK for a CUDA device; nothing to lock on other devices."""
     return ENGINE_LOCK if device.type == "cuda" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device):
+    """Restore the device's default generator afterwards: preparing a sampler (warm-up runs, stream
+    timing, capture) draws churn noise from torch.randn_like, and must not shift the random
+    numbers the caller's own run then draws (the drop-in promises the official sampler's)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        state = torch.cuda.get_rng_state(index)
+        try:
+            yield
+        finally:
+            torch.cuda.set_rng_state(state, index)
+    else:
+        state = torch.get_rng_state()
+        try:
+            yield
+        finally:
+            torch.set_rng_state(state)
 
 
 class CaptureFailed(RuntimeError):

@@ -25,7 +25,7 @@ from ..noise import STREAM_INITIAL, seeded_noise
 from ..plan import build_plan
 from ..sampler import make_config
 from . import arguments as A
-from .cuda_graphs import CaptureFailed, CudaGraphCapturer, engine_lock
+from .cuda_graphs import CaptureFailed, CudaGraphCapturer, engine_lock, preserved_rng
 from .networks import NetworkRef, parameter_signature
 from .runners import EagerRunner, SamplingProgram, StaticInputs, StepGraphRunner, TrajectoryGraphRunner
 from .streams import CallOrder, GuideStream, device_context, time_alternating
@@ -309,13 +309,14 @@ class GuidedSampler:
         if runner is not None:
             return runner
         example = example if example is not None else self._default_example(variant)
-        if self._graph_mode != "none":
-            try:
-                runner = self._build_graph(example)
-            except CaptureFailed as exc:
-                self._fall_back(exc)
-        if runner is None:
-            runner = self._build_eager(example)
+        with preserved_rng(self.device):
+            if self._graph_mode != "none":
+                try:
+                    runner = self._build_graph(example)
+                except CaptureFailed as exc:
+                    self._fall_back(exc)
+            if runner is None:
+                runner = self._build_eager(example)
         self._runners[variant] = runner
         r = self._report
         r["variants"] = sorted("seeded" if v else "default" for v in self._runners)

@@ -109,6 +109,9 @@ class FusedBackend:
         if eps is None:
             return self._ops.churn(x, step.noise_scale, seeds=seeds.contiguous(), stream=churn_stream(step.index))
         if eps.dtype != x.dtype or eps.shape != x.shape or eps.device != x.device:
-            # Whatever randn_like returned: the reference's broadcasting and type promotion.
-            return x + step.tensors["noise_scale"] * eps
+            # The reference would promote / broadcast; the fused ops keep one state dtype and shape.
+            raise TypeError(
+                f"randn_like: returned noise {eps.dtype} {tuple(eps.shape)} on {eps.device} for a state "
+                f"{x.dtype} {tuple(x.shape)} on {x.device}; the {self.name} backend needs noise like the state "
+                "(backend='torch' or 'auto' follow the reference's type promotion)")
         return self._ops.churn(x, step.noise_scale, eps=eps.contiguous())
