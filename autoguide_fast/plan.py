@@ -58,12 +58,15 @@ class StepPlan:
 
 
 def _weight(config: SamplerConfig, sigma: float) -> float | None:
-    # Guidance interval (Kynkäänniemi et al. 2024): w only for sigma_lo < sigma <= sigma_hi.
+    # Guidance interval (Kynkäänniemi et al. 2024): w only for sigma_lo < sigma <= sigma_hi, compared
+    # like the churn rule: a 0-dim tensor of the state dtype against the Python bounds (so the bounds
+    # are rounded to the state dtype, e.g. sigma_max = 0.1 in float32 counts as <= 0.1).
     if config.guidance == 1:
         return None
     if config.guidance_interval is not None:
         lo, hi = config.guidance_interval
-        if not (lo < sigma <= hi):
+        t = torch.tensor(sigma, dtype=config.dtype)
+        if not bool(lo < t) or not bool(t <= hi):
             return None
     return config.guidance
 

@@ -233,3 +233,15 @@ def test_equal_sigma_min_and_sigma_max_is_a_valid_schedule():
     noise = torch.randn(3, 4, generator=torch.Generator().manual_seed(6))
     expected = reference_sampler(net, noise, num_steps=4, sigma_min=1.0, sigma_max=1.0)
     assert torch.equal(edm_sampler(net, noise, num_steps=4, sigma_min=1.0, sigma_max=1.0), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_guidance_interval_bounds_compare_in_the_state_dtype_like_the_churn_rule(dtype):
+    from autoguide_fast.plan import SamplerConfig, build_plan
+
+    # sigma_max = 0.1 is 0.10000000149 in float32: inside (0, 0.1] once 0.1 is rounded like the
+    # state, as S_max = 0.1 is for churn.
+    config = SamplerConfig(num_steps=4, sigma_max=0.1, guidance=2.0, guidance_interval=(0.0, 0.1), dtype=dtype)
+    _, steps = build_plan(config, torch.device("cpu"))
+    assert steps[0].w_first == 2.0
+    assert bool(config.S_min <= torch.tensor(steps[0].t_cur, dtype=dtype) <= 0.1)  # The churn rule agrees.

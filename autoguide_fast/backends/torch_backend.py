@@ -38,8 +38,8 @@ class TorchBackend:
         d_prime = (x_next - self._denoised(D_main, D_guide, w)) / t_next
         return x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d_prime)
 
-    def normal(self, seeds, numel, stream):
-        return philox_normal(seeds, numel, stream, self.dtype)
+    def normal(self, seeds, numel, stream, dtype):
+        return philox_normal(seeds, numel, stream, dtype)
 
     def churn(self, x, step: StepPlan, seeds, eps):
         if eps is None:

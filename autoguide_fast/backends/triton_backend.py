@@ -113,8 +113,8 @@ class TritonBackend:
         )
         return x_out
 
-    def normal(self, seeds: torch.Tensor, numel: int, stream: int) -> torch.Tensor:
-        return self.ops.philox_normal(seeds, numel, stream, self.dtype)
+    def normal(self, seeds: torch.Tensor, numel: int, stream: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.ops.philox_normal(seeds, numel, stream, dtype)
 
     # EDM Algorithm 2, lines 4-6.
     def churn(

@@ -277,15 +277,17 @@ class GuidedSampler:
                                self.check_finite)
 
     def _seeded_noise(self, seeds: torch.Tensor) -> torch.Tensor:
-        """``seeded_noise(seeds, noise_shape)`` in the state dtype. For float32 states it comes from
-        the backend's own Philox kernel (one launch on the fused backends instead of ~150 small torch
-        ops): the kernels' float64 Box-Muller may differ from torch's in the last bit, which
-        rounding to float32 hides; float64 states take the specification's torch implementation."""
+        """``seeded_noise(seeds, noise_shape)``: float32, as the official generator draws its latents
+        (and as ``autoguide-fast generate`` does), then rounded to the state dtype like any noise.
+        Drawn by the backend's own Philox kernel (one launch on the fused backends instead of ~150
+        small torch ops), which is bit-exact with the specification in float32."""
         numel = math.prod(self.noise_shape[1:])
         normal = getattr(self._backend, "normal", None)
-        if normal is None or self.config.dtype != torch.float32:
-            return seeded_noise(seeds, self.noise_shape, device=self.device, dtype=self.config.dtype)
-        return normal(seeds, numel, STREAM_INITIAL).reshape(self.noise_shape)
+        if normal is None:
+            noise = seeded_noise(seeds, self.noise_shape, device=self.device)
+        else:
+            noise = normal(seeds, numel, STREAM_INITIAL, torch.float32).reshape(self.noise_shape)
+        return noise.to(self.config.dtype)
 
     def _seeds_to_device(self, seeds: torch.Tensor | None) -> torch.Tensor | None:
         if seeds is None or seeds.device == self.device:

@@ -99,8 +99,8 @@ class FusedBackend:
                                    1.0 if w is None else w, step.t_hat, step.t_next, seeds, scale, stream,
                                    step.scalars)
 
-    def normal(self, seeds: torch.Tensor, numel: int, stream: int) -> torch.Tensor:
-        return self._ops.philox_normal(seeds.contiguous(), numel, stream, self.dtype)
+    def normal(self, seeds: torch.Tensor, numel: int, stream: int, dtype: torch.dtype) -> torch.Tensor:
+        return self._ops.philox_normal(seeds.contiguous(), numel, stream, dtype)
 
     def churn(
         self, x: torch.Tensor, step: StepPlan, seeds: torch.Tensor | None, eps: torch.Tensor | None
