@@ -10,18 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autoguide_fast import kernels
-
-if kernels.triton_error() is not None:
-    pytest.skip(kernels.triton_error(), allow_module_level=True)
-# Before anything imports triton: without CUDA, the kernels run in Triton's interpreter.
-kernels.load(interpret_without_cuda=True)
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-OPS = torch.ops.autoguide_fast_triton
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+from .triton_interpreter import CUDA, DEVICE, OPS, capture_after_warmup, gpu, needs_cuda  # First: loads the kernels.
 
 SHAPES = [(2, 3, 5), (1, 7)]                # odd image sizes: the unaligned layout, ragged last group
 STATE_DTYPES = [torch.float32, torch.float64]
@@ -172,14 +161,7 @@ def test_gpu_one_captured_graph_replays_other_steps():
         return OPS.heun_step(inp["x"], d, x_next, inp["dm"], inp["dg"], w, t_hat, t_next, inp["seeds"], ns, STREAM,
                              None, scalars)[0]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_after_warmup(step)
     for t_h, t_n, scale, stream in ((t_hat, t_next, ns, STREAM), (_as(torch.float32, 0.7), 0.5, 0.25, 2**31 + 9)):
         w2 = _as(torch.float32, 3.3)  # same lerp branch as the captured w
         scalars.copy_(_scalars(w2, t_h, t_n, scale, stream))

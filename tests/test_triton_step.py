@@ -11,19 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autoguide_fast import kernels
-
-if kernels.triton_error() is not None:
-    pytest.skip(kernels.triton_error(), allow_module_level=True)
-# Before anything imports triton: without CUDA, the kernels run in Triton's interpreter.
-kernels.load(interpret_without_cuda=True)
-from autoguide_fast.kernels import _triton_common, triton_step  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-OPS = torch.ops.autoguide_fast_triton
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+# First: skips without Triton, loads the kernels (in the interpreter without CUDA).
+from .triton_interpreter import DEVICE, OPS, _triton_common, capture_after_warmup, gpu, needs_cuda, triton_step
 
 SHAPES = [
     (1, 3, 37, 53),                                         # odd image, numel % 4 == 3
@@ -277,14 +266,7 @@ def test_gpu_ops_replay_in_a_cuda_graph():
                                  static["seeds"], 0.3, 5, torch.float16)[:1]
         return x_out
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_after_warmup(step)
     new = _inputs((4, 4, 64, 64), torch.float32, torch.float16, seed=1)
     for k in static:
         static[k].copy_(new[k])
