@@ -13,6 +13,8 @@
 #   LATENCY_ARGS         extra arguments for benchmarks/latency.py (e.g. "--skip B2")
 #   LATENCY_MODE         its mode flag (default --quick; --smoke checks this script on a CPU machine)
 #   GPU_CHECK_SKIP_BUILD 1 = keep the installed build (a re-run on the same machine)
+#   GPU_CHECK_SKIP       comma-separated stages to skip (e.g. "smoke,step,latency" to re-run the tests)
+#   GPU_CHECK_TESTS_S    the tests stage's cap in seconds (default 90)
 #   PRECOMPILE_GRACE_S   how long the background precompilation may outlast the tests (default 20)
 #   GPU_CHECK_TESTS      test files run in full besides `-m gpu` (default: the Triton test files,
 #                        whose unmarked tests run the compiled kernels on CUDA tensors here)
@@ -110,6 +112,11 @@ record() {  # name status rc seconds limit note
 LAST_STATUS=""
 stage() {
     local name=$1 lim=$2 logfile=$3; shift 3
+    if [[ ",${GPU_CHECK_SKIP:-}," == *",$name,"* ]]; then
+        record "$name" skipped - 0 0 "GPU_CHECK_SKIP"
+        LAST_STATUS=skipped
+        return 0
+    fi
     if (( lim < 10 )); then
         record "$name" skipped - 0 "$(( lim > 0 ? lim : 0 ))" "no time left in the budget"
         LAST_STATUS=skipped
@@ -167,7 +174,9 @@ fi
 PRE_LIMIT=$(limit 150 120)
 PRE_PID=""
 COMPILE_EST=90  # Seconds the timed run's B2 expects to compile from scratch (it is skipped unless they are left).
-if (( PRE_LIMIT >= 10 )); then
+if [[ ",${GPU_CHECK_SKIP:-}," == *",latency,"* || ",${GPU_CHECK_SKIP:-}," == *",precompile,"* ]]; then
+    record precompile skipped - 0 0 "GPU_CHECK_SKIP"
+elif (( PRE_LIMIT >= 10 )); then
     say "background: precompile of B2 (limit $PRE_LIMIT s) -> precompile.log"
     PRE_START=$(date +%s)
     # shellcheck disable=SC2086  # LATENCY_ARGS is a list of arguments
@@ -197,7 +206,7 @@ record info "$( (( rc == 0 )) && echo ok || echo failed)" "$rc" "$(( $(date +%s)
     "(background, during the smoke check)"
 
 # 5. Tests (stopped with SIGINT at the limit, so pytest still reports and writes its junit file).
-STAGE_SIGNAL=INT stage tests "$(limit 90 150)" "$OUT/pytest_gpu.log" bash "$SELF" __tests "$OUT"
+STAGE_SIGNAL=INT stage tests "$(limit "${GPU_CHECK_TESTS_S:-90}" 150)" "$OUT/pytest_gpu.log" bash "$SELF" __tests "$OUT"
 if [ -n "$PRE_PID" ]; then
     # Give it at most PRECOMPILE_GRACE_S more seconds: every kernel it has compiled by then is
     # cached already, and the timed run compiles the rest.
