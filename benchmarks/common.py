@@ -33,8 +33,11 @@ __all__ = [
     "RESULTS_DIR",
     "ROOT",
     "append_rows",
+    "arm_p50",
+    "by_workload_batch",
     "cpu_model",
     "ensure_repo_on_path",
+    "fastest",
     "git_commit",
     "latest_run",
     "machine_name",
@@ -224,6 +227,27 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def by_workload_batch(rows: Iterable[dict[str, str]]) -> list[tuple[tuple[str, int], list[dict[str, str]]]]:
+    """A latency run's rows grouped by (workload, batch), in that order."""
+    groups: dict[tuple[str, int], list[dict[str, str]]] = {}
+    for r in rows:
+        groups.setdefault((r["workload"], int(r["batch"])), []).append(r)
+    return sorted(groups.items())
+
+
+def fastest(rows: Iterable[dict[str, str]], keep: Callable[[dict[str, str]], bool] = lambda r: True
+            ) -> tuple[float, str] | None:
+    """(p50 ms, arm) of the fastest arm that ran among the rows ``keep`` accepts, or None."""
+    ran = [(float(r["p50_ms"]), r["arm"]) for r in rows if r.get("status") == "ok" and r.get("p50_ms") and keep(r)]
+    return min(ran) if ran else None
+
+
+def arm_p50(rows: Iterable[dict[str, str]], arm: str) -> float | None:
+    """The p50 ms of ``arm`` among the rows (one workload and batch) if it ran, else None."""
+    best = fastest(rows, lambda r: r["arm"] == arm)
+    return None if best is None else best[0]
 
 
 def latest_run(rows: Sequence[dict[str, str]], card: str | None = None) -> list[dict[str, str]]:

@@ -747,13 +747,6 @@ def print_batch(rows: list[dict]) -> None:
 # Targets (README "Performance"): computed from rows, printed, never asserted.
 
 
-def _p50(rows: list[dict], arm: str) -> float | None:
-    for r in rows:
-        if r["arm"] == arm and r["status"] == "ok" and r.get("p50_ms"):
-            return float(r["p50_ms"])
-    return None
-
-
 def evaluate_targets(rows: list[dict]) -> list[tuple[str, int, str, str, str]]:
     """(workload, batch, target, measured, verdict) for every target the rows allow to judge.
 
@@ -763,20 +756,16 @@ def evaluate_targets(rows: list[dict]) -> list[tuple[str, int, str, str, str]]:
     F/F_par are not samplers).
     """
     out = []
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["workload"], int(r["batch"])), []).append(r)
-    for (workload, batch), group in sorted(groups.items()):
-        ours = [(float(r["p50_ms"]), r["arm"]) for r in group
-                if r["kind"] == "ours" and r["status"] == "ok" and r.get("p50_ms")]
-        if not ours:
+    for (workload, batch), group in common.by_workload_batch(rows):
+        ours = common.fastest(group, lambda r: r["kind"] == "ours")
+        if ours is None:
             if batch == 1 or batch >= 64:
                 out.append((workload, batch, "ours_best", "no ours arm ran", "n/a"))
             continue
-        best, best_arm = min(ours)
+        best, best_arm = ours
         if batch == 1:
             for base, need in (("B0", TARGET_SPEEDUP_B0), ("B1", TARGET_SPEEDUP_B1), ("B2", TARGET_SPEEDUP_B2)):
-                ref = _p50(group, base)
+                ref = common.arm_p50(group, base)
                 target = f"ours_best >= {need:g}x faster than {base}"
                 if ref is None:
                     out.append((workload, batch, target, f"{base} not measured", "n/a"))
@@ -784,7 +773,7 @@ def evaluate_targets(rows: list[dict]) -> list[tuple[str, int, str, str, str]]:
                     speedup = ref / best
                     out.append((workload, batch, target, f"{speedup:.2f}x ({best_arm})",
                                 "MET" if speedup >= need else "not met"))
-            f = _p50(group, "F")
+            f = common.arm_p50(group, "F")
             target = f"ours_best <= {TARGET_RATIO_F:g} x F"
             if f is None:
                 out.append((workload, batch, target, "F not measured", "n/a"))
@@ -793,13 +782,12 @@ def evaluate_targets(rows: list[dict]) -> list[tuple[str, int, str, str, str]]:
                 out.append((workload, batch, target, f"{ratio:.2f} x F ({best_arm})",
                             "MET" if ratio <= TARGET_RATIO_F else "not met"))
         if batch >= 64:
-            single = [(float(r["p50_ms"]), r["arm"]) for r in group
-                      if r["kind"] != "floor" and r["streams"] == "1" and r["status"] == "ok" and r.get("p50_ms")]
+            single = common.fastest(group, lambda r: r["kind"] != "floor" and r["streams"] == "1")
             target = "ours_best <= best single-stream sampler"
-            if not single:
+            if single is None:
                 out.append((workload, batch, target, "no single-stream sampler measured", "n/a"))
             else:
-                ref, ref_arm = min(single)
+                ref, ref_arm = single
                 out.append((workload, batch, target, f"{best / ref:.3f} x {ref_arm} ({best_arm})",
                             "MET" if best <= ref else "not met"))
     return out

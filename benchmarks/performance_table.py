@@ -30,13 +30,6 @@ END = "<!-- performance-table:end -->"
 BASES = ("B0", "B1", "B2", "F", "F_par")
 
 
-def _p50(group: list[dict[str, str]], arm: str) -> float | None:
-    for r in group:
-        if r["arm"] == arm and r.get("status") == "ok" and r.get("p50_ms"):
-            return float(r["p50_ms"])
-    return None
-
-
 def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}" if value < 100 else f"{value:.1f}"
 
@@ -61,16 +54,12 @@ def results_table(rows: list[dict[str, str]]) -> str:
         "| workload | batch | B0 | B1 | B2 | F | F_par | ours (best arm) | vs B0 | vs B1 | vs B2 | ours / F |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
-    groups: dict[tuple[str, int], list[dict[str, str]]] = {}
-    for r in gpu:
-        groups.setdefault((r["workload"], int(r["batch"])), []).append(r)
-    for (workload, batch), group in sorted(groups.items()):
-        base = {arm: _p50(group, arm) for arm in BASES}
-        ours = [(float(r["p50_ms"]), r["arm"]) for r in group
-                if r.get("kind") == "ours" and r.get("status") == "ok" and r.get("p50_ms")]
+    for (workload, batch), group in common.by_workload_batch(gpu):
+        base = {arm: common.arm_p50(group, arm) for arm in BASES}
+        ours = common.fastest(group, lambda r: r.get("kind") == "ours")
         cells = [workload, str(batch)] + [_ms(base[a]) for a in BASES]
-        if ours:
-            best, arm = min(ours)
+        if ours is not None:
+            best, arm = ours
             ratio_f = "–" if base["F"] is None else f"{best / base['F']:.2f}"
             cells += [f"{_ms(best)} ({arm})", _speedup(base["B0"], best), _speedup(base["B1"], best),
                       _speedup(base["B2"], best), ratio_f]
