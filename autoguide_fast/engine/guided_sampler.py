@@ -21,7 +21,7 @@ import torch
 
 from .. import validation as V
 from ..backends import resolve_backend
-from ..noise import STREAM_INITIAL, seeded_noise
+from ..noise import STREAM_INITIAL
 from ..plan import build_plan
 from ..sampler import make_config
 from . import arguments as A
@@ -282,12 +282,8 @@ class GuidedSampler:
         Drawn by the backend's own Philox kernel (one launch on the fused backends instead of ~150
         small torch ops), which is bit-exact with the specification in float32."""
         numel = math.prod(self.noise_shape[1:])
-        normal = getattr(self._backend, "normal", None)
-        if normal is None:
-            noise = seeded_noise(seeds, self.noise_shape, device=self.device)
-        else:
-            noise = normal(seeds, numel, STREAM_INITIAL, torch.float32).reshape(self.noise_shape)
-        return noise.to(self.config.dtype)
+        noise = self._backend.normal(seeds, numel, STREAM_INITIAL, torch.float32)
+        return noise.reshape(self.noise_shape).to(self.config.dtype)
 
     def _seeds_to_device(self, seeds: torch.Tensor | None) -> torch.Tensor | None:
         if seeds is None or seeds.device == self.device:
@@ -300,7 +296,7 @@ class GuidedSampler:
         """Inputs for warm-up and capture when prepare() is called without a call's inputs:
         seeded noise (leaves the global RNG untouched), zero labels, seeds 0..B-1."""
         seeds = torch.arange(self.noise_shape[0], device=self.device, dtype=torch.int64)
-        noise = seeded_noise(seeds, self.noise_shape, device=self.device, dtype=self.config.dtype)
+        noise = self._seeded_noise(seeds)
         labels = (None if self.label_shape is None else
                   torch.zeros(self.label_shape, device=self.device, dtype=self.label_dtype))
         return noise, labels, seeds if seeded else None
