@@ -160,11 +160,12 @@ class StepGraphRunner(_GraphRunner):
         # Each kind's launch sequence, eagerly once in step order (warms up whatever the kinds
         # launch that the trajectory did not, e.g. kernels reading their scalars from memory,
         # before anything is captured); then one capture per kind.
-        capturer.warmup(lambda: [self._kind_fn(k)() for k in range(len(steps))], 1)
+        fns = [self._kind_fn(k) for k in range(len(steps))]
+        capturer.warmup(lambda: [fn() for fn in fns], 1)
         graphs: dict[tuple, Any] = {}
         for k, kind in enumerate(kinds):
             if kind not in graphs:
-                graph, out = capturer.capture(self._kind_fn(k))
+                graph, out = capturer.capture(fns[k])
                 graphs[kind] = graph
                 if kind == ("last",):
                     self.out, self.finite = out
