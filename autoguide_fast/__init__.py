@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ._extension import extension, extension_error, extension_info
 from .backends import BackendStatus, backends
-from .engine import GuidedSampler, clear_cache, set_cache_size
+from .engine import BucketedSampler, GuidedSampler, clear_cache, set_cache_size
 from .noise import seeded_labels, seeded_noise
 from .sampler import edm_sampler, fast_guided_sample
 
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "BucketedSampler",
     "GuidedSampler",
     "backends",
     "clear_cache",

@@ -416,3 +416,26 @@ def test_unseeded_churn_draws_the_numbers_the_eager_loop_draws(graph):
         out = s(noise, labels)
         torch.manual_seed(seed)
         assert torch.equal(out, eager(net, gnet, noise, labels, **BASE, **CHURN)), (graph, seed)
+
+
+@pytest.mark.parametrize("graph", ["trajectory", "step"])
+def test_buckets_replay_the_padded_batch_and_return_the_call_rows(graph):
+    """A call of 3 images runs the bucket of 4 from its graph: bit for bit the eager run of the
+    batch padded with the last image, first 3 rows; a call of 6 runs 4 + 2 (chunked); fresh
+    tensors of exactly the call's rows."""
+    net, gnet = cuda_nets()
+    s = autoguide_fast.BucketedSampler(net, gnet, image_shape=SHAPE[1:], batch_sizes=(2, 4),
+                                       image_label_shape=(LABEL_DIM,), device="cuda", graph=graph, **BASE, **CHURN)
+    labels = one_hot_labels(6, LABEL_DIM, seed=3).cuda()
+    seeds = [7, 8, 9, 10, 11, 12]
+    for n in (3, 6):
+        out = s(labels=labels[:n], seeds=seeds[:n])
+        assert out.shape == (n, *SHAPE[1:]) and out.untyped_storage().nbytes() == out.numel() * 4
+        parts = [(0, 3, 1)] if n == 3 else [(0, 4, 0), (4, 6, 0)]
+        for start, stop, pad in parts:
+            rows = seeds[start:stop] + seeds[stop - 1:stop] * pad
+            lab = torch.cat([labels[start:stop], labels[stop - 1:stop].expand(pad, -1)])
+            expected = eager(net, gnet, seeded_noise(rows, (len(rows), *SHAPE[1:]), device="cuda"), lab, rows,
+                             **BASE, **CHURN)
+            assert torch.equal(out[start:stop], expected[:stop - start]), (graph, n, start)
+    assert {b: r["graph"] for b, r in s.report.items()} == {2: graph, 4: graph}

@@ -107,8 +107,9 @@ def check_call_labels(labels: Any, shape: tuple[int, ...] | None, dtype: torch.d
         raise ValueError(f"labels: expected a tensor on {device} (the sampler's device), got one on {labels.device}")
 
 
-def check_call_seeds(seeds: Any, batch: int) -> torch.Tensor | None:
-    """Seeds as an int64 tensor (left on its device if it is one), one per image; host checks only."""
+def check_call_seeds(seeds: Any, batch: int | None) -> torch.Tensor | None:
+    """Seeds as an int64 tensor (left on its device if it is one), one per image (``batch`` of
+    them unless None); host checks only."""
     if seeds is None:
         return None
     if isinstance(seeds, torch.Tensor):
@@ -117,7 +118,7 @@ def check_call_seeds(seeds: Any, batch: int) -> torch.Tensor | None:
         if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
             raise TypeError(f"seeds: expected a sequence of integers, got {type(seeds).__name__}")
         seeds_t = seeds_to_tensor(seeds)
-    if seeds_t.shape[0] != batch:
+    if batch is not None and seeds_t.shape[0] != batch:
         raise ValueError(f"seeds: expected one seed per image ({batch}), got {seeds_t.shape[0]}")
     return seeds_t
 
