@@ -10,6 +10,7 @@ Items (each prints one line ``PASS|WARN|FAIL|SKIP  item  detail`` as soon as it 
                           same backend eagerly (bit for bit expected; a capture failure is a FAIL)
   <backend>/churn-...     the same with seeded churn (S_churn > 0, per-image seeds)
   auto                    GuidedSampler with every switch on "auto" (what it chose, and its result)
+  buckets                 BucketedSampler (buckets 1, 2; 3 seeded images = 2 + 1) against eager samplers
   edm2-xs/<graph>         the real EDM2-XS network (fp16 body), 2 steps at batch 1: captured in
                           one graph with the guide on a side stream, against the same sampler eagerly
 
@@ -224,7 +225,29 @@ def engine_group(device: torch.device, report: Report) -> None:
             return "FAIL", f"{chose}; capture failed: {str(r['capture_error'])[:300]}"
         return verdict, f"{chose}; vs reference: {detail}; {ms:.2f} ms/call"
 
+    def buckets() -> tuple[str, str]:
+        """3 seeded images from buckets (1, 2): chunks of 2 and 1, against eager samplers of those sizes."""
+        seeds, lab = [5, 2**40 + 9, 13], labels[[0, 1, 1]]
+        s = autoguide_fast.BucketedSampler(net, gnet, image_shape=SHAPE[1:], batch_sizes=(1, 2),
+                                           image_label_shape=(LABEL_DIM,), device=device, **BASE, **CHURN)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = s(labels=lab, seeds=seeds)
+            parts = []
+            for a, b in ((0, 2), (2, 3)):
+                e = _sampler(net, gnet, device, noise_shape=(b - a, *SHAPE[1:]), label_shape=(b - a, LABEL_DIM),
+                             graph="none", **CHURN)
+                parts.append(e(labels=lab[a:b], seeds=seeds[a:b]))
+            verdict, detail = _compare(out, torch.cat(parts))
+            ms = _ms(lambda: s(labels=lab, seeds=seeds), device)
+        graphs = {b: r["graph"] for b, r in s.report.items()}
+        errors = [r["capture_error"] for r in s.report.values() if r.get("capture_error")]
+        if errors:
+            return "FAIL", f"capture failed: {str(errors[0])[:300]}"
+        return verdict, f"buckets {graphs}; vs eager per chunk: {detail}; {ms:.2f} ms/call"
+
     report.run("auto", auto)
+    report.run("buckets", buckets)
     if device.type != "cuda":
         report.add("SKIP", "edm2-xs/*", f"needs a CUDA device (device={device})")
         return
