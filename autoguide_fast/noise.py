@@ -26,6 +26,7 @@ without state — which makes the draw safe inside CUDA-graph capture.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -149,13 +150,16 @@ def seeded_noise(
 ) -> torch.Tensor:
     """Initial noise for the given seeds: image b depends only on ``seeds[b]``."""
     seeds_t = seeds_to_tensor(seeds, device=device)
+    expected = f"a full shape [len(seeds) = {seeds_t.shape[0]}, ...] of non-negative integers"
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)):
+        raise TypeError(f"shape: expected {expected}, got {type(shape).__name__} ({shape!r})")
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in shape):
+        raise TypeError(f"shape: expected {expected}, got {tuple(shape)!r}")
     shape = tuple(int(s) for s in shape)
-    if len(shape) < 1 or shape[0] != seeds_t.shape[0]:
-        raise ValueError(
-            f"shape: expected a full shape whose first entry is len(seeds) = {seeds_t.shape[0]}, got {shape}"
-        )
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+    if len(shape) < 1 or shape[0] != seeds_t.shape[0] or min(shape) < 0:
+        raise ValueError(f"shape: expected {expected}, got {shape}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
     numel = math.prod(shape[1:])
     return philox_normal(seeds_t, numel, stream, dtype).reshape(shape)
 
@@ -167,6 +171,8 @@ def seeded_labels(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Class index per image in [0, C), drawn from the seed's labels stream (int64 [B])."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise TypeError(f"num_classes: expected a positive integer, got {type(num_classes).__name__} ({num_classes!r})")
     if num_classes < 1:
         raise ValueError(f"num_classes: expected a positive integer, got {num_classes}")
     seeds_t = seeds_to_tensor(seeds, device=device)

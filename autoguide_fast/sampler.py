@@ -19,6 +19,10 @@ def make_config(
     guidance_interval, solver,
 ) -> SamplerConfig:
     """Validate the scalar sampler arguments and bundle them (raises before any work)."""
+    # 0-dim tensors (accepted like numbers, as the official sampler's arithmetic accepts them) become numbers.
+    sigma_min, sigma_max, rho, guidance, S_churn, S_min, S_max, S_noise = (
+        v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v
+        for v in (sigma_min, sigma_max, rho, guidance, S_churn, S_min, S_max, S_noise))
     V.check_schedule(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise)
     interval = V.check_guidance(guidance, gnet, guidance_interval)
     V.check_dtype(dtype)
@@ -154,6 +158,14 @@ def _engine_applies(noise: torch.Tensor, labels, randn_like, callback) -> bool:
             and (labels is None or labels.device == noise.device))
 
 
+def _wants_autograd(noise: torch.Tensor, labels) -> bool:
+    """Gradients are wanted (and the plain torch loop records them, like the official sampler) when
+    autograd is on and the noise or the labels require grad; otherwise sampling runs under
+    ``torch.no_grad()``, as k-diffusion's samplers do, whatever the networks' parameters say."""
+    return torch.is_grad_enabled() and (
+        noise.requires_grad or (isinstance(labels, torch.Tensor) and labels.requires_grad))
+
+
 def _needs_reference_ops(noise: torch.Tensor, config: SamplerConfig, randn_like, seeds) -> bool:
     """Whether only the reference's own tensor ops reproduce it: churn noise drawn by randn_like
     (not from seeds) depends on the state's memory layout (randn_like fills in memory order, and the
@@ -209,7 +221,21 @@ def fast_guided_sample(
     V.check_noise(noise)
     V.check_labels(labels, noise)
     seeds_t = V.check_seeds(seeds, noise)
-    if backend == "auto" and _needs_reference_ops(noise, config, randn_like, seeds_t):
+    differentiable = _wants_autograd(noise, labels)
+    if differentiable and backend not in ("auto", "torch"):
+        raise ValueError(
+            f"backend: {backend!r} is not differentiable, and noise (or labels) requires grad with autograd "
+            "enabled; use backend='auto' or 'torch' (the plain loop, like the official sampler), or sample "
+            "under torch.no_grad()"
+        )
+    if (backend not in ("auto", "torch") and config.S_churn > 0 and not noise.is_contiguous()
+            and (randn_like is torch.randn_like or (randn_like is None and seeds_t is None))):
+        raise ValueError(
+            f"noise: not contiguous (e.g. channels-last), with churn noise from torch.randn_like: randn_like fills "
+            f"in memory order and the {backend!r} backend keeps the state contiguous, so it would draw other noise "
+            "than the official sampler; pass noise.contiguous(), per-image seeds, or backend='auto' / 'torch'"
+        )
+    if backend == "auto" and (differentiable or _needs_reference_ops(noise, config, randn_like, seeds_t)):
         backend = "torch"
     elif _engine_applies(noise, labels, randn_like, callback):
         from .engine.cache import sample_cached  # Lazy: the engine imports this module.
@@ -222,7 +248,7 @@ def fast_guided_sample(
 
     # On CUDA, not while a GuidedSampler captures in another thread (its capture puts torch's CUDA
     # generator in capture mode process-wide, which randn_like here would trip over).
-    with torch.no_grad(), engine_lock(noise.device):
+    with torch.set_grad_enabled(differentiable), engine_lock(noise.device):
         x = run_eager(net, gnet, noise, labels, config, step_backend, seeds_t, randn_like, callback)
     if check_finite and not bool(torch.isfinite(x).all()):
         raise FloatingPointError(

@@ -16,6 +16,9 @@ SOLVERS = ("heun", "euler")
 
 
 def _real(name: str, value: Any) -> float:
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex
+            and value.dtype != torch.bool):
+        value = value.item()  # A 0-dim tensor works in the official sampler's Python arithmetic too.
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__} ({value!r})")
     value = float(value)
@@ -56,8 +59,9 @@ def check_guidance(guidance, gnet, guidance_interval):
     w = _real("guidance", guidance)
     if not math.isfinite(w):
         raise ValueError(f"guidance: expected a finite number, got {guidance}")
-    if guidance != 1:
-        check_callable("gnet", gnet)
+    if w != 1 and not callable(gnet):
+        raise TypeError(f"gnet: a guide network is required when guidance != 1 (guidance={w}); "
+                        f"expected a callable, got {type(gnet).__name__}")
     if guidance_interval is None:
         return None
     if not isinstance(guidance_interval, (tuple, list)) or len(guidance_interval) != 2:

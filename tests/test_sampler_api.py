@@ -246,3 +246,38 @@ def test_guidance_interval_bounds_compare_in_the_state_dtype_like_the_churn_rule
     churn_rule = bool(0 <= torch.tensor(steps[0].t_cur, dtype=dtype) <= 0.1)
     assert churn_rule == (dtype == torch.float32)
     assert (steps[0].w_first == 2.0) == churn_rule
+
+
+def test_noise_that_requires_grad_gets_the_reference_gradients():
+    """Autograd on and noise requiring grad: the plain loop records the graph, like the official
+    sampler (same result, same gradients w.r.t. the noise and the networks' parameters)."""
+    net = TinyConvDenoiser(channels=3, label_dim=0, seed=1)
+    gnet = TinyConvDenoiser(channels=3, label_dim=0, seed=2, hidden=4)
+    noise = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(7)).requires_grad_()
+    expected = reference_sampler(net, noise, None, gnet, num_steps=4, guidance=2.1)
+    got = edm_sampler(net, noise, None, gnet, num_steps=4, guidance=2.1)
+    assert got.requires_grad and torch.equal(got, expected)
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(8))
+    wrt = [noise, net.conv1.weight, gnet.conv2.weight]
+    for g_got, g_ref in zip(torch.autograd.grad((got * weights).sum(), wrt),
+                            torch.autograd.grad((expected * weights).sum(), wrt)):
+        assert g_ref.abs().max() > 0 and torch.equal(g_got, g_ref)
+
+
+def test_sampling_is_inference_only_unless_the_noise_requires_grad():
+    net = TinyConvDenoiser(channels=3, label_dim=0, seed=1)
+    assert net.conv1.weight.requires_grad
+    noise = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(7))
+    for backend in ("auto", "torch", "cpp"):
+        assert not fast_guided_sample(net, noise, num_steps=3, backend=backend).requires_grad
+    with torch.no_grad():
+        assert not edm_sampler(net, noise.requires_grad_(), num_steps=3).requires_grad
+
+
+def test_guidance_as_a_0_dim_tensor_works_like_the_number():
+    net = TinyConvDenoiser(channels=3, label_dim=0, seed=1)
+    gnet = TinyConvDenoiser(channels=3, label_dim=0, seed=2, hidden=4)
+    noise = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(9))
+    expected = reference_sampler(net, noise, None, gnet, num_steps=4, guidance=2.1)
+    for w in (torch.tensor(2.1), torch.tensor(2.1, dtype=torch.float64)):
+        assert torch.equal(edm_sampler(net, noise, None, gnet, num_steps=4, guidance=w), expected)

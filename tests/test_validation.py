@@ -55,6 +55,11 @@ BAD_CALLS = [
     ({"dtype": torch.int32}, TypeError, "dtype"),
     ({"callback": 5}, TypeError, "callback"),
     ({"randn_like": 5}, TypeError, "randn_like"),
+    ({"guidance": torch.tensor([2.0, 1.0]), "gnet": NET}, TypeError, "guidance"),
+    ({"guidance": torch.tensor(True), "gnet": NET}, TypeError, "guidance"),
+    ({"noise": NOISE.clone().requires_grad_(), "backend": "cpp"}, ValueError, "backend: 'cpp' is not differentiable"),
+    ({"noise": NOISE.to(memory_format=torch.channels_last), "backend": "cpp", "S_churn": 10.0}, ValueError,
+     "noise: not contiguous"),
 ]
 
 
@@ -65,6 +70,30 @@ def test_bad_input_raises_naming_the_argument(kwargs, error, name):
     noise = kwargs.pop("noise", NOISE)
     with pytest.raises(error, match=name):
         fast_guided_sample(net, noise, **kwargs)
+
+
+def test_missing_guide_names_why_it_is_needed():
+    with pytest.raises(TypeError, match=r"gnet: a guide network is required when guidance != 1 \(guidance=2.0\)"):
+        fast_guided_sample(NET, NOISE, guidance=2.0)
+
+
+BAD_SEEDED = [
+    (lambda: seeded_noise([1], (1, 2.7)), TypeError, "shape"),
+    (lambda: seeded_noise([1], "14"), TypeError, "shape"),
+    (lambda: seeded_noise([1, 2], (1, 4)), ValueError, "shape"),
+    (lambda: seeded_noise([1], (1, -4)), ValueError, "shape"),
+    (lambda: seeded_noise([1], (1, 4), dtype="float32"), TypeError, "dtype"),
+    (lambda: seeded_noise([1], (1, 4), dtype=torch.int32), TypeError, "dtype"),
+    (lambda: autoguide_fast.seeded_labels(range(3), 2.5), TypeError, "num_classes"),
+    (lambda: autoguide_fast.seeded_labels(range(3), True), TypeError, "num_classes"),
+    (lambda: autoguide_fast.seeded_labels(range(3), 0), ValueError, "num_classes"),
+]
+
+
+@pytest.mark.parametrize("call,error,name", BAD_SEEDED, ids=[f"{c[2]}-{i}" for i, c in enumerate(BAD_SEEDED)])
+def test_seeded_noise_and_labels_check_their_arguments(call, error, name):
+    with pytest.raises(error, match=name):
+        call()
 
 
 def test_unavailable_backend_raises_with_reason():
