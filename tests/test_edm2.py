@@ -425,6 +425,28 @@ def test_prepared_weights_updated_in_place_are_not_used_stale(cond_net):
     assert torch.equal(after, expected) and not torch.equal(after, before)
 
 
+def test_prepared_network_compiles_to_one_graph(cond_net):
+    """The staleness check reads storage pointers, which torch.compile cannot trace: it is skipped
+    while compiling, so a prepared network is one graph (a graph break per layer otherwise) with
+    the eager network's outputs."""
+    net = copy.deepcopy(cond_net)
+    prepare_for_inference(net)
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend=count, dynamic=False)
+    x, labels = inputs()
+    with torch.no_grad():
+        for sigma in (1.0, 2.5):
+            assert torch.equal(compiled(x, torch.tensor(sigma), labels), net(x, torch.tensor(sigma), labels))
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+
+
 def test_integer_one_hot_rows_are_one_hot(cond_net):
     x, labels = inputs()
     one_hot = torch.nn.functional.one_hot(labels, 10)

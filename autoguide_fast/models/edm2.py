@@ -169,7 +169,9 @@ class MPConv(torch.nn.Module):
         w = self.ready_weight
         # A prepared weight whose sources changed since (in place or replaced) is not used: the
         # call normalises per call, as an unprepared network does (prepare again to cache anew).
-        if w is not None and self._ready_source != self._source(gain):
+        # Not checked while torch.compile traces: storage pointers cannot be traced (a graph break
+        # in every layer); the compiled code uses the prepared weight as it is.
+        if w is not None and not torch.compiler.is_compiling() and self._ready_source != self._source(gain):
             w = None
         if w is None or w.dtype != x.dtype or self.training:
             if self.training:
