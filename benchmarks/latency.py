@@ -293,12 +293,13 @@ def _engine_notes(wanted: dict[str, Any], report: dict) -> list[str]:
     """Where the engine ran something other than what the arm asked for (e.g. an eager fallback
     after a failed capture), so that no row is labelled with a switch that was not on."""
     notes = []
+    def shown(v: Any) -> str:  # Booleans as on/off on both sides (e.g. compile_networks=True vs True).
+        return ("on" if v else "off") if isinstance(v, bool) else str(v)
+
     for key, value in wanted.items():
         if key in report and report[key] is not None:
-            got = report[key]
-            if isinstance(got, bool):  # e.g. streams reported as True/False
-                got = "on" if got else "off"
-            if str(got) != str(value):
+            got, value = shown(report[key]), shown(value)
+            if got != value:
                 notes.append(f"asked {key}={value}, engine ran {key}={got}")
     if report.get("capture_error"):
         notes.append(f"capture failed: {str(report['capture_error'])[:200]}")
@@ -331,8 +332,11 @@ def _engine_arm(**switches: Any) -> Callable[[Context], Prepared]:
         kwargs.update(wanted)
         net, gnet = ctx.main, ctx.guide
         if switches.get("compile_networks"):
-            # The engine may compile the modules in place: give it its own copies.
-            net, gnet = copy.deepcopy(net), copy.deepcopy(gnet)
+            # The engine may compile the modules in place: give it its own copies, prepared anew (a
+            # copy's prepared weights no longer match the storage they were computed from, so a
+            # copy of a prepared network would normalise its weights per call in eager use).
+            net, gnet = (prepare_for_inference(copy.deepcopy(ctx.raw_main)),
+                         prepare_for_inference(copy.deepcopy(ctx.raw_guide)))
         sampler = engine(net, gnet, **kwargs)
         report = sampler.prepare() if callable(getattr(sampler, "prepare", None)) else None
 
@@ -494,16 +498,16 @@ def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_
     times: dict[str, list[float]] = {}
     walls: dict[str, list[float]] = {}
     live: list[tuple[Arm, Prepared]] = []
-    ref_out: torch.Tensor | None = None
 
     interrupted = False
-    try:
-        budget_skip = None
-        if est_batch_s > 0 and clock.left() < est_batch_s:  # The first batch always runs.
-            budget_skip = f"time budget: {max(0.0, clock.left()):.0f} s left, this batch needs ~{est_batch_s:.0f} s"
-        # Arms that compile are set up last: if the time limit interrupts a long compilation, every
-        # other arm was already set up and its rows are written (the CSV keeps the ARMS order).
-        for arm in sorted(ARMS, key=lambda a: a.compiles):
+    budget_skip = None
+    if est_batch_s > 0 and clock.left() < est_batch_s:  # The first batch always runs.
+        budget_skip = f"time budget: {max(0.0, clock.left()):.0f} s left, this batch needs ~{est_batch_s:.0f} s"
+
+    def set_up(arms: list[Arm]) -> int:
+        """Build and warm up the arms (each failure recorded); returns how many joined ``live``."""
+        joined = 0
+        for arm in arms:
             reason = skip_reason(arm, plan, ctx.batch, first_batch) or budget_skip
             if reason is None and arm.compiles and clock.left() < plan.compile_estimate + est_batch_s:
                 reason = (f"time budget: {max(0.0, clock.left()):.0f} s left, compiling needs "
@@ -549,18 +553,21 @@ def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_
                 if not bool(torch.isfinite(out).all()):
                     notes[arm.name].append("output has NaN/Inf")
                 if arm.name == "B0":
-                    ref_out = out.detach().float().clone()
-                elif ref_out is not None and out.shape == ref_out.shape:
-                    diff[arm.name] = float((out.detach().float() - ref_out).abs().max())
+                    ref_out.append(out.detach().float().clone())
+                elif ref_out and out.shape == ref_out[0].shape:
+                    diff[arm.name] = float((out.detach().float() - ref_out[0]).abs().max())
             del out
             status[arm.name] = "ok"
             times[arm.name], walls[arm.name] = [], []
             live.append((arm, prepared))
+            joined += 1
+        return joined
 
-        reps_done = 0
+    def rotate(phase: str) -> None:
+        """plan.reps round-robin repetitions of every live arm (a rotating start order)."""
         for rep in range(plan.reps):
             if not live:
-                break
+                return
             shift = rep % len(live)
             for arm, prepared in live[shift:] + live[:shift]:
                 if status[arm.name] != "ok":
@@ -571,27 +578,37 @@ def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_
                     del out
                 except Exception as exc:  # Recorded; the arm leaves the rotation.
                     status[arm.name] = "failed"
-                    notes[arm.name].append(f"repetition {rep + 1}: {describe(exc)}")
-                    log(f"  {arm.name}: FAILED in repetition {rep + 1}: {describe(exc)}")
+                    notes[arm.name].append(f"repetition {len(times[arm.name]) + 1}: {describe(exc)}")
+                    log(f"  {arm.name}: FAILED in repetition {len(times[arm.name]) + 1}: {describe(exc)}")
                     continue
                 times[arm.name].append(ms)
                 walls[arm.name].append(wall)
-            reps_done = rep + 1
-            medians = " ".join(f"{a.name}={times[a.name][-1]:.1f}" for a, _ in live if times[a.name])
-            log(f"  rep {reps_done}/{plan.reps}: {medians}")
-            if reps_done < plan.reps and clock.left() <= 0 and reps_done >= 5:
+            done = rep + 1
+            latest = " ".join(f"{a.name}={times[a.name][-1]:.1f}" for a, _ in live if times[a.name])
+            log(f"  {phase}rep {done}/{plan.reps}: {latest}")
+            if done < plan.reps and clock.left() <= 0 and done >= 5:
                 for arm, _ in live:
-                    notes[arm.name].append(f"time budget: stopped after {reps_done} repetitions")
-                break
-            if reps_done < plan.reps and clock.left() < -OVERRUN_S:
+                    notes[arm.name].append(f"time budget: {phase}stopped after {done} repetitions")
+                return
+            if done < plan.reps and clock.left() < -OVERRUN_S:
                 for arm, _ in live:
-                    notes[arm.name].append(f"time budget overrun: stopped after {reps_done} repetitions")
-                break
+                    notes[arm.name].append(f"time budget overrun: {phase}stopped after {done} repetitions")
+                return
+
+    ref_out: list[torch.Tensor] = []
+    try:
+        # Arms that compile come second: the others are set up and timed first, so a time limit that
+        # interrupts a long compilation still leaves their measurements. Once the compiling arms are
+        # ready, every arm is timed again, interleaved with them (the medians take both rounds).
+        set_up([a for a in ARMS if not a.compiles])
+        rotate("")
+        if set_up([a for a in ARMS if a.compiles]):
+            rotate("with the compiled arms: ")
     except KeyboardInterrupt:
         # A time limit (the GPU check stops this stage with SIGINT): keep what was measured.
         interrupted = True
         log("  interrupted: writing the rows measured so far")
-    del live
+    live.clear()
     _free(ctx.device)
 
     for arm in ARMS:

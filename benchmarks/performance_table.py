@@ -44,7 +44,7 @@ def results_table(rows: list[dict[str, str]]) -> str:
     if not gpu:
         raise ValueError("no row of this run was measured on a CUDA device")
     first = gpu[0]
-    reps = sorted({r["n_reps"] for r in gpu if r.get("n_reps")})
+    reps = [str(n) for n in sorted({int(r["n_reps"]) for r in gpu if r.get("status") == "ok" and r.get("n_reps")})]
     lines = [
         f"Measured on **{first['card']}** on {first['date'][:10]} (commit `{first['commit'][:12]}`, torch "
         f"{first['torch']}, CUDA {first['cuda']}, Triton {first['triton']}; `{first['mode']}` mode, medians of "

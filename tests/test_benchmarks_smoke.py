@@ -128,6 +128,16 @@ def test_targets_arithmetic(latency):
     assert "batch 64" not in latency.format_targets(rows)
 
 
+def test_engine_notes_compare_switches_as_the_engine_reports_them(latency):
+    same = {"compile_networks": True, "streams": "on", "graph": "trajectory"}
+    report = {"compile_networks": True, "streams": "on", "graph": "trajectory", "capture_error": None}
+    assert latency._engine_notes(same, report) == []
+    assert latency._engine_notes({"graph": "trajectory"}, {**report, "graph": "none"}) == [
+        "asked graph=trajectory, engine ran graph=none"]
+    assert latency._engine_notes({"compile_networks": True}, {"compile_networks": False}) == [
+        "asked compile_networks=on, engine ran compile_networks=off"]
+
+
 def test_append_rows_keeps_one_table(common, tmp_path):
     path = tmp_path / "r.csv"
     common.append_rows(path, [{"a": 1, "b": 2}], ["a", "b"])
@@ -210,7 +220,10 @@ def _gpu_run(run_id: str, card: str, b0: float, ours: float) -> list[dict]:
     rows = [_row("B0", "baseline", "1", b0), _row("B1", "baseline", "1", b0 / 2), _row("B2", "baseline", "1", None),
             _row("F", "floor", "1", 40.0), _row("F_par", "floor", "2", 30.0),
             _row("ours-fused", "ours", "1", 70.0), _row("ours-graph-traj", "ours", "2", ours)]
-    return [{**meta, **r} for r in rows]
+    # A skipped arm has no repetitions ("0"); an arm measured 10 times sorts after 5 as a number.
+    rows = [{**meta, **r, **({"n_reps": "0"} if r["status"] == "skipped" else {})} for r in rows]
+    rows[-1]["n_reps"] = "10"
+    return rows
 
 
 def test_performance_table_reports_the_latest_gpu_run_only(common, smoke, tmp_path):
@@ -226,6 +239,7 @@ def test_performance_table_reports_the_latest_gpu_run_only(common, smoke, tmp_pa
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("after\n") and "old" not in text
     assert "**NVIDIA H200**" in text and "H100" not in text
+    assert "medians of 5/10 repetitions" in text
     # B0 200 ms, best ours 32 ms (ours-graph-traj, not ours-fused): 6.25x; B1 100 ms: 3.12x; F 40 ms: 0.80.
     line = next(x for x in text.splitlines() if x.startswith("| w | 1 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
