@@ -251,6 +251,7 @@ if [ -s "$OUT/latency.csv" ]; then
     # performance.md: the README's results block for this run (an error text on a CPU run).
     stage plot "$(limit 40 0)" "$OUT/plot.log" bash -c '
         "$0" benchmarks/performance_table.py --csv "$1/latency.csv" >"$1/performance.md" 2>&1
+        if ! "$0" -c "import matplotlib" 2>/dev/null; then echo "matplotlib is not installed: no plot"; exit 0; fi
         "$0" benchmarks/plot_latency.py --csv "$1/latency.csv" --out "$1/latency.png" &&
         "$0" benchmarks/plot_latency.py --csv "$1/latency.csv" --out "$1/latency_speedup.png" --metric speedup' \
         "$PY" "$OUT"

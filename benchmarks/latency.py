@@ -54,7 +54,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import torch
+_T_START = time.perf_counter()  # The time budget counts from here (torch's import and CUDA start-up included).
+
+import torch  # noqa: E402
 
 _HERE = pathlib.Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
@@ -415,7 +417,6 @@ def skip_reason(arm: Arm, plan: Plan, batch: int, first_batch: int) -> str | Non
     return None
 
 
-_T_START = time.perf_counter()  # The time budget counts from here (imports and CUDA start-up included).
 OVERRUN_S = 10.0                 # Repetitions stop this long after the budget, even below 5.
 
 
