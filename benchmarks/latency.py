@@ -69,7 +69,7 @@ common.ensure_repo_on_path()
 import autoguide_fast  # noqa: E402
 from autoguide_fast import reference  # noqa: E402
 from autoguide_fast.backends import resolve_backend  # noqa: E402
-from autoguide_fast.models.edm2 import edm2_preset, prepare_for_inference  # noqa: E402
+from autoguide_fast.models.edm2 import edm2_preset, prepare_for_inference, randomize_gains_  # noqa: E402
 
 COLUMNS = [
     "date", "run_id", "mode", "card", "device_type", "torch", "cuda", "triton", "python", "commit", "source_hash",
@@ -136,12 +136,7 @@ def build_network(preset: str, overrides: dict, device: torch.device, seed: int)
     torch.manual_seed(seed)
     with torch.device(device):
         net = edm2_preset(preset, **overrides)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith(("out_gain", "emb_gain")):
-                p.fill_(0.5 + 0.5 * float(torch.rand((), generator=g)))
-    return net.eval().requires_grad_(False)
+    return randomize_gains_(net, seed + 1).eval().requires_grad_(False)
 
 
 @dataclasses.dataclass

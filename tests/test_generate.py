@@ -7,6 +7,7 @@ transcendental with a scalar tail): files can then be compared bit for bit acros
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -213,6 +214,16 @@ def test_edm2_preset_specs(tmp_path):
                "--outdir", str(out), "--steps", "2", "--guidance", "2", "--no-progress", "--backend", "torch") == 0
     images = [np.asarray(PIL.open(out / f"{s:06d}.png")) for s in (0, 1)]
     assert images[0].shape == (8, 8, 3) and not np.array_equal(images[0], images[1])
+    # The presets' gains are drawn non-zero: the weights matter, so guidance changes the images
+    # (with the release's zero gains both networks output c_skip x and every guidance gives the same).
+    unguided = tmp_path / "unguided"
+    assert run("--net", "edm2:img64-xxs", "--preset-overrides", tiny, "--seeds", "0-1", "--outdir", str(unguided),
+               "--steps", "2", "--no-progress", "--backend", "torch") == 0
+    guided = tmp_path / "guided"
+    assert run("--net", "edm2:img64-xxs", "--gnet", "edm2:img64-xs", "--preset-overrides", tiny, "--seeds", "0-1",
+               "--outdir", str(guided), "--steps", "2", "--guidance", "3", "--no-progress", "--backend", "torch") == 0
+    pixels = [np.asarray(PIL.open(d / "000000.png")) for d in (unguided, guided)]
+    assert not np.array_equal(*pixels)
 
 
 def test_generate_is_a_subcommand_of_the_main_cli():
@@ -249,6 +260,9 @@ def _bad_cases(tmp_path):
         "bad overrides": (["--net", "edm2:xs", "--preset-overrides", "{model_channels: 8"] + out,
                           ["--preset-overrides", "JSON"]),
         "batch": (ok + out + ["--batch", "0"], ["--batch"]),
+        "negative label dim": (ok + out + ["--label-dim", "-2"], ["--label-dim", "-2"]),
+        "shape of other channels": (ok + out + ["--shape", "4,8,8"], ["--shape", "img_channels = 3"]),
+        "png of 4 channels": (["--net", f"{HERE}:latent_main"] + out + ["--format", "png"], ["--format png"]),
     }
 
 
@@ -262,7 +276,7 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys, case):
     assert err.startswith("autoguide-fast generate: error: ")
     for text in expected:
         assert text in err, (case, err)
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.png"))
+    assert not (tmp_path / "out").exists()  # Nothing is created for settings that cannot run.
 
 
 def test_refuses_to_mix_files_of_other_settings(tmp_path, capsys):
@@ -301,3 +315,20 @@ def test_module_spec_resolves_from_the_current_directory(tmp_path, monkeypatch):
     assert run("--net", "agf_user_nets_q3:build", "--seeds", "1", "--steps", "2", "--outdir", "out",
                "--no-progress", "--backend", "torch") == 0
     assert (tmp_path / "out" / "000001.npy").exists()
+
+
+def test_settings_file_is_standard_json_and_older_infinity_files_resume(tmp_path):
+
+    base = ["--net", f"{HERE}:rgb_main", "--outdir", str(tmp_path), "--steps", "2", "--no-progress",
+            "--backend", "torch", "--format", "npy"]
+    assert run(*base, "--seeds", "0") == 0
+    path = tmp_path / SETTINGS_FILE
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+
+    settings = strict(path.read_text())
+    assert settings["S_max"] == "inf"
+    # A file written with Python's default (Infinity) still matches the same settings.
+    path.write_text(json.dumps({**settings, "S_max": float("inf")}))
+    assert run(*base, "--seeds", "1") == 0 and (tmp_path / "000001.npy").exists()

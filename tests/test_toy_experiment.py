@@ -159,8 +159,12 @@ def test_cli_options_and_errors(tmp_path):
     assert (args.autoguidance, args.cfg, args.steps, args.samples) == (2.5, 3.0, 16, 100)
     train = build_parser().parse_args(["toy", "train", "--models", "autoguide"])
     assert train.toy_action == "train" and train.models == ["autoguide"] and train.seed == 0
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["toy", "--samples", "0"])
+    bad = [["--samples", "0"], ["--steps", "1"], ["--autoguidance", "nan"], ["--cfg", "inf"], ["--cfg", "x"],
+           ["--figure", str(tmp_path / "missing" / "toy.png")], ["--json", str(tmp_path)]]
+    for argv in bad:  # argparse errors (exit code 2, the flag named), before any sampling.
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["toy", *argv])
+        assert exc.value.code == 2, argv
     with pytest.raises(FileNotFoundError, match="toy weights"):
         main(["toy", "--samples", "64", "--weights-dir", str(tmp_path), "--figure", "none"])
 

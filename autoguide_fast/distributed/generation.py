@@ -132,6 +132,8 @@ def _check_options(opts: GenerateOptions) -> list[int]:
         raise ValueError(f"--dtype: expected one of {tuple(DTYPES)}, got {opts.dtype!r}")
     if opts.format not in FORMATS:
         raise ValueError(f"--format: expected one of {FORMATS}, got {opts.format!r}")
+    if opts.label_dim is not None and opts.label_dim < 0:
+        raise ValueError(f"--label-dim: expected 0 (unconditional) or a number of classes, got {opts.label_dim}")
     if opts.shape is not None and (len(opts.shape) < 1 or any(int(d) < 1 for d in opts.shape)):
         raise ValueError(f"--shape: expected positive sizes such as 3,64,64, got {opts.shape}")
     if opts.preset_overrides and not (_is_preset(opts.net) or _is_preset(opts.gnet)):
@@ -264,11 +266,11 @@ def _check_outdir(outdir: str) -> None:
 def _check_settings(outdir: str, settings: dict[str, Any]) -> None:
     """Record the settings next to the files; refuse to resume into files made with other settings."""
     path = os.path.join(outdir, SETTINGS_FILE)
-    settings = json.loads(json.dumps(settings))  # The JSON form (tuples -> lists) on both sides.
+    settings = _standard_json(json.loads(json.dumps(settings)))  # The JSON form (tuples -> lists) on both sides.
     if os.path.exists(path):
         try:
             with open(path) as f:
-                previous = json.load(f)
+                previous = _standard_json(json.load(f))
         except (OSError, ValueError) as exc:
             raise OSError(f"--outdir: cannot read {path!r}: {exc}") from exc
         diffs = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
@@ -279,7 +281,18 @@ def _check_settings(outdir: str, settings: dict[str, Any]) -> None:
                 f"--outdir, or delete {SETTINGS_FILE} there to mix them"
             )
         return
-    _atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()))
+    _atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True, allow_nan=False).encode()))
+
+
+def _standard_json(value: Any) -> Any:
+    """Non-finite floats as the strings "inf", "-inf", "nan" (standard JSON has no Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _standard_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_standard_json(v) for v in value]
+    return value
 
 
 def _existing(outdir: str, seeds: list[int], fmt: str, subdirs: bool) -> list[bool]:
@@ -377,7 +390,8 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
     # Set up; every rank learns whether all succeeded before any collective of the job.
     error = None
     try:
-        _check_outdir(opts.outdir)
+        if os.path.exists(opts.outdir) and not os.path.isdir(opts.outdir):  # Before loading any network.
+            raise OSError(f"--outdir: {opts.outdir!r} exists and is not a directory")
         if is_main:
             try:
                 resolve_backend(opts.backend, device, DTYPES[opts.dtype])
@@ -400,6 +414,7 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
         if has_guide:
             overrides = {**opts.preset_overrides, **opts.gnet_preset_overrides} if _is_preset(opts.gnet) else None
             gnet = load_network(opts.gnet, arg="--gnet", device=device, seed=opts.preset_seed + 1, overrides=overrides)
+        _check_outdir(opts.outdir)  # Created once the networks and settings are known to be usable.
         if rank == 0:
             _check_settings(opts.outdir, _settings(opts, fmt, shape, label_dim))
             # Rank 0 decides what is left to do (all ranks then deal the same list).

@@ -8,7 +8,8 @@ A spec is one of:
 * a file written by ``torch.save(module)`` (a whole pickled module). Loading it runs pickle:
   only load files you trust.
 * ``edm2:SIZE`` or ``edm2:DATASET-SIZE`` — an EDM2 preset (``autoguide_fast.models.edm2``) with
-  random weights, for smoke runs and timing: SIZE in xs, s, m, l, xl, xxl; DATASET img512
+  random weights (and random non-zero output / embedding gains, so that the weights matter), for
+  smoke runs and timing: SIZE in xxs, xs, s, m, l, xl, xxl; DATASET img512
   (4x64x64 latents, the default) or img64 (3x64x64 pixels). Keyword overrides (e.g.
   ``{"model_channels": 16}``) shrink it.
 
@@ -31,7 +32,7 @@ import torch
 __all__ = ["load_network", "parse_overrides", "network_shape", "network_label_dim", "PRESET_PREFIX"]
 
 PRESET_PREFIX = "edm2:"
-_PRESET = re.compile(r"^(?:(img512|img64)-)?(xs|s|m|l|xl|xxl)$", re.IGNORECASE)
+_PRESET = re.compile(r"^(?:(img512|img64)-)?(xxs|xs|s|m|l|xl|xxl)$", re.IGNORECASE)
 _FILE_SUFFIXES = (".pt", ".pth", ".pkl", ".ckpt", ".bin")
 
 
@@ -55,16 +56,19 @@ def _build_preset(spec: str, arg: str, overrides: dict[str, Any]) -> torch.nn.Mo
     if match is None:
         raise ValueError(
             f"{arg}: unknown EDM2 preset {spec!r}; expected edm2:SIZE or edm2:DATASET-SIZE with SIZE in "
-            f"xs, s, m, l, xl, xxl and DATASET in img512, img64 (e.g. edm2:s, edm2:img64-xs)"
+            f"xxs, xs, s, m, l, xl, xxl and DATASET in img512, img64 (e.g. edm2:s, edm2:img64-xs)"
         )
     dataset = (match.group(1) or "img512").lower()
     size = match.group(2).lower()
-    from ..models.edm2 import edm2_preset  # Lazy: the generator works without the model zoo imported.
+    from ..models.edm2 import edm2_preset, randomize_gains_  # Lazy: the generator works without the model zoo.
 
     try:
-        return edm2_preset(size, dataset=dataset, **overrides)
+        net = edm2_preset(size, dataset=dataset, **overrides)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{arg}: cannot build {spec!r} with overrides {overrides}: {exc}") from exc
+    # Non-zero output and embedding gains (0 in a freshly initialised release network, whose output
+    # would then be c_skip x for main and guide alike: guidance would change nothing).
+    return randomize_gains_(net, int(torch.randint(1 << 31, ())))
 
 
 def _resolve_callable(spec: str, arg: str) -> Any:
@@ -161,9 +165,12 @@ def _prepare_edm2(net: torch.nn.Module) -> None:
 
 def network_shape(net: Callable, override: tuple[int, ...] | None, *, arg: str = "--net") -> tuple[int, ...]:
     """Per-image shape (C, H, W): ``override`` if given, else the network's img_channels / img_resolution."""
-    if override is not None:
-        return tuple(override)
     channels = getattr(net, "img_channels", None)
+    if override is not None:
+        if channels is not None and len(override) >= 1 and int(override[0]) != int(channels):
+            raise ValueError(f"--shape: {','.join(map(str, override))} has {override[0]} channels, but the network "
+                             f"{arg} takes img_channels = {channels}")
+        return tuple(override)
     resolution = getattr(net, "img_resolution", None)
     if channels is None or resolution is None:
         raise ValueError(f"{arg}: the network has no img_channels / img_resolution attributes; pass --shape C,H,W")

@@ -12,6 +12,7 @@ from .edm2 import (
     edm2_preset,
     edm2_preset_kwargs,
     prepare_for_inference,
+    randomize_gains_,
     unprepare,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "edm2_preset",
     "edm2_preset_kwargs",
     "prepare_for_inference",
+    "randomize_gains_",
     "unprepare",
 ]

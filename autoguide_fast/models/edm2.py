@@ -38,6 +38,7 @@ __all__ = [
     "EDM2_NUM_CLASSES",
     "edm2_preset_kwargs",
     "edm2_preset",
+    "randomize_gains_",
 ]
 
 # ----------------------------------------------------------------------------
@@ -535,3 +536,22 @@ def edm2_preset(
     ``with torch.device("meta"):`` to inspect a large preset without allocating it.
     """
     return Precond(**edm2_preset_kwargs(name, dataset, conditional, **overrides))
+
+
+@torch.no_grad()
+def randomize_gains_(
+    net: torch.nn.Module,       # A Precond (or any module containing EDM2 layers).
+    seed: int = 0,              # Seed of the gains drawn, uniform in [0.5, 1).
+) -> torch.nn.Module:
+    """Give a randomly initialised network non-zero ``out_gain`` / ``emb_gain`` (in place).
+
+    The release initialises them at 0, so a fresh network outputs exactly c_skip x whatever its
+    weights (and ignores its noise-level and class embedding): two fresh networks, main and guide,
+    give the same output and guidance changes nothing. For timing, smoke runs and tests that must
+    see the weights, draw the gains instead.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, p in net.named_parameters():
+        if name.endswith(("out_gain", "emb_gain")):
+            p.fill_(0.5 + 0.5 * float(torch.rand((), generator=g)))
+    return net
