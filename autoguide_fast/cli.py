@@ -44,6 +44,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoguide-fast", description="Fast autoguidance sampling.")
+    from . import __version__  # Lazy: the package imports this module's siblings.
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="show the available backends and the compiled extension")
     p.set_defaults(func=_info)

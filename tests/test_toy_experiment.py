@@ -175,3 +175,11 @@ def test_cli_train_writes_loadable_weights(tmp_path):
     assert code == 0
     ckpt = torch.load(tmp_path / "autoguide.pt", weights_only=True)
     assert ckpt["meta"]["iterations"] == 2 and ckpt["hidden"] == 32
+
+
+def test_cli_version(capsys):
+    import autoguide_fast
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"autoguide-fast {autoguide_fast.__version__}"
