@@ -179,7 +179,8 @@ def test_cli_train_writes_loadable_weights(tmp_path):
 
 def test_cli_version(capsys):
     import autoguide_fast
+    from autoguide_fast.cli import build_parser as main_parser
 
     with pytest.raises(SystemExit) as exc:
-        build_parser().parse_args(["--version"])
+        main_parser().parse_args(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"autoguide-fast {autoguide_fast.__version__}"
