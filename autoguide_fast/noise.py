@@ -14,7 +14,8 @@ Specification (implemented identically in pure torch here, and in Triton, C++ an
   ``STREAM_LABELS`` for class labels. One Philox call yields the words r0..r3 of elements
   4g .. 4g + 3.
 * Uniforms u_k = ((r_k >> 8) + 1) · 2^-24, exact in float32, in (0, 1].
-* Box–Muller in float64, then rounded to the requested dtype:
+* Box–Muller in float64, then rounded to the requested dtype as torch's ``.to()`` rounds (to
+  float16 / bfloat16 through float32):
   z_{4g}   = sqrt(-2 ln u0) cos(2π u1),   z_{4g+1} = sqrt(-2 ln u0) sin(2π u1),
   z_{4g+2} = sqrt(-2 ln u2) cos(2π u3),   z_{4g+3} = sqrt(-2 ln u2) sin(2π u3).
 

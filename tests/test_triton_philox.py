@@ -58,14 +58,17 @@ def test_normal_matches_torch_reference(numel, stream):
         assert (got.cpu() - want).abs().max().item() <= atol
 
 
-def test_normal_half_precision_outputs_round_once():
-    seeds = noise.seeds_to_tensor([5, -9], device=DEVICE)
+def test_normal_half_precision_outputs_round_like_torch():
+    """16-bit noise is the float64 noise rounded as torch's .to() rounds it: through float32 (a
+    direct float64 -> float16 rounding differs on ~6e-5 of the values)."""
+    seeds = noise.seeds_to_tensor(list(range(-40, 40)), device=DEVICE)
     for dtype in (torch.float16, torch.bfloat16):
-        got = OPS.philox_normal(seeds, 41, 3, dtype).cpu().to(torch.float64)
-        want64 = noise.philox_normal(seeds.cpu(), 41, 3, torch.float64)
-        # Within half an ulp of the float64 value (one rounding), up to libm's last-bit noise.
-        ulp = torch.finfo(dtype).eps * want64.abs().clamp_min(2.0 ** -14)
-        assert ((got - want64).abs() <= 0.5 * ulp * (1 + 1e-6)).all()
+        got = OPS.philox_normal(seeds, 999, 3, dtype).cpu()
+        want64 = noise.philox_normal(seeds.cpu(), 999, 3, torch.float64)
+        # Bit for bit, except where the float64 values themselves differ in their last bits (libm).
+        differ = got != want64.to(dtype)
+        close64 = (OPS.philox_normal(seeds, 999, 3, torch.float64).cpu() - want64).abs() > 0
+        assert not (differ & ~close64).any(), int(differ.sum())
 
 
 def test_normal_is_per_image_and_statistically_normal():

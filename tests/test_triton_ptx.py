@@ -65,6 +65,12 @@ VARIANTS = [
     ("philox-normal-f32", "normal", "fp32", None, None, dict(ALIGNED=True, WIDE=False)),
     ("philox-normal-bf16-wide-ragged", "normal", "bf16", None, None, dict(ALIGNED=False, WIDE=True)),
     ("philox-words", "words", None, None, None, {}),
+    # float64 state cast to the networks' 16-bit dtype: rounded through float32, like torch's .to().
+    ("euler-f64-cast-f16", "euler", "fp64", "fp32", "fp16",
+     dict(GUIDED=True, W_SMALL=False, WRITE_D=True, CHURN=False, ALIGNED=True, WIDE=False)),
+    ("heun-f64-cast-bf16", "heun", "fp64", "fp32", "bf16",
+     dict(GUIDED=True, W_SMALL=False, CHURN=False, ALIGNED=True, WIDE=False)),
+    ("philox-normal-f16", "normal", "fp16", None, None, dict(ALIGNED=True, WIDE=False)),
 ]
 
 
@@ -125,6 +131,8 @@ def _compile_all() -> dict:
             "ftz_f32": len(re.findall(r"\.ftz\.f32\b", ptx)),
             "vector": len(re.findall(r"\b(?:ld|st)\.global(?:\.[a-z]+)*\.v[24]\.", ptx)),
             "scalar_f64_loads": len(re.findall(r"\bld\.global(?:\.[a-z]+)*\.(?:f64|b64)\b", ptx)),
+            "cvt_16_from_f64": len(re.findall(r"\bcvt\.rn\.(?:f16|bf16)(?:x2)?\.f64\b", ptx)),
+            "cvt_16_from_f32": len(re.findall(r"\bcvt\.rn\.(?:f16|bf16)(?:x2)?\.f32\b", ptx)),
         }
     return results
 
@@ -140,6 +148,8 @@ def _check(name: str, r: dict, state, flags: dict) -> None:
         assert r["fma_f64"] == (r["per_thread"] if guided else 0), (name, r)
     if flags.get("ALIGNED"):
         assert r["vector"] > 0, (name, r)
+    # 16-bit outputs are never rounded from float64 in one step (torch rounds through float32).
+    assert r["cvt_16_from_f64"] == 0, (name, r)
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +172,11 @@ def ptx_stats():
 def test_kernel_compiles_for_sm90_with_the_reference_rounding(ptx_stats, variant):
     name, _, state, _, _, flags = variant
     _check(name, ptx_stats[name], state, flags)
+
+
+def test_16_bit_outputs_of_float64_values_round_through_float32(ptx_stats):
+    for name in ("euler-f64-cast-f16", "heun-f64-cast-bf16", "philox-normal-f16", "philox-normal-bf16-wide-ragged"):
+        assert ptx_stats[name]["cvt_16_from_f64"] == 0 and ptx_stats[name]["cvt_16_from_f32"] > 0, name
 
 
 def test_scalars_variants_load_their_values_from_memory(ptx_stats):

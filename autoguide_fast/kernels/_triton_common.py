@@ -182,6 +182,18 @@ def exact_fma(a, b, c, COMPILED: tl.constexpr):
     return r
 
 
+@triton.jit
+def round_to(v, DST: tl.constexpr):
+    """v in dtype DST, rounded as torch's ``.to()`` rounds: float64 to float16/bfloat16 goes
+    through float32 (c10's Half/BFloat16 are built from a float), not in one step; the two differ
+    on ~6e-5 of float16 and ~9e-6 of bfloat16 values."""
+    if v.dtype == tl.float64 and (DST == tl.float16 or DST == tl.bfloat16):
+        r = v.to(tl.float32).to(DST)
+    else:
+        r = v.to(DST)
+    return r
+
+
 # Whether this process runs the kernels in Triton's interpreter: fixed when the kernels were
 # defined (TRITON_INTERPRET=1 at that moment), whatever the environment says later.
 INTERPRETED = isinstance(scalar_from_bits, InterpretedFunction)

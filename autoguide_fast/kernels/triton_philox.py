@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import OP_NAMESPACE
-from ._triton_common import GROUPS_NOISE, LAUNCH, check_device, launch_device, tile_offsets
+from ._triton_common import GROUPS_NOISE, LAUNCH, check_device, launch_device, round_to, tile_offsets
 
 __all__ = ["normal_tile", "philox4x32_10", "philox4x32_words", "philox_normal"]
 
@@ -96,7 +96,7 @@ def _philox_normal_kernel(
     off, mask, b, g, rows = tile_offsets(numel, groups_per_image, total_groups, 0, True, ALIGNED, WIDE, GROUPS)
     seed = tl.load(seeds_ptr + b, mask=rows, other=0)
     z = normal_tile(seed, g, stream)
-    tl.store(out_ptr + off, z.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + off, round_to(z, out_ptr.dtype.element_ty), mask=mask)
 
 
 def _stream_i32(stream: int) -> int:
@@ -159,7 +159,7 @@ def _(seeds: torch.Tensor, numel: int, stream: int, dtype: torch.dtype) -> torch
 
 @triton.jit
 def _philox_words_kernel(counter_ptr, key_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)  # 4 i overflows int32 past 2^29
     m = i < n
     c0 = tl.load(counter_ptr + 4 * i + 0, mask=m).to(tl.uint32, bitcast=True)
     c1 = tl.load(counter_ptr + 4 * i + 1, mask=m).to(tl.uint32, bitcast=True)

@@ -51,6 +51,7 @@ from ._triton_common import (
     exact_rn,
     f64_bits,
     launch_device,
+    round_to,
     scalar_from_bits,
     tile_offsets,
 )
@@ -162,7 +163,7 @@ def _euler_step_kernel(
         tl.store(d_ptr + off, d, mask=mask)
     tl.store(xn_ptr + off, x_next, mask=mask)
     if CAST:
-        tl.store(xc_ptr + off, x_next.to(xc_ptr.dtype.element_ty), mask=mask)
+        tl.store(xc_ptr + off, round_to(x_next, xc_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=_SCALARS + _SIZES)
@@ -194,7 +195,7 @@ def _heun_step_kernel(
         x_out = _add_churn(x_out, seeds_ptr, b, g, rows, noise_scale, churn_stream, COMPILED)
     tl.store(out_ptr + off, x_out, mask=mask)
     if CAST:
-        tl.store(xc_ptr + off, x_out.to(xc_ptr.dtype.element_ty), mask=mask)
+        tl.store(xc_ptr + off, round_to(x_out, xc_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=_SCALARS + _SIZES)
@@ -219,7 +220,7 @@ def _churn_kernel(
         out = exact_rn(x, exact_rn(tl.broadcast_to(scale, eps.shape), eps, "mul", COMPILED), "add", COMPILED)
     tl.store(out_ptr + off, out, mask=mask)
     if CAST:
-        tl.store(xc_ptr + off, out.to(xc_ptr.dtype.element_ty), mask=mask)
+        tl.store(xc_ptr + off, round_to(out, xc_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
