@@ -5,8 +5,9 @@ A spec is one of:
 * ``module:callable`` — ``module`` is imported (the current directory is on the path) and
   ``callable`` (a dotted attribute path) is called with no arguments to build the network; a
   ``torch.nn.Module`` instance found there is used as is. Example: ``my_models.edm2:load_s_ema``.
-* a file written by ``torch.save(module)`` (a whole pickled module). Loading it runs pickle:
-  only load files you trust.
+* an official EDM2 snapshot ``*.pkl`` (its ``ema`` network, read without the official code and
+  without running code from the file), or a file written by ``torch.save(module)`` (a whole
+  pickled module). Loading the latter runs pickle: only load files you trust.
 * ``edm2:SIZE`` or ``edm2:DATASET-SIZE`` — an EDM2 preset (``autoguide_fast.models.edm2``) with
   random weights (and random non-zero output / embedding gains, so that the weights matter), for
   smoke runs and timing: SIZE in xxs, xs, s, m, l, xl, xxl; DATASET img512
@@ -100,11 +101,22 @@ def _resolve_callable(spec: str, arg: str) -> Any:
 
 
 def _load_file(path: str, arg: str) -> Any:
+    snapshot_error = None
+    if path.lower().endswith(".pkl"):
+        # An official EDM2 snapshot: its network ('ema') read without the official code and
+        # without running code from the file (autoguide_fast.models.edm2_snapshot).
+        from ..models.edm2_snapshot import load_edm2_snapshot
+
+        try:
+            return load_edm2_snapshot(path)
+        except Exception as exc:  # Not a snapshot: maybe a torch.save file named .pkl.
+            snapshot_error = f"{type(exc).__name__}: {exc}"
     try:
         # A whole pickled module (not a state_dict): needs weights_only=False.
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ValueError(f"{arg}: cannot load {path!r} with torch.load: {type(exc).__name__}: {exc}") from exc
+        also = f"; as an EDM2 snapshot: {snapshot_error}" if snapshot_error else ""
+        raise ValueError(f"{arg}: cannot load {path!r} with torch.load: {type(exc).__name__}: {exc}{also}") from exc
 
 
 def load_network(

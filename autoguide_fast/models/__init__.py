@@ -15,6 +15,7 @@ from .edm2 import (
     randomize_gains_,
     unprepare,
 )
+from .edm2_snapshot import load_edm2_snapshot
 
 __all__ = [
     "EDM2_DATASETS",
@@ -27,6 +28,7 @@ __all__ = [
     "UNet",
     "edm2_preset",
     "edm2_preset_kwargs",
+    "load_edm2_snapshot",
     "prepare_for_inference",
     "randomize_gains_",
     "unprepare",

@@ -1,0 +1,171 @@
+"""Load the official EDM2 network snapshots (``edm2-img512-s-2147483-0.070.pkl`` and the like)
+into ``autoguide_fast.models.edm2.Precond``, without the official code and without running any
+code from the file.
+
+The release pickles its networks with a "persistent class" mechanism: every module is stored as a
+call ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` whose ``meta`` holds the source
+code of the module's Python file, the class name and the object's state (for a ``torch.nn.Module``
+its ``__dict__``: ``_parameters``, ``_buffers``, ``_modules``, and the constructor's
+``_init_args`` / ``_init_kwargs``). Unpickling it normally executes that embedded source. Here a
+restricted unpickler resolves only the functions that rebuild tensors and parameters (storages
+are read with ``torch.load(weights_only=True)``); the persistent-object call returns an inert
+record of the class name and state, and every other global becomes an inert placeholder that
+records its arguments. Nothing from the file is executed. The network is then rebuilt from the
+main object's constructor keywords and its parameters and buffers loaded by name (the release's
+names, which ``Precond`` keeps).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from collections import OrderedDict
+from typing import IO, Any
+
+import torch
+
+from .edm2 import Precond
+
+__all__ = ["load_edm2_snapshot", "read_edm2_snapshot"]
+
+_PERSISTENT = ("torch_utils.persistence", "_reconstruct_persistent_obj")
+_TORCH_REBUILDERS = {
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+}
+
+
+class PersistentObject:
+    """An object of a persistent class of the release, not reconstructed: its class name and state."""
+
+    def __init__(self, class_name: str, state: dict) -> None:
+        self.class_name = class_name
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"PersistentObject({self.class_name})"
+
+
+class _Opaque:
+    """Stands for any other global of the file: records how it was called, runs nothing."""
+
+    _origin = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
+        obj = super().__new__(cls)
+        obj.args, obj.kwargs = args, kwargs
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<opaque {self._origin}>"
+
+
+def _persistent(meta: Any) -> PersistentObject:
+    if not isinstance(meta, dict) or "class_name" not in meta or "state" not in meta:
+        raise pickle.UnpicklingError("a persistent object without class_name/state: not an EDM2 snapshot")
+    state = meta["state"]
+    return PersistentObject(str(meta["class_name"]), dict(state) if isinstance(state, dict) else {})
+
+
+def _storage_from_bytes(data: bytes) -> Any:
+    # The release's tensors pickle their storage as torch.save bytes: read them without code.
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+class _SnapshotUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == _PERSISTENT:
+            return _persistent
+        if (module, name) in _TORCH_REBUILDERS:
+            return super().find_class(module, name)
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _storage_from_bytes
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module in ("builtins", "__builtin__") and name in ("set", "frozenset"):
+            return {"set": set, "frozenset": frozenset}[name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return type(name, (_Opaque,), {"_origin": f"{module}.{name}"})
+
+
+def read_edm2_snapshot(file: str | os.PathLike | IO[bytes]) -> dict:
+    """The snapshot's top-level dict (``ema``, ``encoder``, ...) with inert objects inside."""
+    if isinstance(file, (str, os.PathLike)):
+        with open(file, "rb") as f:
+            data = _SnapshotUnpickler(f).load()
+    else:
+        data = _SnapshotUnpickler(file).load()
+    if not isinstance(data, dict):
+        raise ValueError(f"file: expected an EDM2 snapshot (a pickled dict with 'ema'), got {type(data).__name__}")
+    return data
+
+
+def _module_tensors(obj: PersistentObject, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    """Parameters and persistent buffers of a stored module tree, by dotted name (like state_dict)."""
+    state = obj.state
+    for name, value in (state.get("_parameters") or {}).items():
+        if value is not None:
+            out[prefix + name] = value
+    skip = state.get("_non_persistent_buffers_set") or set()
+    for name, value in (state.get("_buffers") or {}).items():
+        if value is not None and name not in skip:
+            out[prefix + name] = value
+    for name, child in (state.get("_modules") or {}).items():
+        if isinstance(child, PersistentObject):
+            _module_tensors(child, f"{prefix}{name}.", out)
+        elif child is not None:
+            raise ValueError(f"file: sub-module {prefix + name} is not a stored module ({child!r})")
+
+
+def load_edm2_snapshot(
+    file: str | os.PathLike | IO[bytes],    # Path of an official EDM2 .pkl snapshot, or an open binary file.
+    key: str = "ema",                       # Entry of the snapshot holding the network.
+    *,
+    dtype: torch.dtype | None = None,       # Parameter dtype; None = as stored (float16 or float32).
+) -> Precond:
+    """An official EDM2 snapshot's network as a ``Precond`` (eval mode, gradients off), with the
+    release's weights bit for bit; runs no code from the file (see the module docstring)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+    data = read_edm2_snapshot(file)
+    if key not in data:
+        raise KeyError(f"key: {key!r} is not in the snapshot (it has {sorted(map(str, data))})")
+    obj = data[key]
+    if not isinstance(obj, PersistentObject):
+        raise ValueError(f"key: {key!r} holds {obj!r}, not a stored network")
+    if obj.class_name != "Precond":
+        raise ValueError(f"key: {key!r} holds a {obj.class_name}, expected the release's Precond")
+    args = obj.state.get("_init_args") or ()
+    kwargs = obj.state.get("_init_kwargs")
+    if args or not isinstance(kwargs, dict):
+        raise ValueError("file: the network's constructor arguments were not recorded (expected keyword "
+                         f"arguments in _init_kwargs, got args={args!r}, kwargs={kwargs!r})")
+    kwargs = {str(k): v for k, v in kwargs.items()}
+    try:
+        with torch.device("meta"):  # No random initialisation: every tensor comes from the file.
+            net = Precond(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"file: cannot build Precond from the snapshot's arguments {kwargs}: {exc}") from exc
+    tensors: dict[str, torch.Tensor] = {}
+    _module_tensors(obj, "", tensors)
+    tensors = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach())
+               for k, v in tensors.items()}
+    try:
+        # assign=True: the stored tensors themselves (their dtype: the release's float16 or float32).
+        net.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ValueError(f"file: the stored tensors do not fit Precond({kwargs}): {exc}") from exc
+    left = [name for name, t in net.state_dict().items() if t.is_meta]
+    if left:
+        raise ValueError(f"file: no stored value for {left[:5]}")
+    return net.eval().requires_grad_(False)
