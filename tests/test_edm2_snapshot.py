@@ -44,11 +44,26 @@ def _release_modules() -> dict[str, types.ModuleType]:
     StabilityVAEEncoder.__module__ = "training.encoders"
     StabilityVAEEncoder.__qualname__ = "StabilityVAEEncoder"
     encoders.StabilityVAEEncoder = StabilityVAEEncoder
+    util = types.ModuleType("dnnlib.util")
+
+    class EasyDict(dict):  # The release's snapshot is a dict subclass with attribute access.
+        def __getattr__(self, name):
+            return self[name]
+
+    EasyDict.__module__, EasyDict.__qualname__ = "dnnlib.util", "EasyDict"
+    util.EasyDict = EasyDict
+
+    class Sequence(list):  # Some other container subclass of the release (items arrive via APPENDS).
+        pass
+
+    Sequence.__module__, Sequence.__qualname__ = "training.encoders", "Sequence"
+    encoders.Sequence = Sequence
     return {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
-            "training": types.ModuleType("training"), "training.encoders": encoders}
+            "training": types.ModuleType("training"), "training.encoders": encoders,
+            "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}
 
 
-def write_release_snapshot(net: torch.nn.Module, init_kwargs: dict) -> bytes:
+def write_release_snapshot(net: torch.nn.Module, init_kwargs: dict, protocol: int = pickle.DEFAULT_PROTOCOL) -> bytes:
     """A snapshot dict {'ema': net, 'encoder': ..., 'dataset_kwargs': ...} pickled like the release."""
     modules = _release_modules()
     saved = {name: sys.modules.get(name) for name in modules}
@@ -68,10 +83,12 @@ def write_release_snapshot(net: torch.nn.Module, init_kwargs: dict) -> bytes:
                 return NotImplemented
 
         buf = io.BytesIO()
-        ReleasePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump({
-            "ema": net, "encoder": modules["training.encoders"].StabilityVAEEncoder(),
-            "dataset_kwargs": {"class_name": "training.dataset.ImageFolderDataset", "path": "img512.zip"},
-        })
+        encoders = modules["training.encoders"]
+        ReleasePickler(buf, protocol=protocol).dump(modules["dnnlib.util"].EasyDict(
+            ema=net, encoder=encoders.StabilityVAEEncoder(), steps=encoders.Sequence([1, 2, 3]),
+            dataset_kwargs=modules["dnnlib.util"].EasyDict(class_name="training.dataset.ImageFolderDataset",
+                                                           path="img512.zip"),
+        ))
         return buf.getvalue()
     finally:
         for name, module in saved.items():
@@ -91,12 +108,13 @@ def inputs():
     return torch.randn(2, 4, 16, 16, generator=g) * 3, torch.tensor(1.7), torch.tensor([3, 8])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_snapshot_loads_into_precond_bit_for_bit(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,protocol", [(torch.float32, 2), (torch.float16, pickle.DEFAULT_PROTOCOL),
+                                            (torch.float16, pickle.HIGHEST_PROTOCOL)])
+def test_snapshot_loads_into_precond_bit_for_bit(tmp_path, dtype, protocol):
     net = release_net(dtype)
     path = tmp_path / "edm2-img512-xs-test.pkl"
-    path.write_bytes(write_release_snapshot(net, KWARGS))
-    assert "torch_utils" not in sys.modules and "training.encoders" not in sys.modules
+    path.write_bytes(write_release_snapshot(net, KWARGS, protocol))
+    assert not {"torch_utils", "training.encoders", "dnnlib.util"} & set(sys.modules)
     loaded = load_edm2_snapshot(path)
     assert isinstance(loaded, Precond) and not loaded.training
     assert all(not p.requires_grad for p in loaded.parameters())
@@ -117,6 +135,7 @@ def test_other_entries_are_inert_records(tmp_path):
     assert isinstance(data["ema"], PersistentObject) and data["ema"].class_name == "Precond"
     assert "opaque training.encoders.StabilityVAEEncoder" in repr(data["encoder"])
     assert data["dataset_kwargs"]["path"] == "img512.zip"
+    assert "opaque training.encoders.Sequence" in repr(data["steps"]) and data["steps"].values == [1, 2, 3]
 
 
 class _RunsACommand:

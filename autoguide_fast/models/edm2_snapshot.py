@@ -17,6 +17,7 @@ names, which ``Precond`` keeps).
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import pickle
@@ -65,6 +66,17 @@ class _Opaque:
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
+    # Items of a pickled dict or list subclass arrive through these: recorded, nothing more.
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value: Any) -> None:
+        self.__dict__.setdefault("values", []).append(value)
+
+    def extend(self, values: Any) -> None:
+        for value in values:
+            self.append(value)
+
     def __repr__(self) -> str:
         return f"<opaque {self._origin}>"
 
@@ -91,6 +103,10 @@ class _SnapshotUnpickler(pickle.Unpickler):
             return _storage_from_bytes
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
+        if (module, name) == ("dnnlib.util", "EasyDict"):  # The snapshot itself is one (a dict subclass).
+            return dict
+        if (module, name) == ("_codecs", "encode"):  # Bytes in pickle protocols 0-2.
+            return codecs.encode
         if module in ("builtins", "__builtin__") and name in ("set", "frozenset"):
             return {"set": set, "frozenset": frozenset}[name]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
