@@ -73,7 +73,8 @@ def write_release_snapshot(net: torch.nn.Module, init_kwargs: dict, protocol: in
 
         class ReleasePickler(pickle.Pickler):
             def reducer_override(self, obj):
-                if isinstance(obj, torch.nn.Module):
+                # The release's own classes are persistent; torch's containers (ModuleDict) pickle as usual.
+                if isinstance(obj, torch.nn.Module) and type(obj).__module__ == Precond.__module__:
                     state = dict(obj.__dict__)
                     state["_init_args"] = ()
                     state["_init_kwargs"] = dict(init_kwargs) if obj is net else {}

@@ -126,9 +126,18 @@ def read_edm2_snapshot(file: str | os.PathLike | IO[bytes]) -> dict:
     return data
 
 
-def _module_tensors(obj: PersistentObject, prefix: str, out: dict[str, torch.Tensor]) -> None:
+def _module_state(obj: Any) -> dict | None:
+    """The stored ``__dict__`` of a module: a persistent object's state, or that of a plain torch
+    module (``ModuleDict``, ``ModuleList``...) pickled the usual way (an inert record here)."""
+    state = getattr(obj, "state", None)
+    if isinstance(obj, (PersistentObject, _Opaque)) and isinstance(state, dict) and "_modules" in state:
+        return state
+    return None
+
+
+def _module_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
     """Parameters and persistent buffers of a stored module tree, by dotted name (like state_dict)."""
-    state = obj.state
+    state = _module_state(obj)
     for name, value in (state.get("_parameters") or {}).items():
         if value is not None:
             out[prefix + name] = value
@@ -137,7 +146,7 @@ def _module_tensors(obj: PersistentObject, prefix: str, out: dict[str, torch.Ten
         if value is not None and name not in skip:
             out[prefix + name] = value
     for name, child in (state.get("_modules") or {}).items():
-        if isinstance(child, PersistentObject):
+        if _module_state(child) is not None:
             _module_tensors(child, f"{prefix}{name}.", out)
         elif child is not None:
             raise ValueError(f"file: sub-module {prefix + name} is not a stored module ({child!r})")
