@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+from autoguide_fast import GuidedSampler
+from tests.fake_graphs import RerunCapturer
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -19,3 +22,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    RerunCapturer.instances = []
+    RerunCapturer.fail_with = None
+    monkeypatch.setattr(GuidedSampler, "_capturer_type", RerunCapturer)
+    yield RerunCapturer
+    RerunCapturer.fail_with = None

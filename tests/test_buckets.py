@@ -4,26 +4,16 @@ CPU stand-in for CUDA graphs of tests/test_engine_cpu.py."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
-from autoguide_fast import BucketedSampler, GuidedSampler, fast_guided_sample, seeded_noise
+from autoguide_fast import BucketedSampler, fast_guided_sample, seeded_noise
 from tests.nets import PointwiseDenoiser, TinyConvDenoiser, one_hot_labels
-from tests.test_engine_cpu import RerunCapturer
+from tests.threads import run_in_threads
 
 IMAGE = (3, 6, 5)
 LABEL_DIM = 4
 CHURN = {"S_churn": 30.0, "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003}
-
-
-@pytest.fixture
-def fake_graphs(monkeypatch):
-    RerunCapturer.instances = []
-    RerunCapturer.fail_with = None
-    monkeypatch.setattr(GuidedSampler, "_capturer_type", RerunCapturer)
-    yield RerunCapturer
 
 
 def conv_nets(label_dim: int = LABEL_DIM):
@@ -226,9 +216,5 @@ def test_threads_on_several_buckets_get_their_own_images(fake_graphs):
             if not torch.equal(s(seeds=seed_sets[i]), expected[i]):
                 failures.append(f"thread {i}")
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker)
     assert failures == []

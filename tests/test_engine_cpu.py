@@ -11,7 +11,6 @@ thing on a GPU.
 from __future__ import annotations
 
 import gc
-import threading
 import types
 import warnings
 import weakref
@@ -26,7 +25,9 @@ from autoguide_fast.engine import cache as engine_cache
 from autoguide_fast.engine.cuda_graphs import describe_failure
 from autoguide_fast.engine.networks import NetworkRef, network_identity, parameter_signature
 from autoguide_fast.sampler import _engine_applies
+from tests.fake_graphs import FakeGraph, RerunCapturer  # noqa: F401
 from tests.nets import TinyConvDenoiser, one_hot_labels
+from tests.threads import run_in_threads
 
 SHAPE = (2, 3, 6, 5)
 LABEL_DIM = 4
@@ -60,60 +61,6 @@ def eager(net, gnet, noise, labels, seeds=None, **kwargs) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- a CPU stand-in for graphs
-
-class FakeGraph:
-    def __init__(self, fn, out) -> None:
-        self.fn, self.out = fn, out
-        self.replays = 0
-
-    def replay(self) -> None:
-        self.replays += 1
-        new = self.fn()
-        for dst, src in zip(self.out, new):
-            if dst is not None:
-                dst.copy_(src)
-
-
-class RerunCapturer:
-    instances: list[RerunCapturer] = []
-    fail_with: str | None = None
-
-    @staticmethod
-    def supports(device: torch.device) -> bool:
-        return True
-
-    def __init__(self, device: torch.device) -> None:
-        self.graphs: list[FakeGraph] = []
-        self.warmups = 0
-        self.released = False
-        RerunCapturer.instances.append(self)
-
-    def warmup(self, fn, runs: int) -> None:
-        for _ in range(runs):
-            fn()
-            self.warmups += 1
-
-    def capture(self, fn):
-        if RerunCapturer.fail_with is not None:
-            raise CaptureFailed(RerunCapturer.fail_with)
-        out = fn()
-        graph = FakeGraph(fn, out)
-        self.graphs.append(graph)
-        return graph, out
-
-    def release(self) -> None:
-        self.released = True
-        self.graphs.clear()
-
-
-@pytest.fixture
-def fake_graphs(monkeypatch):
-    RerunCapturer.instances = []
-    RerunCapturer.fail_with = None
-    monkeypatch.setattr(GuidedSampler, "_capturer_type", RerunCapturer)
-    yield RerunCapturer
-    RerunCapturer.fail_with = None
-
 
 # ----------------------------------------------------------------------------- argument errors
 
@@ -344,11 +291,7 @@ def test_eager_sampler_is_thread_safe():
             if not torch.equal(s(labels=LABELS, seeds=seed_sets[i]), expected[i]):
                 failures.append(f"thread {i}")
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker)
     assert failures == []
 
 
@@ -683,11 +626,7 @@ def test_cache_is_thread_safe_and_shares_one_sampler():
             if not torch.equal(out, expected[i]):
                 failures.append(i)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, 6)
     assert failures == [] and len(cache) == 1
 
 

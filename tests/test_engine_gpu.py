@@ -19,6 +19,7 @@ from autoguide_fast.engine import cache as engine_cache
 from autoguide_fast.noise import seeds_to_tensor
 from autoguide_fast.sampler import make_config, run_eager
 from tests.nets import GaussianDenoiser, TinyConvDenoiser, one_hot_labels
+from tests.threads import run_in_threads
 
 pytestmark = pytest.mark.gpu
 
@@ -162,11 +163,7 @@ def test_eight_threads_twenty_calls_each_all_correct():
         except Exception as exc:  # Reported by the main thread.
             failures.append(f"thread {i}: {exc!r}")
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker)
     assert failures == []
 
 
@@ -187,11 +184,7 @@ def test_fast_guided_sample_from_threads_shares_one_cached_sampler():
             if not torch.equal(out, expected[i]):
                 failures.append(f"thread {i}")
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, 4)
     assert failures == []
     info = engine_cache.cache_info()
     # Threads racing on the first call may each miss, but they end up sharing one entry.

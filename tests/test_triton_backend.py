@@ -244,7 +244,7 @@ def test_step_graphs_per_kind_replay_other_steps_with_the_triton_kernels(monkeyp
     kind of step (a CPU stand-in re-runs what each graph captured), equal to the eager backend."""
     from autoguide_fast import GuidedSampler
 
-    from .test_engine_cpu import RerunCapturer
+    from .fake_graphs import RerunCapturer
 
     RerunCapturer.instances, RerunCapturer.fail_with = [], None
     monkeypatch.setattr(GuidedSampler, "_capturer_type", RerunCapturer)
