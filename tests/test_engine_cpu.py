@@ -25,7 +25,6 @@ from autoguide_fast.engine import cache as engine_cache
 from autoguide_fast.engine.cuda_graphs import describe_failure
 from autoguide_fast.engine.networks import NetworkRef, network_identity, parameter_signature
 from autoguide_fast.sampler import _engine_applies
-from tests.fake_graphs import FakeGraph, RerunCapturer  # noqa: F401
 from tests.nets import TinyConvDenoiser, one_hot_labels
 from tests.threads import run_in_threads
 
