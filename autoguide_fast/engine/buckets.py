@@ -65,7 +65,7 @@ class BucketedSampler:
                 net, gnet,
                 noise_shape=(b, *self.image_shape),
                 label_shape=None if self.image_label_shape is None else (b, *self.image_label_shape),
-                copy_output=False,  # The rows a call returns are copied out under the bucket's lock.
+                copy_output=self.copy_output,
                 **sampler_kwargs,
             )
             self._buckets[b]._caller = "BucketedSampler"
@@ -168,11 +168,13 @@ class BucketedSampler:
         sampler = self._buckets[bucket]
         pad = bucket - batch
         noise, labels, seeds = _pad(noise, pad), _pad(labels, pad), _pad(seeds, pad)
-        # The bucket's lock is held across the call and the copy, so another thread's call on the
-        # same bucket cannot overwrite the static output buffer before the b rows are copied out.
-        with sampler._lock:
-            out = sampler(noise, labels, seeds)[:batch]
-            return out.clone() if self.copy_output else out
+        # With copy_output the bucket already returned a private copy (made inside its call, so
+        # ordered before any later call on any stream); the b rows are copied out of it so that the
+        # pad rows are not kept alive. Without, a view of the static buffer.
+        out = sampler(noise, labels, seeds)
+        if pad == 0:
+            return out
+        return out[:batch].clone() if self.copy_output else out[:batch]
 
 
 def _rows(x, start: int, stop: int):
