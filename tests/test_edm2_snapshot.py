@@ -17,11 +17,18 @@ import pytest
 import torch
 
 from autoguide_fast.models import randomize_gains_
-from autoguide_fast.models.edm2 import Precond
+from autoguide_fast.models.edm2 import MPConv, Precond
 from autoguide_fast.models.edm2_snapshot import PersistentObject, load_edm2_snapshot, read_edm2_snapshot
 
 KWARGS = dict(img_resolution=16, img_channels=4, label_dim=10, model_channels=16, channel_mult=[1, 2],
               num_blocks=1, attn_resolutions=[8], channels_per_head=16)
+
+
+class _Persistent:
+    """Marks the stand-ins of the release's persistent classes that are not torch modules."""
+
+    _init_args: tuple = ()
+    _init_kwargs: dict = {}
 
 
 def _release_modules() -> dict[str, types.ModuleType]:
@@ -36,35 +43,56 @@ def _release_modules() -> dict[str, types.ModuleType]:
     persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
     encoders = types.ModuleType("training.encoders")
 
-    class StabilityVAEEncoder:
+    class StabilityVAEEncoder(_Persistent):  # Persistent in the release, not a torch module.
         def __init__(self):
             self.vae_name = "stabilityai/sd-vae-ft-mse"
             self.scale = np.array([0.18, 0.2, 0.19, 0.21], dtype=np.float32)
+            self.bias = np.zeros(4, dtype=np.float32)
+            self.batch_size, self._vae = 8, None
+            self._init_args, self._init_kwargs = (), {"vae_name": self.vae_name}
 
-    StabilityVAEEncoder.__module__ = "training.encoders"
-    StabilityVAEEncoder.__qualname__ = "StabilityVAEEncoder"
-    encoders.StabilityVAEEncoder = StabilityVAEEncoder
+    class EDM2Loss(_Persistent):
+        def __init__(self):
+            self.P_mean, self.P_std, self.sigma_data = -0.4, 1.0, 0.5
+            self._init_args, self._init_kwargs = (), {"P_mean": -0.4, "P_std": 1.0}
+
+    class Sequence(list):  # Some other container subclass (items arrive via APPENDS).
+        pass
+
+    for cls in (StabilityVAEEncoder, EDM2Loss, Sequence):
+        cls.__module__, cls.__qualname__ = "training.encoders", cls.__name__
+        setattr(encoders, cls.__name__, cls)
     util = types.ModuleType("dnnlib.util")
 
     class EasyDict(dict):  # The release's snapshot is a dict subclass with attribute access.
         def __getattr__(self, name):
             return self[name]
 
+        def __setattr__(self, name, value):
+            self[name] = value
+
     EasyDict.__module__, EasyDict.__qualname__ = "dnnlib.util", "EasyDict"
     util.EasyDict = EasyDict
-
-    class Sequence(list):  # Some other container subclass of the release (items arrive via APPENDS).
-        pass
-
-    Sequence.__module__, Sequence.__qualname__ = "training.encoders", "Sequence"
-    encoders.Sequence = Sequence
     return {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
             "training": types.ModuleType("training"), "training.encoders": encoders,
             "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}
 
 
+def _init_record(obj, net, init_kwargs) -> tuple[tuple, dict]:
+    """The constructor arguments the release's persistence records for each object."""
+    if obj is net:
+        return (), dict(init_kwargs)
+    if isinstance(obj, MPConv):  # MPConv(in_channels, out_channels, kernel=...)
+        w = obj.weight
+        return (int(w.shape[1]), int(w.shape[0])), {"kernel": list(w.shape[2:])}
+    return (), {}
+
+
 def write_release_snapshot(net: torch.nn.Module, init_kwargs: dict, protocol: int = pickle.DEFAULT_PROTOCOL) -> bytes:
-    """A snapshot dict {'ema': net, 'encoder': ..., 'dataset_kwargs': ...} pickled like the release."""
+    """A snapshot pickled like the release's training loop writes it: an EasyDict(encoder,
+    dataset_kwargs, loss_fn) with .ema = the network, every persistent class through
+    _reconstruct_persistent_obj(meta) with meta.state = the object's __dict__ plus its recorded
+    constructor arguments, torch's own containers (ModuleDict) pickled the usual way."""
     modules = _release_modules()
     saved = {name: sys.modules.get(name) for name in modules}
     sys.modules.update(modules)
@@ -73,23 +101,24 @@ def write_release_snapshot(net: torch.nn.Module, init_kwargs: dict, protocol: in
 
         class ReleasePickler(pickle.Pickler):
             def reducer_override(self, obj):
-                # The release's own classes are persistent; torch's containers (ModuleDict) pickle as usual.
-                if isinstance(obj, torch.nn.Module) and type(obj).__module__ == Precond.__module__:
+                release_module = isinstance(obj, torch.nn.Module) and type(obj).__module__ == Precond.__module__
+                if release_module or isinstance(obj, _Persistent):
                     state = dict(obj.__dict__)
-                    state["_init_args"] = ()
-                    state["_init_kwargs"] = dict(init_kwargs) if obj is net else {}
+                    if release_module:
+                        state["_init_args"], state["_init_kwargs"] = _init_record(obj, net, init_kwargs)
                     meta = dict(type="class", version=6, module_src="# the module's source code\n",
                                 class_name=type(obj).__name__, state=state)
                     return recon, (meta,)
                 return NotImplemented
 
         buf = io.BytesIO()
-        encoders = modules["training.encoders"]
-        ReleasePickler(buf, protocol=protocol).dump(modules["dnnlib.util"].EasyDict(
-            ema=net, encoder=encoders.StabilityVAEEncoder(), steps=encoders.Sequence([1, 2, 3]),
-            dataset_kwargs=modules["dnnlib.util"].EasyDict(class_name="training.dataset.ImageFolderDataset",
-                                                           path="img512.zip"),
-        ))
+        encoders, util = modules["training.encoders"], modules["dnnlib.util"]
+        data = util.EasyDict(encoder=encoders.StabilityVAEEncoder(), loss_fn=encoders.EDM2Loss(),
+                             dataset_kwargs=util.EasyDict(class_name="training.dataset.ImageFolderDataset",
+                                                          path="img512.zip", use_labels=True),
+                             steps=encoders.Sequence([1, 2, 3]))
+        data.ema = net
+        ReleasePickler(buf, protocol=protocol).dump(data)
         return buf.getvalue()
     finally:
         for name, module in saved.items():
@@ -131,11 +160,27 @@ def test_snapshot_loads_into_precond_bit_for_bit(tmp_path, dtype, protocol):
     assert {p.dtype for p in as32.parameters()} == {torch.float32}
 
 
+def test_release_constructor_keywords_and_default_architecture(tmp_path):
+    """The release records exactly these six keywords (its presets vary model_channels and
+    dropout; everything else is the default architecture), and stores the EMA network in float16."""
+    kwargs = dict(img_resolution=8, img_channels=4, label_dim=10, model_channels=64, dropout=0.0, use_fp16=True)
+    torch.manual_seed(0)
+    net = randomize_gains_(Precond(**kwargs), seed=2).half().eval()
+    loaded = load_edm2_snapshot(io.BytesIO(write_release_snapshot(net, kwargs)))
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in net.parameters())
+    assert {t.dtype for t in loaded.state_dict().values()} == {torch.float16}
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, torch.tensor(0.8), torch.tensor([1, 9])), net(x, torch.tensor(0.8),
+                                                                                    torch.tensor([1, 9])))
+
+
 def test_other_entries_are_inert_records(tmp_path):
     data = read_edm2_snapshot(io.BytesIO(write_release_snapshot(release_net(), KWARGS)))
     assert isinstance(data["ema"], PersistentObject) and data["ema"].class_name == "Precond"
-    assert "opaque training.encoders.StabilityVAEEncoder" in repr(data["encoder"])
-    assert data["dataset_kwargs"]["path"] == "img512.zip"
+    assert isinstance(data["encoder"], PersistentObject) and data["encoder"].class_name == "StabilityVAEEncoder"
+    assert data["loss_fn"].state["_init_kwargs"] == {"P_mean": -0.4, "P_std": 1.0}
+    assert data["dataset_kwargs"]["path"] == "img512.zip" and data["dataset_kwargs"]["use_labels"] is True
     assert "opaque training.encoders.Sequence" in repr(data["steps"]) and data["steps"].values == [1, 2, 3]
 
 
@@ -180,6 +225,14 @@ def test_generate_reads_a_snapshot_path_as_a_network_spec(tmp_path):
     assert isinstance(loaded, Precond)
     with torch.no_grad():
         assert torch.equal(loaded(*inputs()), net(*inputs()))
+    # A pickled dict that is not a loadable snapshot is refused, never handed to torch.load (which
+    # would run what it embeds).
+    marker = tmp_path / "executed"
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(pickle.dumps({"ema": _RunsACommand(str(marker))}))
+    with pytest.raises(ValueError, match="not a loadable EDM2 snapshot"):
+        load_network(str(bad), arg="--net")
+    assert not marker.exists()
     # A .pkl written by torch.save (not a snapshot) still loads as a whole module.
     other = tmp_path / "module.pkl"
     torch.save(torch.nn.Identity(), other)

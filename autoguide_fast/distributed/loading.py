@@ -101,22 +101,27 @@ def _resolve_callable(spec: str, arg: str) -> Any:
 
 
 def _load_file(path: str, arg: str) -> Any:
-    snapshot_error = None
     if path.lower().endswith(".pkl"):
-        # An official EDM2 snapshot: its network ('ema') read without the official code and
-        # without running code from the file (autoguide_fast.models.edm2_snapshot).
-        from ..models.edm2_snapshot import load_edm2_snapshot
+        # An official EDM2 snapshot (a plain pickle of a dict): its network ('ema') read without
+        # the official code and without running code from the file. A file that reads as such a
+        # dict is never handed to torch.load below, which would run the code it embeds.
+        from ..models.edm2_snapshot import load_edm2_snapshot, read_edm2_snapshot
 
         try:
-            return load_edm2_snapshot(path)
-        except Exception as exc:  # Not a snapshot: maybe a torch.save file named .pkl.
-            snapshot_error = f"{type(exc).__name__}: {exc}"
+            read_edm2_snapshot(path)
+        except Exception:  # Not a pickled dict (e.g. a torch.save file named .pkl): torch.load below.
+            pass
+        else:
+            try:
+                return load_edm2_snapshot(path)
+            except Exception as exc:
+                raise ValueError(f"{arg}: {path!r} is a pickled dict but not a loadable EDM2 snapshot: "
+                                 f"{type(exc).__name__}: {exc}") from exc
     try:
         # A whole pickled module (not a state_dict): needs weights_only=False.
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        also = f"; as an EDM2 snapshot: {snapshot_error}" if snapshot_error else ""
-        raise ValueError(f"{arg}: cannot load {path!r} with torch.load: {type(exc).__name__}: {exc}{also}") from exc
+        raise ValueError(f"{arg}: cannot load {path!r} with torch.load: {type(exc).__name__}: {exc}") from exc
 
 
 def load_network(

@@ -81,6 +81,13 @@ class _Opaque:
         return f"<opaque {self._origin}>"
 
 
+class _EasyDict(dict):
+    """The release's attribute dict, read as a plain dict (an instance state, if any, is dropped)."""
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
 def _persistent(meta: Any) -> PersistentObject:
     if not isinstance(meta, dict) or "class_name" not in meta or "state" not in meta:
         raise pickle.UnpicklingError("a persistent object without class_name/state: not an EDM2 snapshot")
@@ -104,7 +111,7 @@ class _SnapshotUnpickler(pickle.Unpickler):
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
         if (module, name) == ("dnnlib.util", "EasyDict"):  # The snapshot itself is one (a dict subclass).
-            return dict
+            return _EasyDict
         if (module, name) == ("_codecs", "encode"):  # Bytes in pickle protocols 0-2.
             return codecs.encode
         if module in ("builtins", "__builtin__") and name in ("set", "frozenset"):
