@@ -218,3 +218,16 @@ def test_threads_on_several_buckets_get_their_own_images(fake_graphs):
 
     run_in_threads(worker)
     assert failures == []
+
+
+@pytest.mark.parametrize("copy_output", [True, False])
+def test_chunked_calls_copy_each_chunk_out_of_its_bucket(fake_graphs, copy_output):
+    """Chunks of one bucket replay into the same static buffer: each must be copied out inside its
+    own call, before the next chunk overwrites the buffer."""
+    net, gnet = PointwiseDenoiser(), PointwiseDenoiser(a=0.7)
+    s = buckets(net, gnet, batch_sizes=(1, 2), graph="trajectory", copy_output=copy_output, **CHURN)
+    seeds = list(range(100, 105))
+    out = s(seeds=seeds)
+    for i, seed in enumerate(seeds):
+        alone = reference(net, gnet, seeded_noise([seed], (1, *IMAGE)), seeds=[seed], **CHURN)
+        assert torch.equal(out[i:i + 1], alone), i

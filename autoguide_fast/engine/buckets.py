@@ -113,12 +113,15 @@ class BucketedSampler:
         with ``copy_output=False`` (graph modes) a view of the bucket's static output buffer, valid
         until that bucket's next call (for a call that fits one bucket)."""
         batch, seeds_t = self._check_call(noise, labels, seeds, batch_size)
-        chunks = []
+        if batch <= self.max_batch_size:
+            return self._run(batch, noise, labels, seeds_t, None)
+        # Chunks of the largest bucket, each copied into one result inside its bucket's call.
+        out = torch.empty((batch, *self.image_shape), dtype=self.config.dtype, device=self.device)
         for start in range(0, batch, self.max_batch_size):
             stop = min(start + self.max_batch_size, batch)
-            chunks.append(self._run(stop - start, _rows(noise, start, stop), _rows(labels, start, stop),
-                                    _rows(seeds_t, start, stop)))
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+            self._run(stop - start, _rows(noise, start, stop), _rows(labels, start, stop),
+                      _rows(seeds_t, start, stop), out[start:stop])
+        return out
 
     @property
     def report(self) -> dict[int, dict]:
@@ -163,18 +166,18 @@ class BucketedSampler:
         A.check_call_labels(labels, shape, self.label_dtype, self.device)
         return batch, seeds_t
 
-    def _run(self, batch: int, noise, labels, seeds) -> torch.Tensor:
+    def _run(self, batch: int, noise, labels, seeds, into: torch.Tensor | None) -> torch.Tensor:
         bucket = self.bucket_for(batch)
         sampler = self._buckets[bucket]
         pad = bucket - batch
         noise, labels, seeds = _pad(noise, pad), _pad(labels, pad), _pad(seeds, pad)
-        # With copy_output the bucket already returned a private copy (made inside its call, so
-        # ordered before any later call on any stream); the b rows are copied out of it so that the
-        # pad rows are not kept alive. Without, a view of the static buffer.
-        out = sampler(noise, labels, seeds)
-        if pad == 0:
-            return out
-        return out[:batch].clone() if self.copy_output else out[:batch]
+        if into is None and pad and self.copy_output:  # The b rows only: no pad row kept alive.
+            into = torch.empty((batch, *self.image_shape), dtype=self.config.dtype, device=self.device)
+        if into is not None:
+            # Copied inside the bucket's call, so ordered before its next call on any stream.
+            return sampler._sample(noise, labels, seeds, into)
+        out = sampler(noise, labels, seeds)  # A fresh tensor, or (copy_output=False) the static buffer.
+        return out[:batch] if pad else out
 
 
 def _rows(x, start: int, stop: int):

@@ -140,6 +140,12 @@ class GuidedSampler:
     ) -> torch.Tensor:
         """Sample one batch. Returns a fresh tensor, or with ``copy_output=False`` (graph modes) the
         static output buffer, valid until the next call."""
+        return self._sample(noise, labels, seeds, None)
+
+    def _sample(self, noise, labels, seeds, into: torch.Tensor | None) -> torch.Tensor:
+        """``__call__``; with ``into`` (a tensor of the state dtype on the device, shaped like the
+        first rows of the output) the first rows are copied there, inside the call's ordering
+        (see ``BucketedSampler``), and ``into`` is returned."""
         A.check_call_noise(noise, self.noise_shape, self.device)
         A.check_call_labels(labels, self.label_shape, self.label_dtype, self.device)
         seeds_t = A.check_call_seeds(seeds, self.noise_shape[0])
@@ -147,7 +153,7 @@ class GuidedSampler:
             # The engine lock covers the launches only, not the finiteness sync below: other samplers
             # queue their work meanwhile (see cuda_graphs.ENGINE_LOCK for why launches take it).
             with engine_lock(self.device):
-                finite, out = self._launch(noise, labels, seeds_t)
+                finite, out = self._launch(noise, labels, seeds_t, into)
             if finite is not None and not bool(finite):
                 raise FloatingPointError(
                     f"{self._caller}: the result contains NaN or Inf (check the networks and the schedule; "
@@ -155,8 +161,9 @@ class GuidedSampler:
                 )
         return out
 
-    def _launch(self, noise, labels, seeds_t) -> tuple:
-        """Everything a call launches (noise, preparation on first use, the run): (finite, result)."""
+    def _launch(self, noise, labels, seeds_t, into: torch.Tensor | None = None) -> tuple:
+        """Everything a call launches (noise, preparation on first use, the run, the copy out):
+        (finite, result)."""
         self._order.begin()
         try:
             self._setup()
@@ -171,7 +178,10 @@ class GuidedSampler:
             if runner.signature is not None and runner.signature != self._signature():
                 runner = self._recapture(variant, example)
             x, finite = runner(noise, labels, run_seeds)
-            out = x.clone() if self.copy_output and runner.mode != "none" else x
+            if into is not None:
+                out = into.copy_(x[: into.shape[0]])
+            else:
+                out = x.clone() if self.copy_output and runner.mode != "none" else x
         finally:
             self._order.end()
         return finite, out
