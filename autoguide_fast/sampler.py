@@ -237,7 +237,7 @@ def fast_guided_sample(
         )
     if backend == "auto" and (differentiable or _needs_reference_ops(noise, config, randn_like, seeds_t)):
         backend = "torch"
-    elif _engine_applies(noise, labels, randn_like, callback):
+    elif not differentiable and _engine_applies(noise, labels, randn_like, callback):
         from .engine.cache import sample_cached  # Lazy: the engine imports this module.
 
         # randn_like=torch.randn_like wins over seeds, as in run_eager.

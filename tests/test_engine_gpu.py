@@ -432,3 +432,17 @@ def test_buckets_replay_the_padded_batch_and_return_the_call_rows(graph):
                              **BASE, **CHURN)
             assert torch.equal(out[start:stop], expected[:stop - start]), (graph, n, start)
     assert {b: r["graph"] for b, r in s.report.items()} == {2: graph, 4: graph}
+
+
+def test_noise_that_requires_grad_gets_the_reference_gradients_on_cuda():
+    net, _ = cuda_nets(label_dim=0)
+    noise = noise_of(3).requires_grad_()
+    from autoguide_fast.reference import edm_sampler as reference_sampler
+
+    for backend in ("auto", "torch"):
+        out = fast_guided_sample(net, noise, num_steps=4, backend=backend)
+        expected = reference_sampler(net, noise, num_steps=4)
+        assert out.requires_grad and torch.equal(out, expected), backend
+        g_out, = torch.autograd.grad(out.sum(), noise)
+        g_ref, = torch.autograd.grad(expected.sum(), noise)
+        assert torch.equal(g_out, g_ref), backend

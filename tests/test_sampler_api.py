@@ -281,3 +281,18 @@ def test_guidance_as_a_0_dim_tensor_works_like_the_number():
     expected = reference_sampler(net, noise, None, gnet, num_steps=4, guidance=2.1)
     for w in (torch.tensor(2.1), torch.tensor(2.1, dtype=torch.float64)):
         assert torch.equal(edm_sampler(net, noise, None, gnet, num_steps=4, guidance=w), expected)
+
+
+def test_noise_that_requires_grad_never_takes_the_engine(monkeypatch):
+    """On CUDA tensors the cached engine (inference only) would serve the call: with noise that
+    requires grad the plain loop must run instead, whatever the backend asked for."""
+    import autoguide_fast.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "_engine_applies", lambda *args: True)  # As for CUDA noise.
+    monkeypatch.setattr("autoguide_fast.engine.cache.sample_cached",
+                        lambda *args, **kwargs: pytest.fail("the engine served a differentiable call"))
+    net = TinyConvDenoiser(channels=3, label_dim=0, seed=1)
+    noise = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(7)).requires_grad_()
+    for backend in ("auto", "torch"):
+        out = fast_guided_sample(net, noise, num_steps=3, backend=backend)
+        assert out.requires_grad and torch.equal(out, reference_sampler(net, noise, num_steps=3))
