@@ -237,3 +237,55 @@ def test_generate_reads_a_snapshot_path_as_a_network_spec(tmp_path):
     other = tmp_path / "module.pkl"
     torch.save(torch.nn.Identity(), other)
     assert isinstance(load_network(str(other), arg="--net"), torch.nn.Identity)
+
+
+def test_a_file_cannot_change_functions_of_torch_or_of_the_loader():
+    # GLOBAL torch._utils._rebuild_tensor_v2, then BUILD with slot state {"__defaults__": ("boom",)}:
+    # with the real function returned by find_class this would rewrite torch's own function.
+    before = torch._utils._rebuild_tensor_v2.__defaults__
+    payload = (b"\x80\x02" b"ctorch._utils\n_rebuild_tensor_v2\n" b"N" b"}" b"X\x0c\x00\x00\x00__defaults__"
+               b"X\x04\x00\x00\x00boom" b"\x85" b"s" b"\x86" b"b" b"0" b"}.")
+    try:
+        assert read_edm2_snapshot(io.BytesIO(payload)) == {}
+        assert torch._utils._rebuild_tensor_v2.__defaults__ == before
+    finally:  # Should the loader fail, keep the other tests' torch intact.
+        torch._utils._rebuild_tensor_v2.__defaults__ = before
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=True)["w"], torch.ones(3))
+
+
+def test_constructor_arguments_bigger_than_the_stored_tensors_are_refused_before_building():
+    """A few hundred bytes claiming thousands of blocks would take minutes and gigabytes to build."""
+    modules = _release_modules()
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        recon = modules["torch_utils.persistence"]._reconstruct_persistent_obj
+        kwargs = dict(img_resolution=64, img_channels=4, label_dim=0, model_channels=8, num_blocks=3000)
+        class Bomb:
+            def __reduce__(self):
+                return recon, ({"class_name": "Precond", "state": {"_init_kwargs": kwargs, "_modules": {}}},)
+
+        payload = pickle.dumps({"ema": Bomb()})
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    with pytest.raises(ValueError, match="describe 24012 U-Net blocks, but the file stores only 0 tensors"):
+        load_edm2_snapshot(io.BytesIO(payload))
+
+
+def test_a_pkl_that_is_no_snapshot_is_never_unpickled_in_full(tmp_path):
+    from autoguide_fast.distributed.loading import load_network
+
+    marker = tmp_path / "executed"
+    for content in ([_RunsACommand(str(marker))], {"ema": _RunsACommand(str(marker))}):
+        path = tmp_path / "bad.pkl"
+        path.write_bytes(pickle.dumps(content))
+        with pytest.raises(ValueError, match="not a torch.save file and not a loadable EDM2 snapshot"):
+            load_network(str(path), arg="--net")
+        assert not marker.exists()

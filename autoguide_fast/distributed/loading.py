@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sys
+import zipfile
 from collections.abc import Callable
 from typing import Any
 
@@ -101,22 +102,17 @@ def _resolve_callable(spec: str, arg: str) -> Any:
 
 
 def _load_file(path: str, arg: str) -> Any:
-    if path.lower().endswith(".pkl"):
-        # An official EDM2 snapshot (a plain pickle of a dict): its network ('ema') read without
-        # the official code and without running code from the file. A file that reads as such a
-        # dict is never handed to torch.load below, which would run the code it embeds.
-        from ..models.edm2_snapshot import load_edm2_snapshot, read_edm2_snapshot
+    if path.lower().endswith(".pkl") and not zipfile.is_zipfile(path):
+        # Not a torch.save file (those are zip archives): an official EDM2 snapshot, whose network
+        # ('ema') is read without the official code and without running code from the file. Such
+        # a file is never handed to torch.load, which would run the code it embeds.
+        from ..models.edm2_snapshot import read_edm2_snapshot, snapshot_network
 
         try:
-            read_edm2_snapshot(path)
-        except Exception:  # Not a pickled dict (e.g. a torch.save file named .pkl): torch.load below.
-            pass
-        else:
-            try:
-                return load_edm2_snapshot(path)
-            except Exception as exc:
-                raise ValueError(f"{arg}: {path!r} is a pickled dict but not a loadable EDM2 snapshot: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+            return snapshot_network(read_edm2_snapshot(path))
+        except Exception as exc:
+            raise ValueError(f"{arg}: {path!r} is not a torch.save file and not a loadable EDM2 snapshot: "
+                             f"{type(exc).__name__}: {exc}") from exc
     try:
         # A whole pickled module (not a state_dict): needs weights_only=False.
         return torch.load(path, map_location="cpu", weights_only=False)

@@ -28,7 +28,7 @@ import torch
 
 from .edm2 import Precond
 
-__all__ = ["load_edm2_snapshot", "read_edm2_snapshot"]
+__all__ = ["PersistentObject", "load_edm2_snapshot", "read_edm2_snapshot", "snapshot_network"]
 
 _PERSISTENT = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 _TORCH_REBUILDERS = {
@@ -100,20 +100,27 @@ def _storage_from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
+def _fresh(fn: Any) -> Any:
+    """A new function object per lookup: a BUILD opcode aimed at it (setting ``__defaults__`` and
+    the like) changes only this copy, never a function of torch or of this module."""
+    return lambda *args, **kwargs: fn(*args, **kwargs)
+
+
 class _SnapshotUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == _PERSISTENT:
-            return _persistent
+            return _fresh(_persistent)
         if (module, name) in _TORCH_REBUILDERS:
-            return super().find_class(module, name)
+            return _fresh(super().find_class(module, name))
         if (module, name) == ("torch.storage", "_load_from_bytes"):
-            return _storage_from_bytes
+            return _fresh(_storage_from_bytes)
+        if (module, name) == ("_codecs", "encode"):  # Bytes in pickle protocols 0-2.
+            return _fresh(codecs.encode)
+        # Classes: builtins cannot be changed by BUILD; this module's own class is subclassed afresh.
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
         if (module, name) == ("dnnlib.util", "EasyDict"):  # The snapshot itself is one (a dict subclass).
-            return _EasyDict
-        if (module, name) == ("_codecs", "encode"):  # Bytes in pickle protocols 0-2.
-            return codecs.encode
+            return type("EasyDict", (_EasyDict,), {})
         if module in ("builtins", "__builtin__") and name in ("set", "frozenset"):
             return {"set": set, "frozenset": frozenset}[name]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
@@ -159,17 +166,29 @@ def _module_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None
             raise ValueError(f"file: sub-module {prefix + name} is not a stored module ({child!r})")
 
 
-def load_edm2_snapshot(
-    file: str | os.PathLike | IO[bytes],    # Path of an official EDM2 .pkl snapshot, or an open binary file.
+def _check_size(kwargs: dict, stored: int) -> None:
+    """The constructor arguments must not describe a bigger network than the file holds: every
+    U-Net block has several stored tensors, so more blocks than stored tensors is a malformed (or
+    hostile) file, refused before anything is built."""
+    mult, num_blocks = kwargs.get("channel_mult", (1, 2, 3, 4)), kwargs.get("num_blocks", 3)
+    if not isinstance(mult, (list, tuple)) or isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
+        raise ValueError(f"file: malformed channel_mult / num_blocks in the constructor arguments {kwargs}")
+    blocks = len(mult) * (2 * num_blocks + 3)  # Encoder: num_blocks (+1 downsampling), decoder: num_blocks + 1 (+1).
+    if blocks > stored:
+        raise ValueError(f"file: the constructor arguments describe {blocks} U-Net blocks, but the file stores "
+                         f"only {stored} tensors")
+
+
+def snapshot_network(
+    data: dict,                             # A snapshot read by read_edm2_snapshot.
     key: str = "ema",                       # Entry of the snapshot holding the network.
     *,
     dtype: torch.dtype | None = None,       # Parameter dtype; None = as stored (float16 or float32).
 ) -> Precond:
-    """An official EDM2 snapshot's network as a ``Precond`` (eval mode, gradients off), with the
-    release's weights bit for bit; runs no code from the file (see the module docstring)."""
+    """The network of a snapshot read by ``read_edm2_snapshot``, as a ``Precond`` (see
+    ``load_edm2_snapshot``)."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
-    data = read_edm2_snapshot(file)
     if key not in data:
         raise KeyError(f"key: {key!r} is not in the snapshot (it has {sorted(map(str, data))})")
     obj = data[key]
@@ -183,13 +202,14 @@ def load_edm2_snapshot(
         raise ValueError("file: the network's constructor arguments were not recorded (expected keyword "
                          f"arguments in _init_kwargs, got args={args!r}, kwargs={kwargs!r})")
     kwargs = {str(k): v for k, v in kwargs.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    _module_tensors(obj, "", tensors)
+    _check_size(kwargs, len(tensors))
     try:
         with torch.device("meta"):  # No random initialisation: every tensor comes from the file.
             net = Precond(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"file: cannot build Precond from the snapshot's arguments {kwargs}: {exc}") from exc
-    tensors: dict[str, torch.Tensor] = {}
-    _module_tensors(obj, "", tensors)
     tensors = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach())
                for k, v in tensors.items()}
     try:
@@ -201,3 +221,16 @@ def load_edm2_snapshot(
     if left:
         raise ValueError(f"file: no stored value for {left[:5]}")
     return net.eval().requires_grad_(False)
+
+
+def load_edm2_snapshot(
+    file: str | os.PathLike | IO[bytes],    # Path of an official EDM2 .pkl snapshot, or an open binary file.
+    key: str = "ema",                       # Entry of the snapshot holding the network.
+    *,
+    dtype: torch.dtype | None = None,       # Parameter dtype; None = as stored (float16 or float32).
+) -> Precond:
+    """An official EDM2 snapshot's network as a ``Precond`` (eval mode, gradients off), with the
+    release's weights bit for bit; runs no code from the file (see the module docstring)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+    return snapshot_network(read_edm2_snapshot(file), key, dtype=dtype)
