@@ -19,10 +19,10 @@ def make_config(
     guidance_interval, solver,
 ) -> SamplerConfig:
     """Validate the scalar sampler arguments and bundle them (raises before any work)."""
-    # 0-dim tensors (accepted like numbers, as the official sampler's arithmetic accepts them) become numbers.
-    sigma_min, sigma_max, rho, guidance, S_churn, S_min, S_max, S_noise = (
-        v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v
-        for v in (sigma_min, sigma_max, rho, guidance, S_churn, S_min, S_max, S_noise))
+    # guidance may be a 0-dim real tensor: the official lerp rounds its weight to the state dtype
+    # either way, so its value as a number gives the same result (other scalars: see _real).
+    if (isinstance(guidance, torch.Tensor) and guidance.dim() == 0 and guidance.dtype.is_floating_point):
+        guidance = guidance.item()
     V.check_schedule(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise)
     interval = V.check_guidance(guidance, gnet, guidance_interval)
     V.check_dtype(dtype)

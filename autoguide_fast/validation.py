@@ -16,9 +16,11 @@ SOLVERS = ("heun", "euler")
 
 
 def _real(name: str, value: Any) -> float:
-    if (isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex
-            and value.dtype != torch.bool):
-        value = value.item()  # A 0-dim tensor works in the official sampler's Python arithmetic too.
+    if isinstance(value, torch.Tensor):
+        # In the official sampler a tensor here computes the schedule (or the churn) in the tensor's
+        # dtype, rounding differently from a Python number: refused rather than silently different.
+        raise TypeError(f"{name}: expected a real number, got a tensor (pass float({name}); only guidance "
+                        "may be a 0-dim tensor)")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__} ({value!r})")
     value = float(value)
