@@ -17,7 +17,7 @@ import torch
 
 from .reference import edm_time_steps
 
-__all__ = ["SamplerConfig", "StepPlan", "build_plan"]
+__all__ = ["SamplerConfig", "StepPlan", "build_plan", "has_churn"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,20 @@ def _weight(config: SamplerConfig, sigma: float) -> float | None:
     return config.guidance
 
 
+def _churns(config: SamplerConfig, t_cur: torch.Tensor) -> bool:
+    # Same comparison as the reference (a 0-dim tensor against Python scalars), on the host.
+    return config.S_churn > 0 and bool(config.S_min <= t_cur <= config.S_max)
+
+
+def has_churn(config: SamplerConfig, device: torch.device) -> bool:
+    """Whether any step injects churn noise (S_churn > 0 and some t_i within [S_min, S_max])."""
+    if config.S_churn <= 0:
+        return False
+    t_host = edm_time_steps(config.num_steps, config.sigma_min, config.sigma_max, config.rho, config.dtype,
+                            device).cpu()
+    return any(_churns(config, t_host[i]) for i in range(config.num_steps))
+
+
 def build_plan(config: SamplerConfig, device: torch.device) -> tuple[torch.Tensor, list[StepPlan]]:
     """The schedule t_0..t_N (device tensor) and the per-step plan."""
     n = config.num_steps
@@ -79,8 +93,7 @@ def build_plan(config: SamplerConfig, device: torch.device) -> tuple[torch.Tenso
     per_step = []
     for i in range(n):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
-        # Same comparison as the reference (0-dim tensor against Python scalars), on the host.
-        churn = config.S_churn > 0 and bool(config.S_min <= t_host[i] <= config.S_max)
+        churn = _churns(config, t_host[i])
         tensors = {"t_cur": t_cur, "t_hat": t_cur, "t_next": t_next}
         if churn:
             gamma = min(config.S_churn / n, math.sqrt(2) - 1)

@@ -9,7 +9,7 @@ import torch
 
 from . import validation as V
 from .backends import StepBackend, resolve_backend
-from .plan import SamplerConfig, StepPlan, build_plan
+from .plan import SamplerConfig, StepPlan, build_plan, has_churn
 
 __all__ = ["edm_sampler", "fast_guided_sample", "make_config", "run_eager", "run_eager_steps"]
 
@@ -174,7 +174,7 @@ def _needs_reference_ops(noise: torch.Tensor, config: SamplerConfig, randn_like,
     if config.S_churn <= 0 or (randn_like is None and seeds is not None):
         return False
     custom = randn_like is not None and randn_like is not torch.randn_like
-    return custom or not noise.is_contiguous()
+    return (custom or not noise.is_contiguous()) and has_churn(config, noise.device)
 
 
 def fast_guided_sample(
@@ -228,8 +228,9 @@ def fast_guided_sample(
             "enabled; use backend='auto' or 'torch' (the plain loop, like the official sampler), or sample "
             "under torch.no_grad()"
         )
-    if (backend not in ("auto", "torch") and config.S_churn > 0 and not noise.is_contiguous()
-            and (randn_like is torch.randn_like or (randn_like is None and seeds_t is None))):
+    if (backend not in ("auto", "torch") and not noise.is_contiguous()
+            and (randn_like is torch.randn_like or (randn_like is None and seeds_t is None))
+            and has_churn(config, noise.device)):
         raise ValueError(
             f"noise: not contiguous (e.g. channels-last), with churn noise from torch.randn_like: randn_like fills "
             f"in memory order and the {backend!r} backend keeps the state contiguous, so it would draw other noise "

@@ -75,6 +75,19 @@ def test_bad_input_raises_naming_the_argument(kwargs, error, name):
         fast_guided_sample(net, noise, **kwargs)
 
 
+def test_fused_backend_takes_non_contiguous_noise_when_no_step_churns():
+    """S_churn > 0 but the churn window [S_min, S_max] holds no step: nothing is drawn, so the
+    explicit fused backend need not refuse channels-last noise (and equals the reference)."""
+    from autoguide_fast.reference import edm_sampler as reference_sampler
+
+    net = lambda x, t, labels: x * (0.25 / (0.25 + t**2))  # noqa: E731
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)).to(memory_format=torch.channels_last)
+    window = {"num_steps": 4, "S_churn": 10.0, "S_min": 1000.0, "S_max": 2000.0}
+    assert torch.equal(fast_guided_sample(net, noise, backend="cpp", **window), reference_sampler(net, noise, **window))
+    with pytest.raises(ValueError, match="noise: not contiguous"):  # A window that does hold steps.
+        fast_guided_sample(net, noise, backend="cpp", **{**window, "S_min": 0.0})
+
+
 def test_missing_guide_names_why_it_is_needed():
     with pytest.raises(TypeError, match=r"gnet: a guide network is required when guidance != 1 \(guidance=2.0\)"):
         fast_guided_sample(NET, NOISE, guidance=2.0)
