@@ -160,11 +160,16 @@ def test_cli_options_and_errors(tmp_path):
     train = build_parser().parse_args(["toy", "train", "--models", "autoguide"])
     assert train.toy_action == "train" and train.models == ["autoguide"] and train.seed == 0
     bad = [["--samples", "0"], ["--steps", "1"], ["--autoguidance", "nan"], ["--cfg", "inf"], ["--cfg", "x"],
-           ["--figure", str(tmp_path / "missing" / "toy.png")], ["--json", str(tmp_path)]]
+           ["--figure", "/proc/no/toy.png"], ["--json", str(tmp_path)],
+           ["--figure", str(tmp_path / "a_file" / "toy.png")]]
+    (tmp_path / "a_file").write_text("x")
     for argv in bad:  # argparse errors (exit code 2, the flag named), before any sampling.
         with pytest.raises(SystemExit) as exc:
             build_parser().parse_args(["toy", *argv])
         assert exc.value.code == 2, argv
+    # A directory still to be created (the experiment makes it) is fine.
+    args = build_parser().parse_args(["toy", "--figure", str(tmp_path / "new" / "sub" / "toy.png")])
+    assert args.figure == tmp_path / "new" / "sub" / "toy.png"
     with pytest.raises(FileNotFoundError, match="toy weights"):
         main(["toy", "--samples", "64", "--weights-dir", str(tmp_path), "--figure", "none"])
 

@@ -40,14 +40,19 @@ def _finite_float(text: str) -> float:
 
 
 def _writable_file(text: str) -> Path:
-    """An output path whose directory exists and is writable ('none' passes through)."""
+    """An output path that can be written: not a directory, and its nearest existing ancestor
+    directory writable (missing directories are created when the file is written); 'none' passes."""
     path = Path(text)
     if text.lower() == "none":
         return path
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:  # Create a file there (os.access says yes to root even where nothing can be created).
         if path.is_dir():
             raise OSError("it is a directory")
+        if not folder.is_dir():
+            raise OSError(f"{folder} is not a directory")
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
         os.close(fd)
         os.remove(probe)
