@@ -231,3 +231,18 @@ def test_chunked_calls_copy_each_chunk_out_of_its_bucket(fake_graphs, copy_outpu
     for i, seed in enumerate(seeds):
         alone = reference(net, gnet, seeded_noise([seed], (1, *IMAGE)), seeds=[seed], **CHURN)
         assert torch.equal(out[i:i + 1], alone), i
+
+
+def test_class_index_labels():
+    """image_label_shape=() takes one class index per image (labels [b], int64)."""
+    class IndexNet(torch.nn.Module):
+        def forward(self, x, t, labels):
+            return x * (0.25 / (0.25 + t**2)) + labels.to(x.dtype).reshape(-1, *[1] * (x.dim() - 1)) * 0.01
+
+    net, gnet = IndexNet(), IndexNet()
+    s = buckets(net, gnet, image_label_shape=(), label_dtype=torch.int64)
+    labels = torch.tensor([3, 1, 4])
+    out = s(labels=labels, seeds=[5, 6, 7])
+    assert out.shape == (3, *IMAGE)
+    expected = reference(net, gnet, seeded_noise([5, 6, 7, 7], (4, *IMAGE)), pad_last(labels, 1), seeds=[5, 6, 7, 7])
+    assert torch.equal(out, expected[:3])

@@ -45,7 +45,7 @@ class BucketedSampler:
         *,
         image_shape: Sequence[int],             # Shape of one image's noise, e.g. (4, 64, 64).
         batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,  # The buckets; larger calls run in chunks of the largest.
-        image_label_shape: Sequence[int] | None = None,    # Shape of one image's label, e.g. (1000,); None = no labels.
+        image_label_shape: Sequence[int] | None = None,    # One image's label: (1000,) one-hot, () index; None = none.
         **sampler_kwargs: Any,                  # Any other GuidedSampler argument (device, dtype, guidance, graph...).
     ) -> None:
         for name in ("noise_shape", "label_shape"):
@@ -53,7 +53,9 @@ class BucketedSampler:
                 raise TypeError(f"{name}: not an argument of BucketedSampler (the batch size varies per call; "
                                 "give the per-image image_shape / image_label_shape)")
         self.image_shape = A.check_shape("image_shape", image_shape)
-        self.image_label_shape = (None if image_label_shape is None
+        # () = one class index per image (labels [b], e.g. int64 with label_dtype=torch.int64).
+        self.image_label_shape = (None if image_label_shape is None else
+                                  () if isinstance(image_label_shape, (tuple, list)) and len(image_label_shape) == 0
                                   else A.check_shape("image_label_shape", image_label_shape))
         self.batch_sizes = _check_batch_sizes(batch_sizes)
         self.copy_output = A.check_flag("copy_output", sampler_kwargs.pop("copy_output", True))
