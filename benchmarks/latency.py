@@ -566,21 +566,27 @@ def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_
                 return
             shift = rep % len(live)
             for arm, prepared in live[shift:] + live[:shift]:
-                if status[arm.name] != "ok":
+                if status[arm.name] != "ok" or arm.name in retired:
                     continue
                 try:
                     with torch.no_grad():
                         ms, wall, out = common.time_call(prepared.run, ctx.device)
                     del out
                 except Exception as exc:  # Recorded; the arm leaves the rotation.
-                    status[arm.name] = "failed"
-                    notes[arm.name].append(f"repetition {len(times[arm.name]) + 1}: {describe(exc)}")
-                    log(f"  {arm.name}: FAILED in repetition {len(times[arm.name]) + 1}: {describe(exc)}")
+                    what = f"repetition {len(times[arm.name]) + 1}: {describe(exc)}"
+                    log(f"  {arm.name}: FAILED in {what}")
+                    if times[arm.name]:  # Timed in the first round: those repetitions stand.
+                        retired.add(arm.name)
+                        notes[arm.name].append(f"{what} (left the rotation; its earlier repetitions are reported)")
+                    else:
+                        status[arm.name] = "failed"
+                        notes[arm.name].append(what)
                     continue
                 times[arm.name].append(ms)
                 walls[arm.name].append(wall)
             done = rep + 1
-            latest = " ".join(f"{a.name}={times[a.name][-1]:.1f}" for a, _ in live if times[a.name])
+            latest = " ".join(f"{a.name}={times[a.name][-1]:.1f}" for a, _ in live
+                              if times[a.name] and status[a.name] == "ok" and a.name not in retired)
             log(f"  {phase}rep {done}/{plan.reps}: {latest}")
             if done < plan.reps and clock.left() <= 0 and done >= 5:
                 for arm, _ in live:
@@ -592,6 +598,7 @@ def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_
                 return
 
     ref_out: list[torch.Tensor] = []
+    retired: set[str] = set()  # Arms that failed after repetitions had been measured.
     try:
         # Arms that compile come second: the others are set up and timed first, so a time limit that
         # interrupts a long compilation still leaves their measurements. Once the compiling arms are

@@ -259,3 +259,44 @@ def test_performance_table_refuses_cpu_only_results_and_unmarked_files(smoke, tm
     assert "no GPU run" in capsys.readouterr().err
     with pytest.raises(ValueError, match="expected exactly one"):
         table.replace_between_markers("no markers here", "body", "README.md")
+
+
+def test_measure_batch_times_compiling_arms_second_and_keeps_earlier_repetitions(latency, monkeypatch):
+    """Non-compiling arms are set up and timed first, then the compiling ones join and every arm
+    is timed again; an arm failing in that second round keeps its first-round repetitions, and a
+    time-limit interrupt while a compiling arm is set up still reports the first round."""
+    import types
+
+    calls = {"late": 0}
+
+    def prepared(run):
+        return lambda ctx: latency.Prepared(run)
+
+    def fails_late():
+        calls["late"] += 1
+        if calls["late"] > 1 + 3:  # Warm-up + the first round's 3 repetitions, then it breaks.
+            raise RuntimeError("out of memory")
+        return torch.zeros(1)
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    zeros = prepared(lambda: torch.zeros(1))
+    arms = [latency.Arm("B0", "baseline", "1", zeros), latency.Arm("late", "ours", "1", prepared(fails_late)),
+            latency.Arm("comp", "baseline", "1", zeros, compiles=True)]
+    monkeypatch.setattr(latency, "ARMS", arms)
+    plan = latency.Plan("full", torch.device("cpu"), [], 1, 3, 1, [a.name for a in arms] + ["stop"], [], None, 0.0,
+                        True, 0)
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), batch=1)
+    rows = {r["arm"]: r for r in latency.measure_batch(ctx, plan, latency.Clock(None), 1, 0.0)}
+    assert (rows["B0"]["status"], rows["B0"]["n_reps"]) == ("ok", 6)  # Both rounds.
+    assert (rows["comp"]["status"], rows["comp"]["n_reps"]) == ("ok", 3)
+    assert (rows["late"]["status"], rows["late"]["n_reps"]) == ("ok", 3)
+    assert "out of memory" in rows["late"]["notes"] and "earlier repetitions are reported" in rows["late"]["notes"]
+    arms.append(latency.Arm("stop", "baseline", "1", interrupted, compiles=True))
+    calls["late"] = -100
+    with pytest.raises(latency.BatchInterrupted) as exc:
+        latency.measure_batch(ctx, plan, latency.Clock(None), 1, 0.0)
+    rows = {r["arm"]: r for r in exc.value.rows}
+    assert rows["B0"]["n_reps"] == 3 and rows["B0"]["p50_ms"] != ""
+    assert rows["stop"]["status"] == "skipped" and "interrupted" in rows["stop"]["notes"]
