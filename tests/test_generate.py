@@ -332,3 +332,19 @@ def test_settings_file_is_standard_json_and_older_infinity_files_resume(tmp_path
     # A file written with Python's default (Infinity) still matches the same settings.
     path.write_text(json.dumps({**settings, "S_max": float("inf")}))
     assert run(*base, "--seeds", "1") == 0 and (tmp_path / "000001.npy").exists()
+
+
+def test_preset_outputs_of_the_zero_gain_era_are_not_mixed(tmp_path, capsys):
+    from autoguide_fast.distributed.generation import SETTINGS_FILE
+
+    tiny = '{"model_channels": 8, "img_resolution": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []}'
+    base = ["--net", "edm2:xxs", "--preset-overrides", tiny, "--outdir", str(tmp_path), "--steps", "2",
+            "--no-progress", "--backend", "torch", "--format", "npy"]
+    assert run(*base, "--seeds", "0") == 0
+    path = tmp_path / SETTINGS_FILE
+    settings = json.loads(path.read_text())
+    assert settings["edm2_preset_gains"] == "random"
+    del settings["edm2_preset_gains"]  # A directory written before the gains were drawn.
+    path.write_text(json.dumps(settings))
+    assert run(*base, "--seeds", "1") == 2
+    assert "edm2_preset_gains" in capsys.readouterr().err

@@ -474,6 +474,10 @@ def _settings(opts: GenerateOptions, fmt: str, shape: tuple[int, ...], label_dim
             "gnet_preset_overrides", "preset_seed")
     settings = {k: v for k, v in asdict(opts).items() if k in keep}
     settings.update(format=fmt, shape=list(shape), label_dim=label_dim)
+    if _is_preset(opts.net) or _is_preset(opts.gnet):
+        # edm2: networks gained random non-zero gains (earlier files came from zero gains): files of
+        # the two kinds differ and must not be mixed in one directory.
+        settings["edm2_preset_gains"] = "random"
     return settings
 
 
