@@ -445,4 +445,5 @@ def test_noise_that_requires_grad_gets_the_reference_gradients_on_cuda():
         assert out.requires_grad and torch.equal(out, expected), backend
         g_out, = torch.autograd.grad(out.sum(), noise)
         g_ref, = torch.autograd.grad(expected.sum(), noise)
-        assert torch.equal(g_out, g_ref), backend
+        # cuDNN's backward convolutions may sum in another order from one run to the next.
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-5 * float(g_ref.abs().max()))
