@@ -300,3 +300,28 @@ def test_measure_batch_times_compiling_arms_second_and_keeps_earlier_repetitions
     rows = {r["arm"]: r for r in exc.value.rows}
     assert rows["B0"]["n_reps"] == 3 and rows["B0"]["p50_ms"] != ""
     assert rows["stop"]["status"] == "skipped" and "interrupted" in rows["stop"]["notes"]
+
+
+@pytest.mark.slow  # About 20 s: every stage of the GPU visit's script, in its CPU dry-run mode.
+def test_gpu_check_script_runs_every_stage_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh is the one script a GPU visit runs: its plumbing (stages, limits,
+    summary, CSVs) is exercised here with the harnesses' CPU modes, so a broken script is caught
+    before the visit, not during it."""
+    import os
+    import subprocess
+
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_CHECK_SKIP_BUILD="1", LATENCY_MODE="--smoke", GPU_CHECK_TESTS="tests/test_readme.py",
+               PYTHON=sys.executable, GPU_CHECK_BUDGET_S="300")
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(out)], env=env, capture_output=True, text=True,
+                          timeout=400, cwd=BENCH.parent)
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 0, summary + proc.stderr[-2000:]
+    stages = {line.split()[0]: line.split()[1] for line in summary.splitlines()
+              if line.split() and line.split()[0] in ("env", "build", "smoke", "info", "tests", "precompile", "step",
+                                                       "latency", "plot")}
+    assert stages == {"env": "ok", "build": "skipped", "smoke": "ok", "info": "ok", "tests": "ok",
+                      "precompile": "ok", "step": "ok", "latency": "ok", "plot": "ok"}, summary
+    assert "0 fail" in (out / "smoke.txt").read_text()
+    assert (out / "latency.csv").stat().st_size > 0 and (out / "step.csv").stat().st_size > 0
+    assert "passed" in summary  # The tests stage's totals reached the summary.
