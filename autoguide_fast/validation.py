@@ -122,10 +122,12 @@ def check_backend_name(backend) -> None:
 
 
 def check_output(name: str, out, x: torch.Tensor) -> None:
-    """A network's output must be a floating tensor shaped like its input."""
+    """A network's output must be a floating tensor shaped like its input, on its device."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} returned {type(out).__name__}, expected a tensor shaped like its input")
     if out.shape != x.shape:
         raise ValueError(f"{name} returned shape {tuple(out.shape)}, expected the input's shape {tuple(x.shape)}")
     if not out.dtype.is_floating_point:
         raise TypeError(f"{name} returned dtype {out.dtype}, expected a floating dtype")
+    if out.device != x.device:
+        raise ValueError(f"{name} returned a tensor on {out.device}, expected the input's device {x.device}")

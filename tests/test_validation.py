@@ -128,6 +128,15 @@ def test_network_output_shape_is_checked_at_first_evaluation(which, name):
         fast_guided_sample(net, NOISE, gnet=gnet, guidance=2.0, num_steps=3)
 
 
+@pytest.mark.parametrize("which,name", [("main", "net"), ("guide", "gnet")])
+def test_network_output_on_another_device_is_named(which, name):
+    good = lambda x, t, labels: x * 0.5  # noqa: E731
+    elsewhere = lambda x, t, labels: (x * 0.5).to("meta")  # noqa: E731
+    net, gnet = (elsewhere, good) if which == "main" else (good, elsewhere)
+    with pytest.raises(ValueError, match=f"{name} \\(the {which} network\\) returned a tensor on meta"):
+        fast_guided_sample(net, NOISE, gnet=gnet, guidance=2.0, num_steps=3, backend="torch")
+
+
 def test_seeded_noise_rejects_bad_arguments():
     with pytest.raises(ValueError, match="shape"):
         seeded_noise([1, 2], (3, 4))
