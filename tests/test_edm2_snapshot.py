@@ -6,6 +6,7 @@ modules and without running anything from the file."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -78,6 +79,22 @@ def _release_modules() -> dict[str, types.ModuleType]:
             "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}
 
 
+@contextlib.contextmanager
+def release_modules_installed():
+    """The stand-ins importable (pickle looks globals up by module) while a test writes a file."""
+    modules = _release_modules()
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield modules
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
 def _init_record(obj, net, init_kwargs) -> tuple[tuple, dict]:
     """The constructor arguments the release's persistence records for each object."""
     if obj is net:
@@ -93,10 +110,7 @@ def write_release_snapshot(net: torch.nn.Module, init_kwargs: dict, protocol: in
     dataset_kwargs, loss_fn) with .ema = the network, every persistent class through
     _reconstruct_persistent_obj(meta) with meta.state = the object's __dict__ plus its recorded
     constructor arguments, torch's own containers (ModuleDict) pickled the usual way."""
-    modules = _release_modules()
-    saved = {name: sys.modules.get(name) for name in modules}
-    sys.modules.update(modules)
-    try:
+    with release_modules_installed() as modules:
         recon = modules["torch_utils.persistence"]._reconstruct_persistent_obj
 
         class ReleasePickler(pickle.Pickler):
@@ -120,12 +134,6 @@ def write_release_snapshot(net: torch.nn.Module, init_kwargs: dict, protocol: in
         data.ema = net
         ReleasePickler(buf, protocol=protocol).dump(data)
         return buf.getvalue()
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 def release_net(dtype: torch.dtype = torch.float32) -> Precond:
@@ -258,23 +266,15 @@ def test_a_file_cannot_change_functions_of_torch_or_of_the_loader():
 
 def test_constructor_arguments_bigger_than_the_stored_tensors_are_refused_before_building():
     """A few hundred bytes claiming thousands of blocks would take minutes and gigabytes to build."""
-    modules = _release_modules()
-    saved = {name: sys.modules.get(name) for name in modules}
-    sys.modules.update(modules)
-    try:
+    with release_modules_installed() as modules:
         recon = modules["torch_utils.persistence"]._reconstruct_persistent_obj
         kwargs = dict(img_resolution=64, img_channels=4, label_dim=0, model_channels=8, num_blocks=3000)
+
         class Bomb:
             def __reduce__(self):
                 return recon, ({"class_name": "Precond", "state": {"_init_kwargs": kwargs, "_modules": {}}},)
 
         payload = pickle.dumps({"ema": Bomb()})
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
     with pytest.raises(ValueError, match="describe 24012 U-Net blocks, but the file stores only 0 tensors"):
         load_edm2_snapshot(io.BytesIO(payload))
 
