@@ -751,6 +751,20 @@ def test_capturer_reports_failures_and_cleans_up_after_capture_end(fake_cuda, fn
     assert resets == ([[("begin", None, "thread_local"), "end"]] if abandoned else [])
 
 
+def test_an_interrupt_during_capture_ends_the_capture_and_goes_on(fake_cuda):
+    from autoguide_fast.engine.cuda_graphs import CudaGraphCapturer
+
+    def fn():
+        raise KeyboardInterrupt
+
+    FakeCUDAGraph.end_error = None
+    capturer = CudaGraphCapturer(torch.device("cuda", 0))
+    with pytest.raises(KeyboardInterrupt):
+        capturer.capture(fn)
+    assert FakeCUDAGraph.instances[0].calls == [("begin", (0, 7), "thread_local"), "end"]
+    assert capturer.graphs == []
+
+
 def test_capturer_does_not_release_the_pool_twice(fake_cuda, monkeypatch):
     """If capture_end already ended the pool routing before failing (endAllocateToPool refuses), it
     also settled the pool's use count: the capturer must not release the pool again."""

@@ -128,10 +128,10 @@ class CudaGraphCapturer:
         self.stream.wait_stream(current)
         with ENGINE_LOCK, torch.cuda.stream(self.stream):
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-            failure: Exception | None = None
+            failure: BaseException | None = None
             try:
                 out = fn()
-            except Exception as exc:  # Anything raised while capturing means "cannot capture this".
+            except BaseException as exc:  # Anything raised while capturing means "cannot capture this".
                 failure = exc
             try:
                 graph.capture_end()  # Also after a failure: ends the capture so the stream is usable.
@@ -139,6 +139,8 @@ class CudaGraphCapturer:
                 failure = failure if failure is not None else exc
                 self._abandon()
                 self._reset_generator_capture_state()
+            if failure is not None and not isinstance(failure, Exception):
+                raise failure  # An interrupt (e.g. Ctrl-C): the capture is ended, the interrupt goes on.
             if failure is not None:
                 raise CaptureFailed(describe_failure(failure)) from failure
         current.wait_stream(self.stream)
