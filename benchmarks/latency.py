@@ -590,11 +590,11 @@ def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_
             log(f"  {phase}rep {done}/{plan.reps}: {latest}")
             if done < plan.reps and clock.left() <= 0 and done >= 5:
                 for arm, _ in live:
-                    notes[arm.name].append(f"time budget: {phase}stopped after {done} repetitions")
+                    notes[arm.name].append(f"time budget: {phase}stopped after {done} repetitions (this round)")
                 return
             if done < plan.reps and clock.left() < -OVERRUN_S:
                 for arm, _ in live:
-                    notes[arm.name].append(f"time budget overrun: {phase}stopped after {done} repetitions")
+                    notes[arm.name].append(f"time budget overrun: {phase}stopped after {done} repetitions (this round)")
                 return
 
     ref_out: list[torch.Tensor] = []
