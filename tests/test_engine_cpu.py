@@ -794,3 +794,20 @@ def test_a_dropped_sampler_is_freed_without_the_cycle_collector(fake_graphs):
         assert probe() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("graph", ["none", "trajectory"])
+def test_non_contiguous_noise_equals_the_reference_given_contiguous_noise(fake_graphs, graph):
+    """Whatever the mode, and even when the first call prepares the sampler with it, channels-last
+    noise gives the official sampler's result for noise.contiguous() (randn_like churn included)."""
+    from autoguide_fast.reference import edm_sampler as reference_sampler
+
+    net, gnet = nets(label_dim=0)
+    s = sampler(net, gnet, label_shape=None, graph=graph, **CHURN)
+    noise = randn(*SHAPE, seed=3).to(memory_format=torch.channels_last)
+    for seed in (5, 6):  # The first call prepares, the second replays.
+        torch.manual_seed(seed)
+        out = s(noise)
+        torch.manual_seed(seed)
+        expected = reference_sampler(net, noise.contiguous(), None, gnet, num_steps=5, guidance=2.1, **CHURN)
+        assert torch.equal(out, expected), (graph, seed)

@@ -171,6 +171,9 @@ class GuidedSampler:
             if noise is None:
                 noise = (self._seeded_noise(seeds_t) if seeds_t is not None else
                          torch.randn(self.noise_shape, device=self.device, dtype=self.config.dtype))
+            # Every mode works on contiguous noise (graph modes copy into a contiguous buffer), so a
+            # call equals the official sampler given noise.contiguous() whatever the mode.
+            noise = noise.contiguous()
             variant = seeds_t is not None and self._churns
             run_seeds = seeds_t if variant else None
             example = (noise, labels, run_seeds)

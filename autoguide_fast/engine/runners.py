@@ -87,7 +87,7 @@ class StaticInputs:
                  dtype: torch.dtype) -> None:
         # Copies of the example inputs, so warm-up and capture run on real data. The noise buffer
         # has the state dtype whatever the callers' noise dtype is.
-        self.noise = noise.to(dtype, copy=True)
+        self.noise = noise.to(dtype, memory_format=torch.contiguous_format, copy=True)
         self.labels = None if labels is None else labels.clone()
         self.seeds = None if seeds is None else seeds.clone()
 
