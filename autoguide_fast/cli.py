@@ -59,6 +59,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .backends import BACKEND_NAMES
     from .toy.cli import _finite_float, _positive_int, _steps  # The same checks as the toy's flags.
 
     parser = argparse.ArgumentParser(prog="autoguide-fast", description="Fast autoguidance sampling.")
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=4096)
     p.add_argument("--steps", type=_steps, default=32)
     p.add_argument("--guidance", type=_finite_float, default=2.0)
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKEND_NAMES])
     p.add_argument("--json", default=None, help="also write the result as JSON to this path")
     p.set_defaults(func=_demo)
     for name in _SUBCOMMAND_MODULES:

@@ -25,9 +25,10 @@ Every sampler arm after B0 runs the prepared (normalised-once) networks. An arm 
 here is recorded with status ``skipped`` and the reason; one that raises is recorded as ``failed``
 with the error, and the run goes on.
 
-Method: one process; per batch, every arm is built and warmed up first (compilation and graph
-capture happen there), then the arms are timed round-robin (the starting arm rotates every
-repetition) with CUDA events around one whole sample, the device idle before each call. Reported:
+Method: one process; per batch, the arms that do not compile are built and warmed up (graph capture
+happens there) and timed round-robin (the starting arm rotates every repetition) with CUDA events
+around one whole sample, the device idle before each call; then, if any compiling arm is set up,
+every arm is timed again, interleaved with it (medians over both rounds). Reported:
 p20/p50/p80 over the repetitions, and each arm's median divided by B0's and by F's medians from the
 same run (``ratio_to_B0``, ``ratio_to_F``: time ratios, below 1 = faster).
 
@@ -485,7 +486,8 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_batch_s: float) -> list[dict]:
-    """Build and warm up every arm at this batch, time them round-robin, return one row per arm."""
+    """Build and warm up the arms at this batch and time them round-robin (the compiling arms join in
+    a second round, see the module docstring); return one row per arm."""
     status: dict[str, str] = {}
     notes: dict[str, list[str]] = {a.name: [] for a in ARMS}
     config: dict[str, str] = {}

@@ -45,9 +45,10 @@ def _interval(text: str) -> tuple[float, float]:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("networks")
     g.add_argument("--net", required=True, metavar="SPEC",
-                   help="main network: module:callable (returns the network), a file saved with torch.save "
+                   help="main network: module:callable (returns the network), an official EDM2 snapshot .pkl "
+                        "(its ema network, loaded without running code from it), a file saved with torch.save "
                         "(a whole module), or an EDM2 preset with random weights: edm2:SIZE or edm2:DATASET-SIZE "
-                        "(SIZE xs..xxl, DATASET img512 or img64)")
+                        "(SIZE xxs..xxl, DATASET img512 or img64)")
     g.add_argument("--gnet", default=None, metavar="SPEC", help="guide network, same forms (needed when w != 1)")
     g.add_argument("--preset-overrides", default=None, metavar="JSON",
                    help="constructor keywords for edm2 presets, e.g. '{\"model_channels\": 16}'")
