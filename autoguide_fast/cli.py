@@ -18,6 +18,18 @@ def _info(args: argparse.Namespace) -> int:
     import autoguide_fast
 
     print(f"autoguide_fast {autoguide_fast.__version__}, torch {torch.__version__}")
+    if torch.cuda.is_available():
+        cards = [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+                 for i in range(torch.cuda.device_count())]
+        print(f"cuda: {torch.version.cuda}, {len(cards)} device(s): {', '.join(cards)}")
+    else:
+        print(f"cuda: not available (torch built with CUDA {torch.version.cuda or 'none'})")
+    try:
+        import triton
+
+        print(f"triton: {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
     print(f"extension: {autoguide_fast.extension_info() or 'not loaded'}")
     for status in autoguide_fast.backends().values():
         print(f"  {status.name:7s} {'available' if status.available else 'unavailable'}: {status.reason}")

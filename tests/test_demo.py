@@ -1,5 +1,6 @@
-"""``autoguide-fast demo``: analytic Gaussian networks against the closed-form guided flow, with
-a verdict on the observed convergence order (Heun's method is second order)."""
+"""The small CLI jobs: ``autoguide-fast demo`` (analytic Gaussian networks against the closed-form
+guided flow, with a verdict on the observed convergence order: Heun's method is second order) and
+``autoguide-fast info``."""
 
 from __future__ import annotations
 
@@ -30,3 +31,12 @@ def test_cli_verdict_fails_for_a_first_order_sampler(monkeypatch, capsys):
                         functools.partial(autoguide_fast.fast_guided_sample, solver="euler"))
     assert main(["demo", "--batch", "256"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_info_lists_devices_triton_extension_and_every_backend(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"autoguide_fast {autoguide_fast.__version__}, torch ")
+    assert "\ncuda: " in out and "\ntriton: " in out and "\nextension: " in out
+    for name, status in autoguide_fast.backends().items():
+        assert f"  {name:7s} {'available' if status.available else 'unavailable'}: " in out
