@@ -206,7 +206,9 @@ def fast_guided_sample(
     Same semantics as the official EDM sampler (``autoguide_fast.reference.edm_sampler``), plus
     per-image seeds, a guidance interval, an Euler solver and a choice of backend. On CUDA tensors
     (no callback, default churn noise source) it runs through a cached, prepared ``GuidedSampler``
-    (CUDA graphs, guide on a side stream; see ``autoguide_fast.engine``).
+    (CUDA graphs, guide on a side stream; see ``autoguide_fast.engine``). Inference only (no
+    autograd graph) unless autograd is on and ``noise`` or ``labels`` require grad: then the plain
+    torch loop records the graph, as the official sampler would.
     """
     V.check_callable("net", net)
     V.check_callable("gnet", gnet, optional=True)

@@ -41,8 +41,9 @@ class GuidedSampler:
     """Autoguidance sampler D_w = D0 + w (D1 - D0), prepared once for a fixed noise shape.
 
     Same sampling semantics and arguments as ``fast_guided_sample``; on CUDA the trajectory is
-    replayed from CUDA graphs, with the guide network on a side stream. Calls are thread-safe:
-    one lock per sampler serialises them (document: concurrent callers wait for each other).
+    replayed from CUDA graphs, with the guide network on a side stream. Inference only (calls run
+    under ``torch.no_grad()``), on contiguous noise. Calls are thread-safe: one lock per sampler
+    serialises them (concurrent callers wait for each other).
     """
 
     _capturer_type = CudaGraphCapturer   # Graph capture implementation (tests substitute a fake).
