@@ -166,15 +166,20 @@ def _wants_autograd(noise: torch.Tensor, labels) -> bool:
         noise.requires_grad or (isinstance(labels, torch.Tensor) and labels.requires_grad))
 
 
-def _needs_reference_ops(noise: torch.Tensor, config: SamplerConfig, randn_like, seeds) -> bool:
-    """Whether only the reference's own tensor ops reproduce it: churn noise drawn by randn_like
-    (not from seeds) depends on the state's memory layout (randn_like fills in memory order, and the
-    reference keeps the noise's layout while the fused ops return contiguous states), and a custom
-    randn_like may return noise of another dtype, which the reference promotes."""
+def _randn_like_churn(noise: torch.Tensor, config: SamplerConfig, randn_like, seeds) -> str | None:
+    """Why only the reference's own tensor ops reproduce the churn noise drawn by ``randn_like``
+    (not from seeds), or None: "custom", a custom randn_like may return noise of another dtype,
+    which the reference promotes; "layout", torch.randn_like fills in memory order, and the
+    reference keeps non-contiguous noise's layout while the fused ops return contiguous states."""
     if config.S_churn <= 0 or (randn_like is None and seeds is not None):
-        return False
-    custom = randn_like is not None and randn_like is not torch.randn_like
-    return (custom or not noise.is_contiguous()) and has_churn(config, noise.device)
+        return None
+    if randn_like is not None and randn_like is not torch.randn_like:
+        reason = "custom"
+    elif not noise.is_contiguous():
+        reason = "layout"
+    else:
+        return None
+    return reason if has_churn(config, noise.device) else None
 
 
 def fast_guided_sample(
@@ -230,15 +235,14 @@ def fast_guided_sample(
             "enabled; use backend='auto' or 'torch' (the plain loop, like the official sampler), or sample "
             "under torch.no_grad()"
         )
-    if (backend not in ("auto", "torch") and not noise.is_contiguous()
-            and (randn_like is torch.randn_like or (randn_like is None and seeds_t is None))
-            and has_churn(config, noise.device)):
+    churn_reason = None if backend == "torch" else _randn_like_churn(noise, config, randn_like, seeds_t)
+    if backend != "auto" and churn_reason == "layout":
         raise ValueError(
             f"noise: not contiguous (e.g. channels-last), with churn noise from torch.randn_like: randn_like fills "
             f"in memory order and the {backend!r} backend keeps the state contiguous, so it would draw other noise "
             "than the official sampler; pass noise.contiguous(), per-image seeds, or backend='auto' / 'torch'"
         )
-    if backend == "auto" and (differentiable or _needs_reference_ops(noise, config, randn_like, seeds_t)):
+    if backend == "auto" and (differentiable or churn_reason is not None):
         backend = "torch"
     elif not differentiable and _engine_applies(noise, labels, randn_like, callback):
         from .engine.cache import sample_cached  # Lazy: the engine imports this module.
