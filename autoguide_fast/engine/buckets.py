@@ -128,7 +128,8 @@ class BucketedSampler:
     @property
     def report(self) -> dict[int, dict]:
         """Each prepared bucket's ``GuidedSampler.report``."""
-        return {b: s.report for b, s in self._buckets.items() if s.report["prepared"]}
+        reports = {b: s.report for b, s in self._buckets.items()}  # Each a deep copy: taken once.
+        return {b: r for b, r in reports.items() if r["prepared"]}
 
     def release(self) -> None:
         """Release every bucket's graphs and buffers (the next call prepares its bucket again)."""
@@ -136,7 +137,7 @@ class BucketedSampler:
             s.release()
 
     def __repr__(self) -> str:
-        prepared = [b for b, s in self._buckets.items() if s.report["prepared"]]
+        prepared = list(self.report)
         return (f"BucketedSampler(image_shape={self.image_shape}, batch_sizes={self.batch_sizes}, "
                 f"device={self.device}, prepared={prepared})")
 
