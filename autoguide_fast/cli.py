@@ -72,7 +72,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKEND_NAMES
-    from .toy.cli import _finite_float, _positive_int, _steps  # The same checks as the toy's flags.
+    from .cli_types import finite_float, positive_int, steps
 
     parser = argparse.ArgumentParser(prog="autoguide-fast", description="Fast autoguidance sampling.")
     from . import __version__  # Lazy: the package imports this module's siblings.
@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show the available backends and the compiled extension")
     p.set_defaults(func=_info)
     p = sub.add_parser("demo", help="sample with analytic Gaussian networks and check the closed form")
-    p.add_argument("--batch", type=_positive_int, default=4096)
-    p.add_argument("--steps", type=_steps, default=32)
-    p.add_argument("--guidance", type=_finite_float, default=2.0)
+    p.add_argument("--batch", type=positive_int, default=4096)
+    p.add_argument("--steps", type=steps, default=32)
+    p.add_argument("--guidance", type=finite_float, default=2.0)
     p.add_argument("--backend", default="auto", choices=["auto", *BACKEND_NAMES])
     p.add_argument("--json", default=None, help="also write the result as JSON to this path")
     p.set_defaults(func=_demo)

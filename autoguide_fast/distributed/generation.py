@@ -19,7 +19,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..backends import resolve_backend
+from ..cli_types import write_probe
 from ..noise import seeded_labels, seeded_noise
 from ..sampler import fast_guided_sample, make_config
 from .guide_parallel import PeerFailure, guide_parallel_sample
@@ -256,9 +256,7 @@ def _check_outdir(outdir: str) -> None:
     except OSError as exc:
         raise OSError(f"--outdir: cannot create {outdir!r}: {exc.strerror or exc}") from exc
     try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=outdir)
-        os.close(fd)
-        os.remove(probe)
+        write_probe(outdir)
     except OSError as exc:
         raise OSError(f"--outdir: cannot write to {outdir!r}: {exc.strerror or exc}") from exc
 

@@ -3,83 +3,36 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from ..cli_types import finite_float, positive_int, steps, writable_file
 
 __all__ = ["register", "main", "build_parser"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _steps(text: str) -> int:
-    value = _positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 (the sampler's time steps), got {text}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
-    return value
-
-
-def _writable_file(text: str) -> Path:
-    """An output path that can be written: not a directory, and its nearest existing ancestor
-    directory writable (missing directories are created when the file is written); 'none' passes."""
-    path = Path(text)
-    if text.lower() == "none":
-        return path
-    folder = path.absolute().parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:  # Create a file there (os.access says yes to root even where nothing can be created).
-        if path.is_dir():
-            raise OSError("it is a directory")
-        if not folder.is_dir():
-            raise OSError(f"{folder} is not a directory")
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as exc:
-        reason = exc.strerror or exc
-        raise argparse.ArgumentTypeError(f"cannot write {text!r} ({reason})") from None
-    return path
-
-
 def _add_experiment_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=_positive_int, default=16384,
+    p.add_argument("--samples", type=positive_int, default=16384,
                    help="number of points per sampler (default 16384)")
-    p.add_argument("--steps", type=_steps, default=32,
+    p.add_argument("--steps", type=steps, default=32,
                    help="Heun steps (default 32, i.e. 63 denoiser evaluations)")
-    p.add_argument("--autoguidance", type=_finite_float, default=3.0, metavar="W",
+    p.add_argument("--autoguidance", type=finite_float, default=3.0, metavar="W",
                    help="autoguidance weight w (default 3)")
-    p.add_argument("--cfg", type=_finite_float, default=4.0, metavar="W",
+    p.add_argument("--cfg", type=finite_float, default=4.0, metavar="W",
                    help="CFG-style guidance weight w with the A+B guide (default 4)")
     p.add_argument("--seed", type=int, default=1,
                    help="torch seed of the sigma = 5 starting points (default 1)")
     p.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR,
                    help="directory with main.pt, autoguide.pt, cfg.pt (default: shipped weights)")
-    p.add_argument("--figure", type=_writable_file, default=Path("toy.png"),
+    p.add_argument("--figure", type=writable_file, default=Path("toy.png"),
                    help="output PNG path (default toy.png); 'none' skips the figure")
-    p.add_argument("--json", type=_writable_file, default=None, metavar="PATH",
+    p.add_argument("--json", type=writable_file, default=None, metavar="PATH",
                    help="also write the table as JSON to PATH")
-    p.add_argument("--threads", type=_positive_int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads (default 1: the tensors are small, and extra threads "
                         "slow it down badly when the cores are shared)")
 
@@ -91,11 +44,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("toy-weights"),
                    help="where to write <model>.pt (default ./toy-weights)")
     p.add_argument("--seed", type=int, default=0, help="torch seed (default 0)")
-    p.add_argument("--iterations", type=_positive_int, default=None,
+    p.add_argument("--iterations", type=positive_int, default=None,
                    help="override every model's iteration count (for quick checks)")
-    p.add_argument("--batch-size", type=_positive_int, default=4096,
+    p.add_argument("--batch-size", type=positive_int, default=4096,
                    help="points per iteration (default 4096)")
-    p.add_argument("--threads", type=_positive_int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads (default 1: results are reproducible for a fixed "
                         "thread count)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,0 +1,65 @@
+"""Argument types shared by the command lines (``autoguide-fast demo``, ``toy``), and the probe that
+tells whether a directory can be written (also used by ``generate`` for its ``--outdir``)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["finite_float", "positive_int", "steps", "writable_file", "write_probe"]
+
+
+def write_probe(folder: str | os.PathLike) -> None:
+    """Create and remove a file in ``folder``; raises OSError if that is not possible
+    (``os.access`` says yes to root even where nothing can be created)."""
+    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+    os.close(fd)
+    os.remove(probe)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def steps(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (the sampler's time steps), got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def writable_file(text: str) -> Path:
+    """An output path that can be written: not a directory, and its nearest existing ancestor
+    directory writable (missing directories are created when the file is written); 'none' passes."""
+    path = Path(text)
+    if text.lower() == "none":
+        return path
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if path.is_dir():
+            raise OSError("it is a directory")
+        if not folder.is_dir():
+            raise OSError(f"{folder} is not a directory")
+        write_probe(folder)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise argparse.ArgumentTypeError(f"cannot write {text!r} ({reason})") from None
+    return path
