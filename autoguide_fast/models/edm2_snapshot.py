@@ -166,6 +166,11 @@ def _module_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None
             raise ValueError(f"file: sub-module {prefix + name} is not a stored module ({child!r})")
 
 
+def _check_dtype(dtype: Any) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+
+
 def _check_size(kwargs: dict, stored: int) -> None:
     """The constructor arguments must not describe a bigger network than the file holds: every
     U-Net block has several stored tensors, so more blocks than stored tensors is a malformed (or
@@ -187,8 +192,7 @@ def snapshot_network(
 ) -> Precond:
     """The network of a snapshot read by ``read_edm2_snapshot``, as a ``Precond`` (see
     ``load_edm2_snapshot``)."""
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+    _check_dtype(dtype)
     if key not in data:
         raise KeyError(f"key: {key!r} is not in the snapshot (it has {sorted(map(str, data))})")
     obj = data[key]
@@ -231,6 +235,5 @@ def load_edm2_snapshot(
 ) -> Precond:
     """An official EDM2 snapshot's network as a ``Precond`` (eval mode, gradients off), with the
     release's weights bit for bit; runs no code from the file (see the module docstring)."""
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+    _check_dtype(dtype)  # Before reading what may be gigabytes.
     return snapshot_network(read_edm2_snapshot(file), key, dtype=dtype)
