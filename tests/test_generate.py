@@ -279,6 +279,46 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys, case):
     assert not (tmp_path / "out").exists()  # Nothing is created for settings that cannot run.
 
 
+# The Python API checks the same options (the CLI's argparse types catch most of them first).
+_API_BAD = {
+    "no seeds": (dict(seeds=[]), ValueError, "--seeds"),
+    "negative seed": (dict(seeds=[3, -1]), ValueError, "--seeds"),
+    "repeated seed": (dict(seeds="0-3,2"), ValueError, "--seeds"),
+    "batch zero": (dict(batch=0), ValueError, "--batch"),
+    "batch bool": (dict(batch=True), ValueError, "--batch"),
+    "no net": (dict(net=""), ValueError, "--net"),
+    "guidance without guide": (dict(gnet=None), ValueError, "--gnet"),
+    "guide-parallel without guide": (dict(gnet=None, guidance=1.0, guide_parallel=True), ValueError, "--guide-parallel"),
+    "guide-parallel unguided": (dict(guidance=1.0, guide_parallel=True), ValueError, "--guide-parallel"),
+    "negative class": (dict(class_idx=-1), ValueError, "--class"),
+    "dtype": (dict(dtype="int8"), ValueError, "--dtype"),
+    "format": (dict(format="jpg"), ValueError, "--format"),
+    "label dim": (dict(label_dim=-1), ValueError, "--label-dim"),
+    "shape": (dict(shape=(3, 0, 8)), ValueError, "--shape"),
+    "overrides without preset": (dict(preset_overrides={"model_channels": 8}), ValueError, "--preset-overrides"),
+    "guide overrides without preset": (dict(gnet_preset_overrides={"model_channels": 8}), ValueError,
+                                       "--gnet-preset-overrides"),
+    "threads": (dict(threads=0), ValueError, "--threads"),
+    "steps": (dict(num_steps=0), ValueError, "--steps"),
+    "sigma order": (dict(sigma_min=5.0, sigma_max=1.0), ValueError, "--sigma"),
+    "solver": (dict(solver="rk4"), ValueError, "--solver"),
+    "interval": (dict(guidance_interval=(2.0, 1.0)), ValueError, "--guidance-interval"),
+}
+
+
+@pytest.mark.parametrize("case", list(_API_BAD))
+def test_python_api_checks_options_before_anything(tmp_path, case):
+    from autoguide_fast.distributed import GenerateOptions, generate
+
+    fields, error, flag = _API_BAD[case]
+    base = dict(net=f"{HERE}:rgb_main", gnet=f"{HERE}:rgb_guide", guidance=2.0, seeds="0-3",
+                outdir=str(tmp_path / "out"), num_steps=2, backend="torch", progress=False, verbose=False)
+    with pytest.raises(error) as info:
+        generate(GenerateOptions(**{**base, **fields}))
+    assert str(info.value).startswith(flag) or f" {flag}" in str(info.value), (case, str(info.value))
+    assert not (tmp_path / "out").exists()
+
+
 def test_refuses_to_mix_files_of_other_settings(tmp_path, capsys):
     base = ["--net", f"{HERE}:rgb_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "0", "--outdir", str(tmp_path),
             "--steps", "2", "--no-progress", "--backend", "torch", "--format", "npy"]
