@@ -288,7 +288,8 @@ _API_BAD = {
     "batch bool": (dict(batch=True), ValueError, "--batch"),
     "no net": (dict(net=""), ValueError, "--net"),
     "guidance without guide": (dict(gnet=None), ValueError, "--gnet"),
-    "guide-parallel without guide": (dict(gnet=None, guidance=1.0, guide_parallel=True), ValueError, "--guide-parallel"),
+    "guide-parallel without guide": (dict(gnet=None, guidance=1.0, guide_parallel=True), ValueError,
+                                     "--guide-parallel"),
     "guide-parallel unguided": (dict(guidance=1.0, guide_parallel=True), ValueError, "--guide-parallel"),
     "negative class": (dict(class_idx=-1), ValueError, "--class"),
     "dtype": (dict(dtype="int8"), ValueError, "--dtype"),
@@ -317,6 +318,54 @@ def test_python_api_checks_options_before_anything(tmp_path, case):
         generate(GenerateOptions(**{**base, **fields}))
     assert str(info.value).startswith(flag) or f" {flag}" in str(info.value), (case, str(info.value))
     assert not (tmp_path / "out").exists()
+
+
+def broken_factory():
+    raise RuntimeError("weights missing")
+
+
+NOT_CALLABLE = 42
+
+_LOAD_BAD = {
+    "empty spec": ("", {}, "expected a network spec"),
+    "overrides on a non-preset": (f"{HERE}:rgb_main", {"model_channels": 8}, "only apply to edm2"),
+    "preset overrides the constructor refuses": ("edm2:xs", {"no_such_keyword": 1}, "cannot build 'edm2:xs'"),
+    "module without callable": (f"{HERE}:", {}, "expected module:callable"),
+    "module whose import fails": ("tests.nets_that_do_not_import_q9:make", {}, "cannot import module"),
+    "not callable": (f"{HERE}:NOT_CALLABLE", {}, "expected a callable returning a network"),
+    "factory raises": (f"{HERE}:broken_factory", {}, "RuntimeError: weights missing"),
+    "plain word": ("resnet", {}, "cannot interpret 'resnet'"),
+}
+
+
+@pytest.mark.parametrize("case", list(_LOAD_BAD))
+def test_load_network_names_the_argument_and_the_reason(case):
+    from autoguide_fast.distributed import load_network
+
+    spec, overrides, reason = _LOAD_BAD[case]
+    with pytest.raises(ValueError) as info:
+        load_network(spec, arg="--gnet", overrides=overrides)
+    assert str(info.value).startswith("--gnet: ") and reason in str(info.value), str(info.value)
+
+
+def test_load_network_reports_a_user_module_failing_at_import(tmp_path, monkeypatch):
+    from autoguide_fast.distributed import load_network
+
+    (tmp_path / "agf_broken_nets_q5.py").write_text("raise KeyError('config')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"^--net: importing module 'agf_broken_nets_q5' .* failed: KeyError"):
+        load_network("agf_broken_nets_q5:make")
+    with pytest.raises(ValueError, match=r"^--net: .* is not a file"):
+        load_network(str(tmp_path))
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{model_channels: 8"])
+def test_preset_overrides_must_be_a_json_object(text):
+    from autoguide_fast.distributed.loading import parse_overrides
+
+    with pytest.raises(ValueError, match=r"^--preset-overrides: expected a JSON object"):
+        parse_overrides(text, arg="--preset-overrides")
+    assert parse_overrides("", arg="--preset-overrides") == {}
 
 
 def test_refuses_to_mix_files_of_other_settings(tmp_path, capsys):
