@@ -223,6 +223,60 @@ def test_bad_snapshots_are_refused_with_the_reason(tmp_path):
         load_edm2_snapshot(io.BytesIO(good), dtype=torch.int8)
 
 
+def _tamper(data: dict, what: str) -> None:
+    """One malformation of a read snapshot's network record."""
+    state = data["ema"].state
+    if what == "class":
+        data["ema"].class_name = "VAE"
+    elif what == "positional args":
+        state["_init_args"] = (16, 4)
+    elif what == "no kwargs":
+        state["_init_kwargs"] = None
+    elif what == "unknown kwarg":
+        state["_init_kwargs"] = {**state["_init_kwargs"], "no_such_keyword": 1}
+    elif what == "malformed channel_mult":
+        state["_init_kwargs"] = {**state["_init_kwargs"], "channel_mult": 12}
+    elif what == "sub-module not stored":
+        state["_modules"]["unet"] = 5
+    elif what == "a tensor missing":
+        state["_modules"]["unet"].state["_parameters"].pop("out_gain")
+
+
+_TAMPERED = {
+    "class": "holds a VAE, expected the release's Precond",
+    "positional args": "constructor arguments were not recorded",
+    "no kwargs": "constructor arguments were not recorded",
+    "unknown kwarg": "cannot build Precond from the snapshot's arguments",
+    "malformed channel_mult": "malformed channel_mult",
+    "sub-module not stored": "sub-module unet is not a stored module",
+    "a tensor missing": "do not fit",
+}
+
+
+@pytest.mark.parametrize("what", list(_TAMPERED))
+def test_malformed_network_records_are_refused_with_the_reason(what):
+    from autoguide_fast.models.edm2_snapshot import snapshot_network
+
+    data = read_edm2_snapshot(io.BytesIO(write_release_snapshot(release_net(), KWARGS)))
+    snapshot_network(data)  # The untouched record loads: each failure below is the tampering's.
+    _tamper(data, what)
+    with pytest.raises(ValueError, match=_TAMPERED[what]):
+        snapshot_network(data)
+
+
+def test_a_persistent_record_without_class_name_is_no_snapshot():
+    with release_modules_installed() as modules:
+        recon = modules["torch_utils.persistence"]._reconstruct_persistent_obj
+
+        class Nameless:
+            def __reduce__(self):
+                return recon, ({"state": {}},)
+
+        payload = pickle.dumps({"ema": Nameless()})
+    with pytest.raises(pickle.UnpicklingError, match="without class_name/state"):
+        read_edm2_snapshot(io.BytesIO(payload))
+
+
 def test_generate_reads_a_snapshot_path_as_a_network_spec(tmp_path):
     from autoguide_fast.distributed.loading import load_network
 
