@@ -25,6 +25,7 @@ BAD_CALLS = [
     ({"gnet": "not a net", "guidance": 2.0}, TypeError, "gnet"),
     ({"guidance": 2.0}, TypeError, "gnet"),
     ({"guidance": float("nan"), "gnet": NET}, ValueError, "guidance"),
+    ({"guidance": float("inf"), "gnet": NET}, ValueError, "guidance: expected a finite number"),
     ({"guidance": "2", "gnet": NET}, TypeError, "guidance"),
     ({"num_steps": 1}, ValueError, "num_steps"),
     ({"num_steps": 2.5}, TypeError, "num_steps"),
@@ -46,6 +47,7 @@ BAD_CALLS = [
     ({"seeds": [1.5, 2.0]}, TypeError, "seeds"),
     ({"seeds": 7}, TypeError, "seeds"),
     ({"seeds": torch.tensor([1.0, 2.0])}, TypeError, "seeds"),
+    ({"seeds": torch.tensor([[1], [2]])}, ValueError, "seeds: expected a 1-D sequence"),
     ({"guidance_interval": (1.0,), "guidance": 2.0, "gnet": NET}, ValueError, "guidance_interval"),
     ({"guidance_interval": (5.0, 1.0), "guidance": 2.0, "gnet": NET}, ValueError, "guidance_interval"),
     ({"guidance_interval": (-1.0, 1.0), "guidance": 2.0, "gnet": NET}, ValueError, "guidance_interval"),
@@ -119,13 +121,23 @@ def test_unavailable_backend_raises_with_reason():
             fast_guided_sample(NET, NOISE, backend=status.name)
 
 
+BAD_OUTPUTS = {
+    "shape": (lambda x: x[:, :1] * 0.5, ValueError, "returned shape"),
+    "not a tensor": (lambda x: (x * 0.5).tolist(), TypeError, "returned list, expected a tensor"),
+    "integer dtype": (lambda x: (x * 0.5).round().long(), TypeError, "returned dtype torch.int64"),
+}
+
+
 @pytest.mark.parametrize("which,name", [("main", "net"), ("guide", "gnet")])
-def test_network_output_shape_is_checked_at_first_evaluation(which, name):
+@pytest.mark.parametrize("bad_output", list(BAD_OUTPUTS))
+def test_network_output_is_checked_at_first_evaluation(which, name, bad_output):
+    make, error, message = BAD_OUTPUTS[bad_output]
     good = lambda x, t, labels: x * 0.5  # noqa: E731
-    bad = lambda x, t, labels: x[:, :1] * 0.5  # noqa: E731
+    bad = lambda x, t, labels: make(x)  # noqa: E731
     net, gnet = (bad, good) if which == "main" else (good, bad)
-    with pytest.raises(ValueError, match=f"{name} \\(the {which} network\\) returned shape"):
-        fast_guided_sample(net, NOISE, gnet=gnet, guidance=2.0, num_steps=3)
+    for backend in ("torch", "auto"):
+        with pytest.raises(error, match=f"{name} \\(the {which} network\\) {message}"):
+            fast_guided_sample(net, NOISE, gnet=gnet, guidance=2.0, num_steps=3, backend=backend)
 
 
 @pytest.mark.parametrize("which,name", [("main", "net"), ("guide", "gnet")])
