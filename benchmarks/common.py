@@ -251,14 +251,23 @@ def arm_p50(rows: Iterable[dict[str, str]], arm: str) -> float | None:
 
 
 def latest_run(rows: Sequence[dict[str, str]], card: str | None = None) -> list[dict[str, str]]:
-    """The rows of the latest run (largest ``run_id``), among those whose ``card`` contains
-    ``card`` (case-insensitive) if it is given."""
+    """The latest results of one card: the card of the latest run (largest ``run_id``) among the
+    rows whose ``card`` contains ``card`` (case-insensitive) if it is given, and for each
+    (workload, batch) of that card the rows of the latest run that measured it (an arm ran "ok"
+    there; else simply the latest run). Each group thus still comes from one process (its ratios
+    were measured side by side), while a later run of other batches (the GPU check's second call
+    at batch 64) does not hide the batches measured before."""
     if card:
         rows = [r for r in rows if card.lower() in r.get("card", "").lower()]
     if not rows:
         return []
-    latest = max(r["run_id"] for r in rows)
-    return [r for r in rows if r["run_id"] == latest]
+    newest = max(rows, key=lambda r: r["run_id"])
+    rows = [r for r in rows if r.get("card") == newest.get("card")]
+    latest: dict[tuple[str, str], tuple[bool, str]] = {}
+    for r in rows:
+        key, rank = (r.get("workload", ""), r.get("batch", "")), (r.get("status") == "ok", r["run_id"])
+        latest[key] = max(latest.get(key, rank), rank)
+    return [r for r in rows if r["run_id"] == latest[(r.get("workload", ""), r.get("batch", ""))][1]]
 
 
 def _header(path: pathlib.Path) -> list[str]:

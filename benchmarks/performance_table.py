@@ -1,12 +1,12 @@
 """The README's "Performance" results from ``benchmarks/results/latency.csv``: one markdown table of
-the latest GPU run (medians, the best "ours" arm, its speed-ups and its ratio to the floor F) and
+the latest GPU results (medians, the best "ours" arm, its speed-ups and its ratio to the floor F) and
 the verdict on every target, written between the markers
 
     <!-- performance-table:begin -->  ...  <!-- performance-table:end -->
 
 of each file given to ``--write`` (README.md and docs/performance.md), or printed.
 
-    python benchmarks/performance_table.py                         # print the latest GPU run
+    python benchmarks/performance_table.py                         # print the latest GPU results
     python benchmarks/performance_table.py --card H100 --write README.md docs/performance.md
 
 Only rows measured on a CUDA device count: a CPU run (``--smoke``) never reaches the README.
@@ -43,14 +43,8 @@ def results_table(rows: list[dict[str, str]]) -> str:
     gpu = [r for r in rows if r.get("device_type") == "cuda"]
     if not gpu:
         raise ValueError("no row of this run was measured on a CUDA device")
-    first = gpu[0]
-    reps = [str(n) for n in sorted({int(r["n_reps"]) for r in gpu if r.get("status") == "ok" and r.get("n_reps")})]
-    lines = [
-        f"Measured on **{first['card']}** on {first['date'][:10]} (commit `{first['commit'][:12]}`, torch "
-        f"{first['torch']}, CUDA {first['cuda']}, Triton {first['triton']}; `{first['mode']}` mode, medians of "
-        f"{'/'.join(reps) or '?'} repetitions, all arms interleaved in one process). Milliseconds per "
-        "sampled batch (p50); p20/p80 and every arm are in `benchmarks/results/latency.csv`.",
-        "",
+    lines = [_provenance(gpu), ""]
+    lines += [
         "| workload | batch | B0 | B1 | B2 | F | F_par | ours (best arm) | vs B0 | vs B1 | vs B2 | ours / F |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
@@ -66,11 +60,35 @@ def results_table(rows: list[dict[str, str]]) -> str:
         else:
             cells += ["no ours arm ran", "–", "–", "–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Targets (from the same run):", ""]
+    lines += ["", "Targets (each judged within the run of its batch):", ""]
     lines += ["| workload | batch | target | measured | verdict |", "|---|---:|---|---|---|"]
     for workload, batch, target, measured, verdict in _targets(gpu):
         lines.append(f"| {workload} | {batch} | {target} | {measured} | {verdict} |")
     return "\n".join(lines)
+
+
+def _run_text(run: list[dict[str, str]]) -> str:
+    first = run[0]
+    reps = [str(n) for n in sorted({int(r["n_reps"]) for r in run if r.get("status") == "ok" and r.get("n_reps")})]
+    return (f"{first['date'][:10]} (commit `{first['commit'][:12]}`, torch {first['torch']}, CUDA {first['cuda']}, "
+            f"Triton {first['triton']}; `{first['mode']}` mode, medians of {'/'.join(reps) or '?'} repetitions)")
+
+
+def _provenance(rows: list[dict[str, str]]) -> str:
+    """Card, date, commit and versions of the run(s) behind the table: one run per (workload, batch)."""
+    runs: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        runs.setdefault(r["run_id"], []).append(r)
+    tail = ("Milliseconds per sampled batch (p50); p20/p80 and every arm are in `benchmarks/results/latency.csv`.")
+    card = rows[0]["card"]
+    if len(runs) == 1:
+        return (f"Measured on **{card}** on {_run_text(rows)}, all arms interleaved in one process. {tail}")
+    parts = []
+    for run_id in sorted(runs):
+        batches = sorted({int(r["batch"]) for r in runs[run_id]})
+        parts.append(f"batch {', '.join(map(str, batches))} on {_run_text(runs[run_id])}")
+    return (f"Measured on **{card}** in {len(runs)} runs, each batch's arms interleaved in one process: "
+            f"{'; '.join(parts)}. {tail}")
 
 
 def _targets(rows: list[dict[str, str]]) -> list[tuple]:
@@ -112,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         texts[f] = replace_between_markers(f.read_text(), body, str(f))
     for f, text in texts.items():
         f.write_text(text)
-        print(f"wrote the results of run {run[0]['run_id']} ({run[0]['card']}) into {f}")
+        ids = ", ".join(sorted({r["run_id"] for r in run}))
+        print(f"wrote the results of run(s) {ids} ({run[0]['card']}) into {f}")
     return 0
 
 

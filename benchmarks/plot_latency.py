@@ -2,7 +2,7 @@
 written by ``benchmarks/latency.py``): grouped bars, one group per batch size, one bar per arm
 that ran (status ok), one panel per workload.
 
-    python benchmarks/plot_latency.py                      # latest run of the latest card
+    python benchmarks/plot_latency.py                      # latest results of the latest card
     python benchmarks/plot_latency.py --card H100 --metric speedup --out h100.png
 
 ``--metric ms`` (default): median milliseconds per sample on a log scale, whiskers p20-p80.
@@ -78,8 +78,10 @@ def plot(rows: list[dict[str, str]], out: pathlib.Path, metric: str = "ms") -> p
         ax.set_title(f"{workload}: {first['evals']} evaluations/network, w={first['guidance']}", fontsize=9)
         ax.grid(axis="y", which="both", alpha=0.3)
     first = ok[0]
-    fig.suptitle(f"{first['card']} | torch {first['torch']}, triton {first['triton']} | commit {first['commit']} | "
-                 f"{first['date']} ({first['mode']})", fontsize=9)
+    runs = sorted({(r["date"][:16], r["commit"][:12], r["mode"]) for r in ok})
+    when = "; ".join(f"{date} commit {commit} ({mode})" for date, commit, mode in runs)
+    fig.suptitle(f"{first['card']} | torch {first['torch']}, triton {first['triton']} | {when}"
+                 + (" (each batch from one run)" if len(runs) > 1 else ""), fontsize=9)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
@@ -90,11 +92,11 @@ def plot(rows: list[dict[str, str]], out: pathlib.Path, metric: str = "ms") -> p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Plot the latest latency run of a card as grouped bars per batch.")
+    p = argparse.ArgumentParser(description="Plot the latest latency results of a card as grouped bars per batch.")
     p.add_argument("--csv", default=str(common.RESULTS_DIR / "latency.csv"),
                    help="results CSV written by benchmarks/latency.py (default: benchmarks/results/latency.csv)")
     p.add_argument("--card", default=None,
-                   help="part of the card's name, e.g. H100 (case-insensitive; default: the latest run of any card)")
+                   help="part of the card's name, e.g. H100 (case-insensitive; default: the card of the latest run)")
     p.add_argument("--metric", choices=("ms", "speedup"), default="ms",
                    help="ms: median ms per sample, log scale; speedup: B0 median / arm median")
     p.add_argument("--out", default=None,
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"{args.csv}: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {out} ({rows[0]['card']}, run {rows[0]['run_id']}, {args.metric})")
+    print(f"wrote {out} ({rows[0]['card']}, run(s) {', '.join(sorted({r['run_id'] for r in rows}))}, {args.metric})")
     return 0
 
 
