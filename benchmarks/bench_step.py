@@ -152,7 +152,9 @@ def _inner_for(fn: Callable[[], object], device: torch.device, target_ms: float,
     return max(1, min(1000, int(target_ms / max(ms, 1e-3))))
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, emit: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """Measures every (size, op); ``emit`` gets each batch of rows as soon as it is measured (so a
+    run stopped by a time limit keeps what it finished)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype, net_dtype = getattr(torch, args.dtype), getattr(torch, args.net_dtype)
     if args.threads:
@@ -182,6 +184,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows.append({**meta, "backend": name, "status": "skipped", "notes": reason, "dtype": args.dtype,
                          "net_dtype": args.net_dtype, "threads": threads})
             print(f"{name}: skipped ({reason})")
+    emit(rows)
 
     for numel in sizes:
         work = Workload(numel, dtype, net_dtype, device)
@@ -199,6 +202,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     inner[name] = _inner_for(fn, device, target_ms)
                 except Exception as exc:  # noqa: BLE001  (an arm that fails is recorded, not fatal)
                     failed[name] = f"{type(exc).__name__}: {exc}"
+            first = len(rows)
             times: dict[str, list[float]] = {name: [] for name in inner}
             order = list(inner)
             for rep in range(n_samples):
@@ -226,6 +230,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 rows.append(row)
                 print(f"{name:7s} {op:18s} {work.numel:>10d}: p50 {q['p50']:.4f} ms  {gbps:7.1f} GB/s "
                       f"({gbps / copy_gbps:5.1%} of copy {copy_gbps:.1f})  x{torch_p50 / q['p50']:.2f} vs torch")
+            emit(rows[first:])
             del src, dst
         del work
         if device.type == "cuda":
@@ -249,12 +254,65 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype of the network outputs")
     parser.add_argument("--samples", type=int, default=None, help="timed samples per arm")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--report", default=None, help="also write the target verdicts to this text file")
     args = parser.parse_args(argv)
-    rows = run(args)
     out = pathlib.Path(args.out) if args.out else common.RESULTS_DIR / "step.csv"
-    common.append_rows(out, rows, COLUMNS)
+    rows: list[dict] = []
+
+    def emit(new: list[dict]) -> None:
+        rows.extend(new)
+        common.append_rows(out, new, COLUMNS)
+
+    interrupted = False
+    try:
+        run(args, emit)
+    except KeyboardInterrupt:  # A time limit (the GPU check sends SIGINT): the finished rows are written.
+        interrupted = True
+        print("interrupted: the rows measured so far are written")
     print(f"{len(rows)} rows -> {out}")
+    text = format_step_targets(rows)
+    print(text)
+    if args.report:
+        pathlib.Path(args.report).write_text(text + "\n")
+    if interrupted:
+        return 130
     return 0 if all(r.get("status") in ("ok", "skipped") for r in rows) else 1
+
+
+# Targets of the fused step ops (benchmark, not test): on a GPU at >= 16M elements, >= 85% of the
+# bandwidth of a device copy of the same bytes and >= 3x the unfused torch sequence; on a CPU at
+# 1M elements, the C++ op >= 2x the unfused torch sequence.
+GPU_MIN_NUMEL, GPU_MIN_FRAC_OF_COPY, GPU_MIN_SPEEDUP = 16 << 20, 0.85, 3.0
+CPU_NUMEL, CPU_MIN_SPEEDUP = 1 << 20, 2.0
+
+
+def step_targets(rows: list[dict]) -> list[tuple[str, str, int, str, str, str]]:
+    """(backend, op, numel, target, measured, verdict) for every measured row a target applies to."""
+    out = []
+    for r in rows:
+        if r.get("status") != "ok" or r.get("backend") == "torch":
+            continue
+        numel, frac, speedup = int(r["numel"]), float(r["frac_of_copy"]), float(r["speedup_vs_torch"])
+        key = (r["backend"], r["op"], numel)
+        if r.get("device_type") == "cuda" and numel >= GPU_MIN_NUMEL:
+            out.append((*key, f">= {GPU_MIN_FRAC_OF_COPY:.0%} of copy bandwidth", f"{frac:.1%}",
+                        "MET" if frac >= GPU_MIN_FRAC_OF_COPY else "not met"))
+            out.append((*key, f">= {GPU_MIN_SPEEDUP:g}x the unfused torch sequence", f"{speedup:.2f}x",
+                        "MET" if speedup >= GPU_MIN_SPEEDUP else "not met"))
+        elif r.get("device_type") == "cpu" and numel == CPU_NUMEL and r["backend"] == "cpp":
+            out.append((*key, f">= {CPU_MIN_SPEEDUP:g}x the unfused torch sequence", f"{speedup:.2f}x",
+                        "MET" if speedup >= CPU_MIN_SPEEDUP else "not met"))
+    return out
+
+
+def format_step_targets(rows: list[dict]) -> str:
+    results = step_targets(rows)
+    lines = ["Step-op targets (ratios measured side by side in this run; printed, not asserted):"]
+    if not results:
+        return "\n".join(lines + ["  none applies to these rows (GPU: >= 16M elements; CPU: cpp at 1M)"])
+    for backend, op, numel, target, measured, verdict in results:
+        lines.append(f"  {backend:7s} {op:18s} {numel:>10d}  {target:36s} {measured:>8s}  {verdict}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -542,18 +542,24 @@ def test_without_extension_import_and_suite_pass():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
 
 
-def test_bench_step_runs(tmp_path):
-    """benchmarks/bench_step.py keeps working (tiny sizes; its numbers mean nothing here)."""
+def _load_bench_step():
+    """benchmarks/bench_step.py as a module (its directory holds the `common` module it imports)."""
     import importlib.util
 
     bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
     sys.path.insert(0, bench_dir)
     try:
-        spec = importlib.util.spec_from_file_location("_bench_step_smoke", os.path.join(bench_dir, "bench_step.py"))
+        spec = importlib.util.spec_from_file_location("_bench_step", os.path.join(bench_dir, "bench_step.py"))
         bench = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench)
     finally:
         sys.path.remove(bench_dir)
+    return bench
+
+
+def test_bench_step_runs(tmp_path):
+    """benchmarks/bench_step.py keeps working (tiny sizes; its numbers mean nothing here)."""
+    bench = _load_bench_step()
     out = tmp_path / "step.csv"
     backends = "cpp,torch" if _HAS_CPU else "torch"
     threads = torch.get_num_threads()
@@ -567,3 +573,34 @@ def test_bench_step_runs(tmp_path):
     assert {r["op"] for r in rows} == set(bench.OPS)
     for r in rows:
         assert r["status"] == "ok" and float(r["p50_ms"]) > 0 and float(r["gbps"]) > 0 and int(r["bytes"]) > 0
+    # The step-op targets: judged from the rows they apply to (never asserted by the benchmark).
+    gpu = [{**r, "device_type": "cuda", "numel": str(16 << 20), "backend": "cuda", "frac_of_copy": frac,
+            "speedup_vs_torch": speedup} for r, frac, speedup in zip(rows[:2], ("0.91", "0.80"), ("3.5", "4.0"))]
+    verdicts = [(t, m, v) for _, _, _, t, m, v in bench.step_targets(gpu)]
+    assert verdicts == [
+        (">= 85% of copy bandwidth", "91.0%", "MET"), (">= 3x the unfused torch sequence", "3.50x", "MET"),
+        (">= 85% of copy bandwidth", "80.0%", "not met"), (">= 3x the unfused torch sequence", "4.00x", "MET"),
+    ]
+    assert bench.step_targets([{**gpu[0], "numel": str(1 << 20)}]) == []  # Below 16M: no GPU target.
+    assert "none applies" in bench.format_step_targets(rows)  # 4K elements on a CPU: no target either.
+
+
+def test_bench_step_keeps_the_ops_measured_before_an_interrupt(tmp_path, monkeypatch):
+    """The GPU check stops the step stage with SIGINT at its limit: the finished ops are in the CSV."""
+    bench = _load_bench_step()
+    call = bench.Workload.call
+
+    def interrupting(self, backend, op):
+        if op == "heun_guided":
+            raise KeyboardInterrupt
+        return call(self, backend, op)
+
+    monkeypatch.setattr(bench.Workload, "call", interrupting)
+    out = tmp_path / "step.csv"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--device", "cpu", "--backends", "torch", "--sizes", "4K", "--samples", "2",
+                           "--threads", "1", "--out", str(out)]) == 130
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["op"] for r in bench.common.read_rows(out)] == ["euler_unguided", "euler_guided"]
