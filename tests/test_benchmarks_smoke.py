@@ -373,3 +373,4 @@ def test_gpu_check_script_runs_every_stage_on_cpu(tmp_path):
     assert "0 fail" in (out / "smoke.txt").read_text()
     assert (out / "latency.csv").stat().st_size > 0 and (out / "step.csv").stat().st_size > 0
     assert "passed" in summary  # The tests stage's totals reached the summary.
+    assert "Step-op targets" in summary and (out / "step_targets.txt").is_file()

@@ -97,7 +97,7 @@ def _compile_all() -> dict:
         if kind == "normal":
             fn = P._philox_normal_kernel
             sig = {"seeds_ptr": "*i64", "out_ptr": f"*{state}", "numel": "i32", "groups_per_image": "i32",
-                   "total_groups": "i32", "stream": "i32"}
+                   "total_groups": "i32", "philox_stream": "i32"}
             consts = dict(flags, GROUPS=C.GROUPS_NOISE)
             ptrs = ["seeds_ptr", "out_ptr"]
         elif kind == "words":

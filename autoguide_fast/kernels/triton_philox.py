@@ -81,21 +81,21 @@ def normal_tile(seed, g, stream):
     )
 
 
-@triton.jit(do_not_specialize=["numel", "stream"])
+@triton.jit(do_not_specialize=["numel", "philox_stream"])
 def _philox_normal_kernel(
     seeds_ptr,                  # int64 [B]
     out_ptr,                    # [B, numel], contiguous
     numel,                      # elements per image
     groups_per_image,           # ceil(numel / 4)
     total_groups,               # B * groups_per_image
-    stream,                     # uint32 stream, as an int32
+    philox_stream,              # uint32 stream, as an int32 (`stream` is a reserved launch keyword)
     GROUPS: tl.constexpr,
     ALIGNED: tl.constexpr,      # numel % 4 == 0
     WIDE: tl.constexpr,         # int64 indices (more than 2^31 - 1 elements in all)
 ):
     off, mask, b, g, rows = tile_offsets(numel, groups_per_image, total_groups, 0, True, ALIGNED, WIDE, GROUPS)
     seed = tl.load(seeds_ptr + b, mask=rows, other=0)
-    z = normal_tile(seed, g, stream)
+    z = normal_tile(seed, g, philox_stream)
     tl.store(out_ptr + off, round_to(z, out_ptr.dtype.element_ty), mask=mask)
 
 

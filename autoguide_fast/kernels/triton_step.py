@@ -61,7 +61,10 @@ __all__ = ["benchmark", "churn", "euler_step", "heun_step"]
 
 _STATE_DTYPES = (torch.float32, torch.float64)
 _NET_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_SCALARS = ["w_hi", "w_lo", "th_hi", "th_lo", "tn_hi", "tn_lo", "ns_hi", "ns_lo", "stream"]
+# The Philox stream is `philox_stream` in kernel signatures: Triton's launcher reserves the keyword
+# `stream` (it refuses a kernel argument passed by that name: the launch always uses torch's
+# current CUDA stream), which the interpreter does not check.
+_SCALARS = ["w_hi", "w_lo", "th_hi", "th_lo", "tn_hi", "tn_lo", "ns_hi", "ns_lo", "philox_stream"]
 _SIZES = ["numel", "groups_per_image", "total_groups", "total"]
 
 
@@ -110,7 +113,8 @@ def _load_stream(scalars_ptr):
 
 
 @triton.jit
-def _step_scalars(scalars_ptr, w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, stream, DTYPE: tl.constexpr):
+def _step_scalars(scalars_ptr, w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, philox_stream,
+                  DTYPE: tl.constexpr):
     """(w, t_hat, t_next, noise_scale) in DTYPE and the Philox stream: loaded from memory when
     scalars_ptr is a pointer, else from the launch's arguments (the int 0 the host passes without
     scalars). The flag is the argument's type, not a constexpr parameter: launches without scalars
@@ -128,7 +132,7 @@ def _step_scalars(scalars_ptr, w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns
         t_hat = scalar_from_bits(th_hi, th_lo, DTYPE)
         t_next = scalar_from_bits(tn_hi, tn_lo, DTYPE)
         noise_scale = scalar_from_bits(ns_hi, ns_lo, DTYPE)
-        churn_stream = stream
+        churn_stream = philox_stream
     return w, t_hat, t_next, noise_scale, churn_stream
 
 
@@ -140,7 +144,7 @@ def _step_scalars(scalars_ptr, w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns
 def _euler_step_kernel(
     x_ptr, dm_ptr, dg_ptr, seeds_ptr,           # inputs (dg_ptr / seeds_ptr unused unless GUIDED / CHURN)
     d_ptr, xn_ptr, xc_ptr,                      # outputs (d_ptr / xc_ptr unused unless WRITE_D / CAST)
-    w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, stream,
+    w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, philox_stream,
     scalars_ptr,                                # float64 [w, t_hat, t_next, noise_scale, stream]; 0: the bits above
     numel, groups_per_image, total_groups, total,
     GUIDED: tl.constexpr, W_SMALL: tl.constexpr, WRITE_D: tl.constexpr, CAST: tl.constexpr,
@@ -151,7 +155,7 @@ def _euler_step_kernel(
     state = x_ptr.dtype.element_ty
     off, mask, b, g, rows = tile_offsets(numel, groups_per_image, total_groups, total, CHURN, ALIGNED, WIDE, GROUPS)
     w, t_hat, t_next, noise_scale, churn_stream = _step_scalars(
-        scalars_ptr, w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, stream, state)
+        scalars_ptr, w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, philox_stream, state)
     step = t_next - t_hat
     x = tl.load(x_ptr + off, mask=mask, other=0)
     den = _denoised(dm_ptr, dg_ptr, off, mask, w, GUIDED, W_SMALL, COMPILED)
@@ -170,7 +174,7 @@ def _euler_step_kernel(
 def _heun_step_kernel(
     x_ptr, d_ptr, xn_ptr, dm_ptr, dg_ptr, seeds_ptr,    # inputs
     out_ptr, xc_ptr,                                    # outputs
-    w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, stream,
+    w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, philox_stream,
     scalars_ptr,                                        # float64 [w, t_hat, t_next, noise_scale, stream]; or 0
     numel, groups_per_image, total_groups, total,
     GUIDED: tl.constexpr, W_SMALL: tl.constexpr, CAST: tl.constexpr,
@@ -181,7 +185,7 @@ def _heun_step_kernel(
     state = x_ptr.dtype.element_ty
     off, mask, b, g, rows = tile_offsets(numel, groups_per_image, total_groups, total, CHURN, ALIGNED, WIDE, GROUPS)
     w, t_hat, t_next, noise_scale, churn_stream = _step_scalars(
-        scalars_ptr, w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, stream, state)
+        scalars_ptr, w_hi, w_lo, th_hi, th_lo, tn_hi, tn_lo, ns_hi, ns_lo, philox_stream, state)
     step = t_next - t_hat
     x = tl.load(x_ptr + off, mask=mask, other=0)
     d = tl.load(d_ptr + off, mask=mask, other=0)
@@ -201,7 +205,7 @@ def _heun_step_kernel(
 @triton.jit(do_not_specialize=_SCALARS + _SIZES)
 def _churn_kernel(
     x_ptr, eps_ptr, seeds_ptr, out_ptr, xc_ptr,
-    ns_hi, ns_lo, stream,
+    ns_hi, ns_lo, philox_stream,
     numel, groups_per_image, total_groups, total,
     FROM_SEEDS: tl.constexpr, CAST: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr,
     COMPILED: tl.constexpr, GROUPS: tl.constexpr,
@@ -214,7 +218,7 @@ def _churn_kernel(
     scale = scalar_from_bits(ns_hi, ns_lo, state)
     x = tl.load(x_ptr + off, mask=mask, other=0)
     if FROM_SEEDS:
-        out = _add_churn(x, seeds_ptr, b, g, rows, scale, stream, COMPILED)
+        out = _add_churn(x, seeds_ptr, b, g, rows, scale, philox_stream, COMPILED)
     else:
         eps = tl.load(eps_ptr + off, mask=mask, other=0)
         out = exact_rn(x, exact_rn(tl.broadcast_to(scale, eps.shape), eps, "mul", COMPILED), "add", COMPILED)
@@ -314,7 +318,7 @@ def _scalars(w: float | None, t_hat: float, t_next: float, noise_scale: float | 
     out = {}
     for name, value in (("w", w), ("th", t_hat), ("tn", t_next), ("ns", noise_scale)):
         out[f"{name}_hi"], out[f"{name}_lo"] = f64_bits(0.0 if value is None else value)
-    out["stream"] = _i32(stream)
+    out["philox_stream"] = _i32(stream)
     return out
 
 
