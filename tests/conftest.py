@@ -1,3 +1,9 @@
+import os
+
+# cuBLAS is bitwise reproducible across streams only with a fixed workspace configuration; the GPU
+# tests compare two-stream runs with single-stream ones bit for bit. Set before CUDA starts.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 import pytest
 import torch
 

@@ -311,6 +311,9 @@ def test_empty_and_tiny_inputs():
     assert torch.equal(d, (one - one * 2) / 0.5)
 
 
+OPCHECK_CASES = 13  # len(_opcheck_cases()), known at collection without the extension (checked below).
+
+
 def _opcheck_cases():
     x, D_main, D_guide = _inputs((2, 3, 5, 7), torch.float32, torch.float16, seed=4)
     x64 = x.double()
@@ -380,9 +383,11 @@ def test_bad_device_scalars_raise_naming_scalars():
 
 
 @needs_cpp
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(OPCHECK_CASES))
 def test_opcheck(case):
-    op, args = _opcheck_cases()[case]
+    cases = _opcheck_cases()
+    assert len(cases) == OPCHECK_CASES
+    op, args = cases[case]
     torch.library.opcheck(op, args)
 
 

@@ -31,6 +31,7 @@ from autoguide_fast.reference import edm_sampler as reference_sampler
 
 from .test_cpp_backend import (
     NET_DTYPES,
+    OPCHECK_CASES,
     SHAPES,
     STATE_DTYPES,
     WEIGHTS,
@@ -207,7 +208,7 @@ def test_no_host_sync_and_cuda_graph_capture():
 
 
 @gpu_test
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(OPCHECK_CASES))
 def test_opcheck(case):
     from .test_cpp_backend import _opcheck_cases
 

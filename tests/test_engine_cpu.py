@@ -667,11 +667,27 @@ def test_run_eager_forks_and_joins_the_guide_once_per_guided_evaluation(interval
 
 
 class FakeStream:
-    def __init__(self, device=None) -> None:
-        pass
+    log: list = []  # (stream name, "wait"/"record", event id) of every event operation
+
+    def __init__(self, device=None, priority: int = 0, name: str = "stream") -> None:
+        self.name = name
 
     def wait_stream(self, other) -> None:
         pass
+
+    def wait_event(self, event) -> None:
+        FakeStream.log.append((self.name, "wait", event.id))
+
+
+class FakeEvent:
+    count = 0
+
+    def __init__(self, *args, **kwargs) -> None:
+        FakeEvent.count += 1
+        self.id = FakeEvent.count
+
+    def record(self, stream) -> None:
+        FakeStream.log.append((stream.name, "record", self.id))
 
 
 class FakeCUDAGraph:
@@ -703,7 +719,14 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 7))
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream(name="current"))
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    from autoguide_fast.engine import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "_RANDOM_FENCES", {})
+    FakeStream.log = []
+    FakeEvent.count = 0
     monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda d, p: allocator_calls.append(("end", d, p)),
                         raising=False)
     monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda d, p: allocator_calls.append(("release", d, p)),
@@ -763,6 +786,67 @@ def test_an_interrupt_during_capture_ends_the_capture_and_goes_on(fake_cuda):
         capturer.capture(fn)
     assert FakeCUDAGraph.instances[0].calls == [("begin", (0, 7), "thread_local"), "end"]
     assert capturer.graphs == []
+
+
+def test_captures_and_random_drawing_replays_are_ordered_by_the_random_fence(fake_cuda, monkeypatch):
+    """torch < 2.13 shares one seed/offset tensor pair per CUDA generator between every capture's
+    start and every random-drawing replay: the engine orders them on the device with a fence event,
+    and leaves graphs that draw nothing free to overlap."""
+    from autoguide_fast.engine.cuda_graphs import CudaGraphCapturer
+
+    class Generator:
+        offset = 0
+
+        def get_offset(self) -> int:
+            return self.offset
+
+    generator = Generator()
+    monkeypatch.setattr(torch.cuda, "default_generators", (generator,), raising=False)
+
+    class DrawingGraph(FakeCUDAGraph):
+        def replay(self) -> None:
+            generator.offset += self.draws
+
+    capturer = CudaGraphCapturer(torch.device("cuda", 0))
+    capturer.stream.name = "capture"
+    graphs = {}
+    for draws in (4, 0):
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", type("G", (DrawingGraph,), {"draws": draws}))
+        graphs[draws], _ = capturer.capture(lambda: (torch.ones(1),))
+    # The first capture renews the fence; the second waits for it first.
+    assert FakeStream.log == [("capture", "record", 1), ("capture", "wait", 1), ("capture", "record", 2)]
+    FakeStream.log = []
+    for _ in range(2):
+        graphs[4].replay()
+    assert graphs[4].draws_random is True
+    assert FakeStream.log == [("current", "wait", 2), ("current", "record", 3),
+                              ("current", "wait", 3), ("current", "record", 4)]
+    FakeStream.log = []
+    for _ in range(2):
+        graphs[0].replay()  # Learns at its first replay that it draws nothing: no more fence after.
+    assert graphs[0].draws_random is False and FakeStream.log == [("current", "wait", 4)]
+
+
+def test_a_failed_capture_is_freed_without_the_cycle_collector(fake_cuda):
+    from autoguide_fast.engine.cuda_graphs import CudaGraphCapturer
+
+    class Payload:
+        pass
+
+    def fn():
+        payload = Payload()  # noqa: F841  (held by the frame the failure's traceback references)
+        probes.append(weakref.ref(payload))
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    probes: list = []
+    capturer = CudaGraphCapturer(torch.device("cuda", 0))
+    gc.disable()
+    try:
+        with pytest.raises(CaptureFailed):
+            capturer.capture(fn)
+        assert probes[0]() is None
+    finally:
+        gc.enable()
 
 
 def test_capturer_does_not_release_the_pool_twice(fake_cuda, monkeypatch):

@@ -14,6 +14,16 @@ launches on CUDA (eager runs, random draws, replays): the engine's own threads n
 capture. Code outside the engine that draws CUDA random numbers or replays graphs in other
 threads while a sampler prepares must take the lock too (``with autoguide_fast.engine.ENGINE_LOCK``).
 
+Random numbers drawn inside graphs need one more precaution. torch (before 2.13) keeps one pair of
+device tensors per CUDA generator, the seed and the offset a graph's random draws start from; the
+start of every capture writes them (on the capture stream), and every replay of a graph that draws
+random numbers writes them and then reads them (on the replay's stream). Two such replays on two
+streams (two samplers in two threads), or a capture next to such a replay, could read each other's
+values: duplicated or shifted noise, silently. The lock orders only the host side, so the engine
+also orders the device side: a per-device fence event that each capture and each replay of a
+random-drawing graph waits for before it starts and renews after it (graphs that draw nothing,
+e.g. every seeded sampler, stay free to overlap).
+
 A failed capture leaves the generator in capture mode as well (only a successful ``capture_end``
 ends it), which would break every later random draw and replay; after a failure this module
 therefore captures and drops one empty graph, whose successful end resets the generator.
@@ -29,7 +39,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["ENGINE_LOCK", "CaptureFailed", "CudaGraphCapturer", "describe_failure", "engine_lock", "preserved_rng"]
+from .streams import engine_stream
+
+__all__ = ["ENGINE_LOCK", "CaptureFailed", "CudaGraphCapturer", "describe_failure", "engine_lock", "preserved_rng",
+           "renew_random_fence", "wait_random_fence"]
 
 # Captures exclude every other CUDA launch of the engine (see the module docstring); re-entrant,
 # so a call that holds it may prepare (warm up and capture) without releasing it.
@@ -79,14 +92,54 @@ def describe_failure(exc: BaseException) -> str:
     return "; then ".join(lines)
 
 
-class CapturedGraph:
-    """One captured graph; ``replay()`` launches it on the current stream."""
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
-    def __init__(self, graph: torch.cuda.CUDAGraph) -> None:
+
+# Per device: the event after which the generator's graph seed/offset tensors are free (module
+# docstring). Read and renewed under ENGINE_LOCK only.
+_RANDOM_FENCES: dict[int, torch.cuda.Event] = {}
+
+
+def wait_random_fence(device: torch.device, stream: torch.cuda.Stream) -> None:
+    """Make ``stream`` wait until the last capture or random-drawing replay on the device is done."""
+    event = _RANDOM_FENCES.get(_device_index(device))
+    if event is not None:
+        stream.wait_event(event)
+
+
+def renew_random_fence(device: torch.device, stream: torch.cuda.Stream) -> None:
+    """The work queued on ``stream`` so far is the last user of the generator's graph tensors."""
+    event = torch.cuda.Event()
+    event.record(stream)
+    _RANDOM_FENCES[_device_index(device)] = event
+
+
+class CapturedGraph:
+    """One captured graph; ``replay()`` launches it on the current stream (under ENGINE_LOCK).
+
+    Whether the graph draws CUDA random numbers is learnt at its first replay (the generator's
+    offset advances by what the graph draws); until then, and whenever it does, the replay is
+    ordered by the device's random fence."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, device: torch.device) -> None:
         self.graph = graph
+        self.device = device
+        self.draws_random: bool | None = None
 
     def replay(self) -> None:
+        if self.draws_random is False:
+            self.graph.replay()
+            return
+        stream = torch.cuda.current_stream(self.device)
+        generator = torch.cuda.default_generators[_device_index(self.device)]
+        wait_random_fence(self.device, stream)
+        before = generator.get_offset()
         self.graph.replay()
+        if self.draws_random is None:
+            self.draws_random = generator.get_offset() != before
+        if self.draws_random:
+            renew_random_fence(self.device, stream)
 
 
 class CudaGraphCapturer:
@@ -107,7 +160,7 @@ class CudaGraphCapturer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream(device=device)
+        self.stream = engine_stream(device)
         self.graphs: list[CapturedGraph] = []
 
     def warmup(self, fn: Callable[[], Any], runs: int) -> None:
@@ -127,6 +180,9 @@ class CudaGraphCapturer:
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         with ENGINE_LOCK, torch.cuda.stream(self.stream):
+            # capture_begin writes the generator's graph tensors on this stream: after the last
+            # random-drawing replay, and before the next (renewed below, once capturing is over).
+            wait_random_fence(self.device, self.stream)
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             failure: BaseException | None = None
             try:
@@ -139,12 +195,20 @@ class CudaGraphCapturer:
                 failure = failure if failure is not None else exc
                 self._abandon()
                 self._reset_generator_capture_state()
-            if failure is not None and not isinstance(failure, Exception):
-                raise failure  # An interrupt (e.g. Ctrl-C): the capture is ended, the interrupt goes on.
+            finally:
+                if not torch.cuda.is_current_stream_capturing():
+                    renew_random_fence(self.device, self.stream)
             if failure is not None:
-                raise CaptureFailed(describe_failure(failure)) from failure
+                try:
+                    if not isinstance(failure, Exception):
+                        raise failure  # An interrupt (e.g. Ctrl-C): the capture is ended, the interrupt goes on.
+                    raise CaptureFailed(describe_failure(failure)) from failure
+                finally:
+                    # Not kept in this frame, which the failure's traceback references: no reference
+                    # cycle, so the failed graph and its pool tensors go as soon as the caller is done.
+                    failure = None
         current.wait_stream(self.stream)
-        captured = CapturedGraph(graph)
+        captured = CapturedGraph(graph, self.device)
         self.graphs.append(captured)
         return captured, out
 

@@ -415,9 +415,12 @@ class GuidedSampler:
 
     def _release_runners(self) -> None:
         self._order.drain()  # A replay may still be running (no host sync when check_finite=False).
-        for runner in self._runners.values():
-            runner.release()
-        self._runners.clear()
+        # Destroying a graph edits torch's per-generator registry of graphs, which another thread's
+        # capture edits too (under the engine lock): destroy them under it as well.
+        with engine_lock(self.device):
+            for runner in self._runners.values():
+                runner.release()
+            self._runners.clear()
 
 
 def _compile(fn: Callable) -> Callable:

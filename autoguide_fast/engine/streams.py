@@ -19,7 +19,17 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["CallOrder", "GuideStream", "device_context", "time_alternating"]
+__all__ = ["CallOrder", "GuideStream", "device_context", "engine_stream", "time_alternating"]
+
+
+def engine_stream(device: torch.device) -> torch.cuda.Stream:
+    """A stream for the engine's own work (guide branch, warm-up and capture). torch hands streams out
+    round-robin from small per-priority pools, so a stream made at the default priority can be the
+    very CUDA stream another thread of the process works on: what that thread launches during one of
+    our captures would be recorded into the graph (thread-local capture mode does not separate two
+    threads on one stream). The engine takes its streams from the high-priority pool, which
+    ``torch.cuda.Stream()`` at the default priority never hands out."""
+    return torch.cuda.Stream(device=device, priority=-1)
 
 
 class GuideStream:
@@ -29,7 +39,7 @@ class GuideStream:
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.side = torch.cuda.Stream(device=device)
+        self.side = engine_stream(device)
         self._main: torch.cuda.Stream | None = None
 
     def fork(self, gnet: Callable, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None):
