@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "cpu_kernels.h"
+#include "cpu_noise.h"
 #include "step_math.h"
 
 namespace agf {
@@ -117,18 +118,24 @@ int guide_mode(const StepParams& p, LerpCoeff<T>& lc) {
   return lc.from_d0 ? kBaseD0 : kBaseD1;
 }
 
-// Noise of elements [e0, e0 + n) of one image, rounded to T (noise.py's specification).
+// Noise of elements [e0, e0 + n) of one image (n <= kBlock), rounded to T (noise.py's
+// specification): the words of every group the range touches, their Box-Muller pairs, then each
+// element picks lane e % 4 of group e / 4 (lanes 0, 1 from words 0, 1; lanes 2, 3 from words 2, 3).
+constexpr int64_t kBlockGroups = kBlock / 4 + 2;
+
 template <typename T>
 void fill_noise(int64_t seed, uint32_t stream, int64_t e0, int64_t n, T* __restrict eps) {
-  uint64_t group = static_cast<uint64_t>(e0) >> 2;
-  int lane = static_cast<int>(e0 & 3);
-  int64_t i = 0;
-  while (i < n) {
-    double z[4];
-    philox_normal4(seed, group, stream, z);
-    for (; lane < 4 && i < n; ++lane, ++i) eps[i] = static_cast<T>(z[lane]);
-    lane = 0;
-    ++group;
+  alignas(64) uint32_t words[4][kBlockGroups];
+  alignas(64) double z[4][kBlockGroups];
+  const uint64_t g0 = static_cast<uint64_t>(e0) >> 2;
+  const int64_t groups = static_cast<int64_t>(((static_cast<uint64_t>(e0 + n) + 3) >> 2) - g0);
+  philox_words_block(seed, stream, g0, groups, words[0], words[1], words[2], words[3]);
+  box_muller_block(words[0], words[1], z[0], z[1], groups);
+  box_muller_block(words[2], words[3], z[2], z[3], groups);
+  const int64_t first = e0 & 3;  // Lane of element e0 in group g0.
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = first + i;
+    eps[i] = static_cast<T>(z[e & 3][e >> 2]);
   }
 }
 
