@@ -225,7 +225,7 @@ def test_fused_churn_matches_separate_ops(dtype):
     if dtype == torch.float32:  # The float64 Box-Muller rounds to the same float32 everywhere.
         for a, b in ((h, h_ref), (e, e_ref), (c, c_ref)):
             assert torch.equal(a, b)
-    # In float64, libm and torch's vectorised log/sin/cos may differ by an ulp of the noise.
+    # In float64, our polynomial ln/sin/cos and torch's vectorised library may differ by an ulp or two.
     for a, b in ((h, h_ref), (e, e_ref), (c, c_ref)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
         assert not torch.equal(a, xn_ref)
@@ -465,7 +465,7 @@ def test_trajectory_matches_reference(dtype, net_dtype, guidance, churn):
                                             **kwargs)
     assert out.dtype == dtype
     assert _rel_l2(out, ref) <= 1e-6
-    # Bit for bit, except float64 with seeded noise (libm vs torch's vectorised log/sin/cos: an ulp).
+    # Bit for bit, except float64 with seeded noise (our ln/sin/cos vs torch's: an ulp or two).
     if dtype == torch.float32 or not churn:
         assert torch.equal(out, ref)
 
