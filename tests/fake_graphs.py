@@ -31,7 +31,8 @@ class RerunCapturer:
     def supports(device: torch.device) -> bool:
         return True
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, draws_random: bool | None = None) -> None:
+        self.draws_random = draws_random
         self.graphs: list[FakeGraph] = []
         self.warmups = 0
         self.released = False

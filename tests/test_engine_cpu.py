@@ -827,6 +827,48 @@ def test_captures_and_random_drawing_replays_are_ordered_by_the_random_fence(fak
     assert graphs[0].draws_random is False and FakeStream.log == [("current", "wait", 4)]
 
 
+def test_graphs_told_they_draw_are_always_fenced_and_are_destroyed_under_the_engine_lock(fake_cuda, monkeypatch):
+    from autoguide_fast.engine import cuda_graphs
+    from autoguide_fast.engine.cuda_graphs import CudaGraphCapturer
+
+    class Generator:
+        def get_offset(self) -> int:
+            return 0  # A concurrent manual_seed could hide a draw: the hint does not rely on it.
+
+    monkeypatch.setattr(torch.cuda, "default_generators", (Generator(),), raising=False)
+    owned: list[bool] = []
+
+    class Graph(FakeCUDAGraph):
+        def replay(self) -> None:
+            pass
+
+        def __del__(self) -> None:
+            owned.append(cuda_graphs.ENGINE_LOCK._is_owned())
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    capturer = CudaGraphCapturer(torch.device("cuda", 0), draws_random=True)
+    graph, _ = capturer.capture(lambda: (torch.ones(1),))
+    FakeStream.log = []
+    for _ in range(2):
+        graph.replay()
+    assert [op for _, op, _ in FakeStream.log] == ["wait", "record", "wait", "record"]
+    capturer.release()
+    FakeCUDAGraph.instances = []
+    del graph  # The last reference, dropped outside any lock (as when a sampler is dropped unreleased).
+    assert owned == [True]
+
+
+def test_sampler_tells_the_capturer_which_graphs_draw_random_numbers(fake_graphs):
+    from tests.fake_graphs import RerunCapturer
+
+    net, gnet = nets()
+    for churn, seeds, expected in ((10.0, None, True), (10.0, [1, 2], None), (0.0, None, None)):
+        RerunCapturer.instances = []
+        s = sampler(net, gnet, graph="trajectory", S_churn=churn, streams="off")
+        s(randn(*SHAPE), LABELS, seeds=seeds)
+        assert {c.draws_random for c in RerunCapturer.instances} == {expected}, (churn, seeds)
+
+
 def test_a_failed_capture_is_freed_without_the_cycle_collector(fake_cuda):
     from autoguide_fast.engine.cuda_graphs import CudaGraphCapturer
 

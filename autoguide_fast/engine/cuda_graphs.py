@@ -118,14 +118,25 @@ def renew_random_fence(device: torch.device, stream: torch.cuda.Stream) -> None:
 class CapturedGraph:
     """One captured graph; ``replay()`` launches it on the current stream (under ENGINE_LOCK).
 
-    Whether the graph draws CUDA random numbers is learnt at its first replay (the generator's
-    offset advances by what the graph draws); until then, and whenever it does, the replay is
-    ordered by the device's random fence."""
+    Whether the graph draws CUDA random numbers is known from what it samples when the capturer is
+    told (churn from ``randn_like``: it does); otherwise it is learnt at the first replay (the
+    generator's offset advances by what the graph draws, e.g. a network that samples). Until then,
+    and whenever it does, the replay is ordered by the device's random fence. The graph is destroyed
+    under ENGINE_LOCK however the last reference goes (destroying it edits torch's registry of
+    graphs, which a capture in another thread edits too)."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, device: torch.device) -> None:
+    def __init__(self, graph: torch.cuda.CUDAGraph, device: torch.device, draws_random: bool | None = None) -> None:
         self.graph = graph
         self.device = device
-        self.draws_random: bool | None = None
+        self.draws_random = draws_random
+
+    def __del__(self) -> None:
+        graph, self.graph = self.graph, None
+        try:
+            with ENGINE_LOCK:
+                del graph
+        except Exception:  # noqa: BLE001  (interpreter shutdown: the lock may be gone; the graph goes anyway)
+            pass
 
     def replay(self) -> None:
         if self.draws_random is False:
@@ -157,8 +168,9 @@ class CudaGraphCapturer:
     def supports(device: torch.device) -> bool:
         return device.type == "cuda"
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, draws_random: bool | None = None) -> None:
         self.device = device
+        self.draws_random = draws_random  # True: every graph draws CUDA random numbers; None: learn it.
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = engine_stream(device)
         self.graphs: list[CapturedGraph] = []
@@ -208,7 +220,7 @@ class CudaGraphCapturer:
                     # cycle, so the failed graph and its pool tensors go as soon as the caller is done.
                     failure = None
         current.wait_stream(self.stream)
-        captured = CapturedGraph(graph, self.device)
+        captured = CapturedGraph(graph, self.device, self.draws_random)
         self.graphs.append(captured)
         return captured, out
 

@@ -340,9 +340,12 @@ class GuidedSampler:
 
     def _build_graph(self, example: tuple):
         cls = TrajectoryGraphRunner if self._graph_mode == "trajectory" else StepGraphRunner
+        # Churn from randn_like draws CUDA random numbers in the graphs (the capturer orders such
+        # replays); otherwise the capturer learns whether the networks draw any.
+        draws_random = True if self._churns and example[2] is None else None
 
         def build(streams_on: bool):
-            capturer = self._capturer_type(self.device)
+            capturer = self._capturer_type(self.device, draws_random=draws_random)
             inputs = StaticInputs(*example, dtype=self.config.dtype)
             try:
                 runner = cls(self._program(streams_on), capturer, inputs, self.warmup_runs)
