@@ -39,6 +39,7 @@ __all__ = [
     "ensure_repo_on_path",
     "fastest",
     "git_commit",
+    "judged",
     "latest_run",
     "machine_name",
     "percentile",
@@ -248,6 +249,23 @@ def arm_p50(rows: Iterable[dict[str, str]], arm: str) -> float | None:
     """The p50 ms of ``arm`` among the rows (one workload and batch) if it ran, else None."""
     best = fastest(rows, lambda r: r["arm"] == arm)
     return None if best is None else best[0]
+
+
+MIN_JUDGED_REPS = 5  # DESIGN: every reported median is of at least 5 repetitions.
+
+
+def judged(rows: Iterable[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows whose medians count (at least MIN_JUDGED_REPS repetitions); fewer (a round cut short
+    by a time limit) are reported in the CSV but neither tabled nor judged."""
+    out = []
+    for r in rows:
+        try:
+            reps = int(r.get("n_reps") or 0)
+        except ValueError:
+            reps = 0
+        if reps >= MIN_JUDGED_REPS:
+            out.append(r)
+    return out
 
 
 def latest_run(rows: Sequence[dict[str, str]], card: str | None = None) -> list[dict[str, str]]:

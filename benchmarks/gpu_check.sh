@@ -207,8 +207,10 @@ record info "$( (( rc == 0 )) && echo ok || echo failed)" "$rc" "$(( $(date +%s)
 
 # 5. Tests (stopped with SIGINT at the limit, so pytest still reports and writes its junit file).
 # Its reserve covers the precompile's grace period below, the step benchmark, the latency run and the plot.
-TESTS_RESERVE=$(( 150 + ${PRECOMPILE_GRACE_S:-20} ))
-if [[ ",${GPU_CHECK_SKIP:-}," == *",latency,"* ]]; then TESTS_RESERVE=$(( 40 + ${PRECOMPILE_GRACE_S:-20} )); fi
+# (The step stage keeps 110 s for the latency run and the plot, or 10 s when latency is skipped.)
+STEP_RESERVE=110
+if [[ ",${GPU_CHECK_SKIP:-}," == *",latency,"* ]]; then STEP_RESERVE=10; fi
+TESTS_RESERVE=$(( 30 + STEP_RESERVE + ${PRECOMPILE_GRACE_S:-20} ))
 STAGE_SIGNAL=INT stage tests "$(limit "${GPU_CHECK_TESTS_S:-90}" "$TESTS_RESERVE")" "$OUT/pytest_gpu.log" bash "$SELF" __tests "$OUT"
 if [ -n "$PRE_PID" ]; then
     # Give it at most PRECOMPILE_GRACE_S more seconds: every kernel it has compiled by then is
@@ -234,7 +236,7 @@ fi
 # 6. Step-kernel benchmark (if this tree has it): rows are written op by op; at the limit (SIGINT)
 #    it still judges what it measured.
 if [ -f benchmarks/bench_step.py ]; then
-    STAGE_SIGNAL=INT stage step "$(limit 30 110)" "$OUT/step.log" "$PY" benchmarks/bench_step.py --quick \
+    STAGE_SIGNAL=INT stage step "$(limit 30 "$STEP_RESERVE")" "$OUT/step.log" "$PY" benchmarks/bench_step.py --quick \
         --out "$OUT/step.csv" --report "$OUT/step_targets.txt"
 else
     record step skipped - 0 0 "benchmarks/bench_step.py is not in this tree"

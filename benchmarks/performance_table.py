@@ -48,7 +48,11 @@ def results_table(rows: list[dict[str, str]]) -> str:
         "| workload | batch | B0 | B1 | B2 | F | F_par | ours (best arm) | vs B0 | vs B1 | vs B2 | ours / F |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
+    short = []
     for (workload, batch), group in common.by_workload_batch(gpu):
+        short += [f"{r['arm']} at batch {batch} ({r['n_reps']})" for r in group
+                  if r.get("status") == "ok" and r.get("p50_ms") and r not in common.judged([r])]
+        group = common.judged(group)  # The same medians as the verdicts below.
         base = {arm: common.arm_p50(group, arm) for arm in BASES}
         ours = common.fastest(group, lambda r: r.get("kind") == "ours")
         cells = [workload, str(batch)] + [_ms(base[a]) for a in BASES]
@@ -60,6 +64,9 @@ def results_table(rows: list[dict[str, str]]) -> str:
         else:
             cells += ["no ours arm ran", "–", "–", "–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
+    if short:
+        lines += ["", f"Left out (fewer than {common.MIN_JUDGED_REPS} repetitions, a round cut short): "
+                  + ", ".join(short) + "."]
     lines += ["", "Targets (each judged within the run of its batch):", ""]
     lines += ["| workload | batch | target | measured | verdict |", "|---|---:|---|---|---|"]
     for workload, batch, target, measured, verdict in _targets(gpu):

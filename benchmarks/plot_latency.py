@@ -78,10 +78,10 @@ def plot(rows: list[dict[str, str]], out: pathlib.Path, metric: str = "ms") -> p
         ax.set_title(f"{workload}: {first['evals']} evaluations/network, w={first['guidance']}", fontsize=9)
         ax.grid(axis="y", which="both", alpha=0.3)
     first = ok[0]
-    runs = sorted({(r["date"][:16], r["commit"][:12], r["mode"]) for r in ok})
-    when = "; ".join(f"{date} commit {commit} ({mode})" for date, commit, mode in runs)
-    fig.suptitle(f"{first['card']} | torch {first['torch']}, triton {first['triton']} | {when}"
-                 + (" (each batch from one run)" if len(runs) > 1 else ""), fontsize=9)
+    runs = sorted({(r["date"][:16], r["commit"][:12], r["mode"], r["torch"], r["triton"]) for r in ok})
+    when = "; ".join(f"{date} commit {commit}, torch {torch_v}, triton {triton_v} ({mode})"
+                     for date, commit, mode, torch_v, triton_v in runs)
+    fig.suptitle(f"{first['card']} | {when}" + (" (each batch from one run)" if len(runs) > 1 else ""), fontsize=9)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))

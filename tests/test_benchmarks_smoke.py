@@ -103,10 +103,14 @@ def test_plot_from_smoke_csv(smoke, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _row(arm: str, kind: str, streams: str, p50: float | None, batch: int = 1, reps: int = 5) -> dict:
-    return {"workload": "w", "batch": str(batch), "arm": arm, "kind": kind, "streams": streams,
-            "status": "ok" if p50 is not None else "skipped", "p50_ms": "" if p50 is None else str(p50),
-            "n_reps": str(reps if p50 is not None else 0), "device_type": "cuda"}
+def _row(arm: str, kind: str, streams: str, p50: float | None, batch: int = 1, reps: int = 5,
+         band: tuple[float, float] | None = None) -> dict:
+    row = {"workload": "w", "batch": str(batch), "arm": arm, "kind": kind, "streams": streams,
+           "status": "ok" if p50 is not None else "skipped", "p50_ms": "" if p50 is None else str(p50),
+           "n_reps": str(reps if p50 is not None else 0), "device_type": "cuda"}
+    if band is not None:
+        row["p20_ms"], row["p80_ms"] = map(str, band)
+    return row
 
 
 def test_targets_arithmetic(latency):
@@ -133,6 +137,16 @@ def test_targets_arithmetic(latency):
     verdicts = {(b, t): (m, v) for _, b, t, m, v in latency.evaluate_targets(with_auto)}
     assert verdicts[(64, "ours default <= best single-stream sampler")] == (
         "0.999 x ours-graph-traj-1s (ours-auto)", "MET")
+    # Slower by a median but inside the other's p20-p80 band (the same schedule timed twice): a tie.
+    tie = [r for r in rows if r["arm"] != "ours-graph-traj-1s"] + [
+        _row("ours-graph-traj-1s", "ours", "1", 880.0, 64, band=(876.0, 884.0)),
+        _row("ours-auto", "ours", "auto", 881.0, 64, band=(877.0, 885.0))]
+    verdicts = {(b, t): (m, v) for _, b, t, m, v in latency.evaluate_targets(tie)}
+    assert verdicts[(64, "ours default <= best single-stream sampler")] == (
+        "1.001 x ours-graph-traj-1s (ours-auto)", "MET (tie: p20-p80 bands overlap)")
+    apart = tie[:-1] + [_row("ours-auto", "ours", "auto", 890.0, 64, band=(886.0, 894.0))]
+    verdicts = {(b, t): (m, v) for _, b, t, m, v in latency.evaluate_targets(apart)}
+    assert verdicts[(64, "ours default <= best single-stream sampler")][1] == "not met"
 
 
 def test_targets_are_judged_only_on_arms_with_five_repetitions(latency):
@@ -297,6 +311,18 @@ def test_a_later_run_of_other_batches_does_not_hide_earlier_ones(common, tmp_pat
     again = _gpu_run("2026-11-26T13", "NVIDIA H200", 210.0, 30.0)
     assert {(r["batch"], r["run_id"]) for r in common.latest_run(rows + again)} == {
         ("1", "2026-11-26T13"), ("64", "2026-11-26T11")}
+
+
+def test_table_leaves_out_arms_with_too_few_repetitions_like_the_verdicts():
+    """An arm cut short (2 repetitions) must not be the table's best arm while the verdicts below
+    ignore it: both use the same medians."""
+    table = _load("performance_table")
+    rows = _gpu_run("2026-11-26T10", "NVIDIA H200", 200.0, 32.0)
+    rows.append({**rows[-1], "arm": "ours-compiled", "p50_ms": "20.0", "n_reps": "2"})
+    text = table.results_table(rows)
+    line = next(x for x in text.splitlines() if x.startswith("| w | 1 |"))
+    assert "32.00 (ours-graph-traj)" in line and "ours-compiled" not in line
+    assert "Left out (fewer than 5 repetitions, a round cut short): ours-compiled at batch 1 (2)." in text
 
 
 def test_performance_table_refuses_cpu_only_results_and_unmarked_files(smoke, tmp_path, capsys):
