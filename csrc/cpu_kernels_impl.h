@@ -29,16 +29,8 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-inline float f32_from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline uint32_t f32_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
+inline float f32_from_bits(uint32_t u) { return bit_cast<float>(u); }
+inline uint32_t f32_bits(float f) { return bit_cast<uint32_t>(f); }
 
 // float16 -> float32 is exact: re-bias the exponent of normals, scale subnormals by 2^-24
 // (an exact float product), keep inf/NaN payloads.

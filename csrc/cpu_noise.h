@@ -20,16 +20,16 @@
 namespace agf {
 namespace {
 
-inline uint64_t f64_bits(double v) {
-  uint64_t u;
-  std::memcpy(&u, &v, sizeof u);
-  return u;
+// The bits of a value as another type of the same size (C++20's std::bit_cast).
+template <typename To, typename From>
+inline To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+  To to;
+  std::memcpy(&to, &from, sizeof to);
+  return to;
 }
-inline double f64_from_bits(uint64_t u) {
-  double v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
+inline uint64_t f64_bits(double v) { return bit_cast<uint64_t>(v); }
+inline double f64_from_bits(uint64_t u) { return bit_cast<double>(u); }
 
 // ln u for a positive normal u. u = 2^k f with f in [sqrt(1/2), sqrt(2)), found on the bits: adding
 // kLogShift carries into the exponent exactly when the mantissa is >= sqrt(2). With f1 = f - 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -101,18 +100,9 @@ def _launch_all() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def launches():
-    pytest.importorskip("triton")
-    from autoguide_fast import kernels
+    from tests.triton_offline import run_compiled
 
-    if kernels.triton_error() is not None:
-        pytest.skip(kernels.triton_error())
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("Triton's ptxas is not available here")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_compiled(__file__, timeout=900)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -154,18 +153,9 @@ def _check(name: str, r: dict, state, flags: dict) -> None:
 
 @pytest.fixture(scope="module")
 def ptx_stats():
-    pytest.importorskip("triton")
-    from autoguide_fast import kernels
+    from tests.triton_offline import run_compiled
 
-    if kernels.triton_error() is not None:
-        pytest.skip(kernels.triton_error())
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("Triton's ptxas is not available here")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_compiled(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
