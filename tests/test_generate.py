@@ -406,6 +406,24 @@ def test_module_spec_resolves_from_the_current_directory(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "000001.npy").exists()
 
 
+def test_whole_module_file_of_a_local_class_loads_from_the_current_directory(tmp_path, monkeypatch):
+    """A torch.save file refers to its class by module name; under the console script the working
+    directory (where the user's module sits) is not on sys.path unless the loader puts it there."""
+    (tmp_path / "agf_user_modules_q8.py").write_text(
+        "import torch\n\n\nclass Half(torch.nn.Module):\n    img_channels, img_resolution, label_dim = 3, 4, 0\n\n"
+        "    def forward(self, x, sigma, labels=None):\n        return x * 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import agf_user_modules_q8
+
+    torch.save(agf_user_modules_q8.Half(), tmp_path / "half.pt")
+    monkeypatch.delitem(sys.modules, "agf_user_modules_q8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert run("--net", "half.pt", "--seeds", "1", "--steps", "2", "--outdir", "out", "--format", "npy",
+               "--no-progress", "--backend", "torch") == 0
+    assert (tmp_path / "out" / "000001.npy").exists()
+
+
 def test_settings_file_is_standard_json_and_older_infinity_files_resume(tmp_path):
 
     base = ["--net", f"{HERE}:rgb_main", "--outdir", str(tmp_path), "--steps", "2", "--no-progress",

@@ -63,7 +63,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("what to generate")
     g.add_argument("--seeds", default="0-63", metavar="LIST",
-                   help="seeds and inclusive ranges, e.g. 0-49999,60-69 (default 0-63); one file per seed")
+                   help="seeds and inclusive ranges, e.g. 0-49999,100000-100009 (default 0-63); one file per seed")
     g.add_argument("--class", dest="class_idx", type=int, default=None, metavar="INDEX",
                    help="class of every image (default: a class drawn from each image's seed)")
     g.add_argument("--batch", type=int, default=32, help="largest batch per process (default 32)")

@@ -51,7 +51,7 @@ class GenerateOptions:
     net: str                                        # --net: main network spec (see loading.py).
     outdir: str                                     # --outdir: where the files go.
     gnet: str | None = None                         # --gnet: guide network spec; None = no guide.
-    seeds: str | Sequence[int] = "0-63"             # --seeds: "0-49999,60-69" or a list of ints.
+    seeds: str | Sequence[int] = "0-63"             # --seeds: "0-49999,100000-100009" or a list of ints.
     class_idx: int | None = None                    # --class: fixed class; None = one per seed.
     batch: int = 32                                 # --batch: largest batch per rank.
     guidance: float = 1.0                           # --guidance: w; 1 = unguided.

@@ -73,13 +73,18 @@ def _build_preset(spec: str, arg: str, overrides: dict[str, Any]) -> torch.nn.Mo
     return randomize_gains_(net, int(torch.randint(1 << 31, ())))
 
 
+def _cwd_importable() -> None:
+    """Modules next to the user import as with `python -m` (a console script's path lacks the
+    current directory): a module:callable spec, or the classes a torch.save file refers to."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+
+
 def _resolve_callable(spec: str, arg: str) -> Any:
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
         raise ValueError(f"{arg}: expected module:callable, got {spec!r}")
-    # Modules next to the user resolve as with `python -m` (a console script's path lacks the cwd).
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
+    _cwd_importable()
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
@@ -113,6 +118,7 @@ def _load_file(path: str, arg: str) -> Any:
         except Exception as exc:
             raise ValueError(f"{arg}: {path!r} is not a torch.save file and not a loadable EDM2 snapshot: "
                              f"{type(exc).__name__}: {exc}") from exc
+    _cwd_importable()
     try:
         # A whole pickled module (not a state_dict): needs weights_only=False.
         return torch.load(path, map_location="cpu", weights_only=False)

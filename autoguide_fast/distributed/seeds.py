@@ -1,4 +1,4 @@
-"""Seed lists (``--seeds 0-49999,60-69``) and how they are dealt to the ranks of a job.
+"""Seed lists (``--seeds 0-49999,100000-100009``) and how they are dealt to the ranks of a job.
 
 Sharding follows the official EDM2 generator script, so a job split over W ranks runs the
 same kind of batches as the official one: the seed list is cut into ``num_batches``
@@ -17,7 +17,7 @@ _ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
 def parse_seeds(
-    text: str,                  # Comma-separated seeds and inclusive ranges, e.g. "0-49999,60-69".
+    text: str,                  # Comma-separated seeds and inclusive ranges, e.g. "0-49999,100000-100009".
     *,
     arg: str = "--seeds",       # Argument name used in error messages.
 ) -> list[int]:
