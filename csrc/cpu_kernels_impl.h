@@ -125,7 +125,17 @@ void fill_noise(int64_t seed, uint32_t stream, int64_t e0, int64_t n, T* __restr
   box_muller_block(words[0], words[1], z[0], z[1], groups);
   box_muller_block(words[2], words[3], z[2], z[3], groups);
   const int64_t first = e0 & 3;  // Lane of element e0 in group g0.
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+  if (first == 0) {  // Whole groups: four lanes interleaved, a loop the compiler vectorises.
+    for (; i + 4 <= n; i += 4) {
+      const int64_t j = i >> 2;
+      eps[i] = static_cast<T>(z[0][j]);
+      eps[i + 1] = static_cast<T>(z[1][j]);
+      eps[i + 2] = static_cast<T>(z[2][j]);
+      eps[i + 3] = static_cast<T>(z[3][j]);
+    }
+  }
+  for (; i < n; ++i) {
     const int64_t e = first + i;
     eps[i] = static_cast<T>(z[e & 3][e >> 2]);
   }
