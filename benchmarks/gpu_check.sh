@@ -15,6 +15,7 @@
 #   GPU_CHECK_SKIP_BUILD 1 = keep the installed build (a re-run on the same machine)
 #   GPU_CHECK_SKIP       comma-separated stages to skip (e.g. "smoke,step,latency" to re-run the tests)
 #   GPU_CHECK_TESTS_S    the tests stage's cap in seconds (default 90)
+#   GPU_CHECK_XDIST      pytest-xdist worker processes for the tests, if it is installed (default 4; 0 = off)
 #   PRECOMPILE_GRACE_S   how long the background precompilation may outlast the tests (default 20)
 #   GPU_CHECK_TESTS      test files run in full besides `-m gpu` (default: the Triton test files,
 #                        whose unmarked tests run the compiled kernels on CUDA tensors here)
@@ -49,6 +50,14 @@ if [ "${1:-}" = "__tests" ]; then
     norm() { if [ "$1" = 5 ]; then echo 0; else echo "$1"; fi; }
     # -v: one line per test as it finishes, so a log cut short still says what passed.
     opts=(-v --tb=short --durations=10 -p no:cacheprovider)
+    # Tests in GPU_CHECK_XDIST processes (default 4) when pytest-xdist is there: the first uses of
+    # CUDA, cuBLAS/cuDNN and the Triton compilations (CPU-bound) then proceed side by side. Every
+    # test measures its own process only (memory counters are per process); 0 = one process.
+    workers=${GPU_CHECK_XDIST:-4}
+    if [ "$workers" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+        opts+=(-n "$workers" --dist load)
+        echo "== pytest-xdist: $workers worker processes"
+    fi
     echo "== python -m pytest -m gpu tests"
     "$PY" -m pytest "${opts[@]}" -m gpu --junitxml="$out/pytest_gpu.xml" tests
     rc_gpu=$(norm $?)
