@@ -16,6 +16,7 @@
 #   GPU_CHECK_SKIP       comma-separated stages to skip (e.g. "smoke,step,latency" to re-run the tests)
 #   GPU_CHECK_TESTS_S    the tests stage's cap in seconds (default 90)
 #   GPU_CHECK_XDIST      pytest-xdist worker processes for the tests, if it is installed (default 4; 0 = off)
+#   GPU_CHECK_TEST_TIMEOUT_S  with xdist and pytest-timeout: seconds after which a hung test's worker ends (120)
 #   PRECOMPILE_GRACE_S   how long the background precompilation may outlast the tests (default 20)
 #   GPU_CHECK_TESTS      test files run in full besides `-m gpu` (default: the Triton test files,
 #                        whose unmarked tests run the compiled kernels on CUDA tensors here)
@@ -57,6 +58,12 @@ if [ "${1:-}" = "__tests" ]; then
     if [ "$workers" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
         opts+=(-n "$workers" --dist load)
         echo "== pytest-xdist: $workers worker processes"
+        # A test that hangs (a deadlock, a stuck kernel) ends its worker after this many seconds
+        # (pytest-timeout, thread method: works while the main thread waits in CUDA); xdist reports
+        # it failed and starts a new worker, so the other tests still run.
+        if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+            opts+=(--timeout "${GPU_CHECK_TEST_TIMEOUT_S:-120}" --timeout-method thread)
+        fi
     fi
     echo "== python -m pytest -m gpu tests"
     "$PY" -m pytest "${opts[@]}" -m gpu --junitxml="$out/pytest_gpu.xml" tests
