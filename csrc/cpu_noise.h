@@ -31,6 +31,14 @@ inline To bit_cast(const From& from) {
 inline uint64_t f64_bits(double v) { return bit_cast<uint64_t>(v); }
 inline double f64_from_bits(uint64_t u) { return bit_cast<double>(u); }
 
+// c[0] + z (c[1] + z (... + z c[N-1])), evaluated innermost first (Horner).
+template <int N>
+inline double horner(double z, const double (&c)[N]) {
+  double p = c[N - 1];
+  for (int k = N - 2; k >= 0; --k) p = c[k] + z * p;
+  return p;
+}
+
 // ln u for a positive normal u. u = 2^k f with f in [sqrt(1/2), sqrt(2)), found on the bits: adding
 // kLogShift carries into the exponent exactly when the mantissa is >= sqrt(2). With f1 = f - 1
 // (exact) and s = f1 / (2 + f1), ln f = 2 atanh(s) = 2s + s P(s^2), P(z) = sum_k 2 z^k / (2k + 1),
@@ -50,17 +58,8 @@ inline double noise_log(double u) {
   const double f1 = f - 1.0;
   const double s = f1 / (2.0 + f1);
   const double z = s * s;
-  double p = 2.0 / 21;
-  p = 2.0 / 19 + z * p;
-  p = 2.0 / 17 + z * p;
-  p = 2.0 / 15 + z * p;
-  p = 2.0 / 13 + z * p;
-  p = 2.0 / 11 + z * p;
-  p = 2.0 / 9 + z * p;
-  p = 2.0 / 7 + z * p;
-  p = 2.0 / 5 + z * p;
-  p = 2.0 / 3 + z * p;
-  p = z * p;
+  constexpr double kP[] = {2.0 / 3, 2.0 / 5, 2.0 / 7, 2.0 / 9, 2.0 / 11, 2.0 / 13, 2.0 / 15, 2.0 / 17, 2.0 / 19, 2.0 / 21};
+  const double p = z * horner(z, kP);
   const double ln_f = f1 - s * (f1 - p);
   return k * kLn2Hi + (ln_f + k * kLn2Lo);
 }
@@ -82,24 +81,13 @@ inline void noise_sincos(double theta, double& sin_out, double& cos_out) {
   const double r = ((theta - qd * kPio2_1) - qd * kPio2_2) - qd * kPio2_3;
   const double z = r * r;
   // sin r = r + r z S(z), S(z) = -1/3! + z/5! - ... + z^7/17!
-  double ps = 1.0 / 355687428096000.0;      // 1/17!
-  ps = -1.0 / 1307674368000.0 + z * ps;     // -1/15!
-  ps = 1.0 / 6227020800.0 + z * ps;         // 1/13!
-  ps = -1.0 / 39916800.0 + z * ps;          // -1/11!
-  ps = 1.0 / 362880.0 + z * ps;             // 1/9!
-  ps = -1.0 / 5040.0 + z * ps;              // -1/7!
-  ps = 1.0 / 120.0 + z * ps;                // 1/5!
-  ps = -1.0 / 6.0 + z * ps;                 // -1/3!
-  const double sin_r = r + r * (z * ps);
+  constexpr double kS[] = {-1.0 / 6, 1.0 / 120, -1.0 / 5040, 1.0 / 362880, -1.0 / 39916800, 1.0 / 6227020800.0,
+                           -1.0 / 1307674368000.0, 1.0 / 355687428096000.0};
+  const double sin_r = r + r * (z * horner(z, kS));
   // cos r = 1 - z/2 + z^2 C(z), C(z) = 1/4! - z/6! + ... - z^7/18!
-  double pc = -1.0 / 6402373705728000.0;    // -1/18!
-  pc = 1.0 / 20922789888000.0 + z * pc;     // 1/16!
-  pc = -1.0 / 87178291200.0 + z * pc;       // -1/14!
-  pc = 1.0 / 479001600.0 + z * pc;          // 1/12!
-  pc = -1.0 / 3628800.0 + z * pc;           // -1/10!
-  pc = 1.0 / 40320.0 + z * pc;              // 1/8!
-  pc = -1.0 / 720.0 + z * pc;               // -1/6!
-  pc = 1.0 / 24.0 + z * pc;                 // 1/4!
+  constexpr double kC[] = {1.0 / 24, -1.0 / 720, 1.0 / 40320, -1.0 / 3628800, 1.0 / 479001600.0,
+                           -1.0 / 87178291200.0, 1.0 / 20922789888000.0, -1.0 / 6402373705728000.0};
+  const double pc = horner(z, kC);
   const double half_z = 0.5 * z;
   const double one_minus = 1.0 - half_z;
   // (1 - one_minus) - half_z is the rounding error of one_minus (exact: Sterbenz, z/2 <= 0.31).
