@@ -397,6 +397,41 @@ def test_replays_and_random_draws_in_other_threads_while_a_sampler_captures():
     assert errors == []
 
 
+def test_two_samplers_drawing_random_numbers_on_two_streams_draw_them_in_launch_order():
+    """Two samplers whose graphs draw churn noise from torch.randn_like, replayed at once from two
+    threads on two streams: torch (< 2.13) hands each replay its generator offset through one shared
+    device tensor, so without the engine's random fence one replay could read the other's offset.
+    Each pair of results must be what running them one after the other gives, in one order or the
+    other (whichever thread launched first)."""
+    net, gnet = cuda_nets()
+    a, b = (make(net, gnet, graph="trajectory", streams="off", **CHURN) for _ in range(2))
+    a.prepare()
+    b.prepare()
+    noise, labels = noise_of(4), labels_of(4)
+    streams = (torch.cuda.Stream(), torch.cuda.Stream())
+    for trial in range(8):
+        torch.manual_seed(100 + trial)
+        state = torch.cuda.get_rng_state()
+        out: dict[int, torch.Tensor] = {}
+        barrier = threading.Barrier(2)
+
+        def work(i: int, barrier=barrier, out=out) -> None:
+            with torch.cuda.stream(streams[i]):
+                barrier.wait()
+                out[i] = (a, b)[i](noise, labels)
+            streams[i].synchronize()
+
+        run_in_threads(work, n=2)
+        torch.cuda.set_rng_state(state)
+        a1 = a(noise, labels)  # a launched first ...
+        b1 = b(noise, labels)
+        torch.cuda.set_rng_state(state)
+        b2 = b(noise, labels)  # ... or b launched first.
+        a2 = a(noise, labels)
+        assert not torch.equal(a1, a2)  # The two orders draw different noise.
+        assert any(torch.equal(out[0], x) and torch.equal(out[1], y) for x, y in ((a1, b1), (a2, b2))), trial
+
+
 @pytest.mark.parametrize("graph", ["trajectory", "step"])
 def test_unseeded_churn_draws_the_numbers_the_eager_loop_draws(graph):
     """Churn from torch.randn_like inside CUDA graphs: preparing (warm-up, timing, capture) leaves
