@@ -14,6 +14,9 @@ Ops (state float32 by default, network outputs in --net-dtype):
                      (lines 9-11): reads x_hat, d, x_next, D1', D0'; writes x_out.
   heun_guided_churn  the same plus the next step's seeded churn x_out + s eps (line 5); backends
                      that cannot fuse it run it as a second op (the torch backend: Philox in torch).
+  seeded_noise       the per-image seeded normals alone (Philox4x32-10 + Box-Muller, noise.py), as
+                     seeded_noise draws them; one more arm, "randn_like", is torch.randn_like of the
+                     same size (the official sampler's unseeded source), for comparison.
 Method: one process; per (size, op) every arm is warmed up, then the arms are timed round-robin;
 a sample is the mean over an inner loop of calls (CUDA events around the loop on GPU, the wall
 clock on CPU), the loop sized from the median of 5 single calls. On CPU, glibc is told to keep
@@ -48,7 +51,8 @@ import autoguide_fast  # noqa: E402
 from autoguide_fast.backends import resolve_backend  # noqa: E402
 from autoguide_fast.plan import StepPlan  # noqa: E402
 
-OPS = ("euler_unguided", "euler_guided", "heun_guided", "heun_guided_churn")
+OPS = ("euler_unguided", "euler_guided", "heun_guided", "heun_guided_churn", "seeded_noise")
+STEP_OPS = OPS[:4]  # The fused step ops (the targets apply to these).
 COLUMNS = [
     "date", "run_id", "card", "device_type", "torch", "cuda", "triton", "python", "commit", "source_hash",
     "backend", "op", "numel", "dtype", "net_dtype", "threads", "n_samples", "inner", "p20_ms", "p50_ms", "p80_ms",
@@ -109,6 +113,7 @@ class Workload:
             "euler_guided": self.numel * (s + 2 * n + 2 * s),
             "heun_guided": self.numel * (3 * s + 2 * n + s),
             "heun_guided_churn": self.numel * (3 * s + 2 * n + s),
+            "seeded_noise": self.numel * s,
         }
 
     def call(self, backend, op: str) -> Callable[[], object]:
@@ -120,6 +125,9 @@ class Workload:
         if op == "heun_guided":
             return lambda: backend.heun(x, d, xn, D1, D0, 2.1, step)
         nxt, seeds = self.next, self.seeds
+        if op == "seeded_noise":
+            per_image, dtype = self.numel // seeds.numel(), self.x.dtype
+            return lambda: backend.normal(seeds, per_image, 5, dtype)
         if getattr(backend, "fuses_churn", False):
             return lambda: backend.heun(x, d, xn, D1, D0, 2.1, step, churn_next=(nxt, seeds))
         return lambda: backend.churn(backend.heun(x, d, xn, D1, D0, 2.1, step), nxt, seeds, None)
@@ -193,6 +201,8 @@ def run(args: argparse.Namespace, emit: Callable[[list[dict]], None] = lambda ro
             src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
             dst = torch.empty_like(src)
             arms = {name: work.call(b, op) for name, b in backends.items()}
+            if op == "seeded_noise":
+                arms["randn_like"] = lambda x=work.x: torch.randn_like(x)
             arms["copy"] = lambda src=src, dst=dst: dst.copy_(src)
             failed, inner = {}, {}
             for name, fn in arms.items():  # Warm-up (compiles Triton kernels) and inner-loop sizing.
@@ -212,7 +222,7 @@ def run(args: argparse.Namespace, emit: Callable[[list[dict]], None] = lambda ro
             copy_ms = common.summarize(times["copy"])["p50"] if "copy" in times else float("nan")
             copy_gbps = nbytes / copy_ms / 1e6
             torch_p50 = common.summarize(times["torch"])["p50"] if "torch" in times else float("nan")
-            for name in backends:
+            for name in [a for a in arms if a != "copy"]:
                 row = {**meta, "backend": name, "op": op, "numel": work.numel, "dtype": args.dtype,
                        "net_dtype": args.net_dtype, "threads": threads, "bytes": nbytes, "notes": notes}
                 if name in failed:
@@ -290,7 +300,7 @@ def step_targets(rows: list[dict]) -> list[tuple[str, str, int, str, str, str]]:
     """(backend, op, numel, target, measured, verdict) for every measured row a target applies to."""
     out = []
     for r in rows:
-        if r.get("status") != "ok" or r.get("backend") == "torch":
+        if r.get("status") != "ok" or r.get("backend") in ("torch", "randn_like") or r.get("op") not in STEP_OPS:
             continue
         numel, frac, speedup = int(r["numel"]), float(r["frac_of_copy"]), float(r["speedup_vs_torch"])
         key = (r["backend"], r["op"], numel)

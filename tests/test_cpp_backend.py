@@ -574,7 +574,8 @@ def test_bench_step_runs(tmp_path):
     finally:
         torch.set_num_threads(threads)
     rows = bench.common.read_rows(out)
-    assert {r["backend"] for r in rows} == set(backends.split(","))
+    assert {r["backend"] for r in rows} == set(backends.split(",")) | {"randn_like"}
+    assert {r["op"] for r in rows if r["backend"] == "randn_like"} == {"seeded_noise"}
     assert {r["op"] for r in rows} == set(bench.OPS)
     for r in rows:
         assert r["status"] == "ok" and float(r["p50_ms"]) > 0 and float(r["gbps"]) > 0 and int(r["bytes"]) > 0
