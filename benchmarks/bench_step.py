@@ -52,7 +52,7 @@ from autoguide_fast.backends import resolve_backend  # noqa: E402
 from autoguide_fast.plan import StepPlan  # noqa: E402
 
 OPS = ("euler_unguided", "euler_guided", "heun_guided", "heun_guided_churn", "seeded_noise")
-STEP_OPS = OPS[:4]  # The fused step ops (the targets apply to these).
+STEP_OPS = ("euler_unguided", "euler_guided", "heun_guided", "heun_guided_churn")  # The targets apply to these.
 COLUMNS = [
     "date", "run_id", "card", "device_type", "torch", "cuda", "triton", "python", "commit", "source_hash",
     "backend", "op", "numel", "dtype", "net_dtype", "threads", "n_samples", "inner", "p20_ms", "p50_ms", "p80_ms",
@@ -227,7 +227,7 @@ def run(args: argparse.Namespace, emit: Callable[[list[dict]], None] = lambda ro
                        "net_dtype": args.net_dtype, "threads": threads, "bytes": nbytes, "notes": notes}
                 if name in failed:
                     rows.append({**row, "status": "failed", "notes": failed[name]})
-                    print(f"{name:7s} {op:18s} {work.numel:>10d}: failed ({failed[name]})")
+                    print(f"{name:10s} {op:18s} {work.numel:>10d}: failed ({failed[name]})")
                     continue
                 q = common.summarize(times[name])
                 gbps = nbytes / q["p50"] / 1e6
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace, emit: Callable[[list[dict]], None] = lambda ro
                     "speedup_vs_torch": f"{torch_p50 / q['p50']:.2f}",
                 })
                 rows.append(row)
-                print(f"{name:7s} {op:18s} {work.numel:>10d}: p50 {q['p50']:.4f} ms  {gbps:7.1f} GB/s "
+                print(f"{name:10s} {op:18s} {work.numel:>10d}: p50 {q['p50']:.4f} ms  {gbps:7.1f} GB/s "
                       f"({gbps / copy_gbps:5.1%} of copy {copy_gbps:.1f})  x{torch_p50 / q['p50']:.2f} vs torch")
             emit(rows[first:])
             del src, dst

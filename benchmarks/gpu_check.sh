@@ -16,7 +16,8 @@
 #   GPU_CHECK_SKIP       comma-separated stages to skip (e.g. "smoke,step,latency" to re-run the tests)
 #   GPU_CHECK_TESTS_S    the tests stage's cap in seconds (default 90)
 #   GPU_CHECK_XDIST      pytest-xdist worker processes for the tests, if it is installed (default 4; 0 = off)
-#   GPU_CHECK_TEST_TIMEOUT_S  with xdist and pytest-timeout: seconds after which a hung test's worker ends (120)
+#   GPU_CHECK_TEST_TIMEOUT_S  with xdist and pytest-timeout: seconds after which a hung test's worker ends
+#                        (default: half the tests stage's limit, at least 40)
 #   PRECOMPILE_GRACE_S   how long the background precompilation may outlast the tests (default 20)
 #   GPU_CHECK_TESTS      test files run in full besides `-m gpu` (default: the Triton test files,
 #                        whose unmarked tests run the compiled kernels on CUDA tensors here)
@@ -39,6 +40,7 @@ export PYTHONUNBUFFERED=1
 # Internal subcommand: the test stage (run under `timeout` by the main script).
 if [ "${1:-}" = "__tests" ]; then
     out=$2
+    stage_limit=${3:-90}
     if ! "$PY" -c "import pytest" 2>/dev/null; then
         echo "pytest is not installed for $PY: no tests run (install it or put it on PYTHONPATH)"
         exit 127
@@ -60,9 +62,14 @@ if [ "${1:-}" = "__tests" ]; then
         echo "== pytest-xdist: $workers worker processes"
         # A test that hangs (a deadlock, a stuck kernel) ends its worker after this many seconds
         # (pytest-timeout, thread method: works while the main thread waits in CUDA); xdist reports
-        # it failed and starts a new worker, so the other tests still run.
+        # it failed and starts a new worker, so the other tests still run. Half the stage's limit
+        # (at least 40 s: a worker's first test also starts CUDA and compiles kernels), so it fires
+        # before the stage ends; faulthandler prints the hung test's stacks to the log just before
+        # (the timeout's own report goes to the worker's stdout, which xdist discards).
         if "$PY" -c "import pytest_timeout" 2>/dev/null; then
-            opts+=(--timeout "${GPU_CHECK_TEST_TIMEOUT_S:-120}" --timeout-method thread)
+            per_test=${GPU_CHECK_TEST_TIMEOUT_S:-$(( stage_limit / 2 > 40 ? stage_limit / 2 : 40 ))}
+            opts+=(--timeout "$per_test" --timeout-method thread -o "faulthandler_timeout=$(( per_test - 5 ))")
+            echo "== pytest-timeout: $per_test s per test"
         fi
     fi
     echo "== python -m pytest -m gpu tests"
@@ -227,7 +234,8 @@ record info "$( (( rc == 0 )) && echo ok || echo failed)" "$rc" "$(( $(date +%s)
 STEP_RESERVE=110
 if [[ ",${GPU_CHECK_SKIP:-}," == *",latency,"* ]]; then STEP_RESERVE=10; fi
 TESTS_RESERVE=$(( 30 + STEP_RESERVE + ${PRECOMPILE_GRACE_S:-20} ))
-STAGE_SIGNAL=INT stage tests "$(limit "${GPU_CHECK_TESTS_S:-90}" "$TESTS_RESERVE")" "$OUT/pytest_gpu.log" bash "$SELF" __tests "$OUT"
+TESTS_LIMIT=$(limit "${GPU_CHECK_TESTS_S:-90}" "$TESTS_RESERVE")
+STAGE_SIGNAL=INT stage tests "$TESTS_LIMIT" "$OUT/pytest_gpu.log" bash "$SELF" __tests "$OUT" "$TESTS_LIMIT"
 if [ -n "$PRE_PID" ]; then
     # Give it at most PRECOMPILE_GRACE_S more seconds: every kernel it has compiled by then is
     # cached already, and the timed run compiles the rest.

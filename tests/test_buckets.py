@@ -188,7 +188,7 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,exc,message", BAD_CALLS, ids=[str(b[0])[:60] for b in BAD_CALLS])
+@pytest.mark.parametrize("kwargs,exc,message", BAD_CALLS, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD_CALLS)])
 def test_bad_call_arguments_name_the_argument_before_any_network_call(kwargs, exc, message):
     calls = []
     s = buckets(lambda x, t, c=None: calls.append(1) or x, None, guidance=1)

@@ -413,15 +413,21 @@ def test_two_samplers_drawing_random_numbers_on_two_streams_draw_them_in_launch_
         torch.manual_seed(100 + trial)
         state = torch.cuda.get_rng_state()
         out: dict[int, torch.Tensor] = {}
+        errors: list[BaseException] = []
         barrier = threading.Barrier(2)
 
-        def work(i: int, barrier=barrier, out=out) -> None:
-            with torch.cuda.stream(streams[i]):
-                barrier.wait()
-                out[i] = (a, b)[i](noise, labels)
-            streams[i].synchronize()
+        def work(i: int, barrier=barrier, out=out, errors=errors) -> None:
+            try:
+                with torch.cuda.stream(streams[i]):
+                    barrier.wait(timeout=60)
+                    out[i] = (a, b)[i](noise, labels)
+                streams[i].synchronize()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                barrier.abort()  # The other thread stops waiting.
 
         run_in_threads(work, n=2)
+        assert errors == [], errors
         torch.cuda.set_rng_state(state)
         a1 = a(noise, labels)  # a launched first ...
         b1 = b(noise, labels)
