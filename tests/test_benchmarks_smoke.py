@@ -6,7 +6,6 @@ No timing is asserted anywhere: smoke numbers mean nothing.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import sys
@@ -16,9 +15,9 @@ import torch
 
 import autoguide_fast
 from autoguide_fast import reference
+from tests.benchmark_modules import BENCH, load_benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-BENCH = ROOT / "benchmarks"
 
 # Arms that must run on CPU, and arms that need CUDA (graphs, streams) or a compiler budget.
 CPU_ARMS = {"B0", "B1", "ours-fused"}
@@ -29,24 +28,14 @@ REQUIRED_COLUMNS = {
 }
 
 
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there.
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def latency():
-    return _load("latency")
+    return load_benchmark("latency")
 
 
 @pytest.fixture(scope="module")
 def common():
-    return _load("common")
+    return load_benchmark("common")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +86,7 @@ def test_targets_are_not_judged_on_cpu(smoke, latency):
 def test_plot_from_smoke_csv(smoke, tmp_path):
     pytest.importorskip("matplotlib")
     out, _ = smoke
-    plot_latency = _load("plot_latency")
+    plot_latency = load_benchmark("plot_latency")
     png = tmp_path / "latency.png"
     assert plot_latency.main(["--csv", str(out), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -239,7 +228,7 @@ def test_engine_arm_plumbing(latency, monkeypatch, one_thread):
 def test_gpu_smoke_dry_run_on_cpu(tmp_path):
     """benchmarks/gpu_smoke.py (the first stage of a GPU visit) runs its eager items on CPU: one
     verdict line per item, graph items skipped with the reason, one JSON record per line."""
-    gpu_smoke = _load("gpu_smoke")
+    gpu_smoke = load_benchmark("gpu_smoke")
     assert gpu_smoke.main(["--device", "cpu", "--out", str(tmp_path), "--timeout", "120"]) == 0
     lines = (tmp_path / "smoke.txt").read_text().splitlines()
     verdicts = {line.split()[1]: line.split()[0] for line in lines[:-1]}
@@ -263,7 +252,7 @@ def _gpu_run(run_id: str, card: str, b0: float, ours: float, batch: int = 1) -> 
 
 
 def test_performance_table_reports_the_latest_gpu_run_only(common, smoke, tmp_path):
-    table = _load("performance_table")
+    table = load_benchmark("performance_table")
     _, cpu_rows = smoke
     csv_path = tmp_path / "latency.csv"
     rows = _gpu_run("2026-11-01", "NVIDIA H100 80GB HBM3", 300.0, 50.0) + _gpu_run(
@@ -291,7 +280,7 @@ def test_a_later_run_of_other_batches_does_not_hide_earlier_ones(common, tmp_pat
     """The GPU check measures batch 1 in one call and batch 64 in a second: the table shows both,
     each from its own run (ratios within one process), and a later run whose batch 1 arms were all
     skipped (no time left) does not hide the batch 1 that was measured."""
-    table = _load("performance_table")
+    table = load_benchmark("performance_table")
     first = _gpu_run("2026-11-26T10", "NVIDIA H200", 200.0, 32.0)
     second = _gpu_run("2026-11-26T11", "NVIDIA H200", 900.0, 800.0, batch=64)
     skipped = [{**r, "run_id": "2026-11-26T12", "status": "skipped", "p50_ms": "", "n_reps": "0"}
@@ -317,7 +306,7 @@ def test_a_later_run_of_other_batches_does_not_hide_earlier_ones(common, tmp_pat
 def test_table_leaves_out_arms_with_too_few_repetitions_like_the_verdicts():
     """An arm cut short (2 repetitions) must not be the table's best arm while the verdicts below
     ignore it: both use the same medians."""
-    table = _load("performance_table")
+    table = load_benchmark("performance_table")
     rows = _gpu_run("2026-11-26T10", "NVIDIA H200", 200.0, 32.0)
     rows.append({**rows[-1], "arm": "ours-compiled", "p50_ms": "20.0", "n_reps": "2"})
     text = table.results_table(rows)
@@ -327,7 +316,7 @@ def test_table_leaves_out_arms_with_too_few_repetitions_like_the_verdicts():
 
 
 def test_performance_table_refuses_cpu_only_results_and_unmarked_files(smoke, tmp_path, capsys):
-    table = _load("performance_table")
+    table = load_benchmark("performance_table")
     out, _ = smoke
     with pytest.raises(SystemExit):
         table.main(["--csv", str(out)])

@@ -20,6 +20,7 @@ from autoguide_fast.backends.torch_backend import TorchBackend
 from autoguide_fast.noise import churn_stream, philox_normal
 from autoguide_fast.plan import SamplerConfig, StepPlan, build_plan
 from autoguide_fast.reference import edm_sampler as reference_sampler
+from tests.benchmark_modules import load_benchmark
 
 _HAS_EXT = autoguide_fast.extension() is not None
 if _HAS_EXT:
@@ -547,24 +548,9 @@ def test_without_extension_import_and_suite_pass():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
 
 
-def _load_bench_step():
-    """benchmarks/bench_step.py as a module (its directory holds the `common` module it imports)."""
-    import importlib.util
-
-    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    sys.path.insert(0, bench_dir)
-    try:
-        spec = importlib.util.spec_from_file_location("_bench_step", os.path.join(bench_dir, "bench_step.py"))
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(bench_dir)
-    return bench
-
-
 def test_bench_step_runs(tmp_path):
     """benchmarks/bench_step.py keeps working (tiny sizes; its numbers mean nothing here)."""
-    bench = _load_bench_step()
+    bench = load_benchmark("bench_step")
     out = tmp_path / "step.csv"
     backends = "cpp,torch" if _HAS_CPU else "torch"
     threads = torch.get_num_threads()
@@ -593,7 +579,7 @@ def test_bench_step_runs(tmp_path):
 
 def test_bench_step_keeps_the_ops_measured_before_an_interrupt(tmp_path, monkeypatch):
     """The GPU check stops the step stage with SIGINT at its limit: the finished ops are in the CSV."""
-    bench = _load_bench_step()
+    bench = load_benchmark("bench_step")
     call = bench.Workload.call
 
     def interrupting(self, backend, op):
