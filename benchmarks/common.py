@@ -44,6 +44,7 @@ __all__ = [
     "machine_name",
     "percentile",
     "read_rows",
+    "reps",
     "run_metadata",
     "source_hash",
     "summarize",
@@ -254,18 +255,18 @@ def arm_p50(rows: Iterable[dict[str, str]], arm: str) -> float | None:
 MIN_JUDGED_REPS = 5  # DESIGN: every reported median is of at least 5 repetitions.
 
 
+def reps(row: dict[str, str]) -> int:
+    """The row's number of timed repetitions (0 where none is recorded)."""
+    try:
+        return int(row.get("n_reps") or 0)
+    except ValueError:
+        return 0
+
+
 def judged(rows: Iterable[dict[str, str]]) -> list[dict[str, str]]:
     """The rows whose medians count (at least MIN_JUDGED_REPS repetitions); fewer (a round cut short
     by a time limit) are reported in the CSV but neither tabled nor judged."""
-    out = []
-    for r in rows:
-        try:
-            reps = int(r.get("n_reps") or 0)
-        except ValueError:
-            reps = 0
-        if reps >= MIN_JUDGED_REPS:
-            out.append(r)
-    return out
+    return [r for r in rows if reps(r) >= MIN_JUDGED_REPS]
 
 
 def latest_run(rows: Sequence[dict[str, str]], card: str | None = None) -> list[dict[str, str]]:

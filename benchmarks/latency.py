@@ -84,7 +84,6 @@ TARGET_SPEEDUP_B0 = 2.5
 TARGET_SPEEDUP_B1 = 2.0
 TARGET_SPEEDUP_B2 = 1.3
 TARGET_RATIO_F = 0.85
-MIN_JUDGED_REPS = common.MIN_JUDGED_REPS
 
 
 def log(msg: str) -> None:
@@ -773,7 +772,7 @@ def print_batch(rows: list[dict]) -> None:
 def evaluate_targets(rows: list[dict]) -> list[tuple[str, int, str, str, str]]:
     """(workload, batch, target, measured, verdict) for every target the rows allow to judge.
 
-    Only arms with at least MIN_JUDGED_REPS repetitions are judged (DESIGN: median of >= 5); an arm
+    Only arms with at least common.MIN_JUDGED_REPS repetitions are judged (DESIGN: median of >= 5); an arm
     with fewer is reported as such. ours_best: the fastest such "ours-*" arm. Batch 1: ours_best at
     least 2.5x faster than B0, 2x than B1, 1.3x than B2, and at most 0.85 x F. Batch >= 64: what a
     user gets by default (ours-auto: streams and graphs on "auto"; without it, the fastest ours arm
@@ -786,14 +785,14 @@ def evaluate_targets(rows: list[dict]) -> list[tuple[str, int, str, str, str]]:
 
         def missing(arm: str, group: list[dict] = group) -> str:
             few = [r for r in group if r["arm"] == arm and r.get("status") == "ok" and r.get("p50_ms")]
-            return (f"{arm}: only {_reps(few[0])} repetitions (< {MIN_JUDGED_REPS})" if few
+            return (f"{arm}: only {common.reps(few[0])} repetitions (< {common.MIN_JUDGED_REPS})" if few
                     else f"{arm} not measured")
 
         ours = common.fastest(judged, lambda r: r["kind"] == "ours")
         if ours is None:
             if batch == 1 or batch >= 64:
                 ran = [r["arm"] for r in group if r["kind"] == "ours" and r.get("status") == "ok"]
-                why = (f"no ours arm has {MIN_JUDGED_REPS} repetitions ({', '.join(ran)})" if ran
+                why = (f"no ours arm has {common.MIN_JUDGED_REPS} repetitions ({', '.join(ran)})" if ran
                        else "no ours arm ran")
                 out.append((workload, batch, "ours_best", why, "n/a"))
             continue
@@ -846,13 +845,6 @@ def _no_slower(rows: list[dict], mine_arm: str, ref_arm: str) -> str:
     except (KeyError, ValueError):
         inside = False
     return "MET (tie: within the reference's p20-p80 band)" if inside else "not met"
-
-
-def _reps(row: dict) -> int:
-    try:
-        return int(row.get("n_reps") or 0)
-    except ValueError:
-        return 0
 
 
 def format_targets(rows: list[dict]) -> str:

@@ -51,7 +51,7 @@ def results_table(rows: list[dict[str, str]]) -> str:
     short = []
     for (workload, batch), group in common.by_workload_batch(gpu):
         short += [f"{r['arm']} at batch {batch} ({r['n_reps']})" for r in group
-                  if r.get("status") == "ok" and r.get("p50_ms") and r not in common.judged([r])]
+                  if r.get("status") == "ok" and r.get("p50_ms") and common.reps(r) < common.MIN_JUDGED_REPS]
         group = common.judged(group)  # The same medians as the verdicts below.
         base = {arm: common.arm_p50(group, arm) for arm in BASES}
         ours = common.fastest(group, lambda r: r.get("kind") == "ours")
