@@ -54,13 +54,17 @@ def engine_lock(device: torch.device):
     return ENGINE_LOCK if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @contextlib.contextmanager
 def preserved_rng(device: torch.device):
     """Restore the device's default generator afterwards: preparing a sampler (warm-up runs, stream
     timing, capture) draws churn noise from torch.randn_like, and must not shift the random
     numbers the caller's own run then draws (the drop-in promises the official sampler's)."""
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = _device_index(device)
         state = torch.cuda.get_rng_state(index)
         try:
             yield
@@ -90,10 +94,6 @@ def describe_failure(exc: BaseException) -> str:
         text = str(e).strip()
         lines.append(f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__)
     return "; then ".join(lines)
-
-
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 # Per device: the event after which the generator's graph seed/offset tensors are free (module
@@ -143,12 +143,14 @@ class CapturedGraph:
             self.graph.replay()
             return
         stream = torch.cuda.current_stream(self.device)
-        generator = torch.cuda.default_generators[_device_index(self.device)]
         wait_random_fence(self.device, stream)
-        before = generator.get_offset()
-        self.graph.replay()
-        if self.draws_random is None:
+        if self.draws_random is None:  # Learnt from this first replay.
+            generator = torch.cuda.default_generators[_device_index(self.device)]
+            before = generator.get_offset()
+            self.graph.replay()
             self.draws_random = generator.get_offset() != before
+        else:
+            self.graph.replay()
         if self.draws_random:
             renew_random_fence(self.device, stream)
 
@@ -228,7 +230,7 @@ class CudaGraphCapturer:
         """After ``capture_end`` failed: it threw before telling the allocator the capture is over,
         which would leave the allocator routing to a dead pool and deferring cross-stream frees
         forever. End that routing and drop the failed capture's hold on the pool ourselves."""
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        index = _device_index(self.device)
         end = getattr(torch._C, "_cuda_endAllocateToPool", None)
         release = getattr(torch._C, "_cuda_releasePool", None)
         try:
