@@ -248,9 +248,13 @@ def _pick_device(text: str, local_rank: int, world_size: int) -> torch.device:
 # Output directory, settings record, existing files.
 
 
-def _check_outdir(outdir: str) -> None:
+def _check_not_a_file(outdir: str) -> None:
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise OSError(f"--outdir: {outdir!r} exists and is not a directory")
+
+
+def _check_outdir(outdir: str) -> None:
+    _check_not_a_file(outdir)
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as exc:
@@ -388,8 +392,7 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
     # Set up; every rank learns whether all succeeded before any collective of the job.
     error = None
     try:
-        if os.path.exists(opts.outdir) and not os.path.isdir(opts.outdir):  # Before loading any network.
-            raise OSError(f"--outdir: {opts.outdir!r} exists and is not a directory")
+        _check_not_a_file(opts.outdir)  # Before loading any network.
         if is_main:
             try:
                 resolve_backend(opts.backend, device, DTYPES[opts.dtype])
