@@ -125,7 +125,7 @@ limit() {
 }
 
 record() {  # name status rc seconds limit note
-    printf '%-11s %-8s %4s %7s %7s  %s\n' "$1" "$2" "$3" "$4" "$5" "$6" >>"$STAGES"
+    printf '%-13s %-8s %4s %7s %7s  %s\n' "$1" "$2" "$3" "$4" "$5" "$6" >>"$STAGES"
     say "$1: $2 (exit $3, $4 s of $5 s) $6"
     case $2 in failed|timeout) FAILED=1 ;; esac
 }
@@ -188,6 +188,13 @@ else
         # compiler: build the extension next to the sources. Tests and benchmarks run from the
         # checkout, so `import autoguide_fast` finds it there.
         stage build-inplace "$(limit 150 200)" "$OUT/build_inplace.log" "${BUILD_ENV[@]}" \
+            "$PY" setup.py build_ext --inplace
+    fi
+    if [ "$LAST_STATUS" = failed ]; then
+        # No build with the CUDA part (a compiler error, or the CUDA set-up refused, e.g. an nvcc
+        # whose major version is not torch's; the logs above say which): build the CPU part alone,
+        # next to the sources, so the Triton path, the engine and the benchmarks still run.
+        stage build-cpu "$(limit 120 200)" "$OUT/build_cpu.log" "${BUILD_ENV[@]}" AUTOGUIDE_FAST_CUDA=0 \
             "$PY" setup.py build_ext --inplace
     fi
 fi
@@ -297,7 +304,7 @@ fi
     grep -m1 '^gpu' "$OUT/env.txt" 2>/dev/null
     grep -m1 '^torch' "$OUT/env.txt" 2>/dev/null
     echo
-    printf '%-11s %-8s %4s %7s %7s  %s\n' stage status exit seconds limit note
+    printf '%-13s %-8s %4s %7s %7s  %s\n' stage status exit seconds limit note
     cat "$STAGES"
     echo
     echo "total: $(elapsed) s of a $BUDGET s budget"

@@ -390,3 +390,46 @@ def test_gpu_check_script_runs_every_stage_on_cpu(tmp_path):
     assert (out / "latency.csv").stat().st_size > 0 and (out / "step.csv").stat().st_size > 0
     assert "passed" in summary  # The tests stage's totals reached the summary.
     assert "Step-op targets" in summary and (out / "step_targets.txt").is_file()
+
+
+# A stand-in interpreter for the GPU check's build stages: it logs every call, and pip / setup.py
+# fail as the case asks (the CUDA set-up refused, or a compiler error); the CPU-only build works.
+_FAKE_PYTHON = r"""#!/usr/bin/env bash
+echo "${AUTOGUIDE_FAST_CUDA:-auto} $*" >>"$FAKE_LOG"
+case "$*" in
+    *"pip install"*|*"setup.py build_ext"*)
+        if [ "${AUTOGUIDE_FAST_CUDA:-auto}" = 0 ]; then exit 0; fi
+        if [ "$FAKE_CASE" = compiler ]; then echo "csrc/cuda/step_kernels.cu(12): error: bad"; else
+            echo "RuntimeError: The detected CUDA version (12.4) mismatches the version of PyTorch (13.0)"; fi
+        exit 1 ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("case, tried", [
+    ("setup", ["pip", "inplace", "cpu"]),    # No compiler error: the in-place build, then the CPU part.
+    ("compiler", ["pip", "cpu"]),            # A compiler error: the same sources fail in place too.
+])
+def test_gpu_check_builds_the_cpu_part_when_the_cuda_build_fails(tmp_path, case, tried):
+    import os
+    import subprocess
+
+    fake = tmp_path / "python"
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "calls.log"
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), FAKE_LOG=str(log), FAKE_CASE=case,
+               GPU_CHECK_SKIP="smoke,tests,step,latency,precompile")
+    env.pop("AUTOGUIDE_FAST_CUDA", None)
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(out)], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=BENCH.parent)
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 1, summary  # The failed CUDA build is a failure of the visit.
+    builds = [line for line in log.read_text().splitlines() if "pip install" in line or "build_ext" in line]
+    kinds = ["pip" if "pip install" in b else "cpu" if b.startswith("0 ") else "inplace" for b in builds]
+    assert kinds == tried, builds
+    status = {line.split()[0]: line.split()[1] for line in summary.splitlines() if line.startswith("build")}
+    assert status == {"build": "failed", **({"build-inplace": "failed"} if "inplace" in tried else {}),
+                      "build-cpu": "ok"}, summary
