@@ -65,14 +65,14 @@ def _demo(args: argparse.Namespace) -> int:
           f"{error:.2e}: observed convergence order {order:.2f} (Heun's method: 2)"
           + ("" if ok else "; not second order after 4 doublings (start from more --steps for strong guidance)"))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        args.json.parent.mkdir(parents=True, exist_ok=True)  # Checked writable before the run.
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKEND_NAMES
-    from .cli_types import finite_float, positive_int, steps
+    from .cli_types import finite_float, positive_int, steps, writable_file
 
     parser = argparse.ArgumentParser(prog="autoguide-fast", description="Fast autoguidance sampling.")
     from . import __version__  # Lazy: the package imports this module's siblings.
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=steps, default=32)
     p.add_argument("--guidance", type=finite_float, default=2.0)
     p.add_argument("--backend", default="auto", choices=["auto", *BACKEND_NAMES])
-    p.add_argument("--json", default=None, help="also write the result as JSON to this path")
+    p.add_argument("--json", type=writable_file, default=None, help="also write the result as JSON to this path")
     p.set_defaults(func=_demo)
     for name in _SUBCOMMAND_MODULES:
         try:

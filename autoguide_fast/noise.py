@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 import torch
 
@@ -68,8 +69,16 @@ def seeds_to_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device | 
         if seeds.dim() != 1:
             raise ValueError(f"seeds: expected a 1-D sequence, got shape {tuple(seeds.shape)}")
         return seeds.to(device=device, dtype=torch.int64)
+    expected = "a sequence of integers (list, tuple, array or tensor), one per image"
+    # A set or a mapping has no image order: refused rather than paired with images arbitrarily.
+    if isinstance(seeds, (str, bytes, AbstractSet, Mapping)) or not hasattr(seeds, "__len__"):
+        raise TypeError(f"seeds: expected {expected}, got {type(seeds).__name__}")
+    try:
+        items = list(seeds)
+    except TypeError:  # e.g. a 0-d array
+        raise TypeError(f"seeds: expected {expected}, got {type(seeds).__name__} {seeds!r}") from None
     values = []
-    for s in seeds:
+    for s in items:
         if isinstance(s, bool) or not isinstance(s, int) and not hasattr(s, "__index__"):
             raise TypeError(f"seeds: expected integers, got {type(s).__name__} ({s!r})")
         v = int(s) % (1 << 64)
@@ -161,8 +170,13 @@ def seeded_noise(
         raise ValueError(f"shape: expected {expected}, got {shape}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    if isinstance(stream, bool) or not isinstance(stream, numbers.Integral):
+        raise TypeError(f"stream: expected an integer in [0, 2^32), got {type(stream).__name__} ({stream!r})")
+    if not 0 <= stream < 1 << 32:
+        # One counter word holds it: another value would alias a stream mod 2^32 (e.g. a churn step's).
+        raise ValueError(f"stream: expected an integer in [0, 2^32), got {stream}")
     numel = math.prod(shape[1:])
-    return philox_normal(seeds_t, numel, stream, dtype).reshape(shape)
+    return philox_normal(seeds_t, numel, int(stream), dtype).reshape(shape)
 
 
 def seeded_labels(
@@ -174,8 +188,8 @@ def seeded_labels(
     """Class index per image in [0, C), drawn from the seed's labels stream (int64 [B])."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
         raise TypeError(f"num_classes: expected a positive integer, got {type(num_classes).__name__} ({num_classes!r})")
-    if num_classes < 1:
-        raise ValueError(f"num_classes: expected a positive integer, got {num_classes}")
+    if not 1 <= num_classes < 1 << 63:
+        raise ValueError(f"num_classes: expected a positive integer below 2^63, got {num_classes}")
     seeds_t = seeds_to_tensor(seeds, device=device)
     words = philox_uint32(seeds_t, 2, STREAM_LABELS)
     # 64 random bits modulo C: bias below 2^-32 for any practical C.

@@ -220,6 +220,7 @@ def fast_guided_sample(
     V.check_callable("randn_like", randn_like, optional=True)
     V.check_callable("callback", callback, optional=True)
     V.check_backend_name(backend)
+    V.check_flag("check_finite", check_finite)
     config = make_config(
         num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, guidance=guidance, gnet=gnet,
         S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, dtype=dtype,

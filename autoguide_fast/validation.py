@@ -13,6 +13,8 @@ from .backends import BACKEND_NAMES
 from .noise import seeds_to_tensor
 
 SOLVERS = ("heun", "euler")
+# State dtypes: those torch computes the schedule in (arange, pow) on every device.
+STATE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _real(name: str, value: Any) -> float:
@@ -21,8 +23,13 @@ def _real(name: str, value: Any) -> float:
         # dtype, rounding differently from a Python number: refused rather than silently different.
         raise TypeError(f"{name}: expected a real number, got a tensor (pass float({name}); only guidance "
                         "may be a 0-dim tensor)")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} ({value!r})")
+    # Python and NumPy numbers only: the official sampler hands these to tensor ops, which take no
+    # other numbers (a Fraction there fails part-way, or works on one backend and not another).
+    numpy_scalar = type(value).__module__ == "numpy"  # np.float32 and the like, without importing NumPy.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (isinstance(value, (int, float))
+                                                                              or numpy_scalar):
+        raise TypeError(f"{name}: expected a real number (int, float or a NumPy scalar), got "
+                        f"{type(value).__name__} ({value!r})")
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"{name}: expected a number, got NaN")
@@ -43,16 +50,17 @@ def check_schedule(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, 
         raise ValueError(f"num_steps: expected an integer >= {min_steps}, got {num_steps}")
     sigma_min = _real("sigma_min", sigma_min)
     sigma_max = _real("sigma_max", sigma_max)
-    if not sigma_min > 0:
-        raise ValueError(f"sigma_min: expected > 0, got {sigma_min}")
+    if not (sigma_min > 0 and math.isfinite(sigma_min)):
+        raise ValueError(f"sigma_min: expected a finite value > 0, got {sigma_min}")
     if not math.isfinite(sigma_max) or not sigma_max >= sigma_min:
         raise ValueError(f"sigma_max: expected a finite value >= sigma_min = {sigma_min}, got {sigma_max}")
     if not _real("rho", rho) > 0:
         raise ValueError(f"rho: expected > 0, got {rho}")
     if not _real("S_churn", S_churn) >= 0:
         raise ValueError(f"S_churn: expected >= 0, got {S_churn}")
-    if not _real("S_noise", S_noise) >= 0:
-        raise ValueError(f"S_noise: expected >= 0, got {S_noise}")
+    S_noise_value = _real("S_noise", S_noise)
+    if not (S_noise_value >= 0 and math.isfinite(S_noise_value)):
+        raise ValueError(f"S_noise: expected a finite value >= 0, got {S_noise}")
     _real("S_min", S_min)
     _real("S_max", S_max)
 
@@ -76,8 +84,14 @@ def check_guidance(guidance, gnet, guidance_interval):
 
 
 def check_dtype(dtype) -> None:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    if not isinstance(dtype, torch.dtype) or dtype not in STATE_DTYPES:
+        raise TypeError(f"dtype: expected one of {', '.join(map(str, STATE_DTYPES))}, got {dtype!r}")
+
+
+def check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} ({value!r})")
+    return value
 
 
 def check_noise(noise) -> None:
@@ -85,6 +99,8 @@ def check_noise(noise) -> None:
         raise TypeError(f"noise: expected a torch.Tensor, got {type(noise).__name__}")
     if not noise.dtype.is_floating_point:
         raise TypeError(f"noise: expected a floating tensor, got dtype {noise.dtype}")
+    if noise.is_meta:
+        raise ValueError("noise: expected a tensor with values (on the CPU or a GPU), got a meta tensor")
     if noise.dim() < 1 or noise.numel() == 0:
         raise ValueError(f"noise: expected a non-empty tensor [batch, ...], got shape {tuple(noise.shape)}")
     if not bool(torch.isfinite(noise).all()):
@@ -105,11 +121,10 @@ def check_labels(labels, noise: torch.Tensor) -> None:
 def check_seeds(seeds, noise: torch.Tensor) -> torch.Tensor | None:
     if seeds is None:
         return None
-    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
-        raise TypeError(f"seeds: expected a sequence of integers, got {type(seeds).__name__}")
-    if len(seeds) != noise.shape[0]:
-        raise ValueError(f"seeds: expected one seed per image ({noise.shape[0]}), got {len(seeds)}")
-    return seeds_to_tensor(seeds, device=noise.device)
+    seeds_t = seeds_to_tensor(seeds, device=noise.device)
+    if seeds_t.shape[0] != noise.shape[0]:
+        raise ValueError(f"seeds: expected one seed per image ({noise.shape[0]}), got {seeds_t.shape[0]}")
+    return seeds_t
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -179,7 +179,7 @@ BAD_CALLS = [
     ({"batch_size": True}, TypeError, "batch_size"),
     ({"noise": "x"}, TypeError, "noise"),
     ({"noise": torch.randn(2, 3, 6, 6)}, ValueError, "noise: expected shape"),
-    ({"noise": torch.randn(3, 6, 5)}, ValueError, "noise: expected shape"),
+    ({"noise": torch.randn(3, 6, 5)}, ValueError, r"noise: expected shape \(batch, 3, 6, 5\)"),
     ({"noise": torch.randn(0, *IMAGE)}, ValueError, "at least one image"),
     ({"noise": torch.randn(2, *IMAGE), "seeds": [1, 2, 3]}, ValueError, "disagree"),
     ({"seeds": [1, 2], "batch_size": 3}, ValueError, "disagree"),
@@ -195,6 +195,12 @@ def test_bad_call_arguments_name_the_argument_before_any_network_call(kwargs, ex
     with pytest.raises(exc, match=message):
         s(**kwargs)
     assert calls == [] and s.report == {}
+
+
+def test_labels_refused_without_image_label_shape_name_that_argument():
+    s = buckets(*conv_nets())
+    with pytest.raises(ValueError, match="built without image_label_shape, .*pass image_label_shape="):
+        s(seeds=[1, 2], labels=torch.zeros(2, LABEL_DIM))
 
 
 def test_labels_are_required_with_image_label_shape():

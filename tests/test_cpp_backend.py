@@ -244,6 +244,8 @@ def test_churn_with_explicit_eps_is_exact():
     # An eps of another dtype would promote the state (the reference does): refused, naming randn_like.
     with pytest.raises(TypeError, match="randn_like: returned noise torch.float64"):
         fused.churn(x, nxt, None, eps.double())
+    with pytest.raises(TypeError, match="randn_like: returned float, expected a tensor"):
+        fused.churn(x, nxt, None, 0.5)
 
 
 @needs_cpp

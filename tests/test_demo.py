@@ -7,6 +7,8 @@ from __future__ import annotations
 import functools
 import json
 
+import pytest
+
 import autoguide_fast
 from autoguide_fast.cli import main
 from autoguide_fast.demo import run_demo
@@ -23,6 +25,14 @@ def test_cli_reports_second_order_convergence(tmp_path, capsys):
     assert main(["demo", "--batch", "256", "--json", str(out)]) == 0
     assert "PASS: from 32 to 64 steps" in capsys.readouterr().out
     assert 1.7 <= json.loads(out.read_text())["observed_order"] <= 2.3
+
+
+def test_cli_refuses_an_unwritable_json_path_before_sampling(tmp_path, monkeypatch):
+    monkeypatch.setattr(autoguide_fast, "fast_guided_sample", None)  # Sampling would fail otherwise.
+    for path in (tmp_path, "/proc/no/demo.json"):
+        with pytest.raises(SystemExit) as exc:
+            main(["demo", "--json", str(path)])
+        assert exc.value.code == 2
 
 
 def test_cli_verdict_fails_for_a_first_order_sampler(monkeypatch, capsys):

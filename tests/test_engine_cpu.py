@@ -98,6 +98,7 @@ BAD_CONSTRUCTIONS = [
     ({"compile_networks": 1}, TypeError, "compile_networks"),
     ({"copy_output": "yes"}, TypeError, "copy_output"),
     ({"check_finite": None}, TypeError, "check_finite"),
+    ({"device": "meta"}, ValueError, "device: expected a CPU or CUDA device"),
     ({"device": 3}, TypeError, "device"),
     ({"device": "gpu:0"}, ValueError, "device"),
 ]

@@ -25,6 +25,8 @@ def test_parse_ranges_and_singles_in_order():
     ("0-3-5", "cannot parse '0-3-5'"),
     ("9-3", "runs downward"),
     ("0-5,3", "seed 3 appears more than once"),
+    ("18446744073709551616", "too large"),  # 2^64: would repeat seed 0's noise.
+    ("18446744073709551610-18446744073709551616", "too large"),
 ])
 def test_bad_seed_syntax_names_the_argument(text, match):
     with pytest.raises(ValueError, match="--seeds") as info:

@@ -161,7 +161,8 @@ def test_cli_options_and_errors(tmp_path):
     assert train.toy_action == "train" and train.models == ["autoguide"] and train.seed == 0
     bad = [["--samples", "0"], ["--steps", "1"], ["--autoguidance", "nan"], ["--cfg", "inf"], ["--cfg", "x"],
            ["--figure", "/proc/no/toy.png"], ["--json", str(tmp_path)],
-           ["--figure", str(tmp_path / "a_file" / "toy.png")]]
+           ["--figure", str(tmp_path / "a_file" / "toy.png")], ["--weights-dir", str(tmp_path)],
+           ["--weights-dir", str(tmp_path / "missing")], ["--weights-dir", str(tmp_path / "a_file")]]
     (tmp_path / "a_file").write_text("x")
     for argv in bad:  # argparse errors (exit code 2, the flag named), before any sampling.
         with pytest.raises(SystemExit) as exc:
@@ -170,8 +171,8 @@ def test_cli_options_and_errors(tmp_path):
     # A directory still to be created (the experiment makes it) is fine.
     args = build_parser().parse_args(["toy", "--figure", str(tmp_path / "new" / "sub" / "toy.png")])
     assert args.figure == tmp_path / "new" / "sub" / "toy.png"
-    with pytest.raises(FileNotFoundError, match="toy weights"):
-        main(["toy", "--samples", "64", "--weights-dir", str(tmp_path), "--figure", "none"])
+    with pytest.raises(FileNotFoundError, match="toy weights"):  # The API's own check.
+        load_shipped_models(tmp_path)
 
 
 def test_cli_train_writes_loadable_weights(tmp_path):

@@ -135,6 +135,11 @@ def test_backend_rejects_bad_calls():
         fb.heun(x, x, x, x, None, None, plain[0], churn_next=(plain[1], torch.tensor([1, 2], device=DEVICE)))
     with pytest.raises(ValueError, match="step"):
         fb.churn(x, plain[0], torch.tensor([1, 2], device=DEVICE), None)
+    # Noise from a custom randn_like that is not like the state: refused, naming randn_like.
+    with pytest.raises(TypeError, match="randn_like: returned noise torch.float64"):
+        fb.churn(x, steps[0], None, x.double())
+    with pytest.raises(TypeError, match="randn_like: returned float"):
+        fb.churn(x, steps[0], None, 0.5)
 
 
 # --- whole trajectories -------------------------------------------------------------------------

@@ -4,7 +4,9 @@ import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,6 +64,18 @@ BAD_CALLS = [
     ({"sigma_max": torch.tensor(80.0)}, TypeError, "sigma_max"),
     ({"S_churn": torch.tensor(1.0)}, TypeError, "S_churn"),
     ({"guidance": torch.tensor(True), "gnet": NET}, TypeError, "guidance"),
+    ({"guidance": Fraction(21, 10), "gnet": NET}, TypeError, r"guidance: expected a real number \(int, float"),
+    ({"S_noise": Fraction(1, 2), "S_churn": 3.0}, TypeError, "S_noise: expected a real number"),
+    ({"sigma_min": math.inf}, ValueError, "sigma_min: expected a finite value"),
+    ({"S_noise": math.inf, "S_churn": 3.0}, ValueError, "S_noise: expected a finite value"),
+    ({"dtype": torch.float8_e4m3fn}, TypeError, "dtype: expected one of"),
+    ({"check_finite": "no"}, TypeError, "check_finite: expected True or False"),
+    ({"check_finite": None}, TypeError, "check_finite: expected True or False"),
+    ({"noise": torch.randn(2, 3, device="meta")}, ValueError, "noise: .* got a meta tensor"),
+    ({"seeds": torch.tensor(5)}, ValueError, "seeds: expected a 1-D sequence"),
+    ({"seeds": {1, 2}}, TypeError, "seeds: expected a sequence"),
+    ({"seeds": {1: 0, 2: 0}}, TypeError, "seeds: expected a sequence"),
+    ({"seeds": np.array(3)}, TypeError, "seeds: expected a sequence"),
     ({"noise": NOISE.clone().requires_grad_(), "backend": "cpp"}, ValueError, "backend: 'cpp' is not differentiable"),
     ({"noise": NOISE.to(memory_format=torch.channels_last), "backend": "cpp", "S_churn": 10.0}, ValueError,
      "noise: not contiguous"),
@@ -105,6 +119,11 @@ BAD_SEEDED = [
     (lambda: autoguide_fast.seeded_labels(range(3), 2.5), TypeError, "num_classes"),
     (lambda: autoguide_fast.seeded_labels(range(3), True), TypeError, "num_classes"),
     (lambda: autoguide_fast.seeded_labels(range(3), 0), ValueError, "num_classes"),
+    (lambda: autoguide_fast.seeded_labels(range(3), 1 << 64), ValueError, "num_classes: .* below 2"),
+    (lambda: seeded_noise(5, (1, 3)), TypeError, "seeds: expected a sequence"),
+    (lambda: seeded_noise([1], (1, 3), stream=1.5), TypeError, "stream: expected an integer"),
+    (lambda: seeded_noise([1], (1, 3), stream=1 << 32), ValueError, r"stream: expected an integer in \[0, 2\^32\)"),
+    (lambda: seeded_noise([1], (1, 3), stream=-1), ValueError, "stream"),
 ]
 
 

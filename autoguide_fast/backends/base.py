@@ -93,3 +93,18 @@ def fused_churn_args(churn_next: tuple[StepPlan, torch.Tensor] | None) -> tuple[
     if seeds is None:
         raise ValueError("churn_next: seeds are required to fuse the churn noise")
     return seeds, nxt.noise_scale, churn_stream(nxt.index)
+
+
+def check_churn_noise(backend: str, eps: object, x: torch.Tensor) -> None:
+    """The churn noise a custom ``randn_like`` returned, for a fused backend: a tensor like the
+    state. The reference would broadcast a number or promote another dtype; the fused ops keep one
+    state dtype and shape, so such noise is refused, naming ``randn_like``."""
+    if not isinstance(eps, torch.Tensor):
+        raise TypeError(f"randn_like: returned {type(eps).__name__}, expected a tensor like its input "
+                        f"({x.dtype} {tuple(x.shape)}); the {backend} backend needs noise like the state "
+                        "(backend='torch' or 'auto' follow the reference's broadcasting and type promotion)")
+    if eps.dtype != x.dtype or eps.shape != x.shape or eps.device != x.device:
+        raise TypeError(
+            f"randn_like: returned noise {eps.dtype} {tuple(eps.shape)} on {eps.device} for a state "
+            f"{x.dtype} {tuple(x.shape)} on {x.device}; the {backend} backend needs noise like the state "
+            "(backend='torch' or 'auto' follow the reference's type promotion)")

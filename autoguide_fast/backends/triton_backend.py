@@ -12,7 +12,7 @@ import torch
 from .. import kernels
 from ..noise import churn_stream
 from ..plan import StepPlan
-from .base import fused_churn_args
+from .base import check_churn_noise, fused_churn_args
 
 __all__ = ["TritonBackend", "create", "status", "supports"]
 
@@ -125,6 +125,8 @@ class TritonBackend:
         eps: torch.Tensor | None,
     ) -> torch.Tensor:
         self._check_state("x", x)
+        if eps is not None:
+            check_churn_noise(self.name, eps, x)
         if step.noise_scale is None:
             raise ValueError(f"step: step {step.index} has no churn (noise_scale is None)")
         (x_hat,) = self.ops.churn(

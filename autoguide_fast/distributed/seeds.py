@@ -21,7 +21,7 @@ def parse_seeds(
     *,
     arg: str = "--seeds",       # Argument name used in error messages.
 ) -> list[int]:
-    """The seeds in the order written. Seeds are non-negative integers; a seed may appear once."""
+    """The seeds in the order written. Seeds are integers in [0, 2^64); a seed may appear once."""
     if not isinstance(text, str):
         raise TypeError(f"{arg}: expected a string such as '0-63' or '0-9,20,30-39', got {type(text).__name__}")
     items = [item.strip() for item in text.split(",")]
@@ -39,6 +39,9 @@ def parse_seeds(
         hi = int(match.group(2)) if match.group(2) is not None else lo
         if hi < lo:
             raise ValueError(f"{arg}: range {item!r} runs downward; write it as {hi}-{lo}")
+        if hi >= 1 << 64:
+            # Noise is keyed by the seed mod 2^64: a larger seed would repeat a smaller one's image.
+            raise ValueError(f"{arg}: seed {hi} in {item!r} is too large (seeds are below 2^64 = {1 << 64})")
         seeds.extend(range(lo, hi + 1))
     seen: set[int] = set()
     for seed in seeds:

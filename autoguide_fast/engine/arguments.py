@@ -12,6 +12,7 @@ import torch
 
 from .. import validation as V
 from ..noise import seeds_to_tensor
+from ..validation import check_flag
 
 __all__ = [
     "GRAPH_MODES",
@@ -54,18 +55,14 @@ def check_device(device: Any) -> torch.device:
         device = torch.device(device)
     except RuntimeError as exc:
         raise ValueError(f"device: not a valid device ({exc})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected a CPU or CUDA device, got {device}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device: {device} requested but CUDA is not available in this process")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def check_flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} ({value!r})")
-    return value
 
 
 def check_dtype_arg(name: str, value: Any) -> torch.dtype:
@@ -89,11 +86,13 @@ def check_call_noise(noise: Any, shape: tuple[int, ...], device: torch.device) -
         raise ValueError(f"noise: expected a tensor on {device} (the sampler's device), got one on {noise.device}")
 
 
-def check_call_labels(labels: Any, shape: tuple[int, ...] | None, dtype: torch.dtype, device: torch.device) -> None:
+def check_call_labels(labels: Any, shape: tuple[int, ...] | None, dtype: torch.dtype, device: torch.device,
+                      shape_arg: str = "label_shape") -> None:
+    """``shape_arg``: the constructor argument that gives the label shape (named in the errors)."""
     if shape is None:
         if labels is not None:
-            raise ValueError("labels: this sampler was built without label_shape, so it takes no labels "
-                             "(pass label_shape=... to the constructor)")
+            raise ValueError(f"labels: this sampler was built without {shape_arg}, so it takes no labels "
+                             f"(pass {shape_arg}=... to the constructor)")
         return
     if labels is None:
         raise ValueError(f"labels: required, a tensor of shape {shape} (the sampler's label_shape)")
@@ -112,12 +111,7 @@ def check_call_seeds(seeds: Any, batch: int | None) -> torch.Tensor | None:
     them unless None); host checks only."""
     if seeds is None:
         return None
-    if isinstance(seeds, torch.Tensor):
-        seeds_t = seeds_to_tensor(seeds, device=seeds.device)
-    else:
-        if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
-            raise TypeError(f"seeds: expected a sequence of integers, got {type(seeds).__name__}")
-        seeds_t = seeds_to_tensor(seeds)
+    seeds_t = seeds_to_tensor(seeds, device=seeds.device if isinstance(seeds, torch.Tensor) else None)
     if batch is not None and seeds_t.shape[0] != batch:
         raise ValueError(f"seeds: expected one seed per image ({batch}), got {seeds_t.shape[0]}")
     return seeds_t

@@ -152,7 +152,10 @@ class BucketedSampler:
         if noise is not None:
             if not isinstance(noise, torch.Tensor):
                 raise TypeError(f"noise: expected a torch.Tensor or None, got {type(noise).__name__}")
-            rows = noise.shape[0] if noise.dim() == len(self.image_shape) + 1 else 0
+            if noise.dim() != len(self.image_shape) + 1:
+                raise ValueError(f"noise: expected shape (batch, {', '.join(map(str, self.image_shape))}) "
+                                 f"(a batch of the sampler's image_shape), got {tuple(noise.shape)}")
+            rows = noise.shape[0]
             A.check_call_noise(noise, (rows, *self.image_shape), self.device)
             given["noise"] = rows
         seeds_t = A.check_call_seeds(seeds, None)
@@ -166,7 +169,7 @@ class BucketedSampler:
         if batch < 1:
             raise ValueError(f"noise: expected at least one image, got batch size {batch}")
         shape = None if self.image_label_shape is None else (batch, *self.image_label_shape)
-        A.check_call_labels(labels, shape, self.label_dtype, self.device)
+        A.check_call_labels(labels, shape, self.label_dtype, self.device, shape_arg="image_label_shape")
         return batch, seeds_t
 
     def _run(self, batch: int, noise, labels, seeds, into: torch.Tensor | None) -> torch.Tensor:

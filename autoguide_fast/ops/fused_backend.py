@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.base import fused_churn_args
+from ..backends.base import check_churn_noise, fused_churn_args
 from ..noise import churn_stream
 from ..plan import StepPlan
 
@@ -108,10 +108,5 @@ class FusedBackend:
         x = x.contiguous()
         if eps is None:
             return self._ops.churn(x, step.noise_scale, seeds=seeds.contiguous(), stream=churn_stream(step.index))
-        if eps.dtype != x.dtype or eps.shape != x.shape or eps.device != x.device:
-            # The reference would promote / broadcast; the fused ops keep one state dtype and shape.
-            raise TypeError(
-                f"randn_like: returned noise {eps.dtype} {tuple(eps.shape)} on {eps.device} for a state "
-                f"{x.dtype} {tuple(x.shape)} on {x.device}; the {self.name} backend needs noise like the state "
-                "(backend='torch' or 'auto' follow the reference's type promotion)")
+        check_churn_noise(self.name, eps, x)
         return self._ops.churn(x, step.noise_scale, eps=eps.contiguous())

@@ -13,6 +13,20 @@ from ..cli_types import finite_float, positive_int, steps, writable_file
 __all__ = ["register", "main", "build_parser"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHT_FILES = ("main.pt", "autoguide.pt", "cfg.pt")
+
+
+def weights_dir(text: str) -> Path:
+    """A directory holding the three toy models' weights (checked before anything runs)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory (write one with "
+                                         f"'autoguide-fast toy train --out-dir {text}')")
+    missing = [name for name in WEIGHT_FILES if not (path / name).is_file()]
+    if missing:
+        raise argparse.ArgumentTypeError(f"{text!r} lacks {', '.join(missing)} (write them with "
+                                         f"'autoguide-fast toy train --out-dir {text}')")
+    return path
 
 
 def _add_experiment_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +40,7 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="CFG-style guidance weight w with the A+B guide (default 4)")
     p.add_argument("--seed", type=int, default=1,
                    help="torch seed of the sigma = 5 starting points (default 1)")
-    p.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR,
+    p.add_argument("--weights-dir", type=weights_dir, default=WEIGHTS_DIR,
                    help="directory with main.pt, autoguide.pt, cfg.pt (default: shipped weights)")
     p.add_argument("--figure", type=writable_file, default=Path("toy.png"),
                    help="output PNG path (default toy.png); 'none' skips the figure")
