@@ -17,10 +17,10 @@
 #   GPU_CHECK_TESTS_S    the tests stage's cap in seconds (default 90)
 #   GPU_CHECK_XDIST      pytest-xdist worker processes for the tests, if it is installed (default 4; 0 = off)
 #   GPU_CHECK_TEST_TIMEOUT_S  with xdist and pytest-timeout: seconds after which a hung test's worker ends
-#                        (default: half the tests stage's limit, at least 40)
+#                        (default: half the tests stage's limit, at least 60, at most the limit - 10)
 #   PRECOMPILE_GRACE_S   how long the background precompilation may outlast the tests (default 20)
-#   GPU_CHECK_TESTS      test files run in full besides `-m gpu` (default: the Triton test files,
-#                        whose unmarked tests run the compiled kernels on CUDA tensors here)
+#   GPU_CHECK_TESTS      test files run in full besides `-m gpu` (default: none; on a GPU the
+#                        conftest marks the Triton test files `gpu`, so `-m gpu` runs them too)
 #   PYTHON               interpreter (default: the first of python3, python that imports torch)
 #   BENCH_COMMIT         commit recorded in the CSV when the tree has no .git
 set -u
@@ -62,12 +62,14 @@ if [ "${1:-}" = "__tests" ]; then
         echo "== pytest-xdist: $workers worker processes"
         # A test that hangs (a deadlock, a stuck kernel) ends its worker after this many seconds
         # (pytest-timeout, thread method: works while the main thread waits in CUDA); xdist reports
-        # it failed and starts a new worker, so the other tests still run. Half the stage's limit
-        # (at least 40 s: a worker's first test also starts CUDA and compiles kernels), so it fires
+        # it failed and starts a new worker, so the other tests still run. Half the stage's limit,
+        # at least 60 s (a worker's first test also starts CUDA, and a torch.compile test compiles
+        # from cold while the precompilation loads the CPUs) but 10 s under the limit, so it fires
         # before the stage ends; faulthandler prints the hung test's stacks to the log just before
         # (the timeout's own report goes to the worker's stdout, which xdist discards).
         if "$PY" -c "import pytest_timeout" 2>/dev/null; then
-            per_test=${GPU_CHECK_TEST_TIMEOUT_S:-$(( stage_limit / 2 > 40 ? stage_limit / 2 : 40 ))}
+            per_test=$(( stage_limit / 2 > 60 ? stage_limit / 2 : 60 ))
+            per_test=${GPU_CHECK_TEST_TIMEOUT_S:-$(( per_test < stage_limit - 10 ? per_test : stage_limit - 10 ))}
             opts+=(--timeout "$per_test" --timeout-method thread -o "faulthandler_timeout=$(( per_test - 5 ))")
             echo "== pytest-timeout: $per_test s per test"
         fi
@@ -79,12 +81,9 @@ if [ "${1:-}" = "__tests" ]; then
         echo "== stopped by the time limit: the other test files were not run"
         exit 124
     fi
-    if [ -n "${GPU_CHECK_TESTS:-}" ]; then
-        files=$GPU_CHECK_TESTS
-    else
-        # The CPU-only tests (C++ kernels, the CUDA kernels' host emulation) ran before the visit.
-        files=$(ls tests/test_*triton*.py 2>/dev/null | sort -u | tr '\n' ' ')
-    fi
+    # The CPU-only tests (C++ kernels, the CUDA kernels' host emulation) ran before the visit; the
+    # Triton test files are `gpu` on a GPU (tests/conftest.py), in the run above.
+    files=${GPU_CHECK_TESTS:-}
     rc_fused=0
     if [ -n "$files" ]; then
         echo "== python -m pytest -m 'not gpu' $files"

@@ -13,6 +13,16 @@ from tests.fake_graphs import RerunCapturer
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
+        # The Triton kernel tests run compiled on the card where there is one: part of the GPU
+        # check's single `-m gpu` run (balanced over its worker processes with the other GPU tests).
+        gpu = pytest.mark.gpu
+        for item in items:
+            if "triton" in item.nodeid.split("::")[0].rsplit("/", 1)[-1]:
+                item.add_marker(gpu)
+        # Bit-for-bit comparisons (graphs vs eager, two streams vs one) assume cuDNN picks the same
+        # convolution algorithms each time: deterministic ones, no autotuning.
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (run by benchmarks/gpu_check.sh)")
     for item in items:

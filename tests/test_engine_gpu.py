@@ -283,17 +283,26 @@ def test_copy_output_false_returns_the_static_buffer_zero_copy():
     assert torch.equal(b, eager(net, gnet, noise_of(2), labels_of(2), **BASE))
 
 
-def test_compiled_networks_are_captured_and_close_to_eager():
+def test_compiled_networks_are_captured_and_close_to_eager(monkeypatch):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    # No TF32: Inductor may lay small convolutions out channels-last and so pick other cuDNN kernels
+    # than eager, whose TF32 rounding (~1e-3) would hide what the tolerance below is checking.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch._dynamo.reset()
     net, gnet = cuda_nets(count_calls=False)  # A call counter would make Dynamo recompile every call.
     s = make(net, gnet, graph="trajectory", compile_networks=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        report = s.prepare()
-    # "recompile_limit reached" would mean Dynamo gave up and the graph captured eager code.
-    assert not [w for w in caught if "recompile" in str(w.message).lower()]
-    assert report["compile_networks"] and report["graph"] == "trajectory" and report["capture_error"] is None
     noise, labels = noise_of(3), labels_of(3)
-    out, expected = s(noise, labels), eager(net, gnet, noise, labels, **BASE)
+    # Dynamo giving up at its recompile limit (the graph would then capture eager code) is an error
+    # here; it only logs otherwise.
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        report = s.prepare()
+        out = s(noise, labels)
+    assert counters["stats"]["unique_graphs"] >= 2  # Both networks went through Dynamo.
+    assert report["compile_networks"] and report["graph"] == "trajectory" and report["capture_error"] is None
+    expected = eager(net, gnet, noise, labels, **BASE)
     # Inductor may fuse differently from eager: close, not bit-identical.
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 

@@ -33,7 +33,7 @@ def _inputs(shape, state, seed=0):
     t_hat = _as(state, 1.0 + 9.0 * u[0])
     inp = {
         "x": rand(3.0), "d": rand(), "xn": rand(2.0), "dm": rand(), "dg": rand(),
-        "seeds": torch.tensor([7, -3, 2**40 + 1][: shape[0]], dtype=torch.int64, device=DEVICE),
+        "seeds": torch.tensor([7, -3, 2**40 + 1, 5][: shape[0]], dtype=torch.int64, device=DEVICE),
     }
     return inp, (t_hat, _as(state, t_hat * (0.2 + 0.7 * u[1])), _as(state, 0.1 + u[2]))
 
