@@ -97,7 +97,7 @@ setup(
     version="0.1.0",
     description="Fast autoguidance sampling for diffusion models: fused kernels, CUDA streams and graphs",
     packages=find_packages(include=["autoguide_fast", "autoguide_fast.*"]),
-    package_data={"autoguide_fast": ["toy/weights/*.pt"]},
+    package_data={"autoguide_fast": ["toy/weights/*.pt", "py.typed"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
     extras_require={
