@@ -10,7 +10,10 @@
 #include "cpu_kernels.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>  // Its AVX2 functions carry their own target attribute.
+
 #define AGF_HAVE_AVX2_VARIANT 1
+#define AGF_NOISE_AVX2 1  // cpu_noise.h: Philox words eight groups at a time with AVX2 intrinsics.
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
 #else
