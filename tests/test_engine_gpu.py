@@ -283,14 +283,22 @@ def test_copy_output_false_returns_the_static_buffer_zero_copy():
     assert torch.equal(b, eager(net, gnet, noise_of(2), labels_of(2), **BASE))
 
 
-def test_compiled_networks_are_captured_and_close_to_eager(monkeypatch):
+@pytest.fixture
+def no_tf32():
+    """TF32 off for cuDNN and cuBLAS, restored after the test. (Not monkeypatch: cuBLAS's flag is
+    served by __getattr__, so monkeypatch would delete it on undo instead of restoring it.)"""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_compiled_networks_are_captured_and_close_to_eager(no_tf32):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    # No TF32: Inductor may lay small convolutions out channels-last and so pick other cuDNN kernels
-    # than eager, whose TF32 rounding (~1e-3) would hide what the tolerance below is checking.
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    # No TF32 (no_tf32): Inductor may lay small convolutions out channels-last and so pick other
+    # cuDNN kernels than eager, whose TF32 rounding (~1e-3) would hide what the tolerance checks.
     torch._dynamo.reset()
     net, gnet = cuda_nets(count_calls=False)  # A call counter would make Dynamo recompile every call.
     s = make(net, gnet, graph="trajectory", compile_networks=True)

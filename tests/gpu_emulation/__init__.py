@@ -1,0 +1,8 @@
+"""A CPU stand-in for one CUDA device, so the GPU tests' logic and the engine's CUDA-only code paths
+(streams, graph capture and replay, the capture fallback, the random fence, the cache route) run on a
+machine without a GPU: ``python -m pytest -p tests.gpu_emulation.plugin -m gpu tests/test_engine_gpu.py``.
+
+It checks logic, not the GPU: timings, real stream concurrency, cuBLAS/cuDNN bit-exactness, the
+CUDA C++ kernels (served by the C++ CPU kernels under the name "cuda") and compiled Triton (run by
+its interpreter) are out of its reach. ``tests/test_gpu_emulation.py`` runs it in the CPU suite.
+"""

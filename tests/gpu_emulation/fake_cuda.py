@@ -1,0 +1,322 @@
+"""Fakes of the ``torch.cuda`` pieces the engine and the GPU tests use, on CPU tensors.
+
+* Streams and events: the CPU runs everything in order, so waits are no-ops; events time with
+  ``perf_counter``; ``torch.cuda.stream(s)`` keeps a per-thread stack of current streams.
+* Graphs: ``CUDAGraph`` records the aten ops the capturing thread launches (a dispatch mode) and
+  re-runs them on replay, writing each result into the tensor captured as its output (static
+  buffers, as a real graph). A host sync while capturing (``.item()``, ``torch.equal``, ``nonzero``,
+  ``synchronize``) invalidates the capture, as CUDA does.
+* The CUDA generator is the CPU one; its "offset" is a hash of its state (it changes when it draws).
+* Memory counters: the bytes of the distinct storages of all live CPU tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import threading
+import time
+import types
+import warnings
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["install"]
+
+CPU = torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------- streams
+class Event:
+    def __init__(self, enable_timing=False, blocking=False, interprocess=False):
+        self.enable_timing = enable_timing
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        if not (self.enable_timing and end.enable_timing):
+            raise RuntimeError("Both events must be created with argument 'enable_timing=True'.")
+        if self.t is None or end.t is None:
+            raise RuntimeError("event not recorded")
+        return (end.t - self.t) * 1000.0
+
+
+class Stream:
+    _count = 0
+
+    def __init__(self, device=None, priority=0, **kwargs):
+        Stream._count += 1
+        self.id = Stream._count
+        self.priority = priority
+        self.device = CPU
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        event = event or Event()
+        event.record(self)
+        return event
+
+    def synchronize(self):
+        _check_not_capturing("Stream.synchronize")
+
+    def query(self):
+        return True
+
+    def __repr__(self):
+        return f"<emulated cuda stream {self.id}>"
+
+
+_DEFAULT_STREAM = Stream()
+_current = threading.local()
+
+
+def current_stream(device=None):
+    stack = getattr(_current, "stack", None)
+    return stack[-1] if stack else _DEFAULT_STREAM
+
+
+@contextlib.contextmanager
+def stream(s):
+    if s is None:
+        yield
+        return
+    stack = getattr(_current, "stack", None)
+    if stack is None:
+        stack = _current.stack = []
+    stack.append(s)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+class StreamContext:
+    def __init__(self, s):
+        self.s = s
+        self._cm = None
+
+    def __enter__(self):
+        self._cm = stream(self.s)
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+# ----------------------------------------------------------------------------------- graphs
+_capture = threading.local()
+_aten = torch.ops.aten
+_HOST_SYNC = {
+    _aten._local_scalar_dense.default, _aten.equal.default, _aten.is_nonzero.default, _aten.nonzero.default,
+    _aten.masked_select.default, _aten._unique2.default, _aten.unique_consecutive.default,
+    _aten.repeat_interleave.Tensor, _aten.allclose.default,
+}
+
+
+def capturing() -> bool:
+    return getattr(_capture, "graph", None) is not None
+
+
+def _check_not_capturing(what):
+    if capturing():
+        _capture.graph.invalid = True
+        raise RuntimeError(f"CUDA error: operation not permitted when stream is capturing ({what}, emulated)")
+
+
+class _RecordMode(TorchDispatchMode):
+    def __init__(self, graph):
+        super().__init__()
+        self.graph = graph
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _HOST_SYNC:
+            self.graph.invalid = True
+            raise RuntimeError(f"CUDA error: operation not permitted when stream is capturing "
+                               f"({func}: host sync, emulated)")
+        out = func(*args, **kwargs)
+        self.graph.ops.append((func, args, kwargs, out))
+        return out
+
+
+def _copy_back(dst, src):
+    """Write a replayed op's result into the tensor(s) the capture produced (unless they are one)."""
+    if isinstance(dst, torch.Tensor) and isinstance(src, torch.Tensor):
+        same_view = (dst.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()
+                     and dst.storage_offset() == src.storage_offset() and dst.stride() == src.stride())
+        if dst is not src and not same_view:
+            with torch.no_grad():
+                dst.copy_(src)
+    elif isinstance(dst, (tuple, list)) and isinstance(src, (tuple, list)):
+        for a, b in zip(dst, src):
+            _copy_back(a, b)
+
+
+class CUDAGraph:
+    def __init__(self, keep_graph=False):
+        self.ops = []
+        self.invalid = False
+        self._mode = None
+        self.replays = 0
+
+    def capture_begin(self, pool=None, capture_error_mode="global"):
+        if capturing():
+            raise RuntimeError("emulated: nested capture")
+        _capture.graph = self
+        self._mode = _RecordMode(self)
+        self._mode.__enter__()
+
+    def capture_end(self):
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+        _capture.graph = None
+        if self.invalid:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture (emulated)")
+
+    def replay(self):
+        if self.invalid:
+            raise RuntimeError("emulated: replay of an invalid graph")
+        self.replays += 1
+        with torch.no_grad():
+            for func, args, kwargs, out in self.ops:
+                _copy_back(out, func(*args, **kwargs))
+
+    def reset(self):
+        self.ops = []
+
+    def enable_debug_mode(self):
+        pass
+
+    def debug_dump(self, path):
+        pass
+
+
+class graph:  # noqa: N801  (torch.cuda.graph)
+    def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+        self.g = cuda_graph
+        self.pool = pool
+        self.stream_ctx = StreamContext(stream or Stream())
+
+    def __enter__(self):
+        self.stream_ctx.__enter__()
+        self.g.capture_begin(pool=self.pool)
+
+    def __exit__(self, *exc):
+        try:
+            self.g.capture_end()
+        finally:
+            self.stream_ctx.__exit__(*exc)
+        return False
+
+
+# ----------------------------------------------------------------------------------- random numbers
+class _Generator:
+    """torch.cuda.default_generators[0]: the CPU generator, its offset a hash of its state."""
+
+    def __getattr__(self, name):
+        return getattr(torch.default_generator, name)
+
+    def get_offset(self):
+        state = torch.default_generator.get_state().numpy().tobytes()
+        return int.from_bytes(hashlib.md5(state).digest()[:8], "little")
+
+    def graphsafe_get_state(self):
+        return torch.default_generator.get_state()
+
+    def graphsafe_set_state(self, state):
+        torch.default_generator.set_state(state)
+
+
+# ----------------------------------------------------------------------------------- memory
+def _live_bytes() -> int:
+    seen, total = set(), 0
+    with warnings.catch_warnings():  # isinstance on some deprecated objects gc holds warns.
+        warnings.simplefilter("ignore")
+        objects = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for o in objects:
+        try:
+            if o.device.type == "cpu" and not o.is_meta:
+                storage = o.untyped_storage()
+                if storage.data_ptr() and storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        except Exception:  # noqa: BLE001  Anything gc holds: dead weak proxies, storage-less tensors.
+            pass
+    return total
+
+
+_peak = [0]
+
+
+def memory_allocated(device=None):
+    allocated = _live_bytes()
+    _peak[0] = max(_peak[0], allocated)
+    return allocated
+
+
+def max_memory_allocated(device=None):
+    return max(_peak[0], memory_allocated())
+
+
+def reset_peak_memory_stats(device=None):
+    _peak[0] = 0
+
+
+# ----------------------------------------------------------------------------------- torch.cuda
+class _Properties(types.SimpleNamespace):
+    def __getattr__(self, name):  # Any other property a library may ask for.
+        return 0
+
+
+_PROPERTIES = _Properties(name="NVIDIA H100 (CPU emulation)", total_memory=80 * 2**30, major=9, minor=0,
+                          multi_processor_count=132, L2_cache_size=50 * 2**20, gcnArchName="", warp_size=32,
+                          max_threads_per_multi_processor=2048, regs_per_multiprocessor=65536,
+                          shared_memory_per_block_optin=227 * 1024, shared_memory_per_multiprocessor=228 * 1024)
+_sync_debug_mode = [0]
+
+
+def install() -> None:
+    """Replace the ``torch.cuda`` functions and classes the package and its tests use."""
+    fakes = dict(
+        is_available=lambda: True, device_count=lambda: 1, current_device=lambda: 0,
+        get_device_name=lambda device=None: _PROPERTIES.name, get_device_capability=lambda device=None: (9, 0),
+        get_device_properties=lambda device=None: _PROPERTIES,
+        synchronize=lambda device=None: _check_not_capturing("synchronize"),
+        is_initialized=lambda: True, _lazy_init=lambda: None, init=lambda: None, set_device=lambda d: None,
+        empty_cache=lambda: gc.collect(), memory_allocated=memory_allocated, memory_reserved=memory_allocated,
+        max_memory_allocated=max_memory_allocated, max_memory_reserved=max_memory_allocated,
+        reset_peak_memory_stats=reset_peak_memory_stats, reset_max_memory_allocated=reset_peak_memory_stats,
+        mem_get_info=lambda device=None: (70 * 2**30, 80 * 2**30),
+        memory_stats=lambda device=None: {"allocated_bytes.all.current": memory_allocated()},
+        Stream=Stream, Event=Event, current_stream=current_stream, default_stream=lambda device=None: _DEFAULT_STREAM,
+        stream=stream, StreamContext=StreamContext, device=lambda d=None: contextlib.nullcontext(),
+        CUDAGraph=CUDAGraph, graph=graph, graph_pool_handle=lambda: (0, 7), is_current_stream_capturing=capturing,
+        get_rng_state=lambda device="cuda": torch.get_rng_state(),
+        set_rng_state=lambda state, device="cuda": torch.set_rng_state(state),
+        get_rng_state_all=lambda: [torch.get_rng_state()], set_rng_state_all=lambda s: torch.set_rng_state(s[0]),
+        manual_seed=lambda seed: torch.manual_seed(seed), manual_seed_all=lambda seed: None,
+        seed=lambda: torch.seed(), seed_all=lambda: None, initial_seed=lambda: torch.initial_seed(),
+        default_generators=(_Generator(),), set_sync_debug_mode=lambda m: _sync_debug_mode.__setitem__(0, m),
+        get_sync_debug_mode=lambda: _sync_debug_mode[0], ipc_collect=lambda: None,
+    )
+    for name, fake in fakes.items():
+        setattr(torch.cuda, name, fake)
