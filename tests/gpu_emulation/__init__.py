@@ -5,4 +5,6 @@ machine without a GPU: ``python -m pytest -p tests.gpu_emulation.plugin -m gpu t
 It checks logic, not the GPU: timings, real stream concurrency, cuBLAS/cuDNN bit-exactness, the
 CUDA C++ kernels (served by the C++ CPU kernels under the name "cuda") and compiled Triton (run by
 its interpreter) are out of its reach. ``tests/test_gpu_emulation.py`` runs it in the CPU suite.
+Made for a CPU build of torch: with a CUDA build on a machine without a GPU, ``torch.compile``
+still asks the real CUDA runtime about the device (that test is left out there).
 """
