@@ -1,6 +1,7 @@
-"""The GPU tests of the engine, run on the CPU under an emulated CUDA device (tests/gpu_emulation):
-their logic and the engine's CUDA-only paths (streams, graph capture and replay, capture fallback,
-random fence, cache route) are checked on every CPU run, not only on a rare GPU visit."""
+"""The GPU tests of the engine, the kernels and the noise, run on the CPU under an emulated CUDA
+device (tests/gpu_emulation): their logic and the engine's CUDA-only paths (streams, graph capture
+and replay, capture fallback, random fence, cache route) are checked on every CPU run, not only on
+a rare GPU visit."""
 
 from __future__ import annotations
 
@@ -13,15 +14,21 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-FILES = ["tests/test_engine_gpu.py", "tests/gpu_emulation/check_emulation.py"]
+FILES = ["tests/test_engine_gpu.py", "tests/test_triton_device_scalars.py", "tests/test_cuda_backend.py",
+         "tests/test_noise.py", "tests/gpu_emulation/check_emulation.py"]
 # Beyond the emulation: it cannot tell a CPU tensor from a "CUDA" one; and with a CUDA build of
 # torch (no GPU here), torch.compile asks the real CUDA runtime about the accelerator.
-NOT_EMULATED = ["tests/test_engine_gpu.py::test_noise_and_labels_on_another_device_are_refused"]
+NOT_EMULATED = [
+    "tests/test_engine_gpu.py::test_noise_and_labels_on_another_device_are_refused",
+    "tests/test_triton_device_scalars.py::test_bad_scalars_raise[euler-cpu device]",
+    "tests/test_triton_device_scalars.py::test_bad_scalars_raise[heun-cpu device]",
+    "tests/test_cuda_backend.py::test_bad_inputs_raise_before_any_launch",
+]
 if torch.version.cuda is not None:
     NOT_EMULATED.append("tests/test_engine_gpu.py::test_compiled_networks_are_captured_and_close_to_eager")
 
 
-@pytest.mark.slow  # About 45 s.
+@pytest.mark.slow  # About 90 s.
 def test_engine_gpu_tests_pass_on_an_emulated_device():
     deselect = [arg for test in NOT_EMULATED for arg in ("--deselect", test)]
     proc = subprocess.run(
@@ -32,6 +39,7 @@ def test_engine_gpu_tests_pass_on_an_emulated_device():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     passed = re.search(r"(\d+) passed", out)
-    # Every GPU test of these files ran (none skipped): 47 of the engine's, 5 of the emulation's.
-    expected = 47 + 5 - len(NOT_EMULATED)
+    # Every GPU test of these files ran, none skipped (on a GPU the Triton files' tests are all
+    # `gpu`, see conftest): 47 of the engine's, 29 + 68 + 29 of the kernels' and noise's, 5 checks.
+    expected = 47 + 29 + 68 + 29 + 5 - len(NOT_EMULATED)
     assert passed is not None and int(passed.group(1)) >= expected and " skipped" not in out, out[-3000:]
