@@ -26,8 +26,8 @@ def _real(name: str, value: Any) -> float:
     # Python and NumPy numbers only: the official sampler hands these to tensor ops, which take no
     # other numbers (a Fraction there fails part-way, or works on one backend and not another).
     numpy_scalar = type(value).__module__ == "numpy"  # np.float32 and the like, without importing NumPy.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (isinstance(value, (int, float))
-                                                                              or numpy_scalar):
+    plain_number = isinstance(value, (int, float)) or numpy_scalar
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not plain_number:
         raise TypeError(f"{name}: expected a real number (int, float or a NumPy scalar), got "
                         f"{type(value).__name__} ({value!r})")
     value = float(value)

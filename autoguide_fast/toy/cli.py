@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..cli_types import finite_float, positive_int, steps, writable_file
+from .training import MODELS
 
 __all__ = ["register", "main", "build_parser"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-WEIGHT_FILES = ("main.pt", "autoguide.pt", "cfg.pt")
 
 
 def weights_dir(text: str) -> Path:
@@ -22,7 +22,7 @@ def weights_dir(text: str) -> Path:
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is not a directory (write one with "
                                          f"'autoguide-fast toy train --out-dir {text}')")
-    missing = [name for name in WEIGHT_FILES if not (path / name).is_file()]
+    missing = [f"{name}.pt" for name in MODELS if not (path / f"{name}.pt").is_file()]
     if missing:
         raise argparse.ArgumentTypeError(f"{text!r} lacks {', '.join(missing)} (write them with "
                                          f"'autoguide-fast toy train --out-dir {text}')")
@@ -52,8 +52,7 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", nargs="+", default=["main", "autoguide", "cfg"],
-                   choices=["main", "autoguide", "cfg"],
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
                    help="which models to train (default: all three)")
     p.add_argument("--out-dir", type=Path, default=Path("toy-weights"),
                    help="where to write <model>.pt (default ./toy-weights)")

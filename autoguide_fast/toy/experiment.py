@@ -23,6 +23,7 @@ import torch
 
 from .ground_truth import GaussianMixture, ground_truth
 from .network import ToyNet, load_toy_net
+from .training import MODELS
 
 __all__ = ["SIGMA_MAX", "OUTLINE_DROP", "COVERAGE_RADIUS", "ToyRow", "start_noise",
            "outline_threshold", "coverage", "sliced_wasserstein", "evaluate_samples",
@@ -118,7 +119,7 @@ def load_shipped_models(weights_dir: str | Path = WEIGHTS_DIR) -> dict[str, ToyN
     """The three toy models: ``main`` (A, 4x64), ``autoguide`` (A, 4x32), ``cfg`` (A+B, 4x32)."""
     weights_dir = Path(weights_dir)
     out = {}
-    for name in ("main", "autoguide", "cfg"):
+    for name in MODELS:
         path = weights_dir / f"{name}.pt"
         if not path.is_file():
             raise FileNotFoundError(f"toy weights not found: {path} (run 'autoguide-fast toy "
