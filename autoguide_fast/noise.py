@@ -79,9 +79,12 @@ def seeds_to_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device | 
         raise TypeError(f"seeds: expected {expected}, got {type(seeds).__name__} {seeds!r}") from None
     values = []
     for s in items:
-        if isinstance(s, bool) or not isinstance(s, int) and not hasattr(s, "__index__"):
-            raise TypeError(f"seeds: expected integers, got {type(s).__name__} ({s!r})")
-        v = int(s) % (1 << 64)
+        try:
+            if isinstance(s, bool) or not isinstance(s, int) and not hasattr(s, "__index__"):
+                raise TypeError
+            v = int(s) % (1 << 64)
+        except (TypeError, ValueError):  # e.g. a row of a 2-D array
+            raise TypeError(f"seeds: expected integers, got {type(s).__name__} ({s!r})") from None
         values.append(v - (1 << 64) if v >= (1 << 63) else v)
     return torch.tensor(values, dtype=torch.int64, device=device)
 

@@ -56,10 +56,12 @@ def check_schedule(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, 
         raise ValueError(f"sigma_max: expected a finite value >= sigma_min = {sigma_min}, got {sigma_max}")
     if not _real("rho", rho) > 0:
         raise ValueError(f"rho: expected > 0, got {rho}")
-    if not _real("S_churn", S_churn) >= 0:
+    S_churn_value = _real("S_churn", S_churn)
+    if not S_churn_value >= 0:
         raise ValueError(f"S_churn: expected >= 0, got {S_churn}")
     S_noise_value = _real("S_noise", S_noise)
-    if not (S_noise_value >= 0 and math.isfinite(S_noise_value)):
+    # Finite where it scales noise (S_churn > 0); unused otherwise, as in the official sampler.
+    if not S_noise_value >= 0 or (S_churn_value > 0 and not math.isfinite(S_noise_value)):
         raise ValueError(f"S_noise: expected a finite value >= 0, got {S_noise}")
     _real("S_min", S_min)
     _real("S_max", S_max)
@@ -89,6 +91,8 @@ def check_dtype(dtype) -> None:
 
 
 def check_flag(name: str, value: Any) -> bool:
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        value = bool(value)  # A NumPy bool scalar (np.bool_).
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected True or False, got {type(value).__name__} ({value!r})")
     return value

@@ -205,8 +205,10 @@ def test_labels_refused_without_image_label_shape_name_that_argument():
 
 def test_labels_are_required_with_image_label_shape():
     s = buckets(*conv_nets(), image_label_shape=(LABEL_DIM,))
-    with pytest.raises(ValueError, match=r"labels: required, a tensor of shape \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"labels: required, a tensor of shape \(2, 4\) .*image_label_shape"):
         s(seeds=[1, 2])
+    with pytest.raises(ValueError, match=r"labels: expected shape \(2, 4\) .*image_label_shape"):
+        s(seeds=[1, 2], labels=torch.zeros(2, LABEL_DIM + 1))
 
 
 def test_threads_on_several_buckets_get_their_own_images(fake_graphs):

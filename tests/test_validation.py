@@ -76,6 +76,7 @@ BAD_CALLS = [
     ({"seeds": {1, 2}}, TypeError, "seeds: expected a sequence"),
     ({"seeds": {1: 0, 2: 0}}, TypeError, "seeds: expected a sequence"),
     ({"seeds": np.array(3)}, TypeError, "seeds: expected a sequence"),
+    ({"seeds": np.array([[1], [2]])}, TypeError, "seeds: expected integers"),
     ({"noise": NOISE.clone().requires_grad_(), "backend": "cpp"}, ValueError, "backend: 'cpp' is not differentiable"),
     ({"noise": NOISE.to(memory_format=torch.channels_last), "backend": "cpp", "S_churn": 10.0}, ValueError,
      "noise: not contiguous"),
@@ -102,6 +103,17 @@ def test_fused_backend_takes_non_contiguous_noise_when_no_step_churns():
     assert torch.equal(fast_guided_sample(net, noise, backend="cpp", **window), reference_sampler(net, noise, **window))
     with pytest.raises(ValueError, match="noise: not contiguous"):  # A window that does hold steps.
         fast_guided_sample(net, noise, backend="cpp", **{**window, "S_min": 0.0})
+
+
+def test_unused_arguments_are_taken_as_the_official_sampler_takes_them():
+    """S_noise only scales churn noise: with S_churn = 0 even inf is unused (and accepted, as by the
+    official sampler); a NumPy bool is a flag."""
+    from autoguide_fast.reference import edm_sampler as reference_sampler
+
+    net = lambda x, t, labels: x * (0.25 / (0.25 + t**2))  # noqa: E731
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    out = fast_guided_sample(net, noise, num_steps=4, S_noise=math.inf, check_finite=np.bool_(True))
+    assert torch.equal(out, reference_sampler(net, noise, num_steps=4, S_noise=math.inf))
 
 
 def test_missing_guide_names_why_it_is_needed():

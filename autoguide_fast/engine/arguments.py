@@ -95,11 +95,11 @@ def check_call_labels(labels: Any, shape: tuple[int, ...] | None, dtype: torch.d
                              f"(pass {shape_arg}=... to the constructor)")
         return
     if labels is None:
-        raise ValueError(f"labels: required, a tensor of shape {shape} (the sampler's label_shape)")
+        raise ValueError(f"labels: required, a tensor of shape {shape} (from the sampler's {shape_arg})")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
     if tuple(labels.shape) != shape:
-        raise ValueError(f"labels: expected shape {shape} (the sampler's label_shape), got {tuple(labels.shape)}")
+        raise ValueError(f"labels: expected shape {shape} (from the sampler's {shape_arg}), got {tuple(labels.shape)}")
     if labels.dtype != dtype:
         raise TypeError(f"labels: expected dtype {dtype} (the sampler's label_dtype), got {labels.dtype}")
     if labels.device != device:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from autoguide_fast import GuidedSampler
+from autoguide_fast.reference import edm_sampler
 
 pytestmark = pytest.mark.gpu  # Run with the GPU tests, under the emulation.
 
@@ -19,12 +20,16 @@ def test_cuda_faked_and_mapped():
 
 def test_graph_records_and_replays_into_static_outputs():
     x = torch.ones(4, device="cuda")
+    out = torch.zeros(4, device="cuda")
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         y = x * 2 + 1
+        out.copy_(y)
+    # As on a GPU, capturing computes nothing: its buffers hold no result until a replay.
+    assert torch.isnan(y).all() and torch.equal(out, torch.zeros(4))
     x.fill_(3.0)
     g.replay()
-    assert torch.equal(y, torch.full((4,), 7.0)) and g.replays == 1
+    assert torch.equal(y, torch.full((4,), 7.0)) and torch.equal(out, y) and g.replays == 1
 
 
 def test_host_sync_during_capture_fails_the_capture():
@@ -36,11 +41,19 @@ def test_host_sync_during_capture_fails_the_capture():
 
 
 def test_engine_really_captures_and_replays():
-    net = lambda x, t, labels: x * 0.5  # noqa: E731
+    net = lambda x, t, labels: x * (0.25 / (0.25 + t**2))  # noqa: E731
     s = GuidedSampler(net, noise_shape=(2, 3), device="cuda", num_steps=4, graph="trajectory", backend="torch")
-    s(torch.randn(2, 3, device="cuda"))
+    replays = []
+    real_replay = torch.cuda.CUDAGraph.replay
+    torch.cuda.CUDAGraph.replay = lambda g: replays.append(g) or real_replay(g)
+    try:
+        for seed in (0, 1):
+            noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(seed))
+            assert torch.equal(s(noise), edm_sampler(net, noise, num_steps=4))
+    finally:
+        torch.cuda.CUDAGraph.replay = real_replay
     r = s.report
-    assert r["graph"] == "trajectory" and r["capture_error"] is None and r["graphs"] == 1
+    assert r["graph"] == "trajectory" and r["capture_error"] is None and r["graphs"] == 1 and len(replays) == 2
 
 
 def test_a_wrong_number_of_seeds_is_caught():

@@ -4,7 +4,10 @@
   ``perf_counter``; ``torch.cuda.stream(s)`` keeps a per-thread stack of current streams.
 * Graphs: ``CUDAGraph`` records the aten ops the capturing thread launches (a dispatch mode) and
   re-runs them on replay, writing each result into the tensor captured as its output (static
-  buffers, as a real graph). A host sync while capturing (``.item()``, ``torch.equal``, ``nonzero``,
+  buffers, as a real graph). The ops run while recording (their outputs are needed to go on), but
+  as a real capture computes nothing, the capture's end undoes them: tensors that existed before
+  get their contents back, tensors it allocated are filled with NaN, so only a replay gives
+  results. A host sync while capturing (``.item()``, ``torch.equal``, ``nonzero``,
   ``synchronize``) invalidates the capture, as CUDA does.
 * The CUDA generator is the CPU one; its "offset" is a hash of its state (it changes when it draws).
 * Memory counters: the bytes of the distinct storages of all live CPU tensors.
@@ -141,10 +144,31 @@ def _check_not_capturing(what):
         raise RuntimeError(f"CUDA error: operation not permitted when stream is capturing ({what}, emulated)")
 
 
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _written(func, args, kwargs):
+    """The tensors an op writes in place (its schema's mutable arguments, ``out=`` included)."""
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            yield from _tensors(args[i] if i < len(args) else kwargs.get(arg.name))
+
+
 class _RecordMode(TorchDispatchMode):
     def __init__(self, graph):
         super().__init__()
         self.graph = graph
+        self.saved = {}   # storage key -> (storage, its contents before the capture wrote it)
+        self.fresh = {}   # storage key -> a tensor the capture allocated on it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -152,9 +176,28 @@ class _RecordMode(TorchDispatchMode):
             self.graph.invalid = True
             raise RuntimeError(f"CUDA error: operation not permitted when stream is capturing "
                                f"({func}: host sync, emulated)")
+        for t in _written(func, args, kwargs):
+            key = _storage_key(t)
+            if key and key not in self.fresh and key not in self.saved:
+                self.saved[key] = (t.untyped_storage(), t.untyped_storage().clone())
         out = func(*args, **kwargs)
+        inputs = {_storage_key(t) for t in _tensors((args, list(kwargs.values())))}
+        for t in _tensors(out):
+            key = _storage_key(t)
+            if key and key not in inputs and key not in self.saved:
+                self.fresh.setdefault(key, t)
         self.graph.ops.append((func, args, kwargs, out))
         return out
+
+    def undo(self):
+        """What a real capture leaves: no results (see the module docstring)."""
+        with torch.no_grad():
+            for storage, before in self.saved.values():
+                storage.copy_(before)
+            for t in self.fresh.values():
+                if t.is_floating_point():
+                    t.fill_(float("nan"))
+        self.saved, self.fresh = {}, {}
 
 
 def _copy_back(dst, src):
@@ -188,6 +231,7 @@ class CUDAGraph:
         mode, self._mode = self._mode, None
         if mode is not None:
             mode.__exit__(None, None, None)
+            mode.undo()
         _capture.graph = None
         if self.invalid:
             raise RuntimeError("CUDA error: operation failed due to a previous error during capture (emulated)")
