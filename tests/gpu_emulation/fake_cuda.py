@@ -203,7 +203,7 @@ class _RecordMode(TorchDispatchMode):
 def _copy_back(dst, src):
     """Write a replayed op's result into the tensor(s) the capture produced (unless they are one)."""
     if isinstance(dst, torch.Tensor) and isinstance(src, torch.Tensor):
-        same_view = (dst.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()
+        same_view = (_storage_key(dst) == _storage_key(src)
                      and dst.storage_offset() == src.storage_offset() and dst.stride() == src.stride())
         if dst is not src and not same_view:
             with torch.no_grad():
