@@ -56,6 +56,7 @@ BACKENDS = {"cuda": ("torch", "triton", "cuda"), "cpu": ("torch", "cpp")}  # Ste
 SHAPE = (2, 3, 16, 16)
 LABEL_DIM = 5
 BASE = {"num_steps": 4, "guidance": 2.1}
+EDM2_NOISE_SHAPE = (1, 4, 64, 64)  # The edm2-xs items: one img512 latent.
 CHURN = {"S_churn": 20.0, "S_min": 0.05, "S_max": 50.0}
 SEEDS = [3, 2**40 + 7]
 WARN_REL = 1e-4     # Largest relative difference still called "close" (WARN) rather than FAIL.
@@ -264,7 +265,7 @@ def engine_group(device: torch.device, report: Report) -> None:
         if "nets" not in state:
             state["nets"] = edm2_net(0), edm2_net(1)
             g = torch.Generator().manual_seed(2)
-            state["noise"] = torch.randn((1, 4, 64, 64), generator=g).to(device)
+            state["noise"] = torch.randn(EDM2_NOISE_SHAPE, generator=g).to(device)
             state["labels"] = torch.nn.functional.one_hot(torch.tensor([7]), 1000).to(device, torch.float32)
         main, guide = state["nets"]
         x, lab = state["noise"], state["labels"]

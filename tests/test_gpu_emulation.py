@@ -1,7 +1,7 @@
-"""The GPU tests of the engine, the kernels and the noise, run on the CPU under an emulated CUDA
-device (tests/gpu_emulation): their logic and the engine's CUDA-only paths (streams, graph capture
-and replay, capture fallback, random fence, cache route) are checked on every CPU run, not only on
-a rare GPU visit."""
+"""The GPU tests of the engine, the kernels and the noise, and the GPU visit's benchmark scripts,
+run on the CPU under an emulated CUDA device (tests/gpu_emulation): their logic and the CUDA-only
+paths (streams, graph capture and replay, capture fallback, random fence, cache route, the
+benchmarks' floors and compiled arms) are checked on every CPU run, not only on a rare GPU visit."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FILES = ["tests/test_engine_gpu.py", "tests/test_triton_device_scalars.py", "tests/test_cuda_backend.py",
-         "tests/test_noise.py", "tests/gpu_emulation/check_emulation.py"]
+         "tests/test_noise.py", "tests/gpu_emulation/check_emulation.py", "tests/gpu_emulation/check_benchmarks.py"]
 # Beyond the emulation: it cannot tell a CPU tensor from a "CUDA" one; and with a CUDA build of
 # torch (no GPU here), torch.compile asks the real CUDA runtime about the accelerator.
 NOT_EMULATED = [
@@ -28,7 +28,7 @@ if torch.version.cuda is not None:
     NOT_EMULATED.append("tests/test_engine_gpu.py::test_compiled_networks_are_captured_and_close_to_eager")
 
 
-@pytest.mark.slow  # About 90 s.
+@pytest.mark.slow  # About 3 minutes (the benchmark scripts compile two tiny networks twice).
 def test_engine_gpu_tests_pass_on_an_emulated_device():
     import autoguide_fast
     from autoguide_fast import kernels
@@ -46,6 +46,7 @@ def test_engine_gpu_tests_pass_on_an_emulated_device():
     assert proc.returncode == 0, out[-6000:]
     passed = re.search(r"(\d+) passed", out)
     # Every GPU test of these files ran, none skipped (on a GPU the Triton files' tests are all
-    # `gpu`, see conftest): 47 of the engine's, 29 + 68 + 29 of the kernels' and noise's, 5 checks.
-    expected = 47 + 29 + 68 + 29 + 5 - len(NOT_EMULATED)
+    # `gpu`, see conftest): 47 of the engine's, 29 + 68 + 29 of the kernels' and noise's, 5 checks
+    # of the emulation, 7 of the GPU visit's benchmark scripts.
+    expected = 47 + 29 + 68 + 29 + 5 + 7 - len(NOT_EMULATED)
     assert passed is not None and int(passed.group(1)) >= expected and " skipped" not in out, out[-3000:]

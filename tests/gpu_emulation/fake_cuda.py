@@ -364,3 +364,6 @@ def install() -> None:
     )
     for name, fake in fakes.items():
         setattr(torch.cuda, name, fake)
+    # Inductor's CUDA-graph check (mode="reduce-overhead") asks the allocator before it sees the
+    # CPU tensors and skips the graphs.
+    torch._C._cuda_cudaCachingAllocator_is_enabled = lambda: True

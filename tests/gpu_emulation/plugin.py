@@ -114,6 +114,9 @@ _REWRITTEN = {
     "autoguide_fast.engine.runners", "autoguide_fast.engine.buckets", "autoguide_fast.engine.cache",
     "autoguide_fast.engine.arguments", "autoguide_fast.engine.networks", "autoguide_fast.engine.step_kinds",
     "autoguide_fast.sampler",
+    # The benchmark scripts, imported by their own names with benchmarks/ on sys.path
+    # (tests/gpu_emulation/check_benchmarks.py).
+    "common", "latency", "bench_step", "gpu_smoke",
 }
 _REPLACEMENTS = ((".type == \"cuda\"", ".type in (\"cuda\", \"cpu\")"),
                  (".type != \"cuda\"", ".type not in (\"cuda\", \"cpu\")"),
