@@ -1,12 +1,14 @@
 """Checks of the emulation itself (not collected by the CPU suite: run under the plugin by
-tests/test_gpu_emulation.py): it maps "cuda" to the CPU, really captures and replays, and a host
-sync breaks a capture as on a GPU."""
+tests/test_gpu_emulation.py): it maps "cuda" to the CPU, really captures and replays, a host
+sync breaks a capture as on a GPU, and a missing wait between two streams is caught as a race."""
 
 import pytest
 import torch
 
 from autoguide_fast import GuidedSampler
+from autoguide_fast.engine.guided_sampler import GraphCaptureWarning
 from autoguide_fast.reference import edm_sampler
+from tests.gpu_emulation.stream_order import StreamRace
 
 pytestmark = pytest.mark.gpu  # Run with the GPU tests, under the emulation.
 
@@ -61,3 +63,79 @@ def test_a_wrong_number_of_seeds_is_caught():
     s = GuidedSampler(net, noise_shape=(4, 3), device="cuda", num_steps=4, graph="trajectory", S_churn=10.0)
     with pytest.raises(ValueError):
         s(seeds=[1, 2, 3])
+
+
+# ----------------------------------------------------------------------------------- stream order
+def _fork(x):
+    """x on the current stream, then 2x on a side stream that waited for it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = x * 2
+    return side, y
+
+
+def test_reading_across_streams_needs_a_wait():
+    x = torch.randn(8, device="cuda") + 1
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side), pytest.raises(StreamRace, match="read after write"):
+        x * 2  # side never waited for the stream that wrote x.
+    side, y = _fork(x)
+    with pytest.raises(StreamRace, match="read after write"):
+        y + 1  # The current stream has not waited back for y.
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(y + 1, x * 2 + 1)
+    side, y = _fork(x)
+    with pytest.raises(StreamRace, match="write after read"):
+        x.add_(1)  # side read x; overwriting it without waiting for side is a race too.
+
+
+def test_a_capture_keeps_the_rules_of_stream_capture():
+    x = torch.randn(8, device="cuda") + 1
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="not joined"):  # A fork never joined back.
+        with torch.cuda.graph(g):
+            _fork(x)
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="not part of the capture"):  # Work on a stream outside it.
+        with torch.cuda.graph(g):
+            with torch.cuda.stream(torch.cuda.Stream()):
+                x * 2
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):  # Forked and joined: a valid capture, and its replay computes.
+        side, y = _fork(x)
+        torch.cuda.current_stream().wait_stream(side)
+        out = y + 1
+    g.replay()
+    assert torch.equal(out, x * 2 + 1)
+
+
+@pytest.mark.parametrize("graph", ["none", "trajectory"])
+def test_the_engine_without_its_join_would_race(monkeypatch, graph):
+    from autoguide_fast.engine import streams
+
+    net = lambda x, t, labels: x * (0.25 / (0.25 + t**2))  # noqa: E731
+    gnet = lambda x, t, labels: x * (0.5 / (0.5 + t**2))  # noqa: E731
+    noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    expected = edm_sampler(net, noise, gnet=gnet, num_steps=4, guidance=2.0)
+
+    def sampler():
+        return GuidedSampler(net, gnet, noise_shape=(2, 3), device="cuda", num_steps=4, guidance=2.0,
+                             graph=graph, streams="on", backend="torch")
+
+    assert torch.equal(sampler()(noise), expected)
+    join = streams.GuideStream.join
+    # Without the main stream's wait for the guide, eagerly (and in the warm-up before a capture):
+    monkeypatch.setattr(streams.GuideStream, "join", lambda self, out: None)
+    with pytest.raises(StreamRace):
+        sampler()(noise)
+    if graph == "trajectory":
+        # Only inside the capture: the step reads the guide's output unordered, the capture fails,
+        # the engine falls back to the eager path (which joins) with a warning, and the result is
+        # still right.
+        monkeypatch.setattr(streams.GuideStream, "join", lambda self, out: (
+            None if torch.cuda.is_current_stream_capturing() else join(self, out)))
+        s = sampler()
+        with pytest.warns(GraphCaptureWarning, match="StreamRace"):
+            out = s(noise)
+        assert torch.equal(out, expected) and s.report["graph"] == "none", s.report

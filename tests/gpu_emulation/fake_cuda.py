@@ -1,7 +1,10 @@
 """Fakes of the ``torch.cuda`` pieces the engine and the GPU tests use, on CPU tensors.
 
-* Streams and events: the CPU runs everything in order, so waits are no-ops; events time with
-  ``perf_counter``; ``torch.cuda.stream(s)`` keeps a per-thread stack of current streams.
+* Streams and events: the CPU runs everything at once, in order; ``stream_order`` models what a
+  GPU would order (vector clocks moved by ops, event records and waits, host syncs) and raises on
+  an access two streams make unordered, and on a capture that breaks CUDA's rules of stream capture
+  (``StreamOrderMode``, entered in every thread); events time with ``perf_counter``;
+  ``torch.cuda.stream(s)`` keeps a per-thread stack of current streams.
 * Graphs: ``CUDAGraph`` records the aten ops the capturing thread launches (a dispatch mode) and
   re-runs them on replay, writing each result into the tensor captured as its output (static
   buffers, as a real graph). The ops run while recording (their outputs are needed to go on), but
@@ -22,9 +25,12 @@ import threading
 import time
 import types
 import warnings
+import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import stream_order
 
 __all__ = ["install"]
 
@@ -36,25 +42,38 @@ class Event:
     def __init__(self, enable_timing=False, blocking=False, interprocess=False):
         self.enable_timing = enable_timing
         self.t = None
+        self.clock = None    # The recording stream's vector clock when recorded (stream_order).
+        self.capture = None  # The capture it was recorded in, if any.
 
     def record(self, stream=None):
+        stream = stream or current_stream()
         self.t = time.perf_counter()
+        with stream_order._lock:
+            self.clock = dict(stream.clock)
+        self.capture = stream.capture
 
     def wait(self, stream=None):
-        pass
+        (stream or current_stream()).wait_event(self)
 
     def query(self):
+        stream_order.check_event_usable(self, "Event.query")
         return True
 
     def synchronize(self):
-        pass
+        stream_order.check_event_usable(self, "Event.synchronize")
+        if self.clock is not None:
+            stream_order.host_sync([self.clock])
 
     def elapsed_time(self, end):
+        stream_order.check_event_usable(self, "Event.elapsed_time")
         if not (self.enable_timing and end.enable_timing):
             raise RuntimeError("Both events must be created with argument 'enable_timing=True'.")
         if self.t is None or end.t is None:
             raise RuntimeError("event not recorded")
         return (end.t - self.t) * 1000.0
+
+
+_STREAMS = weakref.WeakSet()
 
 
 class Stream:
@@ -65,12 +84,15 @@ class Stream:
         self.id = Stream._count
         self.priority = priority
         self.device = CPU
+        stream_order.register(self)
+        _STREAMS.add(self)
 
     def wait_stream(self, other):
-        pass
+        self.wait_event(other.record_event())
 
     def wait_event(self, event):
-        pass
+        if event.clock is not None:  # CUDA: waiting on a never-recorded event is a no-op.
+            stream_order.join_on_wait(self, event)
 
     def record_event(self, event=None):
         event = event or Event()
@@ -79,6 +101,7 @@ class Stream:
 
     def synchronize(self):
         _check_not_capturing("Stream.synchronize")
+        stream_order.host_sync([self])
 
     def query(self):
         return True
@@ -144,6 +167,17 @@ def _check_not_capturing(what):
         raise RuntimeError(f"CUDA error: operation not permitted when stream is capturing ({what}, emulated)")
 
 
+def synchronize(device=None):
+    _check_not_capturing("synchronize")
+    stream_order.host_sync(list(_STREAMS))
+
+
+def host_sync_current() -> None:
+    """A blocking copy to the device: the host waited for the current stream."""
+    if not capturing():
+        stream_order.host_sync([current_stream()])
+
+
 def _tensors(value):
     if isinstance(value, torch.Tensor):
         yield value
@@ -200,6 +234,67 @@ class _RecordMode(TorchDispatchMode):
         self.saved, self.fresh = {}, {}
 
 
+_order = threading.local()  # .off: order tracking suspended in this thread (the capture's undo).
+
+
+def _plain(t) -> bool:
+    """A real CPU tensor with memory (not a tensor subclass of a compiler's or opcheck's tracing)."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+
+
+class StreamOrderMode(TorchDispatchMode):
+    """Entered in every thread: each aten op is an access of its stream (``stream_order``)."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True  # Off while torch.compile traces (Dynamo would not compile under it), on when compiled code runs.
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(_order, "off", False):
+            return func(*args, **kwargs)
+        stream = current_stream()
+        graph = getattr(_capture, "graph", None)
+        if graph is not None and graph.state is not None:
+            graph.state.check_member(stream)
+        writes = [t for t in _written(func, args, kwargs) if _plain(t)]
+        written = {id(t) for t in writes}
+        reads = [t for t in _tensors((args, list(kwargs.values()))) if _plain(t) and id(t) not in written]
+        tick, touched = stream_order.on_op(func, stream, reads, writes)
+        out = func(*args, **kwargs)
+        stream_order.on_allocation(stream, tick, [t for t in _tensors(out) if _plain(t)], touched)
+        if func in _HOST_SYNC and graph is None:
+            stream_order.host_sync([stream])
+        return out
+
+
+def enter_stream_order_mode() -> None:
+    """Track this thread's ops (once per thread)."""
+    if getattr(_order, "mode", None) is None:
+        _order.mode = StreamOrderMode()
+        _order.mode.__enter__()
+
+
+def kernel_launch(name: str, tensors) -> None:
+    """A kernel launched outside the dispatcher (the Triton interpreter): every tensor argument
+    counts as read and written on the current stream."""
+    if getattr(_order, "off", False):
+        return
+    stream = current_stream()
+    graph = getattr(_capture, "graph", None)
+    if graph is not None and graph.state is not None:
+        graph.state.check_member(stream)
+    stream_order.on_op(name, stream, [], [t for t in tensors if _plain(t)])
+
+
+def allocated(tensor: torch.Tensor) -> None:
+    """A tensor allocated outside the dispatcher (Inductor's generated code): its storage starts
+    without history, as one written now on the current stream."""
+    if not getattr(_order, "off", False) and _plain(tensor):
+        stream = current_stream()
+        stream_order.on_allocation(stream, stream_order.tick(stream), [tensor], set())
+
+
 def _copy_back(dst, src):
     """Write a replayed op's result into the tensor(s) the capture produced (unless they are one)."""
     if isinstance(dst, torch.Tensor) and isinstance(src, torch.Tensor):
@@ -218,11 +313,13 @@ class CUDAGraph:
         self.ops = []
         self.invalid = False
         self._mode = None
+        self.state = None  # stream_order.CaptureState while capturing.
         self.replays = 0
 
     def capture_begin(self, pool=None, capture_error_mode="global"):
         if capturing():
             raise RuntimeError("emulated: nested capture")
+        self.state = stream_order.CaptureState(current_stream(), _DEFAULT_STREAM)
         _capture.graph = self
         self._mode = _RecordMode(self)
         self._mode.__enter__()
@@ -231,8 +328,17 @@ class CUDAGraph:
         mode, self._mode = self._mode, None
         if mode is not None:
             mode.__exit__(None, None, None)
-            mode.undo()
+            _order.off = True
+            try:
+                mode.undo()
+            finally:
+                _order.off = False
         _capture.graph = None
+        state, self.state = self.state, None
+        unjoined = state.end() if state is not None else None
+        if unjoined is not None:
+            self.invalid = True
+            raise RuntimeError(unjoined)
         if self.invalid:
             raise RuntimeError("CUDA error: operation failed due to a previous error during capture (emulated)")
 
@@ -255,12 +361,17 @@ class CUDAGraph:
 
 
 class graph:  # noqa: N801  (torch.cuda.graph)
+    default_capture_stream = None
+
     def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+        if graph.default_capture_stream is None:
+            graph.default_capture_stream = Stream()
         self.g = cuda_graph
         self.pool = pool
-        self.stream_ctx = StreamContext(stream or Stream())
+        self.stream_ctx = StreamContext(stream or graph.default_capture_stream)
 
     def __enter__(self):
+        synchronize()  # As torch.cuda.graph does before capturing.
         self.stream_ctx.__enter__()
         self.g.capture_begin(pool=self.pool)
 
@@ -344,7 +455,7 @@ def install() -> None:
         is_available=lambda: True, device_count=lambda: 1, current_device=lambda: 0,
         get_device_name=lambda device=None: _PROPERTIES.name, get_device_capability=lambda device=None: (9, 0),
         get_device_properties=lambda device=None: _PROPERTIES,
-        synchronize=lambda device=None: _check_not_capturing("synchronize"),
+        synchronize=synchronize,
         is_initialized=lambda: True, _lazy_init=lambda: None, init=lambda: None, set_device=lambda d: None,
         empty_cache=lambda: gc.collect(), memory_allocated=memory_allocated, memory_reserved=memory_allocated,
         max_memory_allocated=max_memory_allocated, max_memory_reserved=max_memory_allocated,

@@ -66,11 +66,19 @@ class _Device(metaclass=_DeviceType):
 class _DeviceMapMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        to_cuda = False
         if kwargs.get("device") is not None:
+            to_cuda = _map_device(kwargs["device"]) is not kwargs["device"]
             kwargs = {**kwargs, "device": _map_device(kwargs["device"])}
         if func is torch.Tensor.to or getattr(func, "__name__", "") == "to":
-            args = tuple(_map_device(a) for a in args)
-        return func(*args, **kwargs)
+            mapped = tuple(_map_device(a) for a in args)
+            to_cuda = to_cuda or any(a is not b for a, b in zip(args, mapped))
+            args = mapped
+        out = func(*args, **kwargs)
+        if to_cuda and not kwargs.get("non_blocking", False):
+            # Data made on the host and copied to the device: a blocking copy waits for it there.
+            fake_cuda.host_sync_current()
+        return out
 
 
 _thread_mode = threading.local()
@@ -78,6 +86,7 @@ _thread_mode = threading.local()
 
 def _enter_device_mode() -> None:
     if getattr(_thread_mode, "mode", None) is None:
+        fake_cuda.enter_stream_order_mode()
         _thread_mode.mode = _DeviceMapMode()
         _thread_mode.mode.__enter__()
 
@@ -91,8 +100,12 @@ def _install_device_mapping() -> None:
         return thread_run(self)
 
     threading.Thread.run = run
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    torch.nn.Module.cuda = lambda self, *a, **k: self
+    def cuda(self, *args, **kwargs):  # A blocking copy to the device (stream_order: a host sync).
+        fake_cuda.host_sync_current()
+        return self
+
+    torch.Tensor.cuda = cuda
+    torch.nn.Module.cuda = cuda
     torch.Tensor.pin_memory = lambda self, *a, **k: self
     torch.Tensor.record_stream = lambda self, stream: None
 
@@ -159,16 +172,51 @@ def _serve_cuda_backend_with_cpu_kernels() -> None:
     extension_ops.has_kernel = lambda device_type: has_kernel("cpu" if device_type == "cuda" else device_type)
 
 
+def _track_triton_launches() -> None:
+    """The Triton interpreter runs kernels outside the dispatcher: count each launch as an access
+    of its tensor arguments on the current stream (stream_order)."""
+    from triton.runtime import interpreter
+
+    run = interpreter.InterpretedFunction.run
+
+    def tracked_run(self, *args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        fake_cuda.kernel_launch(f"triton kernel {getattr(self.fn, '__name__', self.fn)}", tensors)
+        return run(self, *args, **kwargs)
+
+    interpreter.InterpretedFunction.run = tracked_run
+
+
+def _track_inductor_allocations() -> None:
+    """Inductor's generated code allocates its buffers outside the dispatcher (it looks this
+    function up when a compiled module loads): tell stream_order about each allocation, or a buffer
+    at an address a freed tensor had would inherit that tensor's history."""
+    guards = torch._C._dynamo.guards
+    empty_strided_cpu = guards._empty_strided_cpu
+
+    def tracked(*args, **kwargs):
+        out = empty_strided_cpu(*args, **kwargs)
+        fake_cuda.allocated(out)
+        return out
+
+    guards._empty_strided_cpu = tracked
+
+
 # Before anything imports the package or the tests (pytest imports -p plugins first).
 fake_cuda.install()
 _install_device_mapping()
 _keep_inductor_off_triton()
+_track_inductor_allocations()
 sys.meta_path.insert(0, _RewritingFinder())
 
 
 def pytest_configure(config):
     _enter_device_mode()
     _serve_cuda_backend_with_cpu_kernels()
+    try:
+        _track_triton_launches()
+    except ImportError:  # No Triton: its tests skip.
+        pass
 
 
 def pytest_report_header(config):
