@@ -109,18 +109,18 @@ def build_plan(config: SamplerConfig, device: torch.device) -> tuple[torch.Tenso
     churn_pairs = iter(zip(churn_host[0::2], churn_host[1::2]))
     steps = []
     for i, tensors in enumerate(per_step):
-        t_cur, t_next = float(t_host[i]), float(t_host[i + 1])
-        t_hat, noise_scale = next(churn_pairs) if "noise_scale" in tensors else (t_cur, None)
+        t_cur_f, t_next_f = float(t_host[i]), float(t_host[i + 1])
+        t_hat, noise_scale = next(churn_pairs) if "noise_scale" in tensors else (t_cur_f, None)
         second = config.solver == "heun" and i < n - 1
         steps.append(
             StepPlan(
                 index=i,
-                t_cur=t_cur,
+                t_cur=t_cur_f,
                 t_hat=t_hat,
-                t_next=t_next,
+                t_next=t_next_f,
                 noise_scale=noise_scale,
                 w_first=_weight(config, t_hat),
-                w_second=_weight(config, t_next) if second else None,
+                w_second=_weight(config, t_next_f) if second else None,
                 second_order=second,
                 tensors=tensors,
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -55,7 +56,7 @@ def edm_sampler(
         Dx = net(x, t, labels).to(dtype)
         if guidance == 1:
             return Dx
-        ref_Dx = gnet(x, t, labels).to(dtype)
+        ref_Dx = cast(Callable, gnet)(x, t, labels).to(dtype)  # Needed (not None) when guidance != 1.
         return ref_Dx.lerp(Dx, guidance)
 
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, dtype, noise.device)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -133,7 +133,8 @@ def run_eager_steps(
             x_hat = x
         nxt = steps[k + 1] if k + 1 < len(steps) else None
         churned = fuse and nxt is not None and nxt.noise_scale is not None
-        churn_next = (nxt, seeds) if churned else None
+        # Fused churn has a next step, and seeds (randn_like is None).
+        churn_next = cast("tuple[StepPlan, torch.Tensor]", (nxt, seeds)) if churned else None
         D_main, D_guide = evaluate(x_hat, step.tensors["t_hat"], step.w_first)
         if callback is not None:
             denoised = _denoised(D_main, D_guide, step.w_first, dtype)
@@ -143,6 +144,7 @@ def run_eager_steps(
                                   need_d=heun)
         if heun:
             D_main, D_guide = evaluate(x_next, step.tensors["t_next"], step.w_second)
+            d = cast(torch.Tensor, d)  # Written: need_d=True.
             x_next = backend.heun(x_hat, d, x_next, D_main, D_guide, step.w_second, step, churn_next)
         if callback is not None:
             callback({"x": x_next, "i": step.index, "sigma": step.t_cur, "sigma_hat": step.t_hat,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
@@ -25,7 +26,7 @@ class TorchBackend:
         Dx = D_main.to(self.dtype)
         if w is None:
             return Dx
-        return D_guide.to(self.dtype).lerp(Dx, w)
+        return cast(torch.Tensor, D_guide).to(self.dtype).lerp(Dx, w)  # Given whenever w is.
 
     # need_d is ignored: x_next is computed from d, which is returned either way.
     def euler(self, x_hat, D_main, D_guide, w, step: StepPlan, churn_next=None, need_d=True):

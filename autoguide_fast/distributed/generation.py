@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -214,7 +214,7 @@ class _Job:
 
     def broadcast_flags(self, flags: list[bool] | None, n: int) -> list[bool]:
         if self.world_size == 1:
-            return list(flags)
+            return list(cast("list[bool]", flags))  # The only rank passes its list.
         t = torch.zeros(n, dtype=torch.uint8, device=self.comm_device)
         if self.rank == 0:
             t.copy_(torch.tensor(flags, dtype=torch.uint8))
@@ -384,7 +384,8 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
     rank, device, gp = job.rank, job.device, opts.guide_parallel
     is_main = not gp or rank == 0          # Holds the main network and writes files.
     has_guide = bool(opts.gnet) and (not gp or rank == 1)
-    net = gnet = None
+    net: Callable | None = None
+    gnet: Callable | None = None
     shape: tuple[int, ...] = ()
     label_dim, fmt = 0, opts.format
     done: list[bool] = []
@@ -414,7 +415,8 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
                 _require_pillow()
         if has_guide:
             overrides = {**opts.preset_overrides, **opts.gnet_preset_overrides} if _is_preset(opts.gnet) else None
-            gnet = load_network(opts.gnet, arg="--gnet", device=device, seed=opts.preset_seed + 1, overrides=overrides)
+            gnet = load_network(cast(str, opts.gnet), arg="--gnet", device=device, seed=opts.preset_seed + 1,
+                                overrides=overrides)  # has_guide: --gnet given.
         _check_outdir(opts.outdir)  # Created once the networks and settings are known to be usable.
         if rank == 0:
             _check_settings(opts.outdir, _settings(opts, fmt, shape, label_dim))
@@ -430,7 +432,7 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
     else:
         chunks = rank_chunks(len(remaining), opts.batch, job.world_size, rank)
 
-    sampler_kwargs = dict(
+    sampler_kwargs: dict[str, Any] = dict(
         num_steps=opts.num_steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
         guidance=opts.guidance, S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise,
         dtype=DTYPES[opts.dtype], guidance_interval=opts.guidance_interval, solver=opts.solver,
@@ -450,9 +452,9 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
                     x = guide_parallel_sample(net, None, noise, labels, seeds=batch_seeds, backend=opts.backend,
                                               **sampler_kwargs)
                 else:
-                    x = fast_guided_sample(net, noise, labels, gnet, seeds=batch_seeds, backend=opts.backend,
-                                           **sampler_kwargs)
-                _write_batch(x, batch_seeds, opts.outdir, fmt, opts.subdirs)
+                    x = fast_guided_sample(cast(Callable, net), noise, labels, gnet, seeds=batch_seeds,
+                                           backend=opts.backend, **sampler_kwargs)  # net: loaded by is_main.
+                _write_batch(cast(torch.Tensor, x), batch_seeds, opts.outdir, fmt, opts.subdirs)  # None on rank 1 only.
                 written += len(batch_seeds)
         if bar is not None:
             bar.update(1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -97,7 +97,8 @@ class _Link:
                 "guide_parallel_sample: needs an initialized torch.distributed process group of exactly 2 ranks "
                 "(e.g. launch with torchrun --nproc_per_node=2 and call torch.distributed.init_process_group)"
             )
-        world = group if group is not None else dist.group.WORLD
+        # The default group exists once the process group is initialized (checked above).
+        world = group if group is not None else cast(dist.ProcessGroup, dist.group.WORLD)
         size = dist.get_world_size(world)
         if size != 2:
             raise ValueError(f"group: guide_parallel_sample needs exactly 2 ranks (main, guide), got {size}")
@@ -312,9 +313,9 @@ def _run_guide(link: _Link, gnet: Callable | None, device: torch.device | str | 
         digest = _plan_digest(config, steps)
     except Exception as exc:
         error = exc
-    header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=link.device)
-    link.from_main(header)
-    header = header.tolist()
+    header_t = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=link.device)
+    link.from_main(header_t)
+    header = header_t.tolist()
     code = _OK if error is None else _BAD_ARGS
     if error is None and header[1] == _OK and (header[0] != _PROTOCOL or header[2] != digest):
         code = _MISMATCH
@@ -344,7 +345,7 @@ def _run_guide(link: _Link, gnet: Callable | None, device: torch.device | str | 
             if first:
                 error = None
                 try:
-                    D_guide = gnet(x, t, labels)
+                    D_guide = cast(Callable, gnet)(x, t, labels)  # Checked callable: guided (w is not None).
                     V.check_output("gnet (the guide network)", D_guide, x)
                     dtype_code = _dtype_code(D_guide.dtype, "gnet output")
                 except Exception as exc:
@@ -353,5 +354,5 @@ def _run_guide(link: _Link, gnet: Callable | None, device: torch.device | str | 
                 _raise_status(link, status, error, "at its first network evaluation")
                 first = False
             else:
-                D_guide = gnet(x, t, labels)
+                D_guide = cast(Callable, gnet)(x, t, labels)
             link.from_guide(D_guide.to(link.device).contiguous())

@@ -86,9 +86,10 @@ def describe_failure(exc: BaseException) -> str:
     """One line: the first error raised, then those it led to (e.g. ``capture_end`` refusing an
     invalidated capture), oldest first."""
     chain: list[BaseException] = []
-    while exc is not None and all(exc is not e for e in chain) and len(chain) < 4:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
+    cur: BaseException | None = exc
+    while cur is not None and all(cur is not e for e in chain) and len(chain) < 4:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
     lines = []
     for e in reversed(chain):
         text = str(e).strip()
@@ -131,7 +132,8 @@ class CapturedGraph:
         self.draws_random = draws_random
 
     def __del__(self) -> None:
-        graph, self.graph = self.graph, None
+        # The graph goes with the object (no replay after): None only from here.
+        graph, self.graph = self.graph, None  # type: ignore[assignment]
         try:
             with ENGINE_LOCK:
                 del graph

@@ -10,19 +10,20 @@ prepares again).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import threading
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from .. import validation as V
 from ..backends import resolve_backend
 from ..noise import STREAM_INITIAL
-from ..plan import build_plan
+from ..plan import StepPlan, build_plan
 from ..sampler import make_config
 from . import arguments as A
 from .cuda_graphs import CaptureFailed, CudaGraphCapturer, engine_lock, preserved_rng
@@ -31,6 +32,9 @@ from .runners import EagerRunner, SamplingProgram, StaticInputs, StepGraphRunner
 from .streams import CallOrder, GuideStream, device_context, time_alternating
 
 __all__ = ["GraphCaptureWarning", "GuidedSampler"]
+
+# A runner's inputs for warm-up and capture: (noise, labels, seeds).
+_Example = tuple[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 
 
 class GraphCaptureWarning(UserWarning):
@@ -216,12 +220,12 @@ class GuidedSampler:
 
     def _reset(self) -> None:
         self._timings = {}
-        self._plan = None
+        self._plan: tuple[torch.Tensor, list[StepPlan]] | None = None
         self._churns = False
         self._graph_mode: str | None = None
         self._streams_on: bool | None = None
         self._runners: dict[bool, Any] = {}
-        self._report = {
+        self._report: dict[str, Any] = {
             "device": str(self.device),
             "backend": self._backend.name,
             "graph_requested": self._requested["graph"],
@@ -241,7 +245,7 @@ class GuidedSampler:
     def _networks(self) -> tuple[Callable, Callable | None]:
         if self._compiled is not None:
             return self._compiled
-        return self._nets[0].get(), self._nets[1].get()
+        return cast(Callable, self._nets[0].get()), self._nets[1].get()  # net: checked callable.
 
     def _signature(self) -> tuple:
         return tuple(parameter_signature(ref.get()) for ref in self._nets)
@@ -255,8 +259,8 @@ class GuidedSampler:
         self._churns = any(s.noise_scale is not None for s in steps)
         guided = any(s.w_first is not None or s.w_second is not None for s in steps)
         if self.compile_networks and self._compiled is None:
-            self._compiled = _compile(self._nets[0].get()), (
-                None if self._nets[1].get() is None else _compile(self._nets[1].get()))
+            self._compiled = _compile(cast(Callable, self._nets[0].get())), (
+                None if self._nets[1].get() is None else _compile(cast(Callable, self._nets[1].get())))
         r = self._report
         graphs_ok = self._capturer_type.supports(self.device)
         requested = self._requested["graph"]
@@ -287,8 +291,9 @@ class GuidedSampler:
         # The program (held by the runners the sampler holds) reaches the sampler weakly: no reference
         # cycle, so a sampler dropped without release() frees its graphs and pools at once.
         sampler = weakref.ref(self)
-        return SamplingProgram(lambda: sampler()._networks(), self.config, self._backend, self._plan, streams,
-                               self.check_finite)
+        plan = cast("tuple[torch.Tensor, list[StepPlan]]", self._plan)  # Built by _setup first.
+        return SamplingProgram(lambda: cast(GuidedSampler, sampler())._networks(), self.config, self._backend, plan,
+                               streams, self.check_finite)
 
     def _seeded_noise(self, seeds: torch.Tensor) -> torch.Tensor:
         """``seeded_noise(seeds, noise_shape)``: float32, as the official generator draws its latents
@@ -306,7 +311,7 @@ class GuidedSampler:
             seeds = seeds.pin_memory()  # So the copy is asynchronous (no stream sync).
         return seeds.to(self.device, non_blocking=True)
 
-    def _default_example(self, seeded: bool) -> tuple:
+    def _default_example(self, seeded: bool) -> _Example:
         """Inputs for warm-up and capture when prepare() is called without a call's inputs:
         seeded noise (leaves the global RNG untouched), zero labels, seeds 0..B-1."""
         seeds = torch.arange(self.noise_shape[0], device=self.device, dtype=torch.int64)
@@ -315,7 +320,7 @@ class GuidedSampler:
                   torch.zeros(self.label_shape, device=self.device, dtype=self.label_dtype))
         return noise, labels, seeds if seeded else None
 
-    def _ensure(self, variant: bool, example: tuple | None):
+    def _ensure(self, variant: bool, example: _Example | None):
         """The runner of a variant (False: churn from randn_like; True: churn from seeds)."""
         runner = self._runners.get(variant)
         if runner is not None:
@@ -338,7 +343,7 @@ class GuidedSampler:
         r["prepared"] = True
         return runner
 
-    def _build_graph(self, example: tuple):
+    def _build_graph(self, example: _Example):
         cls = TrajectoryGraphRunner if self._graph_mode == "trajectory" else StepGraphRunner
         # Churn from randn_like draws CUDA random numbers in the graphs (the capturer orders such
         # replays); otherwise the capturer learns whether the networks draw any.
@@ -371,7 +376,7 @@ class GuidedSampler:
             raise
         return self._keep_faster(built, example)
 
-    def _build_eager(self, example: tuple):
+    def _build_eager(self, example: _Example):
         if self._streams_on is not None:
             runner = EagerRunner(self._program(self._streams_on))
             if self.compile_networks:  # Compile now rather than in the first call.
@@ -381,9 +386,9 @@ class GuidedSampler:
         built = {"off": EagerRunner(self._program(False)), "on": EagerRunner(self._program(True))}
         return self._keep_faster(built, example)
 
-    def _keep_faster(self, built: dict[str, Any], example: tuple):
+    def _keep_faster(self, built: dict[str, Any], example: _Example):
         """streams="auto": time both schedules side by side and keep the faster."""
-        timings = time_alternating({name: (lambda r=r: r(*example)) for name, r in built.items()},
+        timings = time_alternating({name: functools.partial(r, *example) for name, r in built.items()},
                                    self.timing_rounds)
         keep = "on" if timings["on"] < timings["off"] else "off"
         for name, runner in built.items():
@@ -410,7 +415,7 @@ class GuidedSampler:
                 stacklevel=4,
             )
 
-    def _recapture(self, variant: bool, example: tuple):
+    def _recapture(self, variant: bool, example: _Example):
         """A network's parameters or buffers were replaced: every graph reads stale pointers."""
         self._release_runners()
         self._recaptures += 1

@@ -10,7 +10,7 @@ Graph runners copy the inputs into static buffers, replay, and return their stat
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -93,11 +93,12 @@ class StaticInputs:
 
     def load(self, noise: torch.Tensor, labels: torch.Tensor | None, seeds: torch.Tensor | None) -> None:
         # copy_ rounds exactly like noise.to(dtype), so the graph sees what the eager loop would.
+        # Every call passes labels and seeds exactly when the example did (the buffers exist then).
         self.noise.copy_(noise)
         if self.labels is not None:
-            self.labels.copy_(labels)
+            self.labels.copy_(cast(torch.Tensor, labels))
         if self.seeds is not None:
-            self.seeds.copy_(seeds, non_blocking=True)
+            self.seeds.copy_(cast(torch.Tensor, seeds), non_blocking=True)
 
     @property
     def args(self) -> tuple:
@@ -106,6 +107,9 @@ class StaticInputs:
 
 class _GraphRunner:
     mode = "graph"
+    graphs: list[Any]                   # The captured graphs (set by the subclasses).
+    out: torch.Tensor                   # Static output and finiteness flag of the last graph.
+    finite: torch.Tensor | None
 
     def __init__(self, program: SamplingProgram, capturer: Any, inputs: StaticInputs, warmup_runs: int) -> None:
         self.program, self.capturer, self.inputs = program, capturer, inputs
@@ -115,8 +119,9 @@ class _GraphRunner:
     def release(self) -> None:
         self.capturer.release()
         self.graphs = []
-        self.inputs = None
-        self.out = self.finite = None
+        # Dropped for good: a released runner is never called again (the sampler builds a new one).
+        self.inputs = None  # type: ignore[assignment]
+        self.out = self.finite = None  # type: ignore[assignment]
 
 
 class TrajectoryGraphRunner(_GraphRunner):
@@ -206,4 +211,4 @@ class StepGraphRunner(_GraphRunner):
     def release(self) -> None:
         super().release()
         self.sequence = []
-        self.table = self.state = None
+        self.table = self.state = None  # type: ignore[assignment]  # As in _GraphRunner.release.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -39,7 +40,7 @@ def step_kinds(steps: Sequence[StepPlan], fused_churn: bool, device_scalars: boo
     """The kind of each step (equal tuples share a graph). ``fused_churn``: each step's churn is
     injected by the op ending the previous step (seeded variant of a backend that fuses churn)."""
     n = len(steps)
-    kinds = []
+    kinds: list[tuple] = []
     for k, step in enumerate(steps):
         if k == 0:
             kinds.append(("first",))
@@ -49,7 +50,7 @@ def step_kinds(steps: Sequence[StepPlan], fused_churn: bool, device_scalars: boo
             continue
         churn_here = step.noise_scale is not None and not fused_churn
         churn_next = fused_churn and steps[k + 1].noise_scale is not None
-        kind = ("middle", step.w_first is None, step.w_second is None, step.second_order, churn_here, churn_next)
+        kind: tuple = ("middle", step.w_first is None, step.w_second is None, step.second_order, churn_here, churn_next)
         if churn_here or not device_scalars:
             kind += (k,)  # Values baked into the launch: a graph for this step alone.
         kinds.append(kind)
@@ -75,8 +76,8 @@ class StepTable:
                 float(config.guidance),  # Read only by guided evaluations.
                 step.t_hat,
                 step.t_next,
-                nxt.noise_scale if churn_next else 0.0,
-                float(churn_stream(nxt.index)) if churn_next else 0.0,
+                cast(StepPlan, nxt).noise_scale if churn_next else 0.0,
+                float(churn_stream(cast(StepPlan, nxt).index)) if churn_next else 0.0,
             ])
         self.scalars = torch.tensor(rows, dtype=torch.float64, device=device)
         self.slot_values = torch.empty((1, len(_VALUE_NAMES)), dtype=dtype, device=device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -57,7 +58,7 @@ class GuideStream:
         return out
 
     def join(self, out) -> None:
-        main = self._main
+        main = cast(torch.cuda.Stream, self._main)  # Set by fork, which run_eager calls first.
         main.wait_stream(self.side)
         if isinstance(out, torch.Tensor) and out.is_cuda and not torch.cuda.is_current_stream_capturing():
             # The guide's output was allocated on the side stream and is read on the main one.

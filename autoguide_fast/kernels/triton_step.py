@@ -33,6 +33,7 @@ pass); outputs are contiguous.
 # No `from __future__ import annotations`: torch.library infers the op schemas from real
 # annotation objects, never from evaluating annotation strings.
 import math
+from typing import cast, overload
 
 import torch
 import triton
@@ -256,7 +257,7 @@ def _check_denoiser(x_hat: torch.Tensor, D_main: object, D_guide: object, w: flo
 def _check_churn(x_hat: torch.Tensor, seeds: torch.Tensor | None, noise_scale: float | None, stream: int) -> None:
     if (seeds is None) != (noise_scale is None):
         raise ValueError("seeds, noise_scale: give both (fused churn) or neither")
-    if seeds is None:
+    if seeds is None or noise_scale is None:  # Both or neither (checked above).
         return
     if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.dim() != 1:
         raise TypeError("seeds: expected an int64 tensor of shape [B]")
@@ -336,6 +337,10 @@ def _w_small(w: float | None, dtype: torch.dtype) -> bool:
     return abs(rounded) < 0.5
 
 
+@overload
+def _net_input(t: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor: ...
+@overload
+def _net_input(t: None, x_hat: torch.Tensor) -> None: ...
 def _net_input(t: torch.Tensor | None, x_hat: torch.Tensor) -> torch.Tensor | None:
     """Contiguous, and on CPU (the interpreter has no bfloat16) bfloat16 widened exactly to float32."""
     if t is None:
@@ -388,7 +393,7 @@ def euler_step(
         with launch_device(x_hat):
             _euler_step_kernel[grid](
                 x_hat, D_main, D_guide if D_guide is not None else D_main,
-                seeds.contiguous() if churn_on else x_hat,
+                seeds.contiguous() if seeds is not None else x_hat,
                 d if write_d else x_next, x_next, x_cast if x_cast is not None else x_next,
                 **_scalars(w, t_hat, t_next, noise_scale, stream), scalars_ptr=_scalars_arg(scalars), **sizes,
                 GUIDED=w is not None, W_SMALL=_w_small(w, x_hat.dtype), WRITE_D=write_d, CAST=x_cast is not None,
@@ -396,6 +401,7 @@ def euler_step(
             )
     out = [d, x_next]
     if cast_dtype is not None:
+        x_cast = cast(torch.Tensor, x_cast)  # Allocated whenever cast_dtype is given.
         out.append(x_cast.to(cast_dtype) if target != cast_dtype else x_cast)
     return out
 
@@ -449,7 +455,7 @@ def heun_step(
         with launch_device(x_hat):
             _heun_step_kernel[grid](
                 x_hat, d, x_next, D_main, D_guide if D_guide is not None else D_main,
-                seeds.contiguous() if churn_on else x_hat,
+                seeds.contiguous() if seeds is not None else x_hat,
                 x_out, x_cast if x_cast is not None else x_out,
                 **_scalars(w, t_hat, t_next, noise_scale, stream), scalars_ptr=_scalars_arg(scalars), **sizes,
                 GUIDED=w is not None, W_SMALL=_w_small(w, x_hat.dtype), CAST=x_cast is not None,
@@ -457,6 +463,7 @@ def heun_step(
             )
     out = [x_out]
     if cast_dtype is not None:
+        x_cast = cast(torch.Tensor, x_cast)  # Allocated whenever cast_dtype is given.
         out.append(x_cast.to(cast_dtype) if target != cast_dtype else x_cast)
     return out
 
@@ -500,13 +507,15 @@ def churn(
     if x.numel():
         with launch_device(x):
             _churn_kernel[grid](
-                x, x if from_seeds else eps.contiguous(), seeds.contiguous() if from_seeds else x,
+                x, x if from_seeds else cast(torch.Tensor, eps).contiguous(),  # eps: checked given without seeds.
+                seeds.contiguous() if seeds is not None else x,
                 out, x_cast if x_cast is not None else out,
                 *f64_bits(noise_scale), _i32(stream), **sizes,
                 FROM_SEEDS=from_seeds, CAST=x_cast is not None, **flags, **LAUNCH,
             )
     res = [out]
     if cast_dtype is not None:
+        x_cast = cast(torch.Tensor, x_cast)  # Allocated whenever cast_dtype is given.
         res.append(x_cast.to(cast_dtype) if target != cast_dtype else x_cast)
     return res
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +108,9 @@ def mp_weight(weight: Tensor, gain: Tensor | float = 1.0) -> Tensor:
 
 class MPFourier(torch.nn.Module):
     """Magnitude-preserving Fourier features (paper Eq. 75): sqrt(2) cos(x f + phi)."""
+
+    freqs: Tensor
+    phases: Tensor
 
     def __init__(self, num_channels: int, bandwidth: float = 1.0) -> None:
         super().__init__()
@@ -234,11 +238,12 @@ class Block(torch.nn.Module):
     # Self-attention: qkv laid out [head][channel][q, k, v]; q, k, v normalised per head.
     def attention(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        qkv = self.attn_qkv(x).reshape(b, self.num_heads, -1, 3, h * w)
+        attn_qkv, attn_proj = cast(MPConv, self.attn_qkv), cast(MPConv, self.attn_proj)  # Set when num_heads.
+        qkv = attn_qkv(x).reshape(b, self.num_heads, -1, 3, h * w)
         q, k, v = normalize(qkv, dim=2).unbind(3)
         logits = q.transpose(2, 3) @ (k / math.sqrt(q.shape[2]))
         y = v @ logits.softmax(dim=3).transpose(2, 3)
-        return self.attn_proj(y.reshape(b, c, h, w))
+        return attn_proj(y.reshape(b, c, h, w))
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         # Main branch.
@@ -315,7 +320,7 @@ class UNet(torch.nn.Module):
 
         # Decoder: in0/in1 at the lowest level, an up block elsewhere; each block eats one skip.
         self.dec = torch.nn.ModuleDict()
-        skips = [m.out_channels for m in self.enc.values()]
+        skips = [cast(int, m.out_channels) for m in self.enc.values()]
         for level, channels in reversed(list(enumerate(cblock))):
             res = img_resolution >> level
             if level == len(cblock) - 1:
@@ -336,16 +341,17 @@ class UNet(torch.nn.Module):
         if self.emb_label is not None:
             self.emb_label.prepare(torch.float32)
         for module in self.enc.values():
-            module.prepare(dtype)
+            cast("MPConv | Block", module).prepare(dtype)
         for module in self.dec.values():
-            module.prepare(dtype)
+            cast(Block, module).prepare(dtype)
         self.out_conv.prepare(dtype, gain=self.out_gain)
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None) -> Tensor:
         # Embedding: MP-linear(Fourier(c_noise)), MP-summed with the class embedding, MP-SiLU.
         emb = self.emb_noise(self.emb_fourier(noise_labels))
         if self.emb_label is not None:
-            emb = mp_sum(emb, self.emb_label(class_labels * math.sqrt(class_labels.shape[1])), t=self.label_balance)
+            labels = cast(Tensor, class_labels)  # Conditional networks are given labels (Precond: always).
+            emb = mp_sum(emb, self.emb_label(labels * math.sqrt(labels.shape[1])), t=self.label_balance)
         emb = mp_silu(emb)
 
         # Encoder (a constant-ones channel is appended to the input); every output is a skip.

@@ -22,7 +22,7 @@ import io
 import os
 import pickle
 from collections import OrderedDict
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -54,6 +54,9 @@ class _Opaque:
     """Stands for any other global of the file: records how it was called, runs nothing."""
 
     _origin = "?"
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    state: Any
 
     def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
         obj = super().__new__(cls)
@@ -151,7 +154,8 @@ def _module_state(obj: Any) -> dict | None:
 
 def _module_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
     """Parameters and persistent buffers of a stored module tree, by dotted name (like state_dict)."""
-    state = _module_state(obj)
+    # None only for a top-level object without "_modules" (then .get raises AttributeError).
+    state = cast(dict, _module_state(obj))
     for name, value in (state.get("_parameters") or {}).items():
         if value is not None:
             out[prefix + name] = value

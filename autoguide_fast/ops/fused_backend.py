@@ -7,6 +7,8 @@ results equal the reference's separately rounded tensor ops bit for bit.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from ..backends.base import check_churn_noise, fused_churn_args
@@ -106,7 +108,9 @@ class FusedBackend:
         self, x: torch.Tensor, step: StepPlan, seeds: torch.Tensor | None, eps: torch.Tensor | None
     ) -> torch.Tensor:
         x = x.contiguous()
+        noise_scale = cast(float, step.noise_scale)  # Called for churning steps only.
         if eps is None:
-            return self._ops.churn(x, step.noise_scale, seeds=seeds.contiguous(), stream=churn_stream(step.index))
+            seeds = cast(torch.Tensor, seeds)  # Given when eps is not.
+            return self._ops.churn(x, noise_scale, seeds=seeds.contiguous(), stream=churn_stream(step.index))
         check_churn_noise(self.name, eps, x)
-        return self._ops.churn(x, step.noise_scale, eps=eps.contiguous())
+        return self._ops.churn(x, noise_scale, eps=eps.contiguous())

@@ -215,10 +215,10 @@ def plot_figure(path: str | Path, gt: GaussianMixture, gt_other: GaussianMixture
                                     fill=False, ec="tab:green", lw=1.0))
     ax = axes[4]
     for key, color, size in (("unguided", "tab:gray", 4), ("autoguidance", "tab:red", 6)):
-        pts = samples[key]
-        inside = ((pts[:, 0] >= zoom[0]) & (pts[:, 0] <= zoom[1]) & (pts[:, 1] >= zoom[2])
-                  & (pts[:, 1] <= zoom[3]))
-        pts = pts[inside].numpy()
+        xy = samples[key]
+        inside = ((xy[:, 0] >= zoom[0]) & (xy[:, 0] <= zoom[1]) & (xy[:, 1] >= zoom[2])
+                  & (xy[:, 1] <= zoom[3]))
+        pts = xy[inside].numpy()
         ax.scatter(pts[:, 0], pts[:, 1], s=size, c=color, alpha=0.8, linewidths=0, label=key)
     ax.contour(zx.numpy(), zy.numpy(), zlp.numpy(), levels=[threshold], colors="k",
                linewidths=0.6, linestyles="solid")

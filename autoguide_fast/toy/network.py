@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -109,7 +110,7 @@ class ToyNet(nn.Module):
     @torch.no_grad()
     def normalize_weights_(self) -> None:
         for layer in self.layers:
-            layer.normalize_weight_()
+            cast(MPLinear, layer).normalize_weight_()
 
 
 def save_toy_net(net: ToyNet, path: str | Path, **meta: int | float | str) -> None:
