@@ -238,6 +238,8 @@ def _tamper(data: dict, what: str) -> None:
         state["_init_kwargs"] = {**state["_init_kwargs"], "channel_mult": 12}
     elif what == "sub-module not stored":
         state["_modules"]["unet"] = 5
+    elif what == "no modules":
+        del state["_modules"]
     elif what == "a tensor missing":
         state["_modules"]["unet"].state["_parameters"].pop("out_gain")
 
@@ -249,6 +251,7 @@ _TAMPERED = {
     "unknown kwarg": "cannot build Precond from the snapshot's arguments",
     "malformed channel_mult": "malformed channel_mult",
     "sub-module not stored": "sub-module unet is not a stored module",
+    "no modules": "the network's record holds no modules",
     "a tensor missing": "do not fit",
 }
 

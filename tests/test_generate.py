@@ -279,6 +279,19 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys, case):
     assert not (tmp_path / "out").exists()  # Nothing is created for settings that cannot run.
 
 
+@pytest.mark.parametrize("env, expected", [
+    ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK: expected 0 <= RANK < WORLD_SIZE"),
+    ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE: expected an integer"),
+])
+def test_an_inconsistent_launch_environment_is_named(tmp_path, monkeypatch, capsys, env, expected):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert run("--net", f"{HERE}:rgb_main", "--outdir", str(tmp_path / "out"), "--steps", "2", "--no-progress",
+               "--backend", "torch") == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # The Python API checks the same options (the CLI's argparse types catch most of them first).
 _API_BAD = {
     "no seeds": (dict(seeds=[]), ValueError, "--seeds"),

@@ -116,7 +116,7 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
 def run(args: argparse.Namespace) -> int:
     """The ``generate`` subcommand: returns the exit code."""
     # Under torchrun every rank reports; say which one.
-    where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    where = f" (rank {os.environ.get('RANK', '?')})" if os.environ.get("WORLD_SIZE", "1") != "1" else ""
     try:
         generate(options_from_args(args))
     except (ValueError, TypeError, OSError, ImportError) as exc:

@@ -174,14 +174,16 @@ class _Job:
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         else:
-            self.rank = int(os.environ.get("RANK", "0"))
-            self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            self.rank, self.world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+            if not 0 <= self.rank < self.world_size:
+                raise ValueError(f"RANK: expected 0 <= RANK < WORLD_SIZE (as torchrun sets them), got "
+                                 f"RANK={self.rank}, WORLD_SIZE={self.world_size}")
         if opts.guide_parallel and self.world_size != 2:
             raise ValueError(
                 f"--guide-parallel: needs exactly 2 processes (main and guide; launch with torchrun "
                 f"--nproc_per_node=2), got a world size of {self.world_size}"
             )
-        local_rank = int(os.environ.get("LOCAL_RANK", str(self.rank)))
+        local_rank = _env_int("LOCAL_RANK", self.rank)
         self.device = _pick_device(opts.device, local_rank, self.world_size)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -227,6 +229,14 @@ class _Job:
         t = torch.tensor([value], dtype=torch.int64, device=self.comm_device)
         dist.all_reduce(t)
         return int(t.item())
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer in the environment, got {text!r}") from None
 
 
 def _pick_device(text: str, local_rank: int, world_size: int) -> torch.device:
