@@ -63,12 +63,18 @@ class _Device(metaclass=_DeviceType):
     pass
 
 
+_COPIES_FROM_HOST = {"tensor", "as_tensor", "asarray", "to"}
+
+
 class _DeviceMapMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         to_cuda = False
         if kwargs.get("device") is not None:
-            to_cuda = _map_device(kwargs["device"]) is not kwargs["device"]
+            # Host data copied to the device (torch.tensor(data, device=...)); a factory such as
+            # torch.zeros(device=...) is a kernel on the current stream instead.
+            to_cuda = (_map_device(kwargs["device"]) is not kwargs["device"]
+                       and getattr(func, "__name__", "") in _COPIES_FROM_HOST)
             kwargs = {**kwargs, "device": _map_device(kwargs["device"])}
         if func is torch.Tensor.to or getattr(func, "__name__", "") == "to":
             mapped = tuple(_map_device(a) for a in args)
