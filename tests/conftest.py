@@ -47,3 +47,10 @@ def fake_graphs(monkeypatch):
     monkeypatch.setattr(GuidedSampler, "_capturer_type", RerunCapturer)
     yield RerunCapturer
     RerunCapturer.fail_with = None
+
+
+@pytest.fixture(autouse=True)
+def _same_global_rng_in_every_test():
+    """Every test starts from one global RNG state, whatever ran before it: its unseeded draws do not
+    depend on the order of the tests, and a failure reproduces when the test runs alone."""
+    torch.manual_seed(0)

@@ -98,14 +98,15 @@ def test_euler_solver_uses_one_evaluation_per_step():
 def test_callback_receives_k_diffusion_dict():
     seen = []
     net = TinyConvDenoiser(seed=1)
-    noise = torch.randn(1, 3, 5, 5)
+    noise = torch.randn(1, 3, 5, 5, generator=torch.Generator().manual_seed(4))
     out = fast_guided_sample(net, noise, num_steps=4, callback=seen.append, backend="torch")
     assert [s["i"] for s in seen] == [0, 1, 2, 3]
     assert set(seen[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"}
     assert torch.equal(seen[-1]["x"], out)
     assert seen[0]["sigma"] == pytest.approx(80.0) and seen[0]["sigma_hat"] == seen[0]["sigma"]
-    # The last step is Euler to 0: x_N equals the denoised estimate at sigma_min.
-    assert torch.equal(seen[-1]["denoised"], out)
+    # The last step is Euler to 0: x_N = x + (0 - t)(x - D)/t is the denoised estimate at sigma_min,
+    # up to the rounding of that update (an ulp for some inputs, e.g. this seed's).
+    torch.testing.assert_close(seen[-1]["denoised"], out, rtol=1e-6, atol=1e-7)
 
 
 class TestSeeds:
