@@ -33,7 +33,8 @@ import threading
 
 import torch
 
-__all__ = ["StreamRace", "CaptureState", "on_op", "host_sync", "join_on_wait", "check_event_usable"]
+__all__ = ["CaptureState", "StreamRace", "check_event_usable", "host_sync", "join_on_wait", "on_allocation", "on_op",
+           "register", "tick"]
 
 
 class StreamRace(RuntimeError):
