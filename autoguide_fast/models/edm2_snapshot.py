@@ -22,7 +22,7 @@ import io
 import os
 import pickle
 from collections import OrderedDict
-from typing import IO, Any, cast
+from typing import IO, Any
 
 import torch
 
@@ -154,7 +154,9 @@ def _module_state(obj: Any) -> dict | None:
 
 def _module_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
     """Parameters and persistent buffers of a stored module tree, by dotted name (like state_dict)."""
-    state = cast(dict, _module_state(obj))  # A stored module (snapshot_network checks the top level).
+    state = _module_state(obj)
+    if state is None:  # Only at the top: a sub-module is checked before it is entered (below).
+        raise ValueError("file: the network's record holds no modules (no _modules in its stored state)")
     for name, value in (state.get("_parameters") or {}).items():
         if value is not None:
             out[prefix + name] = value
@@ -209,8 +211,6 @@ def snapshot_network(
         raise ValueError("file: the network's constructor arguments were not recorded (expected keyword "
                          f"arguments in _init_kwargs, got args={args!r}, kwargs={kwargs!r})")
     kwargs = {str(k): v for k, v in kwargs.items()}
-    if _module_state(obj) is None:
-        raise ValueError("file: the network's record holds no modules (no _modules in its stored state)")
     tensors: dict[str, torch.Tensor] = {}
     _module_tensors(obj, "", tensors)
     _check_size(kwargs, len(tensors))

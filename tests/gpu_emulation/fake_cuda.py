@@ -186,10 +186,6 @@ def _tensors(value):
             yield from _tensors(item)
 
 
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
 def _written(func, args, kwargs):
     """The tensors an op writes in place (its schema's mutable arguments, ``out=`` included)."""
     for i, arg in enumerate(func._schema.arguments):
@@ -211,13 +207,13 @@ class _RecordMode(TorchDispatchMode):
             raise RuntimeError(f"CUDA error: operation not permitted when stream is capturing "
                                f"({func}: host sync, emulated)")
         for t in _written(func, args, kwargs):
-            key = _storage_key(t)
+            key = stream_order.storage_key(t)
             if key and key not in self.fresh and key not in self.saved:
                 self.saved[key] = (t.untyped_storage(), t.untyped_storage().clone())
         out = func(*args, **kwargs)
-        inputs = {_storage_key(t) for t in _tensors((args, list(kwargs.values())))}
+        inputs = {stream_order.storage_key(t) for t in _tensors((args, list(kwargs.values())))}
         for t in _tensors(out):
-            key = _storage_key(t)
+            key = stream_order.storage_key(t)
             if key and key not in inputs and key not in self.saved:
                 self.fresh.setdefault(key, t)
         self.graph.ops.append((func, args, kwargs, out))
@@ -242,6 +238,16 @@ def _plain(t) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
 
 
+def _launch_stream():
+    """(the stream a launch of this thread goes to, the capture in progress in this thread or None);
+    during a capture the stream must be one of the capture's."""
+    stream = current_stream()
+    graph = getattr(_capture, "graph", None)
+    if graph is not None and graph.state is not None:
+        graph.state.check_member(stream)
+    return stream, graph
+
+
 class StreamOrderMode(TorchDispatchMode):
     """Entered in every thread: each aten op is an access of its stream (``stream_order``)."""
 
@@ -253,10 +259,7 @@ class StreamOrderMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if getattr(_order, "off", False):
             return func(*args, **kwargs)
-        stream = current_stream()
-        graph = getattr(_capture, "graph", None)
-        if graph is not None and graph.state is not None:
-            graph.state.check_member(stream)
+        stream, graph = _launch_stream()
         writes = [t for t in _written(func, args, kwargs) if _plain(t)]
         written = {id(t) for t in writes}
         reads = [t for t in _tensors((args, list(kwargs.values()))) if _plain(t) and id(t) not in written]
@@ -280,10 +283,7 @@ def kernel_launch(name: str, tensors) -> None:
     counts as read and written on the current stream."""
     if getattr(_order, "off", False):
         return
-    stream = current_stream()
-    graph = getattr(_capture, "graph", None)
-    if graph is not None and graph.state is not None:
-        graph.state.check_member(stream)
+    stream, _ = _launch_stream()
     stream_order.on_op(name, stream, [], [t for t in tensors if _plain(t)])
 
 
@@ -298,7 +298,7 @@ def allocated(tensor: torch.Tensor) -> None:
 def _copy_back(dst, src):
     """Write a replayed op's result into the tensor(s) the capture produced (unless they are one)."""
     if isinstance(dst, torch.Tensor) and isinstance(src, torch.Tensor):
-        same_view = (_storage_key(dst) == _storage_key(src)
+        same_view = (stream_order.storage_key(dst) == stream_order.storage_key(src)
                      and dst.storage_offset() == src.storage_offset() and dst.stride() == src.stride())
         if dst is not src and not same_view:
             with torch.no_grad():

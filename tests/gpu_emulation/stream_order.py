@@ -34,7 +34,7 @@ import threading
 import torch
 
 __all__ = ["CaptureState", "StreamRace", "check_event_usable", "host_sync", "join_on_wait", "on_allocation", "on_op",
-           "register", "tick"]
+           "register", "storage_key", "tick"]
 
 
 class StreamRace(RuntimeError):
@@ -84,7 +84,8 @@ def _ordered(stream, access: tuple[int, int]) -> bool:
     return sid == stream.id or stream.clock.get(sid, 0) >= t
 
 
-def _key(t: torch.Tensor) -> int:
+def storage_key(t: torch.Tensor) -> int:
+    """The address of a tensor's storage (shared by its views), or 0 without one."""
     try:
         return t.untyped_storage().data_ptr()
     except RuntimeError:  # No real storage (e.g. a functionalization wrapper): not tracked.
@@ -105,7 +106,7 @@ def on_op(func, stream, reads: list[torch.Tensor], writes: list[torch.Tensor]) -
         t = tick(stream)
         touched = set()
         for tensor, is_write in [(x, False) for x in reads] + [(x, True) for x in writes]:
-            key = _key(tensor)
+            key = storage_key(tensor)
             if not key:
                 continue
             touched.add(key)
@@ -121,7 +122,7 @@ def on_op(func, stream, reads: list[torch.Tensor], writes: list[torch.Tensor]) -
                     if not _ordered(stream, (sid, rt)):
                         raise _race("write after read", func, stream, sid, tensor)
         for tensor, is_write in [(x, False) for x in reads] + [(x, True) for x in writes]:
-            key = _key(tensor)
+            key = storage_key(tensor)
             if key:
                 if is_write:
                     _storages[key] = [(stream.id, t), {}]
@@ -133,7 +134,7 @@ def on_op(func, stream, reads: list[torch.Tensor], writes: list[torch.Tensor]) -
 def on_allocation(stream, tick_: int, tensors, touched: set[int]) -> None:
     with _lock:
         for tensor in tensors:
-            key = _key(tensor)
+            key = storage_key(tensor)
             if key and key not in touched:
                 _storages[key] = [(stream.id, tick_), {}]
                 for capture in _captures:
