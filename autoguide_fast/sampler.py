@@ -206,7 +206,8 @@ def fast_guided_sample(
     solver: str = "heun",                   # "heun" (official, 2nd order) or "euler" (1st order).
     backend: str = "auto",                  # "auto", "torch", "cpp", "triton" or "cuda".
     callback: Callable[[dict], Any] | None = None,  # Called after each step with x, i, sigma, sigma_hat, denoised.
-    check_finite: bool = True,              # Raise FloatingPointError if the result has NaN/Inf.
+    check_finite: bool = True,              # Raise FloatingPointError if the result has NaN/Inf (and ValueError
+                                            # if CUDA noise has; CPU noise is always checked).
 ) -> torch.Tensor:
     """Sample with the guided denoiser D_w = D0 + w (D1 - D0) (autoguidance, Karras et al. 2024).
 
@@ -228,7 +229,8 @@ def fast_guided_sample(
         S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, dtype=dtype,
         guidance_interval=guidance_interval, solver=solver,
     )
-    V.check_noise(noise)
+    # On a GPU, reading the noise's values makes the host wait for the GPU: only when check_finite.
+    V.check_noise(noise, values=check_finite or noise.device.type != "cuda")
     V.check_labels(labels, noise)
     seeds_t = V.check_seeds(seeds, noise)
     differentiable = _wants_autograd(noise, labels)

@@ -98,7 +98,9 @@ def check_flag(name: str, value: Any) -> bool:
     return value
 
 
-def check_noise(noise) -> None:
+def check_noise(noise, values: bool = True) -> None:
+    """Type, dtype and shape of ``noise``; with ``values`` also that it holds no NaN/Inf (on a GPU
+    that check makes the host wait for the GPU: callers skip it when asked not to sync)."""
     if not isinstance(noise, torch.Tensor):
         raise TypeError(f"noise: expected a torch.Tensor, got {type(noise).__name__}")
     if not noise.dtype.is_floating_point:
@@ -107,7 +109,7 @@ def check_noise(noise) -> None:
         raise ValueError("noise: expected a tensor with values (on the CPU or a GPU), got a meta tensor")
     if noise.dim() < 1 or noise.numel() == 0:
         raise ValueError(f"noise: expected a non-empty tensor [batch, ...], got shape {tuple(noise.shape)}")
-    if not bool(torch.isfinite(noise).all()):
+    if values and not bool(torch.isfinite(noise).all()):
         raise ValueError("noise: contains NaN or Inf")
 
 

@@ -258,6 +258,69 @@ def test_fast_guided_sample_on_cuda_goes_through_the_cache_and_matches_eager():
     autoguide_fast.clear_cache()
 
 
+@pytest.fixture
+def sync_debug_error():
+    """torch.cuda.set_sync_debug_mode("error") for the test's body (a call that makes the host wait
+    for the GPU raises), restored after it."""
+    torch.cuda.synchronize()
+    saved = torch.cuda.get_sync_debug_mode()
+
+    def enable():
+        torch.cuda.set_sync_debug_mode("error")
+
+    yield enable
+    torch.cuda.set_sync_debug_mode(saved)
+
+
+@pytest.mark.parametrize("streams", ["on", "off"])
+@pytest.mark.parametrize("graph", ["trajectory", "step", "none"])
+def test_calls_never_make_the_host_wait_for_the_gpu(graph, streams, sync_debug_error):
+    # A serving loop queues call after call: a host sync inside one (a .item(), a blocking copy)
+    # would drain the GPU's queue at every call. With check_finite=False nothing syncs, seeds given
+    # as a list included (pinned, asynchronous copy).
+    net, gnet = cuda_nets()
+    s = make(net, gnet, graph=graph, streams=streams, check_finite=False, **CHURN)
+    s.prepare(seeded=True)
+    inputs = [(noise_of(seed), labels_of(seed), [seed, seed + 1, seed + 2, seed + 3]) for seed in (1, 2)]
+    device_seeds = torch.tensor(inputs[0][2], device="cuda")
+    first = s(*inputs[0])  # First use of every path (lazy set-up may sync; calls after it must not).
+    sync_debug_error()
+    out = [s(noise, labels, seeds) for noise, labels, seeds in inputs]
+    out.append(s(labels=inputs[0][1], seeds=device_seeds))  # Noise defaults to seeded_noise(seeds).
+    torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(out[0], first)
+    for (noise, labels, seeds), got in zip(inputs, out):
+        assert torch.equal(got, eager(net, gnet, noise, labels, seeds, **BASE, **CHURN))
+    expected = eager(net, gnet, seeded_noise(inputs[0][2], SHAPE, device="cuda"), inputs[0][1], inputs[0][2],
+                     **BASE, **CHURN)
+    assert torch.equal(out[2], expected)
+
+
+def test_fast_guided_sample_on_cuda_never_makes_the_host_wait_for_the_gpu(sync_debug_error):
+    autoguide_fast.clear_cache()
+    net, gnet = cuda_nets()
+    noise, labels, seeds = noise_of(3), labels_of(3), [7, 8, 9, 10]
+    first = fast_guided_sample(net, noise, labels, gnet, seeds=seeds, check_finite=False, **BASE, **CHURN)
+    sync_debug_error()
+    again = fast_guided_sample(net, noise, labels, gnet, seeds=seeds, check_finite=False, **BASE, **CHURN)
+    torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(first, again)
+    assert torch.equal(again, eager(net, gnet, noise, labels, seeds, backend=_auto_backend_name(), **BASE, **CHURN))
+    autoguide_fast.clear_cache()
+
+
+def test_nan_noise_on_cuda_is_refused_unless_check_finite_is_off():
+    # Checking the noise's values makes the host wait for the GPU: done with check_finite only.
+    net, gnet = cuda_nets()
+    noise = noise_of(4)
+    noise[1, 0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="noise: contains NaN or Inf"):
+        fast_guided_sample(net, noise, labels_of(4), gnet, **BASE)
+    out = fast_guided_sample(net, noise, labels_of(4), gnet, check_finite=False, **BASE)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2, 3]]).all()
+    autoguide_fast.clear_cache()
+
+
 def _auto_backend_name() -> str:
     return resolve_backend("auto", torch.device("cuda"), torch.float32).name
 

@@ -167,6 +167,16 @@ def test_non_finite_result_raises_and_can_be_allowed():
     assert torch.isnan(out).all()
 
 
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_non_finite_noise_on_the_cpu_is_refused_either_way(check_finite):
+    # On the CPU reading the noise costs no synchronisation: checked whatever check_finite says
+    # (on a GPU only with check_finite, tests/test_engine_gpu.py).
+    noise = torch.randn(2, 3)
+    noise[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="noise: contains NaN or Inf"):
+        fast_guided_sample(GaussianDenoiser(0.5), noise, num_steps=3, check_finite=check_finite)
+
+
 def test_entry_points_declare_the_same_sampler_defaults():
     """Each entry point spells out the sampler keywords in its own signature; their defaults are
     SamplerConfig's (edm_sampler, the official signature, has no guidance_interval or solver)."""

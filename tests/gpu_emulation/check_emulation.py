@@ -42,6 +42,30 @@ def test_host_sync_during_capture_fails_the_capture():
             float(x.sum())
 
 
+def test_sync_debug_mode_reports_the_syncs_torch_reports():
+    x = torch.ones(2, device="cuda")
+    event = torch.cuda.Event()
+    event.record()
+    syncs = {"item": lambda: float(x.sum()), "synchronize": torch.cuda.synchronize,
+             "stream": lambda: torch.cuda.current_stream().synchronize(),
+             "host copy": lambda: torch.tensor([1.0, 2.0], device="cuda"), "to host": x.cpu,
+             "tolist": x.tolist}
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        for name, sync in syncs.items():
+            with pytest.raises(RuntimeError, match="called a synchronizing CUDA operation"):
+                sync()
+                pytest.fail(f"{name}: not reported")
+        event.synchronize()  # Not reported by torch either.
+        y = (x * 2).to("cuda", non_blocking=True)  # Device work and asynchronous copies: fine.
+        torch.cuda.set_sync_debug_mode("warn")
+        with pytest.warns(UserWarning, match="called a synchronizing CUDA operation"):
+            float(y.sum())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.cuda.get_sync_debug_mode() == 0 and float(y.sum()) == 4.0
+
+
 def test_engine_really_captures_and_replays():
     net = lambda x, t, labels: x * (0.25 / (0.25 + t**2))  # noqa: E731
     s = GuidedSampler(net, noise_shape=(2, 3), device="cuda", num_steps=4, graph="trajectory", backend="torch")

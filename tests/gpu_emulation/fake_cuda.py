@@ -12,6 +12,10 @@
   get their contents back, tensors it allocated are filled with NaN, so only a replay gives
   results. A host sync while capturing (``.item()``, ``torch.equal``, ``nonzero``,
   ``synchronize``) invalidates the capture, as CUDA does.
+* ``torch.cuda.set_sync_debug_mode``: "warn" / "error" warn or raise on the host syncs torch's own
+  sync debug mode reports (``synchronize``, ``Stream.synchronize``, ops that read a device value on
+  the host, blocking copies of host data to the device, and ``.cpu()``/``.tolist()``/``.numpy()``
+  of any tensor (see the plugin); not ``Event.synchronize``).
 * The CUDA generator is the CPU one; its "offset" is a hash of its state (it changes when it draws).
 * Memory counters: the bytes of the distinct storages of all live CPU tensors.
 """
@@ -101,6 +105,7 @@ class Stream:
 
     def synchronize(self):
         _check_not_capturing("Stream.synchronize")
+        sync_point("Stream.synchronize")
         stream_order.host_sync([self])
 
     def query(self):
@@ -169,13 +174,36 @@ def _check_not_capturing(what):
 
 def synchronize(device=None):
     _check_not_capturing("synchronize")
+    sync_point("torch.cuda.synchronize")
     stream_order.host_sync(list(_STREAMS))
 
 
 def host_sync_current() -> None:
     """A blocking copy to the device: the host waited for the current stream."""
     if not capturing():
+        sync_point("a blocking copy of host data to the device")
         stream_order.host_sync([current_stream()])
+
+
+# torch.cuda.set_sync_debug_mode: 0 "default", 1 "warn", 2 "error".
+_SYNC_DEBUG_MODES = {"default": 0, "warn": 1, "error": 2}
+_sync_debug_mode = [0]
+
+
+def set_sync_debug_mode(mode) -> None:
+    if isinstance(mode, str):
+        if mode not in _SYNC_DEBUG_MODES:
+            raise RuntimeError("invalid value of debug_mode, expected one of `default`, `warn`, `error`")
+        mode = _SYNC_DEBUG_MODES[mode]
+    _sync_debug_mode[0] = int(mode)
+
+
+def sync_point(what: str) -> None:
+    """A host synchronisation torch's sync debug mode reports (with its message)."""
+    if _sync_debug_mode[0] == 2:
+        raise RuntimeError(f"called a synchronizing CUDA operation ({what}, emulated)")
+    if _sync_debug_mode[0] == 1:
+        warnings.warn(f"called a synchronizing CUDA operation ({what}, emulated)", stacklevel=3)
 
 
 def _tensors(value):
@@ -267,6 +295,7 @@ class StreamOrderMode(TorchDispatchMode):
         out = func(*args, **kwargs)
         stream_order.on_allocation(stream, tick, [t for t in _tensors(out) if _plain(t)], touched)
         if func in _HOST_SYNC and graph is None:
+            sync_point(str(func))
             stream_order.host_sync([stream])
         return out
 
@@ -446,7 +475,6 @@ _PROPERTIES = _Properties(name="NVIDIA H100 (CPU emulation)", total_memory=80 * 
                           multi_processor_count=132, L2_cache_size=50 * 2**20, gcnArchName="", warp_size=32,
                           max_threads_per_multi_processor=2048, regs_per_multiprocessor=65536,
                           shared_memory_per_block_optin=227 * 1024, shared_memory_per_multiprocessor=228 * 1024)
-_sync_debug_mode = [0]
 
 
 def install() -> None:
@@ -470,7 +498,7 @@ def install() -> None:
         get_rng_state_all=lambda: [torch.get_rng_state()], set_rng_state_all=lambda s: torch.set_rng_state(s[0]),
         manual_seed=lambda seed: torch.manual_seed(seed), manual_seed_all=lambda seed: None,
         seed=lambda: torch.seed(), seed_all=lambda: None, initial_seed=lambda: torch.initial_seed(),
-        default_generators=(_Generator(),), set_sync_debug_mode=lambda m: _sync_debug_mode.__setitem__(0, m),
+        default_generators=(_Generator(),), set_sync_debug_mode=set_sync_debug_mode,
         get_sync_debug_mode=lambda: _sync_debug_mode[0], ipc_collect=lambda: None,
     )
     for name, fake in fakes.items():

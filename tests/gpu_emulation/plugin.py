@@ -64,11 +64,18 @@ class _Device(metaclass=_DeviceType):
 
 
 _COPIES_FROM_HOST = {"tensor", "as_tensor", "asarray", "to"}
+# Reads of a tensor's values on the host: on a GPU, blocking copies to the host. The emulation
+# cannot tell a host tensor from a device one, so these count only for the sync debug mode (a check
+# may then report a host tensor's read too), not as synchronisations of the stream-order model
+# (that would order work a GPU does not).
+_COPIES_TO_HOST = {"cpu", "tolist", "numpy"}
 
 
 class _DeviceMapMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _COPIES_TO_HOST:
+            fake_cuda.sync_point(f"Tensor.{func.__name__}")
         to_cuda = False
         if kwargs.get("device") is not None:
             # Host data copied to the device (torch.tensor(data, device=...)); a factory such as
