@@ -309,6 +309,21 @@ def test_fast_guided_sample_on_cuda_never_makes_the_host_wait_for_the_gpu(sync_d
     autoguide_fast.clear_cache()
 
 
+def test_bucketed_calls_never_make_the_host_wait_for_the_gpu(sync_debug_error):
+    # Padded (3 of a bucket of 4) and chunked (4 + 2) calls, seeds as a list.
+    net, gnet = cuda_nets()
+    s = autoguide_fast.BucketedSampler(net, gnet, image_shape=SHAPE[1:], batch_sizes=(2, 4),
+                                       image_label_shape=(LABEL_DIM,), device="cuda", check_finite=False,
+                                       **BASE, **CHURN)
+    labels = one_hot_labels(6, LABEL_DIM, seed=3).cuda()
+    seeds = [7, 8, 9, 10, 11, 12]
+    first = [s(labels=labels[:n], seeds=seeds[:n]) for n in (3, 6)]
+    sync_debug_error()
+    again = [s(labels=labels[:n], seeds=seeds[:n]) for n in (3, 6)]
+    torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
 def test_nan_noise_on_cuda_is_refused_unless_check_finite_is_off():
     # Checking the noise's values makes the host wait for the GPU: done with check_finite only.
     net, gnet = cuda_nets()
