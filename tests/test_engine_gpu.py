@@ -5,6 +5,7 @@ fallback, memory. Every comparison is bit for bit against the same backend run e
 from __future__ import annotations
 
 import gc
+import random
 import threading
 import warnings
 
@@ -91,6 +92,42 @@ def test_replay_is_bit_identical_to_the_same_backend_eagerly(backend, graph, chu
         expected = eager(net, gnet, noise, labels, seeds if churn else None, backend=backend, **BASE, **extra)
         assert torch.equal(out, expected), (backend, graph, seed)
     assert s.report["recaptures"] == 0
+
+
+def _random_config(rng: random.Random) -> dict:
+    return dict(
+        num_steps=rng.choice([2, 3, 4, 6]), sigma_min=rng.choice([0.002, 0.3]), sigma_max=rng.choice([80.0, 3.0]),
+        rho=rng.choice([7.0, 2.0]), guidance=rng.choice([1, 2.1, 0.3]), S_churn=rng.choice([0.0, 30.0, 1000.0]),
+        S_min=rng.choice([0.0, 0.5]), S_max=rng.choice([float("inf"), 5.0]), S_noise=rng.choice([1.0, 1.007]),
+        dtype=rng.choice([torch.float32, torch.float64]), solver=rng.choice(["heun", "euler"]),
+        guidance_interval=rng.choice([None, (0.5, 5.0), (0.0, 1.0), (10.0, 100.0)]),
+    )
+
+
+@pytest.mark.parametrize("draw", range(8))
+def test_random_configurations_replay_like_eager_in_every_mode(draw):
+    """Configurations drawn at random (guidance and churn intervals that switch mid-trajectory,
+    solvers, state dtypes, backends, seeded or torch-RNG churn): every graph x streams mode equals
+    the same backend run eagerly, bit for bit, on two calls."""
+    rng = random.Random(draw)
+    kwargs, backend = _random_config(rng), rng.choice(BACKENDS)
+    backend_or_skip(backend)
+    shape = rng.choice([(2, 3, 5, 7), (3, 3, 4, 4), (1, 3, 6, 6)])
+    seeded = rng.random() < 0.7
+    net, gnet = cuda_nets(label_dim=0)
+    for graph in ("trajectory", "step", "none"):
+        for streams in ("on", "off"):
+            s = GuidedSampler(net, gnet, noise_shape=shape, device="cuda", backend=backend, graph=graph,
+                              streams=streams, check_finite=False, **kwargs)
+            for call in range(2):
+                noise = noise_of(100 * draw + call, shape)
+                seeds = [rng.randrange(2**40) for _ in range(shape[0])] if seeded else None
+                torch.manual_seed(7 + call)  # The churn noise's source when unseeded.
+                out = s(noise, None, seeds)
+                torch.manual_seed(7 + call)
+                expected = eager(net, gnet, noise, None, seeds, backend=backend, **kwargs)
+                assert torch.equal(out, expected), (graph, streams, call, kwargs, backend)
+            assert s.report["graph"] == graph and s.report["capture_error"] is None
 
 
 @pytest.mark.parametrize("graph", ["trajectory", "step", "none"])
