@@ -87,7 +87,10 @@ def seeds_to_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device | 
             raise TypeError(f"seeds: expected integers, got {type(s).__name__} ({s!r})") from None
         values.append(v - (1 << 64) if v >= (1 << 63) else v)
     seeds_t = torch.tensor(values, dtype=torch.int64)
-    if device is not None and torch.device(device).type == "cuda":
+    if device is None:
+        return seeds_t
+    device = torch.device(device)
+    if device.type == "cuda":
         # Pinned, so the copy is asynchronous: the host does not wait for the GPU's queue to drain.
         return seeds_t.pin_memory().to(device, non_blocking=True)
     return seeds_t.to(device)

@@ -90,6 +90,19 @@ def test_philox_known_answers_torch_reference():
         assert tuple(int(w) for w in philox4x32(c, k)) == expected
 
 
+@pytest.mark.gpu
+def test_a_seeds_list_reaches_the_gpu_without_making_the_host_wait():
+    # Pinned memory and an asynchronous copy (a blocking copy would wait for the GPU's queue).
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = seeds_to_tensor([1, -2, 2**64 - 1, 2**63, 7], device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert got.device == torch.device("cuda", 0) and got.dtype == torch.int64
+    assert got.cpu().tolist() == [1, -2, -1, -(2**63), 7]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_philox_known_answers_compiled(device):
     if device == "cpu" and not _has_cpp():
