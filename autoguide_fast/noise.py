@@ -42,6 +42,7 @@ __all__ = [
     "philox_uint32",
     "seeded_labels",
     "seeded_noise",
+    "seeds_to_device",
     "seeds_to_tensor",
 ]
 
@@ -61,14 +62,25 @@ def churn_stream(step: int) -> int:
     return 1 + step
 
 
+def seeds_to_device(seeds: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``seeds.to(device)``; from the CPU to a CUDA device through pinned memory, asynchronously
+    (a blocking copy would make the host wait until the GPU's queue has drained)."""
+    device = torch.device(device)
+    if seeds.device.type == "cpu" and device.type == "cuda":
+        return seeds.pin_memory().to(device, non_blocking=True)
+    return seeds.to(device)
+
+
 def seeds_to_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """Seeds as an int64 tensor holding each seed modulo 2^64 (two's complement)."""
+    """Seeds as an int64 tensor holding each seed modulo 2^64 (two's complement), on ``device``
+    (None: a tensor stays on its device, other seeds go to the CPU)."""
     if isinstance(seeds, torch.Tensor):
         if seeds.dtype.is_floating_point or seeds.dtype.is_complex or seeds.dtype == torch.bool:
             raise TypeError(f"seeds: expected integers, got a tensor of dtype {seeds.dtype}")
         if seeds.dim() != 1:
             raise ValueError(f"seeds: expected a 1-D sequence, got shape {tuple(seeds.shape)}")
-        return seeds.to(device=device, dtype=torch.int64)
+        seeds_t = seeds.to(torch.int64)
+        return seeds_t if device is None else seeds_to_device(seeds_t, device)
     expected = "a sequence of integers (list, tuple, array or tensor), one per image"
     # A set or a mapping has no image order: refused rather than paired with images arbitrarily.
     if isinstance(seeds, (str, bytes, AbstractSet, Mapping)) or not hasattr(seeds, "__len__"):
@@ -87,13 +99,7 @@ def seeds_to_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device | 
             raise TypeError(f"seeds: expected integers, got {type(s).__name__} ({s!r})") from None
         values.append(v - (1 << 64) if v >= (1 << 63) else v)
     seeds_t = torch.tensor(values, dtype=torch.int64)
-    if device is None:
-        return seeds_t
-    device = torch.device(device)
-    if device.type == "cuda":
-        # Pinned, so the copy is asynchronous: the host does not wait for the GPU's queue to drain.
-        return seeds_t.pin_memory().to(device, non_blocking=True)
-    return seeds_t.to(device)
+    return seeds_t if device is None else seeds_to_device(seeds_t, device)
 
 
 # 32x32 -> 64-bit product split into (hi, lo) words, emulated exactly in int64.

@@ -29,6 +29,7 @@ from autoguide_fast.noise import churn_stream, philox_normal
 from autoguide_fast.plan import SamplerConfig
 from autoguide_fast.reference import edm_sampler as reference_sampler
 
+from .host_syncs import host_syncs_raise
 from .test_cpp_backend import (
     NET_DTYPES,
     OPCHECK_CASES,
@@ -184,12 +185,8 @@ def test_no_host_sync_and_cuda_graph_capture():
         d, xn = E.euler_step(x, D_main, D_guide, 2.1, 1.5, 1.0)
         return E.heun_step(x, d, xn, D_main, D_guide, 2.1, 1.5, 1.0, seeds, 0.3, 4)
 
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_syncs_raise():
         eager = step(x, D_main, D_guide)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -19,6 +19,7 @@ from autoguide_fast.engine import GraphCaptureWarning
 from autoguide_fast.engine import cache as engine_cache
 from autoguide_fast.noise import seeds_to_tensor
 from autoguide_fast.sampler import make_config, run_eager
+from tests.host_syncs import host_syncs_raise
 from tests.nets import GaussianDenoiser, TinyConvDenoiser, one_hot_labels
 from tests.threads import run_in_threads
 
@@ -295,23 +296,9 @@ def test_fast_guided_sample_on_cuda_goes_through_the_cache_and_matches_eager():
     autoguide_fast.clear_cache()
 
 
-@pytest.fixture
-def sync_debug_error():
-    """torch.cuda.set_sync_debug_mode("error") for the test's body (a call that makes the host wait
-    for the GPU raises), restored after it."""
-    torch.cuda.synchronize()
-    saved = torch.cuda.get_sync_debug_mode()
-
-    def enable():
-        torch.cuda.set_sync_debug_mode("error")
-
-    yield enable
-    torch.cuda.set_sync_debug_mode(saved)
-
-
 @pytest.mark.parametrize("streams", ["on", "off"])
 @pytest.mark.parametrize("graph", ["trajectory", "step", "none"])
-def test_calls_never_make_the_host_wait_for_the_gpu(graph, streams, sync_debug_error):
+def test_calls_never_make_the_host_wait_for_the_gpu(graph, streams):
     # A serving loop queues call after call: a host sync inside one (a .item(), a blocking copy)
     # would drain the GPU's queue at every call. With check_finite=False nothing syncs, seeds given
     # as a list included (pinned, asynchronous copy).
@@ -321,10 +308,9 @@ def test_calls_never_make_the_host_wait_for_the_gpu(graph, streams, sync_debug_e
     inputs = [(noise_of(seed), labels_of(seed), [seed, seed + 1, seed + 2, seed + 3]) for seed in (1, 2)]
     device_seeds = torch.tensor(inputs[0][2], device="cuda")
     first = s(*inputs[0])  # First use of every path (lazy set-up may sync; calls after it must not).
-    sync_debug_error()
-    out = [s(noise, labels, seeds) for noise, labels, seeds in inputs]
-    out.append(s(labels=inputs[0][1], seeds=device_seeds))  # Noise defaults to seeded_noise(seeds).
-    torch.cuda.set_sync_debug_mode("default")
+    with host_syncs_raise():
+        out = [s(noise, labels, seeds) for noise, labels, seeds in inputs]
+        out.append(s(labels=inputs[0][1], seeds=device_seeds))  # Noise defaults to seeded_noise(seeds).
     assert torch.equal(out[0], first)
     for (noise, labels, seeds), got in zip(inputs, out):
         assert torch.equal(got, eager(net, gnet, noise, labels, seeds, **BASE, **CHURN))
@@ -333,20 +319,21 @@ def test_calls_never_make_the_host_wait_for_the_gpu(graph, streams, sync_debug_e
     assert torch.equal(out[2], expected)
 
 
-def test_fast_guided_sample_on_cuda_never_makes_the_host_wait_for_the_gpu(sync_debug_error):
+def test_fast_guided_sample_on_cuda_never_makes_the_host_wait_for_the_gpu():
     autoguide_fast.clear_cache()
     net, gnet = cuda_nets()
     noise, labels, seeds = noise_of(3), labels_of(3), [7, 8, 9, 10]
     first = fast_guided_sample(net, noise, labels, gnet, seeds=seeds, check_finite=False, **BASE, **CHURN)
-    sync_debug_error()
-    again = fast_guided_sample(net, noise, labels, gnet, seeds=seeds, check_finite=False, **BASE, **CHURN)
-    torch.cuda.set_sync_debug_mode("default")
-    assert torch.equal(first, again)
-    assert torch.equal(again, eager(net, gnet, noise, labels, seeds, backend=_auto_backend_name(), **BASE, **CHURN))
+    seeds_on_host = torch.tensor(seeds)  # A CPU tensor of seeds goes the same asynchronous way as a list.
+    with host_syncs_raise():
+        again = [fast_guided_sample(net, noise, labels, gnet, seeds=given, check_finite=False, **BASE, **CHURN)
+                 for given in (seeds, seeds_on_host)]
+    assert all(torch.equal(first, a) for a in again)
+    assert torch.equal(first, eager(net, gnet, noise, labels, seeds, backend=_auto_backend_name(), **BASE, **CHURN))
     autoguide_fast.clear_cache()
 
 
-def test_bucketed_calls_never_make_the_host_wait_for_the_gpu(sync_debug_error):
+def test_bucketed_calls_never_make_the_host_wait_for_the_gpu():
     # Padded (3 of a bucket of 4) and chunked (4 + 2) calls, seeds as a list.
     net, gnet = cuda_nets()
     s = autoguide_fast.BucketedSampler(net, gnet, image_shape=SHAPE[1:], batch_sizes=(2, 4),
@@ -355,9 +342,8 @@ def test_bucketed_calls_never_make_the_host_wait_for_the_gpu(sync_debug_error):
     labels = one_hot_labels(6, LABEL_DIM, seed=3).cuda()
     seeds = [7, 8, 9, 10, 11, 12]
     first = [s(labels=labels[:n], seeds=seeds[:n]) for n in (3, 6)]
-    sync_debug_error()
-    again = [s(labels=labels[:n], seeds=seeds[:n]) for n in (3, 6)]
-    torch.cuda.set_sync_debug_mode("default")
+    with host_syncs_raise():
+        again = [s(labels=labels[:n], seeds=seeds[:n]) for n in (3, 6)]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 

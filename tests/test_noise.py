@@ -13,6 +13,7 @@ import autoguide_fast
 from autoguide_fast.backends import resolve_backend
 from autoguide_fast.noise import churn_stream, philox4x32, philox_normal, seeds_to_tensor
 from autoguide_fast.plan import StepPlan
+from tests.host_syncs import host_syncs_raise
 
 # Philox4x32-10 known-answer vectors (Random123's kat_vectors): counter, key -> words.
 KAT = [
@@ -91,16 +92,15 @@ def test_philox_known_answers_torch_reference():
 
 
 @pytest.mark.gpu
-def test_a_seeds_list_reaches_the_gpu_without_making_the_host_wait():
+def test_seeds_from_the_host_reach_the_gpu_without_making_the_host_wait():
     # Pinned memory and an asynchronous copy (a blocking copy would wait for the GPU's queue).
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        got = seeds_to_tensor([1, -2, 2**64 - 1, 2**63, 7], device="cuda")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert got.device == torch.device("cuda", 0) and got.dtype == torch.int64
-    assert got.cpu().tolist() == [1, -2, -1, -(2**63), 7]
+    given = [1, -2, 2**64 - 1, 2**63, 7]
+    on_host = torch.tensor([1, -2, -1, -(2**63), 7])
+    with host_syncs_raise():
+        got = [seeds_to_tensor(given, device="cuda"), seeds_to_tensor(on_host, device="cuda")]
+    for t in got:
+        assert t.device == torch.device("cuda", 0) and t.dtype == torch.int64
+        assert t.cpu().tolist() == [1, -2, -1, -(2**63), 7]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

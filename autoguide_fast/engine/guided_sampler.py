@@ -22,7 +22,7 @@ import torch
 
 from .. import validation as V
 from ..backends import resolve_backend
-from ..noise import STREAM_INITIAL
+from ..noise import STREAM_INITIAL, seeds_to_device
 from ..plan import StepPlan, build_plan
 from ..sampler import make_config
 from . import arguments as A
@@ -172,7 +172,7 @@ class GuidedSampler:
         self._order.begin()
         try:
             self._setup()
-            seeds_t = self._seeds_to_device(seeds_t)
+            seeds_t = None if seeds_t is None else seeds_to_device(seeds_t, self.device)
             if noise is None:
                 noise = (self._seeded_noise(seeds_t) if seeds_t is not None else
                          torch.randn(self.noise_shape, device=self.device, dtype=self.config.dtype))
@@ -303,13 +303,6 @@ class GuidedSampler:
         numel = math.prod(self.noise_shape[1:])
         noise = self._backend.normal(seeds, numel, STREAM_INITIAL, torch.float32)
         return noise.reshape(self.noise_shape).to(self.config.dtype)
-
-    def _seeds_to_device(self, seeds: torch.Tensor | None) -> torch.Tensor | None:
-        if seeds is None or seeds.device == self.device:
-            return seeds
-        if seeds.device.type == "cpu" and self.device.type == "cuda":
-            seeds = seeds.pin_memory()  # So the copy is asynchronous (no stream sync).
-        return seeds.to(self.device, non_blocking=True)
 
     def _default_example(self, seeded: bool) -> _Example:
         """Inputs for warm-up and capture when prepare() is called without a call's inputs:
