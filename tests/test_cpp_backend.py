@@ -486,20 +486,32 @@ def test_trajectory_euler_solver_and_interval_match_torch_backend(solver, interv
 
 
 @needs_cpp
-def test_drop_in_edm_sampler_is_exact_on_cpu():
-    """autoguide_fast.edm_sampler (backend "auto" -> "cpp" on CPU) == the reference, with churn."""
-    assert resolve_backend("auto", torch.device("cpu"), torch.float32).name == "cpp"
+def test_drop_in_edm_sampler_is_exact_on_cpu(monkeypatch):
+    """autoguide_fast.edm_sampler (backend "auto" -> "cpp" on CPU) == the reference, with churn from
+    torch.randn_like (the global RNG, reseeded before each run). A custom randn_like would route
+    "auto" to the torch loop (see test_sampler_api), so it is not used here; the spy checks which
+    backend ran."""
+    from autoguide_fast import sampler as sampler_module
+
+    used = []
+
+    def spy(name, device, dtype):
+        backend = resolve_backend(name, device, dtype)
+        used.append(backend.name)
+        return backend
+
+    monkeypatch.setattr(sampler_module, "resolve_backend", spy)
     noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     net, gnet = ToyNet(3), ToyNet(4)
-
-    def randn_like_from(seed):
-        g = torch.Generator().manual_seed(seed)
-        return lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype)
-
     kwargs = dict(num_steps=7, guidance=1.7, S_churn=40, S_min=0.01, S_max=50)
-    ref = reference_sampler(net, noise, None, gnet, randn_like=randn_like_from(9), **kwargs)
-    out = autoguide_fast.edm_sampler(net, noise, None, gnet, randn_like=randn_like_from(9), **kwargs)
+    torch.manual_seed(9)
+    ref = reference_sampler(net, noise, None, gnet, **kwargs)
+    torch.manual_seed(9)
+    out = autoguide_fast.edm_sampler(net, noise, None, gnet, **kwargs)
+    assert used == ["cpp"]
     assert torch.equal(out, ref)
+    torch.manual_seed(10)
+    assert not torch.equal(autoguide_fast.edm_sampler(net, noise, None, gnet, **kwargs), ref)  # Churn drew.
 
 
 # ---------------------------------------------------------------------------------------------

@@ -123,6 +123,12 @@ class MPFourier(torch.nn.Module):
         return y.to(x.dtype)
 
 
+def _version(t: Tensor) -> int | None:
+    """A tensor's version counter (bumped by every in-place update), or None for an inference
+    tensor, which has none."""
+    return None if t.is_inference() else t._version
+
+
 class MPConv(torch.nn.Module):
     """Magnitude-preserving conv (weight [out, in, k, k]) or linear (weight [out, in]).
 
@@ -143,11 +149,12 @@ class MPConv(torch.nn.Module):
         self._ready_source: tuple | None = None
 
     # What a prepared weight was computed from: the weight's and the gain's storage and version
-    # counters (an in-place update such as an EMA step bumps the version).
+    # counters (an in-place update such as an EMA step bumps the version). Inference tensors (made
+    # under torch.inference_mode()) have no version counter: only their storage is compared.
     def _source(self, gain: Tensor | float) -> tuple:
         w = self.weight
-        g = (gain.data_ptr(), gain._version) if isinstance(gain, Tensor) else gain
-        return w.data_ptr(), w._version, g
+        g = (gain.data_ptr(), _version(gain)) if isinstance(gain, Tensor) else gain
+        return w.data_ptr(), _version(w), g
 
     # Normalise once: store mp_weight(weight, gain) in `dtype` (same bits as a per-call cast).
     @torch.no_grad()
