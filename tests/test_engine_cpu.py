@@ -478,6 +478,25 @@ def test_parameter_signature_sees_replacement_not_in_place_updates():
     assert parameter_signature(net) != converted
 
 
+def test_parameter_signature_keeps_no_network_alive():
+    """The signature's cached module list refers to modules weakly: the graph engine calls it on
+    every replay, and a strong list (it holds the root module itself) kept every network sampled
+    on a GPU alive, weights included."""
+    net = TinyConvDenoiser(seed=1)
+    parameter_signature(net)
+    parameter_signature(net.forward)
+    probe = weakref.ref(net)
+    del net
+    gc.collect()
+    assert probe() is None
+    # After a child died and was replaced (a new object), the list is rebuilt, not reused.
+    net = TinyConvDenoiser(seed=1)
+    first = parameter_signature(net)
+    net.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+    gc.collect()
+    assert parameter_signature(net) != first and len(parameter_signature(net)) == len(first)
+
+
 def test_network_identity_of_bound_methods_is_stable():
     net = TinyConvDenoiser(seed=1)
     assert network_identity(net.forward) == network_identity(net.forward)

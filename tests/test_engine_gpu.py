@@ -8,6 +8,7 @@ import gc
 import random
 import threading
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -244,6 +245,20 @@ def test_memory_does_not_grow_over_100_calls():
         del out
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
+
+
+def test_cached_graph_route_keeps_no_network_alive():
+    """fast_guided_sample on CUDA (a cached, captured GuidedSampler) holds its networks weakly: a
+    model deleted by its owner is freed, weights and all, without clear_cache()."""
+    autoguide_fast.clear_cache()
+    net, gnet = cuda_nets(label_dim=0)
+    out = fast_guided_sample(net, noise_of(0, (2, 3, 8, 8)), None, gnet, **BASE)
+    assert engine_cache.cache_info()["entries"] == 1
+    probes = [weakref.ref(net), weakref.ref(gnet)]
+    del net, gnet, out
+    gc.collect()
+    assert [p() for p in probes] == [None, None]
+    autoguide_fast.clear_cache()
 
 
 def test_cache_eviction_and_clear_free_memory():
