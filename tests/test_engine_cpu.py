@@ -295,6 +295,21 @@ def test_eager_sampler_is_thread_safe():
     assert failures == []
 
 
+@pytest.mark.parametrize("graph", ["trajectory", "step", "none"])
+def test_first_call_under_inference_mode_then_calls_outside_it(fake_graphs, graph):
+    """Servers often warm up under torch.inference_mode(): the static buffers made then must not be
+    inference tensors, which a later call outside inference mode could not write. Both orders."""
+    net, gnet = nets()
+    noise = randn(*SHAPE)
+    expected = eager(net, gnet, noise, LABELS, seeds=[1, 2], **CHURN)
+    s = sampler(net, gnet, graph=graph, **CHURN)
+    with torch.inference_mode():
+        first = s(noise, LABELS, seeds=[1, 2])
+    assert torch.equal(first, expected) and torch.equal(s(noise, LABELS, seeds=[1, 2]), expected)
+    with torch.inference_mode():
+        assert torch.equal(s(noise, LABELS, seeds=[1, 2]), expected)
+
+
 # ----------------------------------------------------------------------------- graph orchestration (fake graphs)
 
 @pytest.mark.parametrize("graph", ["trajectory", "step"])

@@ -247,6 +247,24 @@ def test_memory_does_not_grow_over_100_calls():
     assert torch.cuda.memory_allocated() == before
 
 
+@pytest.mark.parametrize("graph", ["trajectory", "step", "none"])
+def test_first_call_under_inference_mode_then_outside_it(graph):
+    """A sampler first called (prepared) under torch.inference_mode() keeps working outside it: its
+    static buffers are not inference tensors. Also through the cached fast_guided_sample route."""
+    net, gnet = cuda_nets(label_dim=0)
+    noise = noise_of(0, (2, 3, 8, 8))
+    s = GuidedSampler(net, gnet, noise_shape=noise.shape, device="cuda", graph=graph, **BASE)
+    with torch.inference_mode():
+        first = s(noise)
+    assert torch.equal(s(noise), first)
+    if graph == "trajectory":
+        autoguide_fast.clear_cache()
+        with torch.inference_mode():
+            cached_first = fast_guided_sample(net, noise, None, gnet, **BASE)
+        assert torch.equal(fast_guided_sample(net, noise, None, gnet, **BASE), cached_first)
+        autoguide_fast.clear_cache()
+
+
 def test_cached_graph_route_keeps_no_network_alive():
     """fast_guided_sample on CUDA (a cached, captured GuidedSampler) holds its networks weakly: a
     model deleted by its owner is freed, weights and all, without clear_cache()."""

@@ -9,13 +9,14 @@ prepares again).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
@@ -39,6 +40,15 @@ _Example = tuple[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 
 class GraphCaptureWarning(UserWarning):
     """CUDA-graph capture failed; the sampler runs the same fused path eagerly instead."""
+
+
+@contextlib.contextmanager
+def _no_autograd() -> Iterator[None]:
+    """No autograd recording, and never inference mode: the sampler's persistent tensors (static
+    buffers, plan, graphs' memory) are made here, and inference tensors made by a first call under
+    ``torch.inference_mode()`` could not be written by a later call outside it."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 class GuidedSampler:
@@ -128,7 +138,7 @@ class GuidedSampler:
         differs from the default one only when the schedule has churn steps).
         """
         A.check_flag("seeded", seeded)
-        with self._lock, device_context(self.device), engine_lock(self.device), torch.no_grad():
+        with self._lock, device_context(self.device), engine_lock(self.device), _no_autograd():
             self._order.begin()
             self._setup()
             self._ensure(seeded and self._churns, None)
@@ -154,7 +164,7 @@ class GuidedSampler:
         A.check_call_noise(noise, self.noise_shape, self.device)
         A.check_call_labels(labels, self.label_shape, self.label_dtype, self.device)
         seeds_t = A.check_call_seeds(seeds, self.noise_shape[0])
-        with self._lock, device_context(self.device), torch.no_grad():
+        with self._lock, device_context(self.device), _no_autograd():
             # The engine lock covers the launches only, not the finiteness sync below: other samplers
             # queue their work meanwhile (see cuda_graphs.ENGINE_LOCK for why launches take it).
             with engine_lock(self.device):
