@@ -265,6 +265,32 @@ def test_first_call_under_inference_mode_then_outside_it(graph):
         autoguide_fast.clear_cache()
 
 
+def test_autocast_state_is_part_of_what_a_graph_was_captured_for():
+    """A graph bakes in the precision its networks ran at. A call under another autocast state than
+    the capture's gets what the plain loop gives under that state: GuidedSampler re-captures, the
+    cache keeps one entry per state. (Capture runs with autocast's weight-cast cache off.)"""
+    autoguide_fast.clear_cache()
+    net, gnet = cuda_nets(label_dim=0)
+    noise = noise_of(0, (2, 3, 8, 8))
+    kind = noise.device.type  # "cuda"; the CPU under the emulation.
+    low = torch.float16 if kind == "cuda" else torch.bfloat16
+
+    def plain(autocast: bool) -> torch.Tensor:
+        with torch.autocast(kind, dtype=low, enabled=autocast):
+            return fast_guided_sample(net, noise, None, gnet, callback=lambda info: None, **BASE)  # The plain loop.
+
+    full, reduced = plain(False), plain(True)
+    assert not torch.equal(full, reduced)
+    s = GuidedSampler(net, gnet, noise_shape=noise.shape, device="cuda", **BASE)
+    for autocast, expected in ((True, reduced), (False, full), (True, reduced)):
+        with torch.autocast(kind, dtype=low, enabled=autocast):
+            assert torch.equal(s(noise), expected), autocast
+            assert torch.equal(fast_guided_sample(net, noise, None, gnet, **BASE), expected), autocast
+    assert s.report["recaptures"] == 2
+    assert engine_cache.cache_info()["entries"] == 2
+    autoguide_fast.clear_cache()
+
+
 def test_cached_graph_route_keeps_no_network_alive():
     """fast_guided_sample on CUDA (a cached, captured GuidedSampler) holds its networks weakly: a
     model deleted by its owner is freed, weights and all, without clear_cache()."""

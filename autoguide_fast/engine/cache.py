@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..plan import SamplerConfig
+from .cuda_graphs import autocast_state
 from .guided_sampler import GuidedSampler
 from .networks import NetworkRef, network_identity
 
@@ -130,8 +131,9 @@ _CACHE = SamplerCache()
 def sampler_key(net, gnet, noise: torch.Tensor, labels: torch.Tensor | None, config: SamplerConfig,
                 backend: str, check_finite: bool) -> tuple:
     label_part = None if labels is None else (tuple(labels.shape), labels.dtype)
+    # The autocast state: a graph captured under autocast replays at that precision.
     return (network_identity(net), network_identity(gnet), tuple(noise.shape), str(noise.device), label_part,
-            config, backend, check_finite)
+            config, backend, check_finite, autocast_state())
 
 
 def sample_cached(

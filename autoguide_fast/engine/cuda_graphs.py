@@ -41,8 +41,8 @@ import torch
 
 from .streams import engine_stream
 
-__all__ = ["ENGINE_LOCK", "CaptureFailed", "CudaGraphCapturer", "describe_failure", "engine_lock", "preserved_rng",
-           "renew_random_fence", "wait_random_fence"]
+__all__ = ["ENGINE_LOCK", "CaptureFailed", "CudaGraphCapturer", "autocast_state", "capture_autocast",
+           "describe_failure", "engine_lock", "preserved_rng", "renew_random_fence", "wait_random_fence"]
 
 # Captures exclude every other CUDA launch of the engine (see the module docstring); re-entrant,
 # so a call that holds it may prepare (warm up and capture) without releasing it.
@@ -56,6 +56,29 @@ def engine_lock(device: torch.device):
 
 def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+_AUTOCAST_DEVICE_TYPES = ("cuda", "cpu")
+
+
+def autocast_state() -> tuple:
+    """The autocast regions the calling thread is in: ((device type, dtype), ...). A graph bakes in
+    the precision its networks ran at when it was captured, so this is part of what a graph (and
+    the cache's key) was made for."""
+    return tuple((kind, torch.get_autocast_dtype(kind)) for kind in _AUTOCAST_DEVICE_TYPES
+                 if torch.is_autocast_enabled(kind))
+
+
+@contextlib.contextmanager
+def capture_autocast():
+    """The caller's autocast regions with autocast's weight-cast cache off, for warm-up and
+    capture: a cached cast lives only until the outermost autocast region exits, and a graph that
+    read it would replay on freed memory (torch refuses the cache in make_graphed_callables)."""
+    with contextlib.ExitStack() as stack:
+        if torch.is_autocast_cache_enabled():
+            for kind, dtype in autocast_state():
+                stack.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=False))
+        yield
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from ..noise import STREAM_INITIAL, seeds_to_device
 from ..plan import StepPlan, build_plan
 from ..sampler import make_config
 from . import arguments as A
-from .cuda_graphs import CaptureFailed, CudaGraphCapturer, engine_lock, preserved_rng
+from .cuda_graphs import CaptureFailed, CudaGraphCapturer, autocast_state, capture_autocast, engine_lock, preserved_rng
 from .networks import NetworkRef, parameter_signature
 from .runners import EagerRunner, SamplingProgram, StaticInputs, StepGraphRunner, TrajectoryGraphRunner
 from .streams import CallOrder, GuideStream, device_context, time_alternating
@@ -258,7 +258,9 @@ class GuidedSampler:
         return cast(Callable, self._nets[0].get()), self._nets[1].get()  # net: checked callable.
 
     def _signature(self) -> tuple:
-        return tuple(parameter_signature(ref.get()) for ref in self._nets)
+        """What a graph was captured for and cannot see change: the networks' parameter storages
+        and the autocast state (a call under another autocast state re-captures)."""
+        return (autocast_state(), *(parameter_signature(ref.get()) for ref in self._nets))
 
     def _setup(self) -> None:
         """Plan and decisions that do not need timing (once per prepare cycle)."""
@@ -356,7 +358,8 @@ class GuidedSampler:
             capturer = self._capturer_type(self.device, draws_random=draws_random)
             inputs = StaticInputs(*example, dtype=self.config.dtype)
             try:
-                runner = cls(self._program(streams_on), capturer, inputs, self.warmup_runs)
+                with capture_autocast():
+                    runner = cls(self._program(streams_on), capturer, inputs, self.warmup_runs)
             except BaseException:
                 capturer.release()
                 raise
