@@ -422,6 +422,15 @@ def test_capture_failure_warns_once_and_falls_back_to_eager(fake_graphs):
     for i in range(2):
         assert torch.equal(outs[i], eager(net, gnet, randn(*SHAPE, seed=i), LABELS, [i, i + 1], **CHURN))
     assert all(c.released for c in fake_graphs.instances)
+    # The fallback sticks (no re-try, no second warning) until release(): a fresh start captures again.
+    fake_graphs.fail_with = None
+    s(randn(*SHAPE, seed=3), LABELS)
+    assert s.report["graph"] == "none" and len(fake_graphs.instances) == 1
+    s.release()
+    assert s.report["capture_error"] is None
+    expected = eager(net, gnet, randn(*SHAPE, seed=3), LABELS, [3, 4], **CHURN)
+    assert torch.equal(s(randn(*SHAPE, seed=3), LABELS, [3, 4]), expected)
+    assert s.report["graph"] == "trajectory" and s.report["capture_error"] is None
 
 
 def test_parameter_replacement_is_recaptured_in_place_update_is_not(fake_graphs):

@@ -504,6 +504,27 @@ def test_capture_failure_falls_back_with_one_warning_and_a_correct_result():
         assert torch.equal(out, eager(net, gnet, n, None, num_steps=5, guidance=2.0, backend="torch"))
 
 
+def test_streams_auto_keeps_the_one_stream_graph_when_the_second_runs_out_of_memory(monkeypatch):
+    """streams="auto" holds both schedules' graphs while it times them: if building the second one
+    runs out of memory, the first one is kept (not released with the call failing)."""
+    net, gnet = cuda_nets(label_dim=0)
+    s = GuidedSampler(net, gnet, noise_shape=(2, 3, 8, 8), device="cuda", graph="trajectory", **BASE)
+    program = s._program
+
+    def program_or_oom(streams_on: bool):
+        if streams_on:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return program(streams_on)
+
+    monkeypatch.setattr(s, "_program", program_or_oom)
+    noise = noise_of(0, (2, 3, 8, 8))
+    out = s(noise)
+    report = s.report
+    assert report["graph"] == "trajectory" and report["streams"] == "off" and report["capture_error"] is None
+    assert "out of memory" in report["streams_reason"]
+    assert torch.equal(out, eager(net, gnet, noise, None, **BASE))
+
+
 def test_cuda_rng_and_allocator_still_work_after_a_failed_capture():
     net = GaussianDenoiser(0.5)
     s = GuidedSampler(net, noise_shape=(2, 8), device="cuda", num_steps=4, graph="trajectory", backend="torch",

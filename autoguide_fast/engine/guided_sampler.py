@@ -220,6 +220,7 @@ class GuidedSampler:
         with self._lock:
             self._release_runners()
             self._reset()
+            self._capture_error = None  # A fresh start: the next call tries to capture again.
 
     def __repr__(self) -> str:
         r = self._report
@@ -376,6 +377,13 @@ class GuidedSampler:
             # The forked schedule alone cannot be captured: keep the single-stream graph.
             self._streams_on = False
             self._report["streams_reason"] = f"auto: capture with streams on failed ({exc}); streams off"
+            return built["off"]
+        except torch.OutOfMemoryError:
+            # Both schedules' graphs (and memory pools) held at once did not fit: keep the one built.
+            self._streams_on = False
+            self._report["streams_reason"] = ("auto: out of memory building the streams-on graph next to the "
+                                              "streams-off one; streams off")
+            torch.cuda.empty_cache()
             return built["off"]
         except BaseException:
             built["off"].release()
