@@ -10,10 +10,14 @@ Ops (state float32 by default, network outputs in --net-dtype):
   euler_unguided     D = D1; d = (x_hat - D)/t_hat; x_next = x_hat + (t_next - t_hat) d
                      (EDM Algorithm 2, lines 7-8): reads x_hat, D1; writes d, x_next.
   euler_guided       D = D0 + w (D1 - D0) (autoguidance eq. 2), then as above: reads x_hat, D1, D0.
+  euler_guided_last  the same without writing d (need_d=False: the last Heun step, the euler solver).
   heun_guided        d' = (x_next - D')/t_next; x_out = x_hat + (t_next - t_hat)(d/2 + d'/2)
                      (lines 9-11): reads x_hat, d, x_next, D1', D0'; writes x_out.
-  heun_guided_churn  the same plus the next step's seeded churn x_out + s eps (line 5); backends
-                     that cannot fuse it run it as a second op (the torch backend: Philox in torch).
+  heun_guided_churn  the same plus the next step's churn x_out + s eps (line 5). Fused backends draw
+                     eps from the image's seed inside the op; the torch baseline is the official
+                     sampler's unfused sequence: the Heun ops, then eps = torch.randn_like(x) and
+                     x + s eps (torch's own generator, not the seeded noise, whose pure-torch
+                     emulation would make a slow strawman; seeded_noise below times that part).
   seeded_noise       the per-image seeded normals alone (Philox4x32-10 + Box-Muller, noise.py), as
                      seeded_noise draws them; one more arm, "randn_like", is torch.randn_like of the
                      same size (the official sampler's unseeded source), for comparison.
@@ -51,8 +55,9 @@ import autoguide_fast  # noqa: E402
 from autoguide_fast.backends import resolve_backend  # noqa: E402
 from autoguide_fast.plan import StepPlan  # noqa: E402
 
-OPS = ("euler_unguided", "euler_guided", "heun_guided", "heun_guided_churn", "seeded_noise")
-STEP_OPS = ("euler_unguided", "euler_guided", "heun_guided", "heun_guided_churn")  # The targets apply to these.
+OPS = ("euler_unguided", "euler_guided", "euler_guided_last", "heun_guided", "heun_guided_churn", "seeded_noise")
+STEP_OPS = ("euler_unguided", "euler_guided", "euler_guided_last", "heun_guided",  # The targets apply to these.
+            "heun_guided_churn")
 COLUMNS = [
     "date", "run_id", "card", "device_type", "torch", "cuda", "triton", "python", "commit", "source_hash",
     "backend", "op", "numel", "dtype", "net_dtype", "threads", "n_samples", "inner", "p20_ms", "p50_ms", "p80_ms",
@@ -111,6 +116,7 @@ class Workload:
         self.bytes = {
             "euler_unguided": self.numel * (s + n + 2 * s),
             "euler_guided": self.numel * (s + 2 * n + 2 * s),
+            "euler_guided_last": self.numel * (s + 2 * n + s),
             "heun_guided": self.numel * (3 * s + 2 * n + s),
             "heun_guided_churn": self.numel * (3 * s + 2 * n + s),
             "seeded_noise": self.numel * s,
@@ -122,6 +128,8 @@ class Workload:
             return lambda: backend.euler(x, D1, None, None, step)
         if op == "euler_guided":
             return lambda: backend.euler(x, D1, D0, 2.1, step)
+        if op == "euler_guided_last":
+            return lambda: backend.euler(x, D1, D0, 2.1, step, need_d=False)
         if op == "heun_guided":
             return lambda: backend.heun(x, d, xn, D1, D0, 2.1, step)
         nxt, seeds = self.next, self.seeds
@@ -130,7 +138,8 @@ class Workload:
             return lambda: backend.normal(seeds, per_image, 5, dtype)
         if getattr(backend, "fuses_churn", False):
             return lambda: backend.heun(x, d, xn, D1, D0, 2.1, step, churn_next=(nxt, seeds))
-        return lambda: backend.churn(backend.heun(x, d, xn, D1, D0, 2.1, step), nxt, seeds, None)
+        # The official sampler's unfused churn: torch.randn_like, then x + s eps.
+        return lambda: backend.churn(backend.heun(x, d, xn, D1, D0, 2.1, step), nxt, None, torch.randn_like(x))
 
 
 def _time(fn: Callable[[], object], device: torch.device, inner: int) -> float:

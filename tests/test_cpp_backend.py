@@ -609,7 +609,7 @@ def test_bench_step_keeps_the_ops_measured_before_an_interrupt(tmp_path, monkeyp
                            "--threads", "1", "--out", str(out)]) == 130
     finally:
         torch.set_num_threads(threads)
-    assert [r["op"] for r in bench.common.read_rows(out)] == ["euler_unguided", "euler_guided"]
+    assert [r["op"] for r in bench.common.read_rows(out)] == ["euler_unguided", "euler_guided", "euler_guided_last"]
 
 
 _NOISE_MATH_HARNESS = r"""
