@@ -30,6 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 __all__ = [
+    "COMPILED_ARMS",
     "RESULTS_DIR",
     "ROOT",
     "append_rows",
@@ -42,14 +43,18 @@ __all__ = [
     "judged",
     "latest_run",
     "machine_name",
+    "networks_compiled",
     "percentile",
+    "plot_path",
     "read_rows",
     "reps",
     "run_metadata",
+    "same_round",
     "source_hash",
     "summarize",
     "time_call",
     "versions",
+    "versus",
 ]
 
 
@@ -116,10 +121,14 @@ def git_commit() -> str:
 
     ``BENCH_COMMIT`` in the environment wins (a copy of the tree without ``.git`` cannot know
     its commit); ``unknown`` when neither is available. ``source_hash`` identifies the code even then.
+    Git is asked only when the tree has its own ``.git``: a copy placed inside another checkout
+    would otherwise record that checkout's commit.
     """
     env = os.environ.get("BENCH_COMMIT")
     if env:
         return env
+    if not (ROOT / ".git").exists():
+        return "unknown"
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
@@ -250,6 +259,42 @@ def arm_p50(rows: Iterable[dict[str, str]], arm: str) -> float | None:
     """The p50 ms of ``arm`` among the rows (one workload and batch) if it ran, else None."""
     best = fastest(rows, lambda r: r["arm"] == arm)
     return None if best is None else best[0]
+
+
+def same_round(rows: Iterable[dict[str, str]], row: dict[str, str]) -> list[dict[str, str]]:
+    """The rows whose repetitions come from the same round of the harness as ``row``'s (column
+    ``round``; rows written before the column existed all count as one round)."""
+    return [r for r in rows if r.get("round", "") == row.get("round", "")]
+
+
+def versus(rows: Sequence[dict[str, str]], base: str, keep: Callable[[dict[str, str]], bool] = lambda r: True
+           ) -> tuple[float, float, str] | None:
+    """(base's p50, p50 and name of the fastest "ours" arm that ``keep`` accepts) among the rows of
+    one workload and batch, the ours arm taken among those timed in the same round as ``base``
+    (so a ratio never mixes repetitions from different rounds); None if either did not run."""
+    ran = [r for r in rows if r["arm"] == base and r.get("status") == "ok" and r.get("p50_ms")]
+    if not ran:
+        return None
+    ours = fastest(same_round(rows, ran[0]), lambda r: r.get("kind") == "ours" and keep(r))
+    return None if ours is None else (float(ran[0]["p50_ms"]), ours[0], ours[1])
+
+
+# Arms whose networks run under torch.compile (latency.py's arms with ``compiles``; a test keeps
+# the two in step).
+COMPILED_ARMS = ("B2", "ours-compiled")
+
+
+def networks_compiled(row: dict[str, str]) -> bool:
+    """Whether the row's arm ran torch.compile'd networks: a compiling arm by name, or an arm whose
+    recorded engine report (column ``config``) says the engine ran ``compile_networks`` on."""
+    return row.get("arm") in COMPILED_ARMS or '"compile_networks": true' in (row.get("config") or "")
+
+
+def plot_path(card: str, metric: str = "ms") -> pathlib.Path:
+    """Where ``plot_latency.py`` writes a card's plot by default (and where ``performance_table.py``
+    looks for it): ``benchmarks/results/latency_<card>.png`` (``..._speedup.png`` for the speed-ups)."""
+    slug = "".join(c if c.isalnum() else "_" for c in card).strip("_")[:40] or "card"
+    return RESULTS_DIR / f"latency_{slug}{'' if metric == 'ms' else '_' + metric}.png"
 
 
 MIN_JUDGED_REPS = 5  # DESIGN: every reported median is of at least 5 repetitions.

@@ -22,7 +22,8 @@
 #   GPU_CHECK_TESTS      test files run in full besides `-m gpu` (default: none; on a GPU the
 #                        conftest marks the Triton test files `gpu`, so `-m gpu` runs them too)
 #   PYTHON               interpreter (default: the first of python3, python that imports torch)
-#   BENCH_COMMIT         commit recorded in the CSV when the tree has no .git
+#   BENCH_COMMIT         commit recorded in the CSV when the tree has no .git (pass it: a copy of the
+#                        tree without .git records commit "unknown", and the summary says so loudly)
 set -u
 
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
@@ -298,11 +299,39 @@ else
     record plot skipped - 0 0 "no latency.csv"
 fi
 
+# The commit the results record: read back from latency.csv when it exists, else found as
+# benchmarks/common.py finds it (BENCH_COMMIT, else git when the tree has its own .git).
+COMMIT="" SOURCES=""
+if [ -s "$OUT/latency.csv" ]; then
+    read -r COMMIT SOURCES < <("$PY" -c '
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1], newline="")))
+print(",".join(sorted({r.get("commit") or "unknown" for r in rows})) or "unknown",
+      ",".join(sorted({r.get("source_hash") or "" for r in rows} - {""})) or "-")' "$OUT/latency.csv" 2>/dev/null)
+fi
+if [ -z "$COMMIT" ]; then
+    COMMIT=${BENCH_COMMIT:-}
+    if [ -z "$COMMIT" ] && [ -e .git ]; then COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null); fi
+    COMMIT=${COMMIT:-unknown}
+    SOURCES=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.source_hash())' \
+        2>/dev/null)
+fi
+commit_lines() {
+    if [[ ",$COMMIT," == *",unknown,"* ]]; then
+        echo "!!! COMMIT UNKNOWN: the results record commit=unknown (this copy of the tree has no .git and"
+        echo "!!! BENCH_COMMIT was not set). Note the commit by hand, or re-run with BENCH_COMMIT=<hash> (the"
+        echo "!!! output of git rev-parse HEAD on the machine that has git). source_hash: ${SOURCES:--}"
+    else
+        echo "commit: $COMMIT (source_hash: ${SOURCES:--})"
+    fi
+}
+
 # Summary.
 {
     echo "GPU check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
     grep -m1 '^gpu' "$OUT/env.txt" 2>/dev/null
     grep -m1 '^torch' "$OUT/env.txt" 2>/dev/null
+    commit_lines
     echo
     printf '%-13s %-8s %4s %7s %7s  %s\n' stage status exit seconds limit note
     cat "$STAGES"

@@ -13,6 +13,9 @@ Items (each prints one line ``PASS|WARN|FAIL|SKIP  item  detail`` as soon as it 
   buckets                 BucketedSampler (buckets 1, 2; 3 seeded images = 2 + 1) against eager samplers
   edm2-xs/<graph>         the real EDM2-XS network (fp16 body), 2 steps at batch 1: captured in
                           one graph with the guide on a side stream, against the same sampler eagerly
+  arms/<arm>              the latency benchmark's arms F, F_par and B2 built and run as it builds them
+                          (its tiny --smoke EDM2 networks, 2 steps, batch 1), so that a broken arm shows
+                          up before the timed run; B2 (compiles) is skipped when too little time is left
 
 for the backends torch, triton and cuda. Each group (one backend; the auto + EDM2 items) runs in
 its own process, all at once: a kernel that faults poisons only its own CUDA context, and the
@@ -60,6 +63,8 @@ EDM2_NOISE_SHAPE = (1, 4, 64, 64)  # The edm2-xs items: one img512 latent.
 CHURN = {"S_churn": 20.0, "S_min": 0.05, "S_max": 50.0}
 SEEDS = [3, 2**40 + 7]
 WARN_REL = 1e-4     # Largest relative difference still called "close" (WARN) rather than FAIL.
+SMOKE_ARMS = ("F", "F_par", "B2")  # The latency arms the smoke builds and runs (the others are smoked above).
+B2_NEEDS_S = 35.0   # Seconds B2 needs at least: it compiles two tiny networks from cold.
 
 
 class TinyNet(torch.nn.Module):
@@ -207,8 +212,10 @@ def backend_group(name: str, device: torch.device, report: Report) -> None:
     report.run(f"{name}/churn-step-on", lambda: graph("step", "on", True))
 
 
-def engine_group(device: torch.device, report: Report) -> None:
-    """What a user gets (every switch on "auto"), and the real EDM2 network captured."""
+def engine_group(device: torch.device, report: Report, deadline: float | None = None) -> None:
+    """What a user gets (every switch on "auto"), the real EDM2 network captured, and the latency
+    benchmark's floors and compiled baseline (``arm_items``; ``deadline``: time.monotonic() by which
+    the group must end, None = no limit)."""
     net, gnet = TinyNet(1, 16).to(device), TinyNet(2, 8).to(device)
     noise, labels = _inputs(device, 1)
 
@@ -251,6 +258,7 @@ def engine_group(device: torch.device, report: Report) -> None:
     report.run("buckets", buckets)
     if device.type != "cuda":
         report.add("SKIP", "edm2-xs/*", f"needs a CUDA device (device={device})")
+        report.add("SKIP", "arms/*", f"the floors need CUDA graphs (device={device})")
         return
     from latency import build_network  # The benchmark's random EDM2 network (non-zero gains).
 
@@ -288,6 +296,56 @@ def engine_group(device: torch.device, report: Report) -> None:
 
     report.run("edm2-xs/eager", lambda: edm2("none"))
     report.run("edm2-xs/trajectory-on", lambda: edm2("trajectory"))
+    arm_items(device, report, deadline)
+
+
+def _tensors(obj: object) -> list[torch.Tensor]:
+    """The tensors in a (nested) tuple or list."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+def arm_items(device: torch.device, report: Report, deadline: float | None) -> None:
+    """The latency benchmark's arms F, F_par and B2, built by its own code on its tiny --smoke EDM2
+    networks (2 steps, batch 1) and run once plus 3 timed runs: a broken arm shows up here, before
+    the timed run. B2 is skipped when less than B2_NEEDS_S seconds are left before ``deadline``."""
+    import latency
+
+    plan = latency.Plan("smoke", device, [], steps=2, reps=1, warmup=1, arms=list(SMOKE_ARMS), skip=[],
+                        time_budget=None, compile_estimate=0.0, cpu_compile=False, seed=0)
+    specs = {a.name: a for a in latency.ARMS}
+    state: dict = {}
+
+    def arm(name: str) -> tuple[str, str]:
+        spec = specs[name]
+        if spec.compiles and deadline is not None and deadline - time.monotonic() < B2_NEEDS_S:
+            left = max(0.0, deadline - time.monotonic())
+            return "SKIP", f"{left:.0f} s left, compiling needs ~{B2_NEEDS_S:.0f} s (the timed run still runs it)"
+        if "ctx" not in state:
+            nets = latency.build_networks(latency.WORKLOAD_SMOKE, plan)
+            state["ctx"] = latency.make_context(latency.WORKLOAD_SMOKE, nets, 1, plan)
+        ctx = state["ctx"]
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = spec.build(ctx)
+            out = prepared.run()
+            ms = _ms(prepared.run, device, reps=3)
+            if isinstance(out, torch.Tensor) and "B1" not in state:
+                state["B1"] = specs["B1"].build(ctx).run()
+        outputs = _tensors(out) + _tensors(getattr(prepared.run, "keep_alive", ()))
+        if not outputs or not all(bool(torch.isfinite(t).all()) for t in outputs):
+            return "FAIL", "no output" if not outputs else "NaN/Inf in the output"
+        detail = f"{prepared.config[:120]}; {ms:.2f} ms/run"
+        if isinstance(out, torch.Tensor):
+            diff = float((out.float() - state["B1"].float()).abs().max())
+            detail = f"max |diff| vs B1 {diff:.3g} (compiled: not bit for bit); " + detail
+        return "PASS", detail
+
+    for name in SMOKE_ARMS:
+        report.run(f"arms/{name}", lambda n=name: arm(n))
 
 
 def env_line(device: torch.device) -> str:
@@ -302,12 +360,14 @@ def env_line(device: torch.device) -> str:
     return "; ".join(parts)
 
 
-def run_group(group: str, device: torch.device, out: pathlib.Path | None) -> int:
+def run_group(group: str, device: torch.device, out: pathlib.Path | None, deadline: float | None = None) -> int:
+    """Run one group's items (``deadline``: time.monotonic() by which it must end, None = no limit);
+    1 if an item failed."""
     report = Report(group, None if out is None else out / f"smoke_{group}.json")
     if group == "env":
         report.run("env", lambda: ("PASS", env_line(device)))
     elif group == "engine":
-        engine_group(device, report)
+        engine_group(device, report, deadline)
     else:
         backend_group(group, device, report)
     return int(any(i["verdict"] == "FAIL" for i in report.items))
@@ -323,7 +383,7 @@ def run_all(device: torch.device, out: pathlib.Path, timeout: float) -> int:
     for group in groups_for(device):
         log = (out / f"smoke_{group}.log").open("w")
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--group", group, "--device", str(device),
-               "--out", str(out)]
+               "--out", str(out), "--timeout", str(timeout)]
         procs[group] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
     deadline = time.monotonic() + timeout
     lines, failed = [], False
@@ -371,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         out = pathlib.Path(args.out) if args.out else None
         if device.type == "cpu":
             torch.set_num_threads(1)  # Tiny networks: spinning OpenMP threads only slow a shared CPU.
-        return run_group(args.group, device, out)
+        # The group's clock starts after torch's import: B2_NEEDS_S has room for that.
+        return run_group(args.group, device, out, time.monotonic() + args.timeout)
     if args.out:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

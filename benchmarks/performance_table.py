@@ -1,6 +1,7 @@
 """The README's "Performance" results from ``benchmarks/results/latency.csv``: one markdown table of
-the latest GPU results (medians, the best "ours" arm, its speed-ups and its ratio to the floor F) and
-the verdict on every target, written between the markers
+the latest GPU results (medians, the best "ours" arm, its speed-ups, and the ratio of the best "ours"
+arm with uncompiled networks to the floor F), the plot of the same results (``plot_latency.py``'s
+PNG, linked when it exists) and the verdict on every target, written between the markers
 
     <!-- performance-table:begin -->  ...  <!-- performance-table:end -->
 
@@ -8,6 +9,7 @@ of each file given to ``--write`` (README.md and docs/performance.md), or printe
 
     python benchmarks/performance_table.py                         # print the latest GPU results
     python benchmarks/performance_table.py --card H100 --write README.md docs/performance.md
+    python benchmarks/performance_table.py --write README.md --plot benchmarks/results/h100.png
 
 Only rows measured on a CUDA device count: a CPU run (``--smoke``) never reaches the README.
 """
@@ -15,6 +17,7 @@ Only rows measured on a CUDA device count: a CPU run (``--smoke``) never reaches
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import re
 import sys
@@ -34,12 +37,25 @@ def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}" if value < 100 else f"{value:.1f}"
 
 
-def _speedup(base: float | None, ours: float) -> str:
-    return "–" if base is None else f"{base / ours:.2f}×"
+def _speedup(group: list[dict[str, str]], base: str, best_arm: str) -> str:
+    """The fastest ours arm's speed-up over ``base`` (within ``base``'s round), its name added when it
+    is not the table's best arm."""
+    pair = common.versus(group, base)
+    if pair is None:
+        return "–"
+    ref, ours, arm = pair
+    return f"{ref / ours:.2f}×" + ("" if arm == best_arm else f" ({arm})")
 
 
-def results_table(rows: list[dict[str, str]]) -> str:
-    """Markdown: provenance line, one row per (workload, batch), then the targets' verdicts."""
+def _ratio_f(group: list[dict[str, str]]) -> str:
+    """The fastest ours arm with uncompiled networks over F (the target's comparison), with its name."""
+    pair = common.versus(group, "F", lambda r: not common.networks_compiled(r))
+    return "–" if pair is None else f"{pair[1] / pair[0]:.2f} ({pair[2]})"
+
+
+def results_table(rows: list[dict[str, str]], plot: str | None = None) -> str:
+    """Markdown: provenance line, one row per (workload, batch), the plot (an image link to ``plot``,
+    if given), then the targets' verdicts."""
     gpu = [r for r in rows if r.get("device_type") == "cuda"]
     if not gpu:
         raise ValueError("no row of this run was measured on a CUDA device")
@@ -58,15 +74,17 @@ def results_table(rows: list[dict[str, str]]) -> str:
         cells = [workload, str(batch)] + [_ms(base[a]) for a in BASES]
         if ours is not None:
             best, arm = ours
-            ratio_f = "–" if base["F"] is None else f"{best / base['F']:.2f}"
-            cells += [f"{_ms(best)} ({arm})", _speedup(base["B0"], best), _speedup(base["B1"], best),
-                      _speedup(base["B2"], best), ratio_f]
+            cells += [f"{_ms(best)} ({arm})", *(_speedup(group, b, arm) for b in ("B0", "B1", "B2")), _ratio_f(group)]
         else:
             cells += ["no ours arm ran", "–", "–", "–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "ours / F: the fastest ours arm whose networks are not compiled (F and F_par run the plain "
+              "networks), named in brackets; a speed-up names its arm when it is not the best one."]
     if short:
         lines += ["", f"Left out (fewer than {common.MIN_JUDGED_REPS} repetitions, a round cut short): "
                   + ", ".join(short) + "."]
+    if plot:
+        lines += ["", f"![Latency per arm and batch on {gpu[0]['card']} (p50, whiskers p20-p80)]({plot})"]
     lines += ["", "Targets (each judged within the run of its batch):", ""]
     lines += ["| workload | batch | target | measured | verdict |", "|---|---:|---|---|---|"]
     for workload, batch, target, measured, verdict in _targets(gpu):
@@ -112,12 +130,23 @@ def replace_between_markers(text: str, body: str, where: str) -> str:
     return pattern.sub(lambda _: f"{BEGIN}\n{body}\n{END}", text)
 
 
+def plot_link(png: pathlib.Path, target: pathlib.Path) -> str | None:
+    """The markdown path of ``png`` seen from the file ``target`` (relative, forward slashes), or
+    None when the PNG does not exist (no plot was drawn for this card)."""
+    if not png.is_file():
+        return None
+    return pathlib.Path(os.path.relpath(png.resolve(), target.resolve().parent)).as_posix()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--csv", default=str(common.RESULTS_DIR / "latency.csv"), help="latency results CSV")
     p.add_argument("--card", default=None, help="only runs whose card name contains this (e.g. H100)")
     p.add_argument("--write", nargs="*", default=[], metavar="FILE",
                    help="replace the marked block of these files (README.md, docs/performance.md)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="plot linked in the written block when it exists (default: the card's "
+                        "benchmarks/results/latency_<card>.png, as plot_latency.py writes it)")
     args = p.parse_args(argv)
     path = pathlib.Path(args.csv)
     if not path.is_file():
@@ -126,19 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     run = common.latest_run(gpu_rows, args.card)
     if not run:
         p.error(f"--csv: no GPU run{' of a card matching ' + repr(args.card) if args.card else ''} in {path}")
-    body = results_table(run)
     if not args.write:
-        print(body)
+        print(results_table(run))
+    png = pathlib.Path(args.plot) if args.plot else common.plot_path(run[0]["card"])
     texts = {}
     for name in args.write:  # Check every file before writing any.
         f = pathlib.Path(name)
         if not f.is_file():
             p.error(f"--write: no such file {f}")
+        body = results_table(run, plot_link(png, f))
         texts[f] = replace_between_markers(f.read_text(), body, str(f))
     for f, text in texts.items():
         f.write_text(text)
         ids = ", ".join(sorted({r["run_id"] for r in run}))
-        print(f"wrote the results of run(s) {ids} ({run[0]['card']}) into {f}")
+        shown = f", with the plot {png}" if png.is_file() else f" (no plot: {png} does not exist)"
+        print(f"wrote the results of run(s) {ids} ({run[0]['card']}) into {f}{shown}")
     return 0
 
 

@@ -100,17 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", choices=("ms", "speedup"), default="ms",
                    help="ms: median ms per sample, log scale; speedup: B0 median / arm median")
     p.add_argument("--out", default=None,
-                   help="PNG path (default: benchmarks/results/latency_<card>.png)")
+                   help="PNG path (default: benchmarks/results/latency_<card>.png, with --metric speedup "
+                        "latency_<card>_speedup.png; performance_table.py links the first)")
     args = p.parse_args(argv)
     rows = common.latest_run(common.read_rows(args.csv), args.card)
     if not rows:
         print(f"{args.csv}: no run" + (f" on a card matching {args.card!r}" if args.card else ""), file=sys.stderr)
         return 1
-    if args.out:
-        out = pathlib.Path(args.out)
-    else:
-        slug = "".join(c if c.isalnum() else "_" for c in rows[0]["card"]).strip("_")[:40] or "card"
-        out = common.RESULTS_DIR / f"latency_{slug}.png"
+    out = pathlib.Path(args.out) if args.out else common.plot_path(rows[0]["card"], args.metric)
     try:
         plot(rows, out, args.metric)
     except ImportError:
