@@ -279,8 +279,10 @@ def test_sampling_is_inference_only_unless_the_noise_requires_grad():
     net = TinyConvDenoiser(channels=3, label_dim=0, seed=1)
     assert net.conv1.weight.requires_grad
     noise = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(7))
+    available = autoguide_fast.backends()
     for backend in ("auto", "torch", "cpp"):
-        assert not fast_guided_sample(net, noise, num_steps=3, backend=backend).requires_grad
+        if backend == "auto" or available[backend].available:
+            assert not fast_guided_sample(net, noise, num_steps=3, backend=backend).requires_grad
     with torch.no_grad():
         assert not edm_sampler(net, noise.requires_grad_(), num_steps=3).requires_grad
 
