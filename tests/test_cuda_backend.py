@@ -121,6 +121,29 @@ def test_misaligned_and_ragged_inputs(dtype):
 
 
 @gpu_test
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_backend_takes_non_contiguous_inputs(dtype):
+    """The backend (not the raw ops, which refuse them) takes channels-last and transposed views
+    of the state and of the network outputs, and gives the contiguous inputs' results bit for bit."""
+    shape = (2, 3, 5, 7)
+    x, D_main, D_guide = _inputs(shape, dtype, torch.float16, seed=4)
+    step = _step(3.7, 2.9, dtype)
+    step.tensors.update({k: v.to(DEV) for k, v in step.tensors.items()})
+    fused = resolve_backend("cuda", DEV, dtype)
+    xg, Dm, Dg = x.to(DEV), D_main.to(DEV), D_guide.to(DEV)
+    d_ref, xn_ref = fused.euler(xg, Dm, Dg, 2.1, step)
+    h_ref = fused.heun(xg, d_ref, xn_ref, Dm, Dg, 2.1, step)
+    views = (lambda t: t.to(memory_format=torch.channels_last),
+             lambda t: t.transpose(2, 3).contiguous().transpose(2, 3))
+    for view in views:
+        xv, Dmv, Dgv = view(xg), view(Dm), view(Dg)
+        assert not xv.is_contiguous() and torch.equal(xv, xg)
+        d, xn = fused.euler(xv, Dmv, Dgv, 2.1, step)
+        assert torch.equal(d, d_ref) and torch.equal(xn, xn_ref)
+        assert torch.equal(fused.heun(xv, view(d_ref), view(xn_ref), Dmv, Dgv, 2.1, step), h_ref)
+
+
+@gpu_test
 @pytest.mark.parametrize("cast_dtype", NET_DTYPES, ids=str)
 @pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
 def test_euler_step_cast(dtype, cast_dtype):
