@@ -80,8 +80,8 @@ def latent_guide():
     return ExactNet(4, 6, seed=3)
 
 
-class Interrupted(Exception):
-    pass
+class Interrupted(KeyboardInterrupt):
+    """Stands in for a kill: like Ctrl-C it is not an error of the networks, and propagates."""
 
 
 class _Interrupting(ExactNet):
@@ -96,6 +96,30 @@ class _Interrupting(ExactNet):
 
 def interruptible_main():
     return _Interrupting(3, 8, label_dim=4, seed=0)
+
+
+class _BatchCoupled(_Interrupting):
+    """Each image's output also depends on the rest of its batch (a term in the batch mean), as a
+    BLAS or cuDNN kernel chosen by batch size can make a real network's last bits depend on it."""
+
+    def forward(self, x, sigma, labels=None):
+        return super().forward(x, sigma, labels) + 0.01 * x.mean(0, keepdim=True)
+
+
+def coupled_main():
+    return _BatchCoupled(3, 8, label_dim=4, seed=0)
+
+
+class _NanForClassZero(ExactNet):
+    """NaN for the images of class 0 (a broken network, for some seeds only)."""
+
+    def forward(self, x, sigma, labels=None):
+        y = super().forward(x, sigma, labels)
+        return torch.where(labels[:, :1, None, None] > 0.5, torch.nan, y)
+
+
+def nan_main():
+    return _NanForClassZero(3, 8, label_dim=4, seed=0)
 
 
 def not_a_network():
@@ -193,6 +217,64 @@ def test_interrupted_run_resumes_without_redoing_finished_seeds(tmp_path, monkey
     # A rerun with everything present does nothing.
     assert run(*args, "--outdir", str(out)) == 0
     assert "0 file(s) written, 10 already present" in capsys.readouterr().out
+
+
+def test_resumed_files_equal_the_uninterrupted_run_with_a_batch_dependent_network(tmp_path, monkeypatch, capsys):
+    """A resumed job samples the fresh run's batches (a partly written batch whole, writing only its
+    missing files), so its files equal the uninterrupted run's even when a network's output depends
+    on the rest of its batch."""
+    args = ["--net", f"{HERE}:coupled_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "0-9", "--batch", "3",
+            "--format", "npy", *SAMPLER]
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    monkeypatch.setenv("AGF_TEST_INTERRUPT_AFTER", str(2 * 7 + 3))
+    with pytest.raises(Interrupted):
+        run(*args, "--outdir", str(out))
+    (out / "000004.npy").unlink()  # As if killed while writing the second batch's files.
+    kept = (out / "000003.npy").stat().st_mtime_ns
+    monkeypatch.delenv("AGF_TEST_INTERRUPT_AFTER")
+    capsys.readouterr()
+    assert run(*args, "--outdir", str(out)) == 0
+    assert "5 file(s) written, 5 already present, of 10 seed(s)" in capsys.readouterr().out
+    assert (out / "000003.npy").stat().st_mtime_ns == kept  # Its batch was sampled again, not rewritten.
+    assert run(*args, "--outdir", str(clean)) == 0
+    names = sorted(p.name for p in clean.glob("*.npy"))
+    assert len(names) == 10 and names == sorted(p.name for p in out.glob("*.npy"))
+    for name in names:
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+
+
+def test_nonfinite_images_are_named_and_the_other_files_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    seeds = list(range(12))
+    bad = [s for s in seeds if int(seeded_labels([s], 4)[0]) == 0]
+    assert 0 < len(bad) < len(seeds)
+    assert run("--net", f"{HERE}:nan_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "0-11", "--batch", "5",
+               "--format", "npy", "--outdir", str(out), *SAMPLER) == 1
+    err = capsys.readouterr().err
+    assert f"NaN or Inf for {len(bad)} seed(s): [{', '.join(map(str, bad))}]" in err and "check_finite" not in err
+    assert sorted(p.name for p in out.glob("*.npy")) == [f"{s:06d}.npy" for s in seeds if s not in bad]
+
+
+def test_a_network_failing_while_sampling_is_not_a_bad_argument(tmp_path, capsys):
+    """Exit 1 with the network's traceback and the batch's seeds (exit 2 is for bad arguments)."""
+    assert run("--net", f"{HERE}:latent_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "0-3",
+               "--outdir", str(tmp_path / "out"), *SAMPLER) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "failed: sampling the batch of seeds [0, 1, 2, 3] failed" in err
+
+
+def test_partial_files_of_other_seeds_are_left_alone(tmp_path):
+    """Two jobs may share an output directory with other seeds: a job removes only the partial files
+    of its own seeds (left by a killed run of it), never another job's files in progress."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mine, theirs = out / ".000002.npy.77-0a1b2c3d.partial", out / ".000100.npy.88-4e5f6a7b.partial"
+    mine.write_bytes(b"half")
+    theirs.write_bytes(b"in progress")
+    assert run("--net", f"{HERE}:latent_main", "--gnet", f"{HERE}:latent_guide", "--seeds", "0-3",
+               "--outdir", str(out), *SAMPLER) == 0
+    assert not mine.exists() and theirs.read_bytes() == b"in progress"
+    assert sorted(p.name for p in out.glob("*.npy")) == [f"{s:06d}.npy" for s in range(4)]
 
 
 def test_whole_module_file_spec(tmp_path):

@@ -63,9 +63,9 @@ def two_process_run(tmp_path_factory):
 def test_sharded_generation_writes_the_same_files_as_one_process(two_process_run):
     run = two_process_run
     assert [r["sharded"] for r in run["results"]] == [0, 0]
-    # The 8 missing seeds, in list order, dealt as the official scheme does: one chunk of 4 per rank.
-    remaining = [40, 42, 43, 45, 1, 2, 3, 4]
-    assert [r["sharded_batches"] for r in run["results"]] == [[remaining[:4]], [remaining[4:]]]
+    # The fresh run's batches (official scheme, 11 seeds on 2 ranks: chunks [40, 41, 42] [43, 44, 45]
+    # [0, 1, 2] [3, 4], dealt alternately), each sampled whole; only the missing seeds' files written.
+    assert [r["sharded_batches"] for r in run["results"]] == [[[40, 42], [1, 2]], [[43, 45], [3, 4]]]
     single = _files(run["single"])
     assert len(single) == 11
     assert _files(run["sharded"]) == single

@@ -6,7 +6,7 @@
   rank 1 (the latency case: batch 1, a large main network).
 """
 
-from .generation import GenerateOptions, GenerateSummary, generate, image_path
+from .generation import GenerateOptions, GenerateSummary, SamplingFailure, generate, image_path
 from .guide_parallel import PeerFailure, guide_parallel_sample
 from .loading import load_network
 from .seeds import parse_seeds, rank_chunks, split_chunks
@@ -15,6 +15,7 @@ __all__ = [
     "GenerateOptions",
     "GenerateSummary",
     "PeerFailure",
+    "SamplingFailure",
     "generate",
     "guide_parallel_sample",
     "image_path",

@@ -15,9 +15,10 @@ import argparse
 import math
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
-from .generation import DTYPES, FORMATS, GenerateOptions, generate
+from .generation import DTYPES, FORMATS, GenerateOptions, SamplingFailure, generate
 from .guide_parallel import PeerFailure
 from .loading import parse_overrides
 
@@ -119,7 +120,14 @@ def run(args: argparse.Namespace) -> int:
     where = f" (rank {os.environ.get('RANK', '?')})" if os.environ.get("WORLD_SIZE", "1") != "1" else ""
     try:
         generate(options_from_args(args))
+    except SamplingFailure as exc:
+        # A network's (or the device's) error while sampling, not a bad argument: its traceback helps.
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
+        print(f"{PROG}: failed{where}: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, OSError, ImportError) as exc:
+        # Set-up: bad arguments, networks that cannot be loaded, an unusable output directory.
         print(f"{PROG}: error{where}: {exc}", file=sys.stderr)
         return 2
     except (PeerFailure, FloatingPointError) as exc:

@@ -7,17 +7,20 @@ or batch produced it (up to the networks' own batch dependence, see docs/generat
 
 Flow on every rank: parse and check the arguments (errors before any process group exists), join
 the process group, set up (output directory, networks) and agree that every rank succeeded,
-let rank 0 list the seeds already written and broadcast that list, deal the remaining seeds out
-(the official EDM2 scheme; with guide-parallel both ranks walk the single-process batches), then
-sample and write, each file atomically (written aside, then renamed), so an interrupted run
-leaves only whole files and a rerun skips them.
+let rank 0 list the seeds already written and broadcast that list, deal the batches out as a fresh
+run does (the official EDM2 scheme; with guide-parallel both ranks walk the single-process
+batches) and drop those whose files all exist, then sample and write, each file atomically
+(written aside under its writer's own name, flushed, renamed), so an interrupted run leaves only
+whole files, a rerun skips them, and a resumed file equals the uninterrupted run's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +39,7 @@ from .guide_parallel import PeerFailure, guide_parallel_sample
 from .loading import PRESET_PREFIX, load_network, network_label_dim, network_shape
 from .seeds import parse_seeds, rank_chunks, split_chunks
 
-__all__ = ["GenerateOptions", "GenerateSummary", "generate", "image_path", "SETTINGS_FILE", "DTYPES"]
+__all__ = ["GenerateOptions", "GenerateSummary", "SamplingFailure", "generate", "image_path", "SETTINGS_FILE", "DTYPES"]
 
 SETTINGS_FILE = "autoguide_fast_generate.json"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -307,17 +310,33 @@ def _standard_json(value: Any) -> Any:
     return value
 
 
+def _partial_target(name: str) -> str | None:
+    """The file a partial file was written for (".000042.png.<writer>.partial" -> "000042.png"; also
+    the older ".000042.png.partial"), or None for any other name."""
+    if not (name.startswith(".") and name.endswith(_PARTIAL)):
+        return None
+    return name[1:-len(_PARTIAL)]
+
+
 def _existing(outdir: str, seeds: list[int], fmt: str, subdirs: bool) -> list[bool]:
-    """Which seeds already have their file; stale partial files of a killed run are removed."""
+    """Which seeds already have their file. Partial files left by a killed run for *these* seeds
+    are removed; partial files of other seeds (another job writing into the same directory) are
+    left alone."""
     paths = [image_path(outdir, s, fmt, subdirs) for s in seeds]
+    wanted: dict[str, set[str]] = {}
+    for p in paths:
+        wanted.setdefault(os.path.dirname(p), set()).add(os.path.basename(p))
     names: dict[str, set[str]] = {}
-    for folder in {os.path.dirname(p) for p in paths}:
+    for folder, targets in wanted.items():
         found: set[str] = set()
         if os.path.isdir(folder):
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    if entry.name.startswith(".") and entry.name.endswith(_PARTIAL):
-                        os.remove(entry.path)
+                    target = _partial_target(entry.name)
+                    if target is not None:
+                        if target in targets or target.rsplit(".", 1)[0] in targets:
+                            with contextlib.suppress(FileNotFoundError):
+                                os.remove(entry.path)
                     elif entry.is_file():
                         found.add(entry.name)
         names[folder] = found
@@ -325,12 +344,20 @@ def _existing(outdir: str, seeds: list[int], fmt: str, subdirs: bool) -> list[bo
 
 
 def _atomic_write(path: str, write: Callable) -> None:
-    # Written aside, then renamed: a file that exists under its final name is complete.
+    # Written aside under a name of this writer's own, flushed to the disk, then renamed: a file
+    # that exists under its final name is complete, even after a crash of the machine.
     folder, name = os.path.split(path)
-    partial = os.path.join(folder, f".{name}{_PARTIAL}")
-    with open(partial, "wb") as f:
-        write(f)
-    os.replace(partial, path)
+    partial = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{_PARTIAL}")
+    try:
+        with open(partial, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
 
 
 def _require_pillow() -> None:
@@ -436,11 +463,14 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
         error = exc
     job.agree(error, "setting up")
     done = job.broadcast_flags(done if rank == 0 else None, len(seeds))
-    remaining = [i for i, d in enumerate(done) if not d]
+    # The batches of a fresh run, also when resuming: a network's last bits may depend on the rest
+    # of its batch, so a resumed file equals the uninterrupted run's. A batch whose files all exist
+    # is skipped; one partly written is sampled whole and its missing files are written.
     if gp:
-        chunks = split_chunks(len(remaining), opts.batch, 1)
+        chunks = split_chunks(len(seeds), opts.batch, 1)
     else:
-        chunks = rank_chunks(len(remaining), opts.batch, job.world_size, rank)
+        chunks = rank_chunks(len(seeds), opts.batch, job.world_size, rank)
+    chunks = [c for c in chunks if not all(done[j] for j in c)]
 
     sampler_kwargs: dict[str, Any] = dict(
         num_steps=opts.num_steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
@@ -448,24 +478,26 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
         dtype=DTYPES[opts.dtype], guidance_interval=opts.guidance_interval, solver=opts.solver,
     )
     bar = _progress(opts.progress and rank == 0, len(chunks), job.world_size, gp)
-    written = 0
+    written, nonfinite = 0, []
     start = time.perf_counter()
     for chunk in chunks:
-        batch_seeds = [seeds[remaining[j]] for j in chunk]
-        if batch_seeds:
-            if gp and rank == 1:
-                guide_parallel_sample(None, gnet, device=device, **sampler_kwargs)
-            else:
-                noise = seeded_noise(batch_seeds, [len(batch_seeds), *shape], device=device)
-                labels = _labels(batch_seeds, label_dim, opts.class_idx, device)
-                if gp:
-                    x = guide_parallel_sample(net, None, noise, labels, seeds=batch_seeds, backend=opts.backend,
-                                              **sampler_kwargs)
-                else:
-                    x = fast_guided_sample(cast(Callable, net), noise, labels, gnet, seeds=batch_seeds,
-                                           backend=opts.backend, **sampler_kwargs)  # net: loaded by is_main.
-                _write_batch(cast(torch.Tensor, x), batch_seeds, opts.outdir, fmt, opts.subdirs)  # None on rank 1 only.
-                written += len(batch_seeds)
+        if gp and rank == 1:
+            guide_parallel_sample(None, gnet, device=device, **sampler_kwargs)
+        else:
+            batch_seeds = [seeds[j] for j in chunk]
+            try:
+                x = _sample_batch(net, gnet, batch_seeds, shape, label_dim, opts, device, sampler_kwargs)
+            except PeerFailure:
+                raise
+            except Exception as exc:  # A network's (or the device's) failure, not a bad argument.
+                raise SamplingFailure(f"sampling the batch of seeds {_seed_text(batch_seeds)} failed: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+            # Checked per image: a network's NaN/Inf for one seed does not stop the other files.
+            finite = torch.isfinite(x.flatten(1)).all(1).tolist()
+            nonfinite += [seed for seed, ok in zip(batch_seeds, finite) if not ok]
+            keep = [i for i, j in enumerate(chunk) if not done[j] and finite[i]]
+            _write_batch(x[keep], [batch_seeds[i] for i in keep], opts.outdir, fmt, opts.subdirs)
+            written += len(keep)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -477,7 +509,35 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
     )
     if opts.verbose and rank == 0:
         _print_summary(summary)
+    if nonfinite:
+        raise FloatingPointError(
+            f"the networks produced NaN or Inf for {len(nonfinite)} seed(s): {_seed_text(nonfinite)}; their files "
+            f"were not written (every other file was). Fix the networks, or leave these seeds out of --seeds"
+        )
     return summary
+
+
+class SamplingFailure(RuntimeError):
+    """Sampling a batch failed (the cause is chained): a network's or the device's error."""
+
+
+def _seed_text(seeds: list[int], most: int = 8) -> str:
+    shown = ", ".join(map(str, seeds[:most]))
+    return f"[{shown}{', ...' if len(seeds) > most else ''}]"
+
+
+def _sample_batch(net, gnet, batch_seeds: list[int], shape: tuple[int, ...], label_dim: int, opts: GenerateOptions,
+                  device: torch.device, sampler_kwargs: dict[str, Any]) -> torch.Tensor:
+    """One batch on rank 0 (guide-parallel) or on this rank: unit noise and labels from the seeds."""
+    noise = seeded_noise(batch_seeds, [len(batch_seeds), *shape], device=device)
+    labels = _labels(batch_seeds, label_dim, opts.class_idx, device)
+    if opts.guide_parallel:
+        x = guide_parallel_sample(net, None, noise, labels, seeds=batch_seeds, backend=opts.backend,
+                                  check_finite=False, **sampler_kwargs)
+    else:
+        x = fast_guided_sample(cast(Callable, net), noise, labels, gnet, seeds=batch_seeds,  # net: loaded by is_main.
+                               backend=opts.backend, check_finite=False, **sampler_kwargs)
+    return cast(torch.Tensor, x)  # Rank 0 of guide-parallel returns the samples.
 
 
 def _settings(opts: GenerateOptions, fmt: str, shape: tuple[int, ...], label_dim: int) -> dict[str, Any]:
