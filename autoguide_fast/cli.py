@@ -64,7 +64,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"{'PASS' if ok else 'FAIL'}: from {steps // 2} to {steps} steps the error falls from {previous:.2e} to "
           f"{error:.2e}: observed convergence order {order:.2f} (Heun's method: 2)"
           + ("" if ok else "; not second order after 4 doublings (start from more --steps for strong guidance)"))
-    if args.json:
+    if args.json is not None:  # None: no --json, or --json none.
         args.json.parent.mkdir(parents=True, exist_ok=True)  # Checked writable before the run.
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if ok else 1
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=steps, default=32)
     p.add_argument("--guidance", type=finite_float, default=2.0)
     p.add_argument("--backend", default="auto", choices=["auto", *BACKEND_NAMES])
-    p.add_argument("--json", type=writable_file, default=None, help="also write the result as JSON to this path")
+    p.add_argument("--json", type=writable_file, default=None,
+                   help="also write the result as JSON to this path ('none': no file)")
     p.set_defaults(func=_demo)
     for name in _SUBCOMMAND_MODULES:
         try:

@@ -44,12 +44,13 @@ def finite_float(text: str) -> float:
     return value
 
 
-def writable_file(text: str) -> Path:
+def writable_file(text: str) -> Path | None:
     """An output path that can be written: not a directory, and its nearest existing ancestor
-    directory writable (missing directories are created when the file is written); 'none' passes."""
-    path = Path(text)
+    directory writable (missing directories are created when the file is written). 'none' (any
+    case) is None: write no file, for every option of this type; a file of that name is './none'."""
     if text.lower() == "none":
-        return path
+        return None
+    path = Path(text)
     folder = path.absolute().parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

@@ -180,7 +180,9 @@ BAD_CALLS = [
     ({"noise": "x"}, TypeError, "noise"),
     ({"noise": torch.randn(2, 3, 6, 6)}, ValueError, "noise: expected shape"),
     ({"noise": torch.randn(3, 6, 5)}, ValueError, r"noise: expected shape \(batch, 3, 6, 5\)"),
-    ({"noise": torch.randn(0, *IMAGE)}, ValueError, "at least one image"),
+    ({"noise": torch.randn(0, *IMAGE)}, ValueError, "^noise: expected at least one image"),
+    ({"seeds": []}, ValueError, "^seeds: expected at least one image"),  # The argument that gave 0 named.
+    ({"seeds": torch.zeros(0, dtype=torch.int64)}, ValueError, "^seeds: expected at least one image"),
     ({"noise": torch.randn(2, *IMAGE), "seeds": [1, 2, 3]}, ValueError, "disagree"),
     ({"seeds": [1, 2], "batch_size": 3}, ValueError, "disagree"),
     ({"seeds": [1.5]}, TypeError, "seeds"),

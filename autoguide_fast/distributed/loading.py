@@ -183,23 +183,38 @@ def _prepare_edm2(net: torch.nn.Module) -> None:
 
 
 def network_shape(net: Callable, override: tuple[int, ...] | None, *, arg: str = "--net") -> tuple[int, ...]:
-    """Per-image shape (C, H, W): ``override`` if given, else the network's img_channels / img_resolution."""
+    """Per-image shape (C, H, W) from the network's img_channels / img_resolution; ``override``
+    (``--shape``) gives what the network does not tell and must agree with what it does."""
     channels = getattr(net, "img_channels", None)
-    if override is not None:
-        if channels is not None and len(override) >= 1 and int(override[0]) != int(channels):
-            raise ValueError(f"--shape: {','.join(map(str, override))} has {override[0]} channels, but the network "
-                             f"{arg} takes img_channels = {channels}")
-        return tuple(override)
     resolution = getattr(net, "img_resolution", None)
-    if channels is None or resolution is None:
-        raise ValueError(f"{arg}: the network has no img_channels / img_resolution attributes; pass --shape C,H,W")
-    if isinstance(resolution, (tuple, list)):
-        return (int(channels), *(int(r) for r in resolution))
-    return (int(channels), int(resolution), int(resolution))
-
-
-def network_label_dim(net: Callable, override: int | None) -> int:
-    """Number of classes the network is conditioned on (0 = unconditional)."""
+    spatial: tuple[int, ...] | None = None
+    if resolution is not None:
+        spatial = (tuple(int(r) for r in resolution) if isinstance(resolution, (tuple, list))
+                   else (int(resolution), int(resolution)))
     if override is not None:
+        given = tuple(int(d) for d in override)
+        agrees = ((channels is None or (len(given) >= 1 and given[0] == int(channels)))
+                  and (spatial is None or given[1:] == spatial))
+        if not agrees:
+            told = [f"{name} = {value}" for name, value in
+                    (("img_channels", channels), ("img_resolution", resolution)) if value is not None]
+            raise ValueError(f"--shape: {','.join(map(str, given))} contradicts the {arg} network's "
+                             f"{', '.join(told)}; --shape is for networks without these attributes: leave "
+                             f"--shape out (or make it agree)")
+        return given
+    if channels is None or spatial is None:
+        raise ValueError(f"{arg}: the network has no img_channels / img_resolution attributes; pass --shape C,H,W")
+    return (int(channels), *spatial)
+
+
+def network_label_dim(net: Callable, override: int | None, *, arg: str = "--net") -> int:
+    """Number of classes the network is conditioned on (0 = unconditional): its label_dim;
+    ``override`` (``--label-dim``) for a network without one must agree with one it has."""
+    declared = getattr(net, "label_dim", None)
+    if override is not None:
+        if declared is not None and int(override) != int(declared):
+            raise ValueError(f"--label-dim: {override} contradicts the {arg} network's label_dim = {declared}; "
+                             f"--label-dim is for networks without this attribute: leave --label-dim out "
+                             f"(or make it agree)")
         return int(override)
-    return int(getattr(net, "label_dim", 0) or 0)
+    return int(declared or 0)

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parse_seeds", "split_chunks", "rank_chunks"]
+__all__ = ["parse_seeds", "split_chunks", "rank_chunks", "MAX_SEEDS"]
+
+# Most seeds one list may name: 2000x a 50k-image FID set. Checked from the ranges' lengths before
+# the list is built (a list of Python ints costs ~36 bytes a seed, and every rank builds it).
+MAX_SEEDS = 100_000_000
 
 _ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
 
@@ -27,7 +31,7 @@ def parse_seeds(
     items = [item.strip() for item in text.split(",")]
     if not text.strip() or any(not item for item in items):
         raise ValueError(f"{arg}: expected comma-separated seeds or ranges such as '0-9,20,30-39', got {text!r}")
-    seeds: list[int] = []
+    ranges: list[tuple[int, int]] = []
     for item in items:
         match = _ITEM.match(item)
         if match is None:
@@ -42,6 +46,13 @@ def parse_seeds(
         if hi >= 1 << 64:
             # Noise is keyed by the seed mod 2^64: a larger seed would repeat a smaller one's image.
             raise ValueError(f"{arg}: seed {hi} in {item!r} is too large (seeds are below 2^64 = {1 << 64})")
+        ranges.append((lo, hi))
+    count = sum(hi - lo + 1 for lo, hi in ranges)
+    if count > MAX_SEEDS:
+        raise ValueError(f"{arg}: {text!r} names {count} seeds; expected at most {MAX_SEEDS} "
+                         f"(split the job into several runs)")
+    seeds: list[int] = []
+    for lo, hi in ranges:
         seeds.extend(range(lo, hi + 1))
     seen: set[int] = set()
     for seed in seeds:

@@ -163,11 +163,11 @@ class BucketedSampler:
             given["seeds"] = seeds_t.shape[0]
         if not given:
             raise ValueError("batch_size: needed when neither noise nor seeds are given (how many images?)")
-        batch = next(iter(given.values()))
+        source, batch = next(iter(given.items()))
         if any(v != batch for v in given.values()):
             raise ValueError(f"batch size: noise, seeds and batch_size disagree ({given})")
-        if batch < 1:
-            raise ValueError(f"noise: expected at least one image, got batch size {batch}")
+        if batch < 1:  # batch_size was checked positive above: noise or seeds gave no rows.
+            raise ValueError(f"{source}: expected at least one image, got batch size {batch}")
         shape = None if self.image_label_shape is None else (batch, *self.image_label_shape)
         A.check_call_labels(labels, shape, self.label_dtype, self.device, shape_arg="image_label_shape")
         return batch, seeds_t
