@@ -236,6 +236,21 @@ def pytest_report_header(config):
     return ["gpu emulation: torch.cuda faked on the CPU (Triton interpreted, 'cuda' backend = C++ CPU kernels)"]
 
 
+_exit_status: int | None = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
 def pytest_unconfigure(config):
     if rewrites:
         sys.stderr.write(f"\ngpu emulation: CUDA checks rewritten per module: {rewrites}\n")
+    # End the process here with pytest's exit status, skipping interpreter finalisation: the fakes
+    # stay patched into torch, and with Inductor's compile threads still alive that finalisation
+    # aborted once ("terminate called without an active exception", exit -6) after every test had
+    # passed. The package starts no thread of its own; the results are all reported by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if _exit_status is None else _exit_status)
