@@ -113,3 +113,29 @@ def test_op_binds_and_compiles_through_the_launcher_for_sm90(launches, case):
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     print(json.dumps(_launch_all()))
+
+
+_WITHOUT_NUMPY = """
+import importlib.abc, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "numpy" or name.startswith("numpy."):
+            raise ModuleNotFoundError("No module named 'numpy' (blocked)")
+sys.meta_path.insert(0, Block())
+from autoguide_fast import kernels
+kernels.load()
+from autoguide_fast.kernels import _triton_common
+assert not _triton_common.INTERPRETED
+print("ok")
+"""
+
+
+def test_compiled_kernels_load_without_numpy():
+    """Compiled Triton needs no numpy (its interpreter does): the kernels load without it. They once
+    imported the interpreter's module to tell the modes apart, which made the backend fail there."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _WITHOUT_NUMPY], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-2000:] + run.stderr[-2000:]

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
-from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 __all__ = [
     "GROUPS",
@@ -196,7 +196,9 @@ def round_to(v, DST: tl.constexpr):
 
 # Whether this process runs the kernels in Triton's interpreter: fixed when the kernels were
 # defined (TRITON_INTERPRET=1 at that moment), whatever the environment says later.
-INTERPRETED = isinstance(scalar_from_bits, InterpretedFunction)
+# Tested against the compiled kind: triton.runtime.interpreter (where InterpretedFunction lives)
+# imports numpy, which compiled Triton does not need.
+INTERPRETED = not isinstance(scalar_from_bits, JITFunction)
 
 
 def compiled_flag() -> bool:
