@@ -19,12 +19,14 @@ mapfile -t TORCH_INC < <("$PY" -c "from torch.utils.cpp_extension import include
 # The flags torch's build adds to every nvcc call (no implicit half/bfloat16 conversions and
 # operators, ...): code that needs one of those would compile here and fail in the real build.
 mapfile -t TORCH_NVCC < <("$PY" -c "from torch.utils.cpp_extension import COMMON_NVCC_FLAGS; print('\n'.join(COMMON_NVCC_FLAGS))")
+# The C++ standard torch's extension build uses (C++20 in recent torch, C++17 before).
+STD=$("$PY" -c "import inspect, torch.utils.cpp_extension as c; print('c++20' if '-std=c++20' in inspect.getsource(c) else 'c++17')")
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 
 for cu in csrc/cuda/*.cu; do
   echo "nvcc  $cu"
-  "$NVCC" "${TORCH_NVCC[@]}" -std=c++17 -O3 -Xcompiler -fPIC -DAGF_WITH_CUDA \
+  "$NVCC" "${TORCH_NVCC[@]}" -std="$STD" -O3 -Xcompiler -fPIC -DAGF_WITH_CUDA \
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
     -c "$cu" -o "$OUT/$(basename "$cu").o"
 done
@@ -34,7 +36,7 @@ for d in "${TORCH_INC[@]}"; do INC+=(-I "$d"); done
 for cpp in csrc/cuda_ops.cpp; do
   echo "c++   $cpp (AGF_WITH_CUDA)"
   # The CPU wheel lacks the generated c10/cuda/impl/cuda_cmake_macros.h; it only sets the shared-lib macro.
-  ${CXX:-c++} -std=c++17 -O1 -fPIC -ffp-contract=off -DAGF_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
+  ${CXX:-c++} -std="$STD" -O1 -fPIC -ffp-contract=off -DAGF_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
     -DTORCH_EXTENSION_NAME=_C "${INC[@]}" -I "$CUDA_INC" -c "$cpp" -o "$OUT/$(basename "$cpp").o"
 done
 echo "check_cuda_compile: OK (compiled; not linked)"
