@@ -137,6 +137,11 @@ class _WrongShape(torch.nn.Module):
         return x[:, :1]
 
 
+class _Broken(torch.nn.Module):
+    def forward(self, x, sigma, labels=None):
+        raise RuntimeError("main network broken")
+
+
 def _job_errors(rank):
     out = {}
     noise = seeded_noise(SEEDS, SHAPE)
@@ -157,6 +162,11 @@ def _job_errors(rank):
     # Rank 0's own arguments are bad (NaN noise).
     attempt("bad_noise", lambda: guide_parallel_sample(net, TinyConvDenoiser(seed=1), noise * float("nan"),
                                                        num_steps=4, guidance=2.0))
+    # The main network fails at an unguided evaluation before the first guided one (a guidance
+    # interval that excludes sigma_max): rank 1, waiting for that guided evaluation, learns it.
+    attempt("broken_main_outside_interval", lambda: guide_parallel_sample(
+        _Broken() if rank == 0 else net, TinyConvDenoiser(seed=1), noise, num_steps=4, guidance=2.0,
+        guidance_interval=(0.2, 20.0)))
     # And the pair still works afterwards.
     attempt("after", lambda: guide_parallel_sample(net, TinyConvDenoiser(seed=1), noise, num_steps=4, guidance=2.0))
     return out
@@ -171,6 +181,9 @@ def test_errors_are_raised_on_both_ranks(two_ranks):
     assert rank0["bad_guide"][0] == "PeerFailure" and "rank 1 (guide network)" in rank0["bad_guide"][1]
     assert rank0["bad_noise"][0] == "ValueError" and "noise" in rank0["bad_noise"][1]
     assert rank1["bad_noise"][0] == "PeerFailure" and "rank 0 (main network)" in rank1["bad_noise"][1]
+    assert rank0["broken_main_outside_interval"] == ("RuntimeError", "main network broken")
+    assert rank1["broken_main_outside_interval"][0] == "PeerFailure"
+    assert "rank 0 (main network)" in rank1["broken_main_outside_interval"][1]
     assert rank0["after"] is None and rank1["after"] is None
     assert issubclass(PeerFailure, RuntimeError)
 

@@ -202,10 +202,11 @@ def guide_parallel_sample(
 class _MainEvaluator:
     """The evaluation strategy of rank 0's loop: the main network here, the guide's output from rank 1."""
 
-    def __init__(self, link: _Link, net: Callable, labels: torch.Tensor | None) -> None:
+    def __init__(self, link: _Link, net: Callable, labels: torch.Tensor | None, guided_ahead: bool) -> None:
         self.link, self.net, self.labels = link, net, labels
         self.checked_main = False
         self.guide_dtype: torch.dtype | None = None  # Known after the first guided evaluation.
+        self.guided_ahead = guided_ahead  # Rank 1 waits for a first guided evaluation.
 
     def _main(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         D_main = self.net(x, t, self.labels)
@@ -216,7 +217,16 @@ class _MainEvaluator:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, w: float | None):
         if w is None:
-            return self._main(x, t), None
+            if self.guide_dtype is not None or not self.guided_ahead:
+                return self._main(x, t), None
+            try:
+                return self._main(x, t), None
+            except Exception:
+                # Before the first guided evaluation (e.g. outside a guidance interval) rank 1 waits
+                # for that one's input: hand it this x and the failure, as that evaluation would.
+                self.link.from_main(x.to(self.link.device).contiguous())
+                self.link.status([_NET_FAILED, 0, 0])
+                raise
         link = self.link
         link.from_main(x.to(link.device).contiguous())
         if self.guide_dtype is None:
@@ -278,7 +288,8 @@ def _run_main(link, net, noise, labels, kwargs, randn_like, seeds, backend, call
 
     # The loop of sampler.run_eager (fused next-step churn included), networks split over ranks.
     x = run_eager(net, None, noise, labels, config, step_backend, seeds_t, randn_like, callback, (t_steps, steps),
-                  evaluate=_MainEvaluator(link, net, labels))
+                  evaluate=_MainEvaluator(link, net, labels,
+                                          any(w is not None for step in steps for _, w in _evaluations(step))))
     if check_finite and not bool(torch.isfinite(x).all()):
         raise FloatingPointError(
             "guide_parallel_sample: the result contains NaN or Inf (check the networks and the schedule; "
