@@ -188,20 +188,25 @@ def test_npy_for_latents_bit_exact_with_fixed_class_and_subdirs(tmp_path):
         assert not torch.equal(got, reference_sample(rgb_main, rgb_guide, seed, class_idx=3))
 
 
-def test_interrupted_run_resumes_without_redoing_finished_seeds(tmp_path, monkeypatch, capsys):
-    args = ["--net", f"{HERE}:interruptible_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "0-9", "--batch", "3",
+def _interrupted_run(net: str, out: Path, monkeypatch) -> list[str]:
+    """Seeds 0-9 in batches of 3, killed during the third batch (7 evaluations per batch with 4
+    Heun steps); returns the command's arguments (without --outdir) for the rerun."""
+    args = ["--net", f"{HERE}:{net}", "--gnet", f"{HERE}:rgb_guide", "--seeds", "0-9", "--batch", "3",
             "--format", "npy", *SAMPLER]
-    out, clean = tmp_path / "out", tmp_path / "clean"
-    # 7 evaluations per batch (4 Heun steps): interrupt during the third batch.
     monkeypatch.setenv("AGF_TEST_INTERRUPT_AFTER", str(2 * 7 + 3))
     with pytest.raises(Interrupted):
         run(*args, "--outdir", str(out))
+    monkeypatch.delenv("AGF_TEST_INTERRUPT_AFTER")
+    return args
+
+
+def test_interrupted_run_resumes_without_redoing_finished_seeds(tmp_path, monkeypatch, capsys):
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    args = _interrupted_run("interruptible_main", out, monkeypatch)
     done = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.npy")}
     assert sorted(done) == [f"{s:06d}.npy" for s in range(6)]
     (out / ".000007.npy.partial").write_bytes(b"half a file")  # As left by a killed writer.
     capsys.readouterr()
-
-    monkeypatch.delenv("AGF_TEST_INTERRUPT_AFTER")
     assert run(*args, "--outdir", str(out)) == 0
     assert "4 file(s) written, 6 already present, of 10 seed(s)" in capsys.readouterr().out
     for name, stamp in done.items():  # Finished files were not rewritten.
@@ -223,15 +228,10 @@ def test_resumed_files_equal_the_uninterrupted_run_with_a_batch_dependent_networ
     """A resumed job samples the fresh run's batches (a partly written batch whole, writing only its
     missing files), so its files equal the uninterrupted run's even when a network's output depends
     on the rest of its batch."""
-    args = ["--net", f"{HERE}:coupled_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "0-9", "--batch", "3",
-            "--format", "npy", *SAMPLER]
     out, clean = tmp_path / "out", tmp_path / "clean"
-    monkeypatch.setenv("AGF_TEST_INTERRUPT_AFTER", str(2 * 7 + 3))
-    with pytest.raises(Interrupted):
-        run(*args, "--outdir", str(out))
+    args = _interrupted_run("coupled_main", out, monkeypatch)
     (out / "000004.npy").unlink()  # As if killed while writing the second batch's files.
     kept = (out / "000003.npy").stat().st_mtime_ns
-    monkeypatch.delenv("AGF_TEST_INTERRUPT_AFTER")
     capsys.readouterr()
     assert run(*args, "--outdir", str(out)) == 0
     assert "5 file(s) written, 5 already present, of 10 seed(s)" in capsys.readouterr().out
