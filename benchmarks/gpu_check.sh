@@ -75,8 +75,17 @@ if [ "${1:-}" = "__tests" ]; then
             echo "== pytest-timeout: $per_test s per test"
         fi
     fi
-    echo "== python -m pytest -m gpu tests"
-    "$PY" -m pytest "${opts[@]}" -m gpu --junitxml="$out/pytest_gpu.xml" tests
+    # The kernel test files first (collection order is the order xdist hands tests out in): if the
+    # stage's limit stops the run, the fused kernels have been checked on the card.
+    first=(tests/test_cuda_backend.py tests/test_triton_step.py tests/test_triton_philox.py
+           tests/test_triton_device_scalars.py tests/test_noise.py)
+    ordered=()
+    for f in "${first[@]}"; do [ -f "$f" ] && ordered+=("$f"); done
+    for f in tests/test_*.py; do
+        case " ${first[*]} " in *" $f "*) ;; *) ordered+=("$f") ;; esac
+    done
+    echo "== python -m pytest -m gpu tests (kernel files first: ${first[*]})"
+    "$PY" -m pytest "${opts[@]}" -m gpu --junitxml="$out/pytest_gpu.xml" "${ordered[@]}"
     rc_gpu=$(norm $?)
     if [ "$stopped" = 1 ]; then
         echo "== stopped by the time limit: the other test files were not run"
