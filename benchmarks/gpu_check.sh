@@ -53,7 +53,9 @@ if [ "${1:-}" = "__tests" ]; then
     # pytest exits 5 when nothing is selected: not a failure here.
     norm() { if [ "$1" = 5 ]; then echo 0; else echo "$1"; fi; }
     # -v: one line per test as it finishes, so a log cut short still says what passed.
-    opts=(-v --tb=short --durations=10 -p no:cacheprovider)
+    # --continue-on-collection-errors: a test file that cannot be imported on the card is reported
+    # (and fails the stage) without stopping every other file's tests.
+    opts=(-v --tb=short --durations=10 -p no:cacheprovider --continue-on-collection-errors)
     # Tests in GPU_CHECK_XDIST processes (default 4) when pytest-xdist is there: the first uses of
     # CUDA, cuBLAS/cuDNN and the Triton compilations (CPU-bound) then proceed side by side. Every
     # test measures its own process only (memory counters are per process); 0 = one process.
