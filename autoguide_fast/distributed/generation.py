@@ -311,8 +311,9 @@ def _standard_json(value: Any) -> Any:
 
 
 def _partial_target(name: str) -> str | None:
-    """The file a partial file was written for (".000042.png.<writer>.partial" -> "000042.png"; also
-    the older ".000042.png.partial"), or None for any other name."""
+    """What a partial file's name holds between its leading dot and ".partial": the target file's
+    name followed by ".<writer>" (".000042.png.<writer>.partial"; the older ".000042.png.partial"
+    has the target alone), or None for any other name."""
     if not (name.startswith(".") and name.endswith(_PARTIAL)):
         return None
     return name[1:-len(_PARTIAL)]
