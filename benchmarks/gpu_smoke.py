@@ -64,7 +64,11 @@ CHURN = {"S_churn": 20.0, "S_min": 0.05, "S_max": 50.0}
 SEEDS = [3, 2**40 + 7]
 WARN_REL = 1e-4     # Largest relative difference still called "close" (WARN) rather than FAIL.
 SMOKE_ARMS = ("F", "F_par", "B2")  # The latency arms the smoke builds and runs (the others are smoked above).
-B2_NEEDS_S = 35.0   # Seconds B2 needs at least: it compiles two tiny networks from cold.
+# Seconds B2 needs at least: it compiles two tiny networks from cold (Inductor, reduce-overhead), never
+# timed on a GPU yet. Generous on purpose: a group killed at its limit reports every item it did not
+# reach as failed, so within the GPU check's default smoke limit (55 s) B2 is left to the timed run,
+# which records a failing arm without stopping; a longer --timeout smokes it here too.
+B2_NEEDS_S = 90.0
 
 
 class TinyNet(torch.nn.Module):
