@@ -42,3 +42,14 @@ def test_demo_json_to_a_file_named_none(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--batch", "256", "--json", "./none"]) == 0
     assert 1.7 <= json.loads((tmp_path / "none").read_text())["observed_order"] <= 2.3
+
+
+def test_toy_figure_to_a_file_named_none_is_not_skipped(monkeypatch):
+    """`--figure ./none` names a file (only the bare word `none` skips the figure)."""
+    from autoguide_fast.toy import cli as toy_cli
+
+    seen = {}
+    monkeypatch.setattr("autoguide_fast.toy.experiment.run_toy_experiment", lambda **kw: seen.update(kw) or 0)
+    for text, expected in (("./none", Path("none")), ("none", None)):
+        args = build_parser().parse_args(["toy", "--figure", text])
+        assert toy_cli.run_experiment(args) == 0 and seen["figure"] == expected, text

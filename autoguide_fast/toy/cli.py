@@ -98,7 +98,7 @@ def run_experiment(args: argparse.Namespace) -> int:
     return run_toy_experiment(
         samples=args.samples, num_steps=args.steps, autoguidance=args.autoguidance,
         cfg=args.cfg, seed=args.seed, weights_dir=args.weights_dir,
-        figure=None if str(args.figure).lower() == "none" else args.figure,
+        figure=args.figure,  # None: --figure none (cli_types.writable_file).
         json_path=args.json, threads=args.threads,
     )
 
