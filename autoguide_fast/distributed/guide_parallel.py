@@ -217,15 +217,14 @@ class _MainEvaluator:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, w: float | None):
         if w is None:
-            if self.guide_dtype is not None or not self.guided_ahead:
-                return self._main(x, t), None
             try:
                 return self._main(x, t), None
             except Exception:
-                # Before the first guided evaluation (e.g. outside a guidance interval) rank 1 waits
-                # for that one's input: hand it this x and the failure, as that evaluation would.
-                self.link.from_main(x.to(self.link.device).contiguous())
-                self.link.status([_NET_FAILED, 0, 0])
+                if self.guide_dtype is None and self.guided_ahead:
+                    # Before the first guided evaluation (e.g. outside a guidance interval) rank 1
+                    # waits for that one's input: hand it this x and the failure, as it would get them.
+                    self.link.from_main(x.to(self.link.device).contiguous())
+                    self.link.status([_NET_FAILED, 0, 0])
                 raise
         link = self.link
         link.from_main(x.to(link.device).contiguous())
