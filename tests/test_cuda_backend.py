@@ -312,6 +312,8 @@ def emu(tmp_path_factory):
     handle.agf_emu_step.restype = ctypes.c_int
     handle.agf_emu_philox.argtypes = [vp, vp, vp, i64]
     handle.agf_emu_philox.restype = ctypes.c_int
+    handle.agf_emu_set_index32_limit.argtypes = [i64]
+    handle.agf_emu_set_index32_limit.restype = None
     return handle
 
 
@@ -411,6 +413,34 @@ def test_emulated_noise_kernels(emu, dtype, shape):
         _, xn, xc = _emu_step(emu, "euler", x=x, D_main=D_main, D_guide=D_guide, w=2.1, t_hat=step.t_hat,
                               t_next=step.t_next, cast_dtype=cast)
         assert torch.equal(xn, xn_ref) and torch.equal(xc, xn_ref.to(cast)), cast
+
+
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_emulated_64bit_index_path(emu, dtype):
+    """Beyond 2^32 elements the kernels find an element's image with 64-bit division. No test can
+    allocate such a tensor, so the emulator lowers the 32-bit limit to 0: every launch then takes
+    the 64-bit path, which must give the 32-bit path's results bit for bit (noise included, whose
+    per-image index is what the division computes)."""
+    for shape in ((3, 5, 55, 61), (3, 4, 61, 67), (7, 2)):  # Image sizes 4k + 3, 4k and 2.
+        x, D_main, D_guide = _inputs(shape, dtype, torch.bfloat16, seed=9)
+        seeds = torch.tensor([5, -9, 2**63 - 1, 17, 0, 1, 2][: shape[0]])
+        d, xn = (torch.randn(shape, dtype=dtype) for _ in range(2))
+        common = dict(seeds=seeds, scale=1.3, stream=7, t_hat=2.5, t_next=1.75, w=2.1)
+        launches = {
+            "euler": dict(x=x, D_main=D_main, D_guide=D_guide),
+            "heun": dict(x=x, d=d, x_next=xn, D_main=D_main, D_guide=D_guide),
+            "churn": dict(x=_offset_copy(x, 1)),
+            "normal": dict(shape=shape, dtype=dtype),
+        }
+        narrow = {kind: _emu_step(emu, kind, **args, **common) for kind, args in launches.items()}
+        emu.agf_emu_set_index32_limit(0)
+        try:
+            wide = {kind: _emu_step(emu, kind, **args, **common) for kind, args in launches.items()}
+        finally:
+            emu.agf_emu_set_index32_limit(2**32 - 1)
+        for kind in launches:
+            for a, b in zip(narrow[kind], wide[kind]):
+                assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (kind, shape)
 
 
 @pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)

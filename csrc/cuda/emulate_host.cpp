@@ -17,6 +17,7 @@ thread_local uint3 thread_idx;
 thread_local dim3 block_dim;
 thread_local dim3 grid_dim;
 int sm_count = 1;  // Small on purpose: few resident blocks, so the grid-stride loops iterate.
+int64_t index32_limit = UINT32_MAX;  // Lowered by agf_emu_set_index32_limit: the 64-bit index path.
 
 inline cudaError_t get_last_error() { return cudaSuccess; }
 
@@ -57,6 +58,7 @@ auto launcher(dim3 grid, unsigned block, Kernel kernel) {
 #define cudaGetLastError agf_emu::get_last_error
 #define cudaDeviceGetAttribute agf_emu::device_get_attribute
 #define AGF_LAUNCH(grid, block, stream, ...) ::agf_emu::launcher((grid), (block), __VA_ARGS__)
+#define AGF_INDEX32_LIMIT ::agf_emu::index32_limit
 
 #include "step_kernels.cu"
 
@@ -91,6 +93,9 @@ int agf_emu_step(int kind, int state, int net, int64_t numel, int64_t image_nume
                                                  static_cast<agf::DType>(state), static_cast<agf::DType>(net), 0,
                                                  nullptr));
 }
+
+// Element counts above `limit` take the kernels' 64-bit index arithmetic (default 2^32 - 1).
+void agf_emu_set_index32_limit(int64_t limit) { agf_emu::index32_limit = limit; }
 
 int agf_emu_philox(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n) {
   return static_cast<int>(agf::cuda::launch_philox_words(counter, key, out, n, nullptr));

@@ -30,6 +30,12 @@
 #define AGF_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
 #endif
 
+// Largest element count indexed with 32-bit division. The emulator lowers it to run the 64-bit
+// path, which real tensors reach only beyond 2^32 elements (too large for a host test).
+#ifndef AGF_INDEX32_LIMIT
+#define AGF_INDEX32_LIMIT static_cast<int64_t>(UINT32_MAX)
+#endif
+
 namespace agf {
 namespace cuda {
 namespace {
@@ -321,7 +327,7 @@ cudaError_t launch_step(StepKernel kind, const StepParams& p, DType state, DType
   if (kind == StepKernel::kEuler || kind == StepKernel::kHeun) {
     vec = vec && aligned(p.d_main, n) && aligned(p.d_guide, n);
   }
-  const bool small = p.numel <= static_cast<int64_t>(UINT32_MAX);
+  const bool small = p.numel <= AGF_INDEX32_LIMIT;
   const int64_t groups = (p.numel + 3) / 4;
   const int64_t wanted = (groups + kThreads - 1) / kThreads;
   // Enough resident blocks to saturate memory; the grid-stride loop covers the rest.
