@@ -4,8 +4,10 @@ Environment switches:
   AUTOGUIDE_FAST_BUILD_EXT=0   build no extension at all (pure Python install).
   AUTOGUIDE_FAST_CUDA=auto     (default) compile csrc/cuda when a CUDA toolkit and a CUDA build
                                of torch are present; =0 never; =1 always (fails if impossible).
-  TORCH_CUDA_ARCH_LIST         honoured by torch's build helpers; set it to build with no visible
-                               GPU (e.g. "9.0" for H100/H200). Default here: "8.0;9.0".
+  TORCH_CUDA_ARCH_LIST         honoured by torch's build helpers (e.g. "9.0" for H100/H200). When
+                               unset: the visible GPUs' architectures (torch's default), or with
+                               no visible GPU "8.0;9.0+PTX" (A100, H100/H200, and PTX that newer
+                               cards compile when they load it).
   CUDA_HOME                    the CUDA toolkit root; when unset and the nvcc on the PATH is a
                                wrapper outside a toolkit, a toolkit root is looked for (see
                                _cuda_home_fallback) instead of torch's guess.
@@ -75,7 +77,10 @@ def _extensions():
         cxx_flags += ["-fopenmp"]
     extra_link = ["-fopenmp"] if os.name != "nt" else []
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            # torch's own default with no visible GPU is every architecture of its CUDA version (a
+            # long build); without PTX, a card newer than the list would find no kernel to run.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         sources = cpp_sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         ext = CUDAExtension(
             "autoguide_fast._C",
