@@ -1,13 +1,15 @@
 """Guide-parallel sampling (main network on rank 0, guide on rank 1) on CPU with gloo, 2 processes.
 
 ``run_ranks`` (also used by the generate tests) starts a gloo job with torch.multiprocessing
-and returns what each rank's function returned.
+and returns what each rank's function returned; a job that outlives its time limit is killed and
+fails the test instead of blocking it.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import time
 import traceback
 
 import pytest
@@ -20,10 +22,10 @@ from autoguide_fast.distributed import PeerFailure, guide_parallel_sample
 from tests.nets import TinyConvDenoiser, one_hot_labels
 
 
-def _rank_main(rank, world_size, init_file, result_dir, fn, args):
+def _rank_main(rank, world_size, init_file, result_dir, pg_timeout, fn, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=pg_timeout))
     try:
         result = fn(rank, *args)
     except BaseException:
@@ -33,12 +35,29 @@ def _rank_main(rank, world_size, init_file, result_dir, fn, args):
     torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-def run_ranks(tmp_path, fn, *args, world_size: int = 2) -> list:
-    """Run ``fn(rank, *args)`` on every rank of a fresh gloo group; return the results by rank."""
+def run_ranks(tmp_path, fn, *args, world_size: int = 2, timeout: float = 600.0, pg_timeout: float = 60.0) -> list:
+    """Run ``fn(rank, *args)`` on every rank of a fresh gloo group; return the results by rank.
+
+    The job gets ``timeout`` seconds in all (then its processes are killed and the test fails, so
+    a rank waiting forever cannot block the test run); ``pg_timeout`` is the process group's own
+    timeout for one collective.
+    """
     result_dir = tmp_path / "ranks"
     result_dir.mkdir(exist_ok=True)
     init_file = tmp_path / "pg-init"
-    mp.spawn(_rank_main, args=(world_size, str(init_file), str(result_dir), fn, args), nprocs=world_size, join=True)
+    context = mp.spawn(_rank_main, args=(world_size, str(init_file), str(result_dir), pg_timeout, fn, args),
+                       nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            for process in context.processes:
+                process.join()
+            finished = sorted(p.name for p in result_dir.iterdir())
+            pytest.fail(f"the {world_size}-rank job did not finish within {timeout:g} s (a rank waiting for "
+                        f"another?); results written: {finished or 'none'}")
     results = [torch.load(result_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
     for r, res in enumerate(results):
         assert not (isinstance(res, dict) and "crash" in res), f"rank {r} crashed:\n{res['crash']}"
@@ -186,6 +205,150 @@ def test_errors_are_raised_on_both_ranks(two_ranks):
     assert "rank 0 (main network)" in rank1["broken_main_outside_interval"][1]
     assert rank0["after"] is None and rank1["after"] is None
     assert issubclass(PeerFailure, RuntimeError)
+
+
+# ----------------------------------------------------------------------------
+# Failures in the middle of a trajectory reach the other rank promptly (not after the process
+# group's timeout): the failing rank raises its own error, the other a PeerFailure naming it.
+
+# The trajectory of these cases: Heun, 4 steps, 7 evaluations, all guided unless an interval is given.
+MIDWAY = dict(num_steps=4, guidance=2.0)
+# This interval guides the first 3 evaluations only (sigma 80 and 9.7); the last 4 are unguided.
+LATE_UNGUIDED = dict(MIDWAY, guidance_interval=(0.5, 100.0))
+MIDWAY_PG_TIMEOUT = 45.0  # A rank left waiting would raise (gloo) after this long; prompt is far below.
+PROMPT = 15.0
+
+
+class _FailAt(torch.nn.Module):
+    """``net``, except that call number ``at`` raises (or returns the wrong shape)."""
+
+    def __init__(self, net, at, what, wrong_shape=False):
+        super().__init__()
+        self.net, self.at, self.what, self.wrong_shape = net, at, what, wrong_shape
+        self.calls = 0
+
+    def forward(self, x, sigma, labels=None):
+        self.calls += 1
+        if self.calls == self.at:
+            if self.wrong_shape:
+                return x[:, :1]
+            raise RuntimeError(f"{self.what} broken at call {self.at}")
+        return self.net(x, sigma, labels)
+
+
+def _midway_cases():
+    """name -> (main fails at call, guide fails at call, sampler kwargs, rank 0 extras)."""
+    def stop_at_step_2(d):
+        if d["i"] == 2:
+            raise KeyError("callback stops at step 2")
+
+    return {
+        "main_mid": (3, None, MIDWAY, {}),              # A guided evaluation after the first.
+        "guide_mid": (None, 3, MIDWAY, {}),
+        "main_last": (7, None, MIDWAY, {}),             # The last evaluation (guided).
+        "guide_last": (None, 7, MIDWAY, {}),
+        "both_mid": (4, 4, MIDWAY, {}),                 # Both at the same evaluation.
+        "guide_shape_mid": (None, -3, MIDWAY, {}),      # The guide's output changes shape at call 3.
+        "main_after_guided": (5, None, LATE_UNGUIDED, {}),  # Unguided, after the last guided one.
+        "main_last_unguided": (7, None, LATE_UNGUIDED, {}),
+        "callback": (None, None, MIDWAY, {"callback": stop_at_step_2}),  # Not a network: same path.
+    }
+
+
+def _job_midway(rank):
+    noise = seeded_noise(SEEDS, SHAPE)
+    out = {}
+    for name, (main_at, guide_at, kwargs, extras) in _midway_cases().items():
+        net = TinyConvDenoiser(seed=0)
+        gnet = TinyConvDenoiser(seed=1)
+        if main_at is not None:
+            net = _FailAt(net, main_at, "main network")
+        if guide_at is not None:
+            gnet = _FailAt(gnet, abs(guide_at), "guide network", wrong_shape=guide_at < 0)
+        start = time.monotonic()
+        try:
+            if rank == 0:
+                guide_parallel_sample(net, None, noise, **kwargs, **extras)
+            else:
+                guide_parallel_sample(None, gnet, **kwargs)
+            res = None
+        except Exception as exc:
+            res = (type(exc).__name__, str(exc))
+        out[name] = dict(error=res, seconds=time.monotonic() - start,
+                         calls=(net if rank == 0 else gnet).calls)
+    # The pair still works afterwards, bit for bit as on one device.
+    start = time.monotonic()
+    if rank == 0:
+        x = guide_parallel_sample(TinyConvDenoiser(seed=0), None, noise, backend="torch", **LATE_UNGUIDED)
+    else:
+        x = guide_parallel_sample(None, TinyConvDenoiser(seed=1), backend="torch", **LATE_UNGUIDED)
+    out["after"] = dict(x=x, seconds=time.monotonic() - start)
+    return out
+
+
+@pytest.fixture(scope="module")
+def midway_ranks(tmp_path_factory):
+    return run_ranks(tmp_path_factory.mktemp("gp-midway"), _job_midway, timeout=240.0,
+                     pg_timeout=MIDWAY_PG_TIMEOUT)
+
+
+def _own(res, text):
+    assert res["error"] is not None and res["error"][0] == "RuntimeError", res
+    assert text in res["error"][1], res
+
+
+def _peer(res, who, *texts):
+    assert res["error"] is not None and res["error"][0] == "PeerFailure", res
+    assert who in res["error"][1], res
+    for text in texts:
+        assert text in res["error"][1], res
+
+
+@pytest.mark.slow
+def test_a_main_network_failing_midway_reaches_rank_1(midway_ranks):
+    rank0, rank1 = midway_ranks
+    for name, at in (("main_mid", 3), ("main_last", 7), ("main_after_guided", 5), ("main_last_unguided", 7)):
+        _own(rank0[name], f"main network broken at call {at}")
+        _peer(rank1[name], "rank 0 (main network)", f"RuntimeError: main network broken at call {at}")
+        assert rank0[name]["calls"] == at, name
+    # Rank 1 stopped where rank 0 did: it ran the guide for the evaluations up to the failure.
+    assert rank1["main_mid"]["calls"] == 3 and rank1["main_last"]["calls"] == 7
+    assert rank1["main_after_guided"]["calls"] == rank1["main_last_unguided"]["calls"] == 3
+
+
+@pytest.mark.slow
+def test_a_guide_failing_midway_reaches_rank_0(midway_ranks):
+    rank0, rank1 = midway_ranks
+    for name, at in (("guide_mid", 3), ("guide_last", 7)):
+        _own(rank1[name], f"guide network broken at call {at}")
+        _peer(rank0[name], "rank 1 (guide network)", f"RuntimeError: guide network broken at call {at}")
+        assert rank1[name]["calls"] == at and rank0[name]["calls"] == at, name
+    assert rank1["guide_shape_mid"]["error"][0] == "ValueError", rank1["guide_shape_mid"]
+    assert "gnet (the guide network)" in rank1["guide_shape_mid"]["error"][1]
+    _peer(rank0["guide_shape_mid"], "rank 1 (guide network)", "ValueError: gnet (the guide network)")
+
+
+@pytest.mark.slow
+def test_failures_on_both_ranks_and_outside_the_networks(midway_ranks):
+    rank0, rank1 = midway_ranks
+    # Both fail at the same evaluation: each raises its own error.
+    _own(rank0["both_mid"], "main network broken at call 4")
+    _own(rank1["both_mid"], "guide network broken at call 4")
+    # Rank 0's callback fails: rank 1 learns it the same way.
+    assert rank0["callback"]["error"] == ("KeyError", "'callback stops at step 2'")
+    _peer(rank1["callback"], "rank 0 (main network)", "KeyError: 'callback stops at step 2'")
+
+
+@pytest.mark.slow
+def test_failures_midway_are_prompt_and_leave_the_pair_usable(midway_ranks):
+    rank0, rank1 = midway_ranks
+    for name in _midway_cases():
+        for r, res in enumerate((rank0, rank1)):
+            assert res[name]["seconds"] < PROMPT, (name, r, res[name])
+    x_ref = fast_guided_sample(TinyConvDenoiser(seed=0), seeded_noise(SEEDS, SHAPE), None, TinyConvDenoiser(seed=1),
+                               backend="torch", **LATE_UNGUIDED)
+    assert torch.equal(rank0["after"]["x"], x_ref)
+    assert rank1["after"]["x"] is None
 
 
 def test_needs_a_two_rank_process_group():

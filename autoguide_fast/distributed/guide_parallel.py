@@ -4,10 +4,14 @@ For the latency case (batch 1, a large main network) the two forward passes of a
 evaluation can run on two devices at once, the way multi-GPU engines split classifier-free
 guidance. Per guided evaluation:
 
-    rank 0: broadcast x ──► rank 1        (the state the networks see, in the state dtype)
+    rank 0: broadcast [x, ok] ──► rank 1   (the state the networks see, in the state dtype)
     rank 0: D_main = net(x, t, labels)    ║  rank 1: D_guide = gnet(x, t, labels)
-    rank 0: ◄── broadcast D_guide          (in the guide's own output dtype)
+    rank 0: ◄── broadcast [D_guide, ok]     (in the guide's own output dtype)
     rank 0: step (guided lerp + Euler/Heun update + churn) with the step backend
+
+and one element-sized message from rank 0 once the trajectory is done. ``ok`` is one extra
+element after the tensor (0, or 1 when the sender failed); a failed sender follows it with its
+error text (1 KiB) and both ranks stop there.
 
 Only rank 0 holds the sampler state. Both ranks build the same plan from the same keyword
 arguments (a digest of it is compared once per call), so rank 1 knows from the plan alone
@@ -16,14 +20,19 @@ guide and cost no message. The math is that of ``fast_guided_sample`` (same plan
 backend, the networks see the same inputs), so the samples are the same bit for bit.
 
 Errors: argument checks, a settings mismatch and a failure of either network at the first
-guided evaluation are exchanged, so both ranks raise instead of one waiting forever. A failure
-later on leaves the other rank blocked in a collective until the process group times out
-(torchrun stops the remaining workers when one fails).
+guided evaluation are exchanged in a status message; any later failure of rank 0 (its network
+at any evaluation, the step, the callback) is marked in the message rank 1 waits for next (the
+next guided input, or the final message), and a failure of the guide in the output it sends.
+So both ranks raise, the failing one its own error, the other a ``PeerFailure`` that quotes it,
+instead of one waiting in a collective until the process group times out. Under NCCL each rank
+reads the other's mark through a side stream and a pinned host element, so the host waits for
+that message's arrival only, never for kernels queued after it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -37,15 +46,18 @@ from ..sampler import make_config, run_eager
 
 __all__ = ["PeerFailure", "guide_parallel_sample"]
 
-_PROTOCOL = 0x4147_4650  # Header tag, bumped when the message layout changes.
+_PROTOCOL = 0x4147_4651  # Header tag, bumped when the message layout changes.
 _MAX_DIMS = 8
 _HEADER_LEN = 24
+_REASON_LEN = 1024  # Bytes of a failed rank's error text (sent on failure only).
 # Dtypes that may cross the wire (index = code in the header and status messages).
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16,
            torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 
-# Failure codes exchanged in the status messages.
+# Failure codes exchanged in the status messages (and 0/1 as the ok element of the tensors and
+# the final message).
 _OK, _BAD_ARGS, _MISMATCH, _NET_FAILED = 0, 1, 2, 3
+_FAILED = 1
 
 
 class PeerFailure(RuntimeError):
@@ -88,6 +100,11 @@ def _evaluations(step: StepPlan) -> list[tuple[str, float | None]]:
     return evals
 
 
+def _guided(steps: list[StepPlan]) -> int:
+    """Number of guided evaluations (those that exchange messages)."""
+    return sum(w is not None for step in steps for _, w in _evaluations(step))
+
+
 class _Link:
     """The two-rank group and the device its messages travel through."""
 
@@ -111,6 +128,8 @@ class _Link:
         # NCCL moves CUDA tensors of the current device; gloo moves CPU tensors.
         nccl = dist.get_backend(world) == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self._side: Any = None  # CUDA: the stream that watches the ok elements (made when first needed).
+        self._host: dict[torch.dtype, torch.Tensor] = {}
 
     def from_main(self, tensor: torch.Tensor, async_op: bool = False):
         return dist.broadcast(tensor, src=self.src_main, group=self.group, async_op=async_op)
@@ -124,22 +143,125 @@ class _Link:
         dist.all_reduce(t, group=self.group)
         return t.tolist()
 
+    def final(self, code: int) -> None:
+        """Rank 0's last message of a trajectory: ``_OK``, or ``_FAILED`` then its error text."""
+        t = torch.zeros(1, dtype=torch.int64, device=self.device)
+        if code != _OK:
+            t.fill_(code)
+        self.from_main(t)
 
-def _raise_status(link: _Link, status: list[int], own_error: BaseException | None, what: str) -> None:
-    """Raise on both ranks when either failed: the own error, else one naming the other rank."""
+    def reason(self, src: int, error: BaseException | None) -> str:
+        """The error text of failed rank ``src`` (it sends ``error``, the other rank receives it).
+        Only on the failure path: a fixed-size byte tensor, the text cut to ``_REASON_LEN`` bytes."""
+        text = _describe(error) if src == self.rank else ""
+        buf = torch.zeros(_REASON_LEN, dtype=torch.uint8)
+        data = text.encode()[:_REASON_LEN]
+        if data:
+            buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        buf = buf.to(self.device)
+        (self.from_main if src == 0 else self.from_guide)(buf)
+        if src == self.rank:
+            return text
+        return bytes(buf.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
+
+    def side_stream(self) -> Any:
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=self.device)
+        return self._side
+
+    def host_flag(self, dtype: torch.dtype) -> torch.Tensor:
+        """A pinned host element per dtype (each read before the next copy into it)."""
+        if dtype not in self._host:
+            self._host[dtype] = torch.empty(1, dtype=dtype, pin_memory=True)
+        return self._host[dtype]
+
+
+class _Message:
+    """A tensor sent with one element after it, ``ok``: 0, or ``_FAILED`` when its sender failed.
+
+    Each rank keeps one per direction for a whole trajectory (the views are made once; ``ok`` is
+    written only on failure). Reuse is safe: a receive into it is queued after the work that read
+    the previous contents (CPU: done; CUDA: the communication stream waits for the current one).
+    """
+
+    def __init__(self, shape: torch.Size | list[int], dtype: torch.dtype, device: torch.device) -> None:
+        self.buf = torch.zeros(math.prod(shape) + 1, dtype=dtype, device=device)
+        self.data = self.buf[:-1].view(shape)
+        self.ok = self.buf[-1:]
+
+
+class _Arrival:
+    """A message being received, and whether its sender failed.
+
+    On CPU (gloo) ``ok`` is read once the message is in. On CUDA (NCCL) a side stream waits for
+    this message alone, copies ``ok`` to pinned host memory and records an event: the host then
+    waits for the message's arrival only, not for the kernels queued after it on the current
+    stream (the network running meanwhile), and the current stream is not held up.
+    """
+
+    def __init__(self, link: _Link, work: Any, msg: _Message) -> None:
+        self.work, self.msg = work, msg
+        self.waited = False
+        self.result: bool | None = None
+        self.event: Any = None
+        if msg.buf.is_cuda:
+            side = link.side_stream()
+            self.host = link.host_flag(msg.buf.dtype)
+            with torch.cuda.stream(side):
+                work.wait()  # The side stream waits for the message (the current stream does not).
+                self.host.copy_(msg.ok, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record(side)
+            msg.buf.record_stream(side)
+
+    def wait(self) -> None:
+        """The message is needed: the current stream (CUDA) or the host (CPU) waits for it."""
+        if not self.waited:
+            self.work.wait()
+            self.waited = True
+
+    def known_failed(self) -> bool | None:
+        """Whether the sender failed, if known without waiting (CPU, once in); else None."""
+        return self.failed() if self.event is None else None
+
+    def failed(self) -> bool:
+        """Whether the sender failed (the host waits for the message's arrival)."""
+        if self.result is None:
+            if self.event is None:
+                self.wait()
+                self.result = self.msg.ok.item() != 0
+            else:
+                self.event.synchronize()
+                self.result = self.host.item() != 0
+        return self.result
+
+
+def _describe(error: BaseException | None) -> str:
+    text = str(error)
+    return type(error).__name__ + (f": {text}" if text else "")
+
+
+def _peer_failure(src: int, what: str, reason: str) -> PeerFailure:
+    who = "rank 0 (main network)" if src == 0 else "rank 1 (guide network)"
+    return PeerFailure(f"guide_parallel_sample: {who} failed {what}: {reason} (its traceback is on that rank)")
+
+
+def _settle(link: _Link, status: list[int], own_error: BaseException | None, what: str) -> None:
+    """After a status exchange: each failed rank sends its error text, then both raise (the own
+    error, else one naming the other rank)."""
+    reasons = {src: link.reason(src, own_error) for src in (0, 1) if status[src] != _OK}
     if own_error is not None:
         raise own_error
     other = 1 - link.rank
     code = status[other]
     if code == _OK:
         return
-    who = "rank 0 (main network)" if other == 0 else "rank 1 (guide network)"
     if code == _MISMATCH:
         raise ValueError(
             "guide_parallel_sample: the sampler settings differ between rank 0 and rank 1 (schedule, guidance, "
             "guidance interval, solver or dtype); pass the same keyword arguments on both ranks"
         )
-    raise PeerFailure(f"guide_parallel_sample: {who} failed {what}; see that rank's error")
+    raise _peer_failure(other, what, reasons[other])
 
 
 def _config(kwargs: dict[str, Any], gnet: Callable | None) -> SamplerConfig:
@@ -202,11 +324,15 @@ def guide_parallel_sample(
 class _MainEvaluator:
     """The evaluation strategy of rank 0's loop: the main network here, the guide's output from rank 1."""
 
-    def __init__(self, link: _Link, net: Callable, labels: torch.Tensor | None, guided_ahead: bool) -> None:
+    def __init__(self, link: _Link, net: Callable, labels: torch.Tensor | None, noise: torch.Tensor,
+                 dtype: torch.dtype, guided: int) -> None:
         self.link, self.net, self.labels = link, net, labels
         self.checked_main = False
-        self.guide_dtype: torch.dtype | None = None  # Known after the first guided evaluation.
-        self.guided_ahead = guided_ahead  # Rank 1 waits for a first guided evaluation.
+        self.guided = guided  # Guided evaluations in the plan.
+        self.done = 0  # Guided evaluations whose guide output has arrived.
+        self.settled = False  # Rank 1 waits for nothing more of this call (it failed, or knows).
+        self.send = _Message(noise.shape, dtype, link.device) if guided else None  # [x, ok]
+        self.recv: _Message | None = None  # [D_guide, ok], once the guide's dtype is known.
 
     def _main(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         D_main = self.net(x, t, self.labels)
@@ -217,36 +343,67 @@ class _MainEvaluator:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, w: float | None):
         if w is None:
-            try:
-                return self._main(x, t), None
-            except Exception:
-                if self.guide_dtype is None and self.guided_ahead:
-                    # Before the first guided evaluation (e.g. outside a guidance interval) rank 1
-                    # waits for that one's input: hand it this x and the failure, as it would get them.
-                    self.link.from_main(x.to(self.link.device).contiguous())
-                    self.link.status([_NET_FAILED, 0, 0])
-                raise
-        link = self.link
-        link.from_main(x.to(link.device).contiguous())
-        if self.guide_dtype is None:
+            return self._main(x, t), None
+        link, send = self.link, cast(_Message, self.send)  # Guided: the plan has guided evaluations.
+        send.data.copy_(x)
+        recv = self.recv
+        if recv is None:
             # First guided evaluation: both ranks report before any output is sent.
+            link.from_main(send.buf)
             error = None
             try:
                 D_main = self._main(x, t)
             except Exception as exc:
                 error = exc
             status = link.status([_OK if error is None else _NET_FAILED, 0, 0])
-            _raise_status(link, status, error, "at its first network evaluation")
-            self.guide_dtype = _DTYPES[status[2]]
-            D_guide = torch.empty(x.shape, dtype=self.guide_dtype, device=link.device)
-            link.from_guide(D_guide)
+            self.settled = status[0] != _OK or status[1] != _OK
+            _settle(link, status, error, "at its first network evaluation")
+            recv = self.recv = _Message(x.shape, _DTYPES[status[2]], link.device)
+            link.from_guide(recv.buf)
+            self.done += 1
         else:
             # The guide's output is received while the main network runs.
-            D_guide = torch.empty(x.shape, dtype=self.guide_dtype, device=link.device)
-            work = link.from_guide(D_guide, async_op=True)
-            D_main = self._main(x, t)
-            work.wait()
-        return D_main, D_guide.to(x.device)
+            link.from_main(send.buf)
+            work = link.from_guide(recv.buf, async_op=True)
+            try:
+                D_main = self._main(x, t)
+            except Exception:
+                self._arrived(_Arrival(link, work, recv))  # Rank 1 may have failed too (then it waits no more).
+                raise
+            arrival = _Arrival(link, work, recv)
+            arrival.wait()
+            reason = self._arrived(arrival)
+            if reason is not None:
+                raise _peer_failure(1, "while sampling", reason)
+        return D_main, recv.data.to(x.device)
+
+    def _arrived(self, arrival: _Arrival) -> str | None:
+        """Count a guided evaluation's guide output in; rank 1's error text if it sent a failure instead."""
+        failed = arrival.failed()
+        self.done += 1
+        if not failed:
+            return None
+        self.settled = True
+        return self.link.reason(1, None)
+
+    def abort(self, error: BaseException) -> None:
+        """Rank 0 failed while sampling: mark the failure in the message rank 1 waits for, send its text."""
+        if self.settled:
+            return
+        self.settled = True
+        link = self.link
+        if self.done < self.guided:
+            send = cast(_Message, self.send)  # Guided evaluations remain.
+            send.ok.fill_(_FAILED)
+            link.from_main(send.buf)  # The next guided evaluation's input, marked failed.
+        else:
+            link.final(_FAILED)
+        link.reason(0, error)
+
+    def finish(self) -> None:
+        """The trajectory is done: tell rank 1 (it waits for this, so it learns of any later failure)."""
+        self.settled = True
+        self.link.final(_OK)
 
 
 def _main_header(config: SamplerConfig, steps: list[StepPlan], noise: torch.Tensor,
@@ -281,14 +438,19 @@ def _run_main(link, net, noise, labels, kwargs, randn_like, seeds, backend, call
         header = [_PROTOCOL, _BAD_ARGS] + [0] * (_HEADER_LEN - 2)
     link.from_main(torch.tensor(header, dtype=torch.int64, device=link.device))
     status = link.status([_OK if error is None else _BAD_ARGS, 0, 0])
-    _raise_status(link, status, error, "its argument checks")
+    _settle(link, status, error, "its argument checks")
     if labels is not None:
         link.from_main(labels.to(link.device).contiguous())
 
     # The loop of sampler.run_eager (fused next-step churn included), networks split over ranks.
-    x = run_eager(net, None, noise, labels, config, step_backend, seeds_t, randn_like, callback, (t_steps, steps),
-                  evaluate=_MainEvaluator(link, net, labels,
-                                          any(w is not None for step in steps for _, w in _evaluations(step))))
+    evaluate = _MainEvaluator(link, net, labels, noise, config.dtype, _guided(steps))
+    try:
+        x = run_eager(net, None, noise, labels, config, step_backend, seeds_t, randn_like, callback,
+                      (t_steps, steps), evaluate=evaluate)
+    except Exception as exc:
+        evaluate.abort(exc)  # Whatever failed (a network, the step, the callback), rank 1 learns it.
+        raise
+    evaluate.finish()
     if check_finite and not bool(torch.isfinite(x).all()):
         raise FloatingPointError(
             "guide_parallel_sample: the result contains NaN or Inf (check the networks and the schedule; "
@@ -334,7 +496,7 @@ def _run_guide(link: _Link, gnet: Callable | None, device: torch.device | str | 
             "guidance interval, solver or dtype); pass the same keyword arguments on both ranks"
         )
     status = link.status([0, code, 0])
-    _raise_status(link, status, error, "its argument checks")
+    _settle(link, status, error, "its argument checks")
 
     x_dtype = _DTYPES[header[3]]
     x_shape = header[5:5 + header[4]]
@@ -343,26 +505,60 @@ def _run_guide(link: _Link, gnet: Callable | None, device: torch.device | str | 
         labels = torch.empty(header[16:16 + header[15]], dtype=_DTYPES[header[14]], device=link.device)
         link.from_main(labels)
         labels = labels.to(guide_device)
-    x_buf = torch.empty(x_shape, dtype=x_dtype, device=link.device)
-    first = True
+    recv = _Message(x_shape, x_dtype, link.device) if _guided(steps) else None  # [x, ok]
+    send: _Message | None = None  # [D_guide, ok], once the guide's dtype is known.
     for step in steps:
         for t_key, w in _evaluations(step):
             if w is None:
                 continue  # Unguided evaluation: the guide is not called, nothing is sent.
-            link.from_main(x_buf)
-            x = x_buf.to(guide_device)
+            recv = cast(_Message, recv)  # Guided: made.
+            arrival = _Arrival(link, link.from_main(recv.buf, async_op=True), recv)
+            arrival.wait()
             t = step.tensors[t_key]
-            if first:
-                error = None
+            if send is None:
+                # First guided evaluation: rank 0's mark is read first, then both ranks report
+                # before any output is sent.
+                if arrival.failed():
+                    raise _peer_failure(0, "while sampling", link.reason(0, None))
+                error, out = None, None
                 try:
+                    x = recv.data.to(guide_device)
                     D_guide = cast(Callable, gnet)(x, t, labels)  # Checked callable: guided (w is not None).
                     V.check_output("gnet (the guide network)", D_guide, x)
                     dtype_code = _dtype_code(D_guide.dtype, "gnet output")
+                    out = _Message(x_shape, D_guide.dtype, link.device)
+                    out.data.copy_(D_guide)
                 except Exception as exc:
                     error, dtype_code = exc, 0
                 status = link.status([0, _OK if error is None else _NET_FAILED, dtype_code])
-                _raise_status(link, status, error, "at its first network evaluation")
-                first = False
+                _settle(link, status, error, "at its first network evaluation")
+                send = cast(_Message, out)  # Made: no error.
             else:
-                D_guide = cast(Callable, gnet)(x, t, labels)
-            link.from_guide(D_guide.to(link.device).contiguous())
+                # CPU: rank 0's mark is known now, before the guide runs. CUDA: it is read once the
+                # guide's kernels are queued (the host does not wait for x before queuing them),
+                # and before anything is sent.
+                if arrival.known_failed():
+                    raise _peer_failure(0, "while sampling", link.reason(0, None))
+                error = None
+                try:
+                    x = recv.data.to(guide_device)
+                    D_guide = cast(Callable, gnet)(x, t, labels)
+                    V.check_output("gnet (the guide network)", D_guide, x)
+                    send.data.copy_(D_guide)
+                except Exception as exc:
+                    error = exc
+                if arrival.failed():  # (The guide, if it ran, saw a stale input: its result is moot.)
+                    raise _peer_failure(0, "while sampling", link.reason(0, None))
+                if error is not None:
+                    send.ok.fill_(_FAILED)
+                    link.from_guide(send.buf)
+                    link.reason(1, error)
+                    raise error
+            link.from_guide(send.buf)
+
+    # Rank 0's final message: whether it got through the trajectory (it may fail after the last
+    # guided evaluation: an unguided one, a step, the callback).
+    final = torch.empty(1, dtype=torch.int64, device=link.device)
+    link.from_main(final)
+    if final.item() != _OK:
+        raise _peer_failure(0, "while sampling", link.reason(0, None))
