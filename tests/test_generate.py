@@ -98,6 +98,20 @@ def interruptible_main():
     return _Interrupting(3, 8, label_dim=4, seed=0)
 
 
+class _FailingGuide(ExactNet):
+    """A guide whose 2nd forward call raises ValueError: a network's failure mid-trajectory (not a bad
+    argument, although its type is the one argument checks raise)."""
+
+    def forward(self, x, sigma, labels=None):
+        if self.calls >= 1:
+            raise ValueError("the guide broke at its 2nd call")
+        return super().forward(x, sigma, labels)
+
+
+def failing_guide():
+    return _FailingGuide(3, 8, label_dim=4, seed=1)
+
+
 class _BatchCoupled(_Interrupting):
     """Each image's output also depends on the rest of its batch (a term in the batch mean), as a
     BLAS or cuDNN kernel chosen by batch size can make a real network's last bits depend on it."""

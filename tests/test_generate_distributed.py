@@ -37,6 +37,9 @@ def _job(rank, sharded_dir, parallel_dir):
     # Only rank 1 loads the guide under --guide-parallel: its failure must still stop rank 0.
     bad = [a if a != f"{HERE}:rgb_guide" else f"{HERE}:no_such_guide" for a in ARGS]
     out["bad_guide"] = main(["generate", *bad, "--outdir", parallel_dir + "-bad", "--guide-parallel"])
+    # The guide fails while sampling: a failure on both ranks (exit 1), not a bad argument (exit 2).
+    failing = [a if a != f"{HERE}:rgb_guide" else f"{HERE}:failing_guide" for a in ARGS]
+    out["failing_guide"] = main(["generate", *failing, "--outdir", parallel_dir + "-failing", "--guide-parallel"])
     return out
 
 
@@ -87,6 +90,14 @@ def test_a_setup_failure_on_one_rank_stops_both(two_process_run):
     # Rank 1 reports its own error (exit 2); rank 0 learns of it instead of waiting (exit 1).
     assert [r["bad_guide"] for r in two_process_run["results"]] == [1, 2]
     assert not list(Path(str(two_process_run["parallel"]) + "-bad").glob("*.npy"))
+
+
+@pytest.mark.slow
+def test_a_guide_failing_while_sampling_is_a_failure_on_both_ranks(two_process_run):
+    # Rank 1 raised the guide's ValueError mid-trajectory: reported as a sampling failure (exit 1),
+    # like rank 0's networks, and rank 0 learns of it (exit 1).
+    assert [r["failing_guide"] for r in two_process_run["results"]] == [1, 1]
+    assert not list(Path(str(two_process_run["parallel"]) + "-failing").glob("*.npy"))
 
 
 @pytest.mark.slow

@@ -482,23 +482,24 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
     written, nonfinite = 0, []
     start = time.perf_counter()
     for chunk in chunks:
-        if gp and rank == 1:
-            guide_parallel_sample(None, gnet, device=device, **sampler_kwargs)
-        else:
-            batch_seeds = [seeds[j] for j in chunk]
-            try:
-                x = _sample_batch(net, gnet, batch_seeds, shape, label_dim, opts, device, sampler_kwargs)
-            except PeerFailure:
-                raise
-            except Exception as exc:  # A network's (or the device's) failure, not a bad argument.
-                raise SamplingFailure(f"sampling the batch of seeds {_seed_text(batch_seeds)} failed: "
-                                      f"{type(exc).__name__}: {exc}") from exc
-            # Checked per image: a network's NaN/Inf for one seed does not stop the other files.
-            finite = torch.isfinite(x.flatten(1)).all(1).tolist()
-            nonfinite += [seed for seed, ok in zip(batch_seeds, finite) if not ok]
-            keep = [i for i, j in enumerate(chunk) if not done[j] and finite[i]]
-            _write_batch(x[keep], [batch_seeds[i] for i in keep], opts.outdir, fmt, opts.subdirs)
-            written += len(keep)
+        batch_seeds = [seeds[j] for j in chunk]
+        try:
+            if gp and rank == 1:
+                guide_parallel_sample(None, gnet, device=device, **sampler_kwargs)
+                continue
+            x = _sample_batch(net, gnet, batch_seeds, shape, label_dim, opts, device, sampler_kwargs)
+        except PeerFailure:
+            raise
+        except Exception as exc:  # A network's (or the device's) failure, not a bad argument.
+            what = "running the guide for" if gp and rank == 1 else "sampling"
+            raise SamplingFailure(f"{what} the batch of seeds {_seed_text(batch_seeds)} failed: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        # Checked per image: a network's NaN/Inf for one seed does not stop the other files.
+        finite = torch.isfinite(x.flatten(1)).all(1).tolist()
+        nonfinite += [seed for seed, ok in zip(batch_seeds, finite) if not ok]
+        keep = [i for i, j in enumerate(chunk) if not done[j] and finite[i]]
+        _write_batch(x[keep], [batch_seeds[i] for i in keep], opts.outdir, fmt, opts.subdirs)
+        written += len(keep)
         if bar is not None:
             bar.update(1)
     if bar is not None:
