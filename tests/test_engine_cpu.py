@@ -818,6 +818,53 @@ def test_capturer_reports_failures_and_cleans_up_after_capture_end(fake_cuda, fn
     assert resets == ([[("begin", None, "thread_local"), "end"]] if abandoned else [])
 
 
+def test_warmup_orders_the_callers_stream_after_its_own_even_when_it_raises(fake_cuda, monkeypatch):
+    """The caller frees the runner's buffers (allocated on its stream, used by the warm-up on the
+    capture stream) after a failed warm-up: its stream must wait for the capture stream first."""
+    from autoguide_fast.engine.cuda_graphs import CudaGraphCapturer
+
+    waits: list[tuple[str, str]] = []
+    monkeypatch.setattr(FakeStream, "wait_stream", lambda self, other: waits.append((self.name, other.name)))
+    capturer = CudaGraphCapturer(torch.device("cuda", 0))
+    capturer.stream.name = "capture"
+    runs: list[int] = []
+
+    def fn():
+        runs.append(1)
+        if len(runs) == 2:
+            raise RuntimeError("network failed in the second warm-up run")
+
+    with pytest.raises(RuntimeError, match="second warm-up run"):
+        capturer.warmup(fn, 3)
+    assert waits == [("capture", "current"), ("current", "capture")]
+
+
+def test_a_sampler_dropped_unreleased_waits_for_its_last_call_before_its_buffers_go(fake_graphs, monkeypatch):
+    """A sampler's buffers come from the stream that prepared it and are used by every call, on
+    the caller's stream: dropped without release() while a call may still run (no host sync with
+    check_finite=False), the sampler first waits for its last call's work, then frees them."""
+    from autoguide_fast.engine.streams import CallOrder
+
+    events: list[str] = []
+    monkeypatch.setattr(CallOrder, "drain", lambda self: events.append("drain"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    net, gnet = nets()
+    for graph in ("trajectory", "none"):
+        events.clear()
+        s = sampler(net, gnet, graph=graph)
+        s(randn(*SHAPE), LABELS)
+        s._order.cuda = True  # As on a CUDA device (the drain itself is faked above).
+        assert s._plan is not None
+        weakref.finalize(s._plan[0], events.append, "plan freed")
+        freed = {"plan freed"}
+        if graph == "trajectory":
+            weakref.finalize(s._runners[False].inputs.noise, events.append, "static noise freed")
+            freed.add("static noise freed")
+        fake_graphs.instances.clear()  # The stand-in's registry would keep the graphs' buffers alive.
+        del s
+        assert events[0] == "drain" and set(events[1:]) == freed, (graph, events)
+
+
 def test_an_interrupt_during_capture_ends_the_capture_and_goes_on(fake_cuda):
     from autoguide_fast.engine.cuda_graphs import CudaGraphCapturer
 

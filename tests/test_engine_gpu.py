@@ -248,6 +248,60 @@ def test_memory_does_not_grow_over_100_calls():
 
 
 @pytest.mark.parametrize("graph", ["trajectory", "step", "none"])
+def test_a_sampler_dropped_unreleased_lets_its_last_call_finish_before_its_memory_is_reused(graph):
+    """The sampler's plan and static buffers are allocated on the stream that prepared it and used
+    by every call, on the caller's stream. Dropped without release() while a call that did not sync
+    (check_finite=False) still waits on another stream, the sampler must not let the caching
+    allocator hand that memory to new work on the preparing stream before the call has run: that
+    work would overwrite the call's inputs and the call would write into memory now someone else's."""
+    net, gnet = cuda_nets()
+    noise, labels = noise_of(11), labels_of(11)
+    expected = eager(net, gnet, noise, labels, **BASE)
+    s = make(net, gnet, graph=graph, streams="off", check_finite=False)
+    s.prepare()  # On the default stream.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(1_000_000_000)  # About half a second: the call's work queues behind it.
+        out = s(noise, labels)
+    del s
+    gc.collect()
+    # New work on the default stream, on memory the caching allocator has (or would have) handed
+    # back: many tensors of the sizes of the sampler's buffers, filled with NaN.
+    fillers = [torch.full(shape, float("nan"), device="cuda") for shape in [(128,)] * 1024 + [SHAPE] * 64]
+    torch.cuda.synchronize()
+    assert all(bool(torch.isnan(f).all()) for f in fillers)  # The call wrote into none of them ...
+    assert torch.equal(out, expected)  # ... and read none of them.
+
+
+@pytest.mark.parametrize("graph", ["trajectory", "step", "none"])
+def test_a_network_error_with_the_guide_on_its_stream_leaves_the_sampler_usable(graph):
+    """The guide raising on its side stream (here after launching its work, mid warm-up or mid
+    call): the error propagates, the work already queued on the engine's streams is ordered before
+    the caller's stream frees what that work uses, and the next call prepares and samples right."""
+    net, inner = cuda_nets()
+    calls = [0]
+    fail_at: list[int | None] = [3]
+
+    def gnet(x, t, labels):
+        out = inner(x, t, labels)
+        calls[0] += 1
+        if calls[0] == fail_at[0]:
+            raise RuntimeError("guide network failed (test)")
+        return out
+
+    s = make(net, gnet, graph=graph, streams="on", check_finite=False)
+    noise, labels = noise_of(12), labels_of(12)
+    with pytest.raises(RuntimeError, match="guide network failed"):
+        s(noise, labels)
+    gc.collect()
+    fail_at[0] = None
+    out = s(noise, labels)
+    assert s.report["graph"] == graph and s.report["capture_error"] is None
+    assert torch.equal(out, eager(net, gnet, noise, labels, **BASE))
+
+
+@pytest.mark.parametrize("graph", ["trajectory", "step", "none"])
 def test_first_call_under_inference_mode_then_outside_it(graph):
     """A sampler first called (prepared) under torch.inference_mode() keeps working outside it: its
     static buffers are not inference tensors. Also through the cached fast_guided_sample route."""

@@ -207,10 +207,15 @@ class CudaGraphCapturer:
         cuDNN, Triton and compiled code must not happen during capture)."""
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            for _ in range(runs):
-                fn()
-        current.wait_stream(self.stream)
+        try:
+            with torch.cuda.stream(self.stream):
+                for _ in range(runs):
+                    fn()
+        finally:
+            # Also when fn raises (a network's error, out of memory): the buffers the caller frees
+            # next (static inputs, step state, allocated on its stream) were used on this stream,
+            # and the caching allocator hands them to new work on the caller's stream at once.
+            current.wait_stream(self.stream)
 
     def capture(self, fn: Callable[[], Any]) -> tuple[CapturedGraph, Any]:
         """Capture ``fn()``; returns the graph and ``fn``'s outputs (static tensors of the pool).

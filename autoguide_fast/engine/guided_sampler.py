@@ -4,7 +4,7 @@ of networks — warm-up, CUDA-graph capture, the guide on a side stream, eager f
 Lifecycle: construct (host-side checks only) -> ``prepare()`` (build the plan, warm up, time the
 stream schedules, capture; idempotent; also done by the first call) -> ``__call__`` any number of
 times, from any thread -> ``release()`` (optional; frees graphs and buffers, the next call
-prepares again).
+prepares again). Dropping the sampler frees them too, after waiting for its last call's GPU work.
 """
 
 from __future__ import annotations
@@ -122,6 +122,12 @@ class GuidedSampler:
         self._caller = "GuidedSampler"
         self._lock = threading.RLock()
         self._order = CallOrder(self.device)
+        # Dropped without release(): its plan, static buffers and step state were allocated on the
+        # stream that prepared it but are used by every call, on the caller's stream, and the caching
+        # allocator hands freed memory to new work on the allocating stream at once, while a call
+        # that did not sync (check_finite=False) may still be running on another stream. So the
+        # drop waits for the last call's work first (run before the attributes go; not at exit).
+        weakref.finalize(self, _drain_when_dropped, self._order).atexit = False
         self._guide_stream: GuideStream | None = None
         self._compiled: tuple[Callable, Callable | None] | None = None
         self._capture_error: str | None = None
@@ -302,7 +308,8 @@ class GuidedSampler:
                 self._guide_stream = GuideStream(self.device)
             streams = self._guide_stream
         # The program (held by the runners the sampler holds) reaches the sampler weakly: no reference
-        # cycle, so a sampler dropped without release() frees its graphs and pools at once.
+        # cycle, so a sampler dropped without release() frees its graphs and pools at once (once its
+        # last call's GPU work is done, see __init__).
         sampler = weakref.ref(self)
         plan = cast("tuple[torch.Tensor, list[StepPlan]]", self._plan)  # Built by _setup first.
         return SamplingProgram(lambda: cast(GuidedSampler, sampler())._networks(), self.config, self._backend, plan,
@@ -443,6 +450,13 @@ class GuidedSampler:
             for runner in self._runners.values():
                 runner.release()
             self._runners.clear()
+
+
+def _drain_when_dropped(order: CallOrder) -> None:
+    # Not from inside a capture of this thread (the cycle collector may run anywhere): waiting on an
+    # event there would invalidate that capture.
+    if order.cuda and not torch.cuda.is_current_stream_capturing():
+        order.drain()
 
 
 def _compile(fn: Callable) -> Callable:

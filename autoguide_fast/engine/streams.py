@@ -45,17 +45,17 @@ class GuideStream:
 
     def fork(self, gnet: Callable, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None):
         main = torch.cuda.current_stream(x.device)
-        capturing = torch.cuda.is_current_stream_capturing()
-        self.side.wait_stream(main)
-        with torch.cuda.stream(self.side):
-            out = gnet(x, t, labels)
-        if not capturing:
+        if not torch.cuda.is_current_stream_capturing():
             # x (and the labels) were allocated on the main stream and are read on the side one.
+            # Recorded before the launch, so that it holds even if gnet raises midway (the
+            # allocator waits for the side stream's work queued by the time the tensor is freed).
             x.record_stream(self.side)
             if isinstance(labels, torch.Tensor) and labels.is_cuda:
                 labels.record_stream(self.side)
         self._main = main
-        return out
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):
+            return gnet(x, t, labels)
 
     def join(self, out) -> None:
         main = cast(torch.cuda.Stream, self._main)  # Set by fork, which run_eager calls first.

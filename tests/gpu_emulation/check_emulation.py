@@ -8,6 +8,7 @@ import torch
 from autoguide_fast import GuidedSampler
 from autoguide_fast.engine.guided_sampler import GraphCaptureWarning
 from autoguide_fast.reference import edm_sampler
+from tests.gpu_emulation import stream_order
 from tests.gpu_emulation.stream_order import StreamRace
 
 pytestmark = pytest.mark.gpu  # Run with the GPU tests, under the emulation.
@@ -112,6 +113,38 @@ def test_reading_across_streams_needs_a_wait():
     side, y = _fork(x)
     with pytest.raises(StreamRace, match="write after read"):
         x.add_(1)  # side read x; overwriting it without waiting for side is a race too.
+    torch.cuda.current_stream().wait_stream(side)  # Before x is freed (see the next test).
+
+
+def test_freeing_memory_another_stream_still_uses_is_a_race():
+    # torch's caching allocator hands a freed block out again at once to new work on the stream that
+    # allocated it: another stream's use must be ordered before the free, or declared to the allocator.
+    def forked_then_freed(order) -> None:
+        x = torch.randn(8, device="cuda") + 1  # Allocated on the current stream.
+        side, y = _fork(x)  # side reads x.
+        order(x, side)
+        del x, y  # y: allocated and used on side only.
+
+    with pytest.raises(StreamRace, match="unsafe free"):
+        forked_then_freed(lambda x, side: None)
+        stream_order.check_frees()
+    forked_then_freed(lambda x, side: x.record_stream(side))
+    forked_then_freed(lambda x, side: torch.cuda.current_stream().wait_stream(side))
+    forked_then_freed(lambda x, side: side.synchronize())
+    stream_order.check_frees()  # None of those three raced.
+    # A tensor a capture allocated lives in the graph's private pool: nothing else reuses it.
+    x = torch.randn(8, device="cuda") + 1
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        side, y = _fork(x)
+        torch.cuda.current_stream().wait_stream(side)
+        out = y + 1  # Allocated on the capture stream.
+    with torch.cuda.stream(side):
+        side.wait_stream(torch.cuda.current_stream())
+        g.replay()  # On another stream than the capture's: it writes out there.
+    torch.cuda.current_stream().wait_stream(side)  # For x, allocated on the current stream.
+    del g, y, out, x
+    stream_order.check_frees()
 
 
 def test_a_capture_keeps_the_rules_of_stream_capture():
@@ -153,6 +186,9 @@ def test_the_engine_without_its_join_would_race(monkeypatch, graph):
     monkeypatch.setattr(streams.GuideStream, "join", lambda self, out: None)
     with pytest.raises(StreamRace):
         sampler()(noise)
+    # ... and what the guide read (unordered) is freed unordered too.
+    with pytest.raises(StreamRace, match="unsafe free"):
+        stream_order.check_frees()
     if graph == "trajectory":
         # Only inside the capture: the step reads the guide's output unordered, the capture fails,
         # the engine falls back to the eager path (which joins) with a warning, and the result is

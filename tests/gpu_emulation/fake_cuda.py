@@ -500,6 +500,7 @@ def install() -> None:
         seed=lambda: torch.seed(), seed_all=lambda: None, initial_seed=lambda: torch.initial_seed(),
         default_generators=(_Generator(),), set_sync_debug_mode=set_sync_debug_mode,
         get_sync_debug_mode=lambda: _sync_debug_mode[0], ipc_collect=lambda: None,
+        _sleep=lambda cycles: None,  # A GPU-side delay: the CPU runs everything at once anyway.
     )
     for name, fake in fakes.items():
         setattr(torch.cuda, name, fake)

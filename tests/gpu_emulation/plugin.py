@@ -13,6 +13,7 @@ Loaded before the test modules and the package are imported, it
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -22,13 +23,14 @@ import threading
 
 os.environ["TRITON_INTERPRET"] = "1"
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch._dynamo  # noqa: E402,F401  (imported before the fakes: it inspects CUDA at import)
 import torch._inductor  # noqa: E402,F401
 import torch.utils.cpp_extension  # noqa: E402,F401
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
-from . import fake_cuda  # noqa: E402
+from . import fake_cuda, stream_order  # noqa: E402
 
 _RealDevice = torch.device
 
@@ -120,7 +122,7 @@ def _install_device_mapping() -> None:
     torch.Tensor.cuda = cuda
     torch.nn.Module.cuda = cuda
     torch.Tensor.pin_memory = lambda self, *a, **k: self
-    torch.Tensor.record_stream = lambda self, stream: None
+    torch.Tensor.record_stream = lambda self, stream: stream_order.record_stream(self, stream)
 
 
 def _keep_inductor_off_triton() -> None:
@@ -230,6 +232,21 @@ def pytest_configure(config):
         _track_triton_launches()
     except ImportError:  # No Triton: its tests skip.
         pass
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A test that freed memory another stream may still use (stream_order's caching-allocator
+    model) fails, whichever thread freed it and even if no op came after the free. (What only the
+    cycle collector frees is checked when it runs; a test that must see it calls gc.collect().)"""
+    try:
+        result = yield
+    except BaseException:
+        with contextlib.suppress(stream_order.StreamRace):  # Reported by the failure already raised.
+            stream_order.check_frees()
+        raise
+    stream_order.check_frees()
+    return result
 
 
 def pytest_report_header(config):

@@ -21,20 +21,29 @@ the capture raises (CUDA needs ``cudaEventWaitExternal`` for that); at the end e
 launched work must have been joined back into the origin stream (``cudaErrorStreamCaptureUnjoined``).
 Since a capture computes nothing, the storages' history is restored when it ends.
 
-The model is the one of the CUDA programming guide (streams, events, stream capture); what it does
-not see: the caching allocator's cross-stream reuse (``record_stream``), and the Triton
-interpreter's accesses other than through its launch (all tensor arguments count as read and
-written by the launch).
+It also models torch's CUDA caching allocator, which hands a freed block out again at once to new
+work on the stream the block was allocated on: a storage freed while another stream's access of it
+is neither ordered before its allocation stream (a wait, or a host sync) nor declared with
+``Tensor.record_stream`` is a race with whatever reuses the memory (an "unsafe free"). It is
+reported as ``StreamRace`` at the freeing thread's next op (``check_frees`` raises it at once; the
+plugin fails a test that leaves one). Memory allocated during a capture lives in the graph's private
+pool, which nothing else reuses: it is exempt.
+
+The model is the one of the CUDA programming guide (streams, events, stream capture) and of torch's
+caching allocator; what it does not see: the Triton interpreter's accesses other than through its
+launch (all tensor arguments count as read and written by the launch), and reuse of memory a
+capture freed within that capture (the emulated graph keeps every tensor of the capture alive).
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
-__all__ = ["CaptureState", "StreamRace", "check_event_usable", "host_sync", "join_on_wait", "on_allocation", "on_op",
-           "register", "storage_key", "tick"]
+__all__ = ["CaptureState", "StreamRace", "check_event_usable", "check_frees", "host_sync", "join_on_wait",
+           "on_allocation", "on_op", "record_stream", "register", "storage_key", "tick"]
 
 
 class StreamRace(RuntimeError):
@@ -46,6 +55,9 @@ _host: dict[int, int] = {}         # What the host has waited for: stream id -> 
 _host_version = [0]
 _storages: dict[int, list] = {}    # storage key -> [last write (stream id, tick) or None, {stream id: tick of a read}]
 _names: dict[int, str] = {}        # stream id -> name, for messages.
+# storage key -> [allocation stream, ids of the streams given to record_stream, weak reference to the storage]
+_allocations: dict[int, list] = {}
+_unsafe_frees: list[tuple[int, str]] = []  # (id of the freeing thread, what raced)
 
 
 def register(stream) -> None:
@@ -102,6 +114,8 @@ def _race(kind: str, func, stream, other: int, t: torch.Tensor) -> StreamRace:
 def on_op(func, stream, reads: list[torch.Tensor], writes: list[torch.Tensor]) -> tuple[int, set[int]]:
     """Check and record an op's accesses on ``stream`` (before it runs); returns its tick and the
     storage keys it touched (an output on another storage is an allocation)."""
+    if _unsafe_frees:
+        check_frees(threading.get_ident())
     with _lock:
         t = tick(stream)
         touched = set()
@@ -139,6 +153,61 @@ def on_allocation(stream, tick_: int, tensors, touched: set[int]) -> None:
                 _storages[key] = [(stream.id, tick_), {}]
                 for capture in _captures:
                     capture.allocated.add(key)
+                try:
+                    ref = weakref.ref(tensor.untyped_storage(), lambda ref, key=key: _freed(key, ref))
+                except TypeError:  # A storage without a Python object of its own: not tracked.
+                    continue
+                _allocations[key] = [stream, set(), ref]
+
+
+# ----------------------------------------------------------------------------------- caching allocator
+def record_stream(tensor: torch.Tensor, stream) -> None:
+    """``Tensor.record_stream``: the allocator will not reuse the block before ``stream``'s work
+    queued at the free is done."""
+    with _lock:
+        entry = _allocations.get(storage_key(tensor))
+        if entry is not None:
+            entry[1].add(stream.id)
+
+
+def _freed(key: int, ref) -> None:
+    """A tracked storage was freed (called by its weak reference): its memory is free for new work on
+    its allocation stream at once, so every access of another stream must be covered by then."""
+    try:
+        with _lock:
+            entry = _allocations.get(key)
+            if entry is None or entry[2] is not ref:
+                return
+            del _allocations[key]
+            # Read only (a free may come from the cycle collector while the history is being walked);
+            # the next allocation at this address resets the history (on_allocation).
+            state = _storages.get(key)
+            if state is None:
+                return
+            stream, recorded, _ = entry
+            accesses = ([state[0]] if state[0] is not None else []) + list(state[1].items())
+            for sid, t in accesses:
+                if sid == stream.id or sid in recorded:
+                    continue
+                if stream.clock.get(sid, 0) >= t or _host.get(sid, 0) >= t:
+                    continue
+                _unsafe_frees.append((threading.get_ident(), (
+                    f"emulated CUDA stream race (unsafe free): a tensor allocated on {_names.get(stream.id, stream)} "
+                    f"was freed while {_names.get(sid, sid)} may still access it (neither a wait of the allocation "
+                    "stream, a host sync nor record_stream orders that access before the caching allocator hands "
+                    "the memory out again)")))
+                return
+    except Exception:  # noqa: BLE001  (interpreter shutdown: the module may be half torn down)
+        pass
+
+
+def check_frees(thread: int | None = None) -> None:
+    """Raise ``StreamRace`` for the unsafe frees of ``thread`` (None: of every thread) so far."""
+    with _lock:
+        mine = [m for t, m in _unsafe_frees if thread is None or t == thread]
+        _unsafe_frees[:] = [(t, m) for t, m in _unsafe_frees if not (thread is None or t == thread)]
+    if mine:
+        raise StreamRace(mine[0] + (f" (and {len(mine) - 1} more)" if len(mine) > 1 else ""))
 
 
 # ----------------------------------------------------------------------------------- capture
@@ -185,6 +254,7 @@ class CaptureState:
             _storages.update(self._saved)
             for key in self.allocated:
                 _storages.pop(key, None)
+                _allocations.pop(key, None)  # The graph's private pool: never handed to other work.
         if unjoined:
             return ("CUDA error: capture sequence contains a fork that was not joined to the primary stream "
                     f"({', '.join(map(repr, unjoined))}; cudaErrorStreamCaptureUnjoined, emulated)")
