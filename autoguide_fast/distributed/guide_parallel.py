@@ -145,10 +145,7 @@ class _Link:
 
     def final(self, code: int) -> None:
         """Rank 0's last message of a trajectory: ``_OK``, or ``_FAILED`` then its error text."""
-        t = torch.zeros(1, dtype=torch.int64, device=self.device)
-        if code != _OK:
-            t.fill_(code)
-        self.from_main(t)
+        self.from_main(torch.full((1,), code, dtype=torch.int64, device=self.device))
 
     def reason(self, src: int, error: BaseException | None) -> str:
         """The error text of failed rank ``src`` (it sends ``error``, the other rank receives it).
@@ -244,6 +241,11 @@ def _describe(error: BaseException | None) -> str:
 def _peer_failure(src: int, what: str, reason: str) -> PeerFailure:
     who = "rank 0 (main network)" if src == 0 else "rank 1 (guide network)"
     return PeerFailure(f"guide_parallel_sample: {who} failed {what}: {reason} (its traceback is on that rank)")
+
+
+def _failed_while_sampling(link: _Link, src: int) -> PeerFailure:
+    """The error for rank ``src`` having marked a failure while sampling: it sends its error text next."""
+    return _peer_failure(src, "while sampling", link.reason(src, None))
 
 
 def _settle(link: _Link, status: list[int], own_error: BaseException | None, what: str) -> None:
@@ -364,13 +366,12 @@ class _MainEvaluator:
         else:
             # The guide's output is received while the main network runs.
             link.from_main(send.buf)
-            work = link.from_guide(recv.buf, async_op=True)
+            arrival = _Arrival(link, link.from_guide(recv.buf, async_op=True), recv)
             try:
                 D_main = self._main(x, t)
             except Exception:
-                self._arrived(_Arrival(link, work, recv))  # Rank 1 may have failed too (then it waits no more).
+                self._arrived(arrival)  # Rank 1 may have failed too (then it waits no more).
                 raise
-            arrival = _Arrival(link, work, recv)
             arrival.wait()
             reason = self._arrived(arrival)
             if reason is not None:
@@ -519,7 +520,7 @@ def _run_guide(link: _Link, gnet: Callable | None, device: torch.device | str | 
                 # First guided evaluation: rank 0's mark is read first, then both ranks report
                 # before any output is sent.
                 if arrival.failed():
-                    raise _peer_failure(0, "while sampling", link.reason(0, None))
+                    raise _failed_while_sampling(link, 0)
                 error, out = None, None
                 try:
                     x = recv.data.to(guide_device)
@@ -538,7 +539,7 @@ def _run_guide(link: _Link, gnet: Callable | None, device: torch.device | str | 
                 # guide's kernels are queued (the host does not wait for x before queuing them),
                 # and before anything is sent.
                 if arrival.known_failed():
-                    raise _peer_failure(0, "while sampling", link.reason(0, None))
+                    raise _failed_while_sampling(link, 0)
                 error = None
                 try:
                     x = recv.data.to(guide_device)
@@ -548,7 +549,7 @@ def _run_guide(link: _Link, gnet: Callable | None, device: torch.device | str | 
                 except Exception as exc:
                     error = exc
                 if arrival.failed():  # (The guide, if it ran, saw a stale input: its result is moot.)
-                    raise _peer_failure(0, "while sampling", link.reason(0, None))
+                    raise _failed_while_sampling(link, 0)
                 if error is not None:
                     send.ok.fill_(_FAILED)
                     link.from_guide(send.buf)
@@ -561,4 +562,4 @@ def _run_guide(link: _Link, gnet: Callable | None, device: torch.device | str | 
     final = torch.empty(1, dtype=torch.int64, device=link.device)
     link.from_main(final)
     if final.item() != _OK:
-        raise _peer_failure(0, "while sampling", link.reason(0, None))
+        raise _failed_while_sampling(link, 0)
