@@ -310,8 +310,8 @@ else
     record plot skipped - 0 0 "no latency.csv"
 fi
 
-# The commit the results record: read back from latency.csv when it exists, else found as
-# benchmarks/common.py finds it (BENCH_COMMIT, else git when the tree has its own .git).
+# The commit the results record: read back from latency.csv when it exists, else asked of
+# benchmarks/common.py (BENCH_COMMIT, else git when the tree has its own .git).
 COMMIT="" SOURCES=""
 if [ -s "$OUT/latency.csv" ]; then
     read -r COMMIT SOURCES < <("$PY" -c '
@@ -321,11 +321,9 @@ print(",".join(sorted({r.get("commit") or "unknown" for r in rows})) or "unknown
       ",".join(sorted({r.get("source_hash") or "" for r in rows} - {""})) or "-")' "$OUT/latency.csv" 2>/dev/null)
 fi
 if [ -z "$COMMIT" ]; then
-    COMMIT=${BENCH_COMMIT:-}
-    if [ -z "$COMMIT" ] && [ -e .git ]; then COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null); fi
+    read -r COMMIT SOURCES < <("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import common
+print(common.git_commit(), common.source_hash())' 2>/dev/null)
     COMMIT=${COMMIT:-unknown}
-    SOURCES=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.source_hash())' \
-        2>/dev/null)
 fi
 commit_lines() {
     if [[ ",$COMMIT," == *",unknown,"* ]]; then
