@@ -634,8 +634,11 @@ def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_
             notes[arm.name].append(f"interrupted (time limit) after {len(times[arm.name])} repetitions")
     need = min(plan.reps, common.MIN_JUDGED_REPS)
     chosen = {name: reported_round(r, need) for name, r in rounds.items()}
-    kept = {name: [t for t, r in zip(times[name], rounds[name]) if r == chosen[name]] for name in times}
-    kept_walls = {name: [t for t, r in zip(walls[name], rounds[name]) if r == chosen[name]] for name in walls}
+
+    def of_chosen_round(values: dict[str, list[float]]) -> dict[str, list[float]]:
+        return {name: [v for v, r in zip(vs, rounds[name]) if r == chosen[name]] for name, vs in values.items()}
+
+    kept, kept_walls = of_chosen_round(times), of_chosen_round(walls)
     for name, r in rounds.items():
         if chosen[name] == 1 and 2 in r:
             notes[name].append(f"reports its {r.count(1)} round-1 repetitions (round 2 gave it only {r.count(2)}): "
