@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import autoguide_fast.distributed.generation as G
 from autoguide_fast import fast_guided_sample, seeded_labels, seeded_noise
 from autoguide_fast.distributed.cli import main
 from autoguide_fast.distributed.generation import SETTINGS_FILE, image_path
@@ -275,6 +276,24 @@ def test_a_network_failing_while_sampling_is_not_a_bad_argument(tmp_path, capsys
                "--outdir", str(tmp_path / "out"), *SAMPLER) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "failed: sampling the batch of seeds [0, 1, 2, 3] failed" in err
+
+
+def test_files_failing_to_be_written_are_a_failure_not_a_bad_argument(tmp_path, capsys, monkeypatch):
+    """A full disk mid-job: exit 1 with the cause and the batch's seeds; earlier batches' files stay."""
+    write = G._write_batch
+
+    def write_once(x, seeds, *args):
+        if seeds[0] != 0:
+            raise OSError(28, "No space left on device")
+        write(x, seeds, *args)
+
+    monkeypatch.setattr(G, "_write_batch", write_once)
+    out = tmp_path / "out"
+    assert run("--net", f"{HERE}:latent_main", "--seeds", "0-3", "--batch", "2", "--outdir", str(out),
+               "--steps", "2") == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "writing the files of the batch of seeds [2, 3] failed: OSError" in err
+    assert sorted(p.name for p in out.glob("*.npy")) == ["000000.npy", "000001.npy"]
 
 
 def test_partial_files_of_other_seeds_are_left_alone(tmp_path):

@@ -3,6 +3,8 @@ the same files, bit for bit, as one process; resuming works across ranks; torchr
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -10,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 import autoguide_fast.distributed.generation as G
 from autoguide_fast.distributed.cli import main
-from tests.test_generate import HERE, SAMPLER
+from tests.test_generate import HERE, SAMPLER, ExactNet
 from tests.test_guide_parallel import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +101,57 @@ def test_a_guide_failing_while_sampling_is_a_failure_on_both_ranks(two_process_r
     # like rank 0's networks, and rank 0 learns of it (exit 1).
     assert [r["failing_guide"] for r in two_process_run["results"]] == [1, 1]
     assert not list(Path(str(two_process_run["parallel"]) + "-failing").glob("*.npy"))
+
+
+class _FailsOnOneRank(ExactNet):
+    """rgb_main, except that on rank AGF_TEST_FAIL_RANK its 8th call (the 2nd batch's first: 4 Heun
+    steps are 7 calls) raises."""
+
+    def forward(self, x, sigma, labels=None):
+        if dist.get_rank() == int(os.environ["AGF_TEST_FAIL_RANK"]) and self.calls == 7:
+            raise RuntimeError("the main network broke in its 2nd batch")
+        return super().forward(x, sigma, labels)
+
+
+def fails_on_one_rank():
+    return _FailsOnOneRank(3, 8, label_dim=4, seed=0)
+
+
+def _failing_job(rank, outdir, failing_rank):
+    os.environ["AGF_TEST_FAIL_RANK"] = str(failing_rank)
+    args = [a if a != f"{HERE}:rgb_main" else "tests.test_generate_distributed:fails_on_one_rank" for a in ARGS]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(["generate", *args, "--outdir", outdir, "--threads", "1"])
+    return {"code": code, "stderr": stderr.getvalue()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_rank_failing_while_sampling_stops_every_rank_within_a_batch(tmp_path, two_process_run, failing_rank):
+    # Rank 0's batches are [40, 41, 42] and [0, 1, 2], rank 1's [43, 44, 45] and [3, 4]; the failing
+    # rank breaks in its 2nd batch. With failing_rank 0, rank 1's files are all present (resumed),
+    # so rank 1 has no batch of its own and must still learn of the failure. Before, the other rank
+    # waited in the final collective until the process group's timeout (here 30 s: a crash).
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    present = [43, 44, 45, 3, 4] if failing_rank == 0 else []
+    for seed in present:
+        shutil.copy(two_process_run["single"] / f"{seed:06d}.npy", outdir)
+    results = run_ranks(tmp_path, _failing_job, str(outdir), failing_rank, pg_timeout=30.0)
+    assert [r["code"] for r in results] == [1, 1]
+    failed, peer = results[failing_rank]["stderr"], results[1 - failing_rank]["stderr"]
+    seeds = "[0, 1, 2]" if failing_rank == 0 else "[3, 4]"
+    assert f"sampling the batch of seeds {seeds} failed: RuntimeError: the main network broke" in failed
+    assert "Traceback" in failed
+    assert f"rank(s) [{failing_rank}] failed while sampling" in peer
+    # Everything sampled before the failure was written (and equals the one-process run's files);
+    # the failing batch was not; the other rank stopped after its batch of the same round.
+    written = {int(p.stem) for p in outdir.glob("*.npy")}
+    expected = {40, 41, 42, *present} if failing_rank == 0 else {40, 41, 42, 43, 44, 45, 0, 1, 2}
+    assert written == expected
+    single = _files(two_process_run["single"])
+    assert all(single[name] == data for name, data in _files(outdir).items())
 
 
 @pytest.mark.slow

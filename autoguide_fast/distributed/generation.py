@@ -226,6 +226,13 @@ class _Job:
         dist.broadcast(t, src=0)
         return [bool(v) for v in t.tolist()]
 
+    def most(self, value: int) -> int:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def total(self, value: int) -> int:
         if self.world_size == 1:
             return value
@@ -479,28 +486,28 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
         dtype=DTYPES[opts.dtype], guidance_interval=opts.guidance_interval, solver=opts.solver,
     )
     bar = _progress(opts.progress and rank == 0, len(chunks), job.world_size, gp)
-    written, nonfinite = 0, []
+    written, nonfinite = 0, list[int]()
+    # A sharded run agrees after every round of batches whether some rank failed, so a failure
+    # stops every rank within one batch instead of leaving the others waiting in the final
+    # collective; resuming can leave the ranks different numbers of batches, so all run the most.
+    # (A guide-parallel pair tells each other within the trajectory; see guide_parallel.)
+    rounds = len(chunks) if gp else job.most(len(chunks))
     start = time.perf_counter()
-    for chunk in chunks:
-        batch_seeds = [seeds[j] for j in chunk]
-        try:
-            if gp and rank == 1:
-                guide_parallel_sample(None, gnet, device=device, **sampler_kwargs)
-                continue
-            x = _sample_batch(net, gnet, batch_seeds, shape, label_dim, opts, device, sampler_kwargs)
-        except PeerFailure:
-            raise
-        except Exception as exc:  # A network's (or the device's) failure, not a bad argument.
-            what = "running the guide for" if gp and rank == 1 else "sampling"
-            raise SamplingFailure(f"{what} the batch of seeds {_seed_text(batch_seeds)} failed: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-        # Checked per image: a network's NaN/Inf for one seed does not stop the other files.
-        finite = torch.isfinite(x.flatten(1)).all(1).tolist()
-        nonfinite += [seed for seed, ok in zip(batch_seeds, finite) if not ok]
-        keep = [i for i, j in enumerate(chunk) if not done[j] and finite[i]]
-        _write_batch(x[keep], [batch_seeds[i] for i in keep], opts.outdir, fmt, opts.subdirs)
-        written += len(keep)
-        if bar is not None:
+    for r in range(rounds):
+        chunk = chunks[r] if r < len(chunks) else None
+        error = None
+        if chunk is not None:
+            try:
+                written_now, nonfinite_now = _run_batch(chunk, seeds, done, net, gnet, shape, label_dim, fmt,
+                                                        opts, job, sampler_kwargs)
+                written, nonfinite = written + written_now, nonfinite + nonfinite_now
+            except SamplingFailure as exc:  # A peer's failure (PeerFailure) propagates as it is.
+                error = exc
+        if not gp:
+            job.agree(error, "sampling")
+        elif error is not None:
+            raise error
+        if bar is not None and chunk is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
@@ -520,7 +527,38 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
 
 
 class SamplingFailure(RuntimeError):
-    """Sampling a batch failed (the cause is chained): a network's or the device's error."""
+    """Sampling a batch, or writing its files, failed (the cause is chained): a network's, the
+    device's or the file system's error, not a bad argument."""
+
+
+def _run_batch(chunk: Sequence[int], seeds: list[int], done: list[bool], net, gnet, shape: tuple[int, ...],
+               label_dim: int, fmt: str, opts: GenerateOptions, job: _Job,
+               sampler_kwargs: dict[str, Any]) -> tuple[int, list[int]]:
+    """Sample one batch and write its files that are missing (rank 1 of a guide-parallel pair
+    only runs the guide); returns the number of files written and the seeds whose images are not
+    finite. A failure other than a peer's is raised as a SamplingFailure."""
+    batch_seeds = [seeds[j] for j in chunk]
+    gp = opts.guide_parallel
+    try:
+        if gp and job.rank == 1:
+            guide_parallel_sample(None, gnet, device=job.device, **sampler_kwargs)
+            return 0, []
+        x = _sample_batch(net, gnet, batch_seeds, shape, label_dim, opts, job.device, sampler_kwargs)
+    except PeerFailure:
+        raise
+    except Exception as exc:  # A network's (or the device's) failure, not a bad argument.
+        what = "running the guide for" if gp and job.rank == 1 else "sampling"
+        raise SamplingFailure(f"{what} the batch of seeds {_seed_text(batch_seeds)} failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    # Checked per image: a network's NaN/Inf for one seed does not stop the other files.
+    finite = torch.isfinite(x.flatten(1)).all(1).tolist()
+    keep = [i for i, j in enumerate(chunk) if not done[j] and finite[i]]
+    try:
+        _write_batch(x[keep], [batch_seeds[i] for i in keep], opts.outdir, fmt, opts.subdirs)
+    except Exception as exc:
+        raise SamplingFailure(f"writing the files of the batch of seeds {_seed_text(batch_seeds)} failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    return len(keep), [seed for seed, ok in zip(batch_seeds, finite) if not ok]
 
 
 def _seed_text(seeds: list[int], most: int = 8) -> str:
