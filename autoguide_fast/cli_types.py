@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["finite_float", "positive_int", "steps", "writable_file", "write_probe"]
+__all__ = ["finite_float", "positive_int", "steps", "torch_seed", "writable_file", "write_probe"]
 
 
 def write_probe(folder: str | os.PathLike) -> None:
@@ -24,6 +24,18 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def torch_seed(text: str) -> int:
+    """A torch seed, 0 <= seed < 2^63 (torch takes up to 2^64 - 1; the commands also seed with
+    seed + 1 and seed + 2, so this leaves room)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 1 << 63:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2^63 - 1, got {text}")
     return value
 
 

@@ -79,6 +79,8 @@ def seeds_to_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device | 
             raise TypeError(f"seeds: expected integers, got a tensor of dtype {seeds.dtype}")
         if seeds.dim() != 1:
             raise ValueError(f"seeds: expected a 1-D sequence, got shape {tuple(seeds.shape)}")
+        if seeds.is_meta:
+            raise ValueError("seeds: expected a tensor with values (on the CPU or a GPU), got a meta tensor")
         seeds_t = seeds.to(torch.int64)
         return seeds_t if device is None else seeds_to_device(seeds_t, device)
     expected = "a sequence of integers (list, tuple, array or tensor), one per image"

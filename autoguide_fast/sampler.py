@@ -19,13 +19,15 @@ def make_config(
     guidance_interval, solver,
 ) -> SamplerConfig:
     """Validate the scalar sampler arguments and bundle them (raises before any work)."""
-    # guidance may be a 0-dim real tensor: the official lerp rounds its weight to the state dtype
-    # either way, so its value as a number gives the same result (other scalars: see _real).
+    V.check_dtype(dtype)
+    # guidance may be a 0-dim real tensor. The official lerp takes a tensor weight in the state
+    # dtype: its value rounded to that dtype gives the same result (for float16 and bfloat16 that
+    # differs from the same number passed as a Python float, which lerp keeps in float32).
     if (isinstance(guidance, torch.Tensor) and guidance.dim() == 0 and guidance.dtype.is_floating_point):
-        guidance = guidance.item()
+        guidance = guidance.detach().to("cpu", dtype).item()
     V.check_schedule(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise)
     interval = V.check_guidance(guidance, gnet, guidance_interval)
-    V.check_dtype(dtype)
+    V.check_time_steps(num_steps, sigma_min, sigma_max, rho, dtype)
     V.check_choice("solver", solver, V.SOLVERS)
     return SamplerConfig(
         num_steps=int(num_steps), sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, guidance=guidance,
@@ -35,7 +37,10 @@ def make_config(
 
 
 class _Evaluator:
-    """Calls the networks for one evaluation; checks output shapes the first time.
+    """Calls the networks for one evaluation and checks their outputs every time (type, shape, dtype
+    and device: attribute reads, well under a microsecond; a network whose output moved to another
+    device later in the trajectory would otherwise reach the fused ops, where a meta tensor
+    dispatches to their shape-only fake kernels and the result is uninitialised memory).
 
     With ``streams`` (see ``autoguide_fast.engine.streams.GuideStream``) the guide is forked onto
     a side stream and runs concurrently with the main network; both are joined before returning.
@@ -43,25 +48,20 @@ class _Evaluator:
 
     def __init__(self, net, gnet, labels, streams=None):
         self.net, self.gnet, self.labels, self.streams = net, gnet, labels, streams
-        self.checked_main = self.checked_guide = False
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, w: float | None):
         forked = w is not None and self.streams is not None
         if forked:
             D_guide = self.streams.fork(self.gnet, x, t, self.labels)
         D_main = self.net(x, t, self.labels)
-        if not self.checked_main:
-            V.check_output("net (the main network)", D_main, x)
-            self.checked_main = True
+        V.check_output("net (the main network)", D_main, x)
         if w is None:
             return D_main, None
         if forked:
             self.streams.join(D_guide)
         else:
             D_guide = self.gnet(x, t, self.labels)
-        if not self.checked_guide:
-            V.check_output("gnet (the guide network)", D_guide, x)
-            self.checked_guide = True
+        V.check_output("gnet (the guide network)", D_guide, x)
         return D_main, D_guide
 
 
@@ -128,6 +128,10 @@ def run_eager_steps(
         # Churn: x_hat = x + sqrt(t_hat² - t_cur²) S_noise eps (EDM Algorithm 2, line 5).
         if step.noise_scale is not None and not churned:
             eps = randn_like(x) if randn_like is not None else None
+            if randn_like is not None and not isinstance(eps, (torch.Tensor, float, int)):
+                # (None would read as "no explicit noise: use the seeds" further down.)
+                raise TypeError(f"randn_like: returned {type(eps).__name__}, expected a tensor like its input "
+                                f"({x.dtype} {tuple(x.shape)})")
             x_hat = backend.churn(x, step, seeds, eps)
         else:
             x_hat = x

@@ -54,8 +54,9 @@ def check_schedule(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, 
         raise ValueError(f"sigma_min: expected a finite value > 0, got {sigma_min}")
     if not math.isfinite(sigma_max) or not sigma_max >= sigma_min:
         raise ValueError(f"sigma_max: expected a finite value >= sigma_min = {sigma_min}, got {sigma_max}")
-    if not _real("rho", rho) > 0:
-        raise ValueError(f"rho: expected > 0, got {rho}")
+    rho_value = _real("rho", rho)
+    if not (rho_value > 0 and math.isfinite(rho_value)):
+        raise ValueError(f"rho: expected a finite value > 0, got {rho}")
     S_churn_value = _real("S_churn", S_churn)
     if not S_churn_value >= 0:
         raise ValueError(f"S_churn: expected >= 0, got {S_churn}")
@@ -83,6 +84,33 @@ def check_guidance(guidance, gnet, guidance_interval):
     if not (0 <= lo < hi):
         raise ValueError(f"guidance_interval: expected 0 <= sigma_lo < sigma_hi, got ({lo}, {hi})")
     return (lo, hi)
+
+
+def check_time_steps(num_steps, sigma_min, sigma_max, rho, dtype: torch.dtype) -> None:
+    """The schedule t_0 > ... > t_{N-1} > 0 must hold finite, non-zero noise levels in the state dtype
+    (the official formula, computed as the samplers compute it): otherwise every step divides by zero
+    or carries NaN, and the networks would be blamed for it. Names the argument that breaks it."""
+    from .reference import edm_time_steps  # Lazy: reference is only needed once the scalars are valid.
+
+    finfo = torch.finfo(dtype)
+    for name, value in (("sigma_max", sigma_max), ("sigma_min", sigma_min)):
+        rounded = float(torch.tensor(float(value), dtype=dtype))
+        if not math.isfinite(rounded) or rounded == 0:
+            raise ValueError(f"{name}: {value} is not a usable noise level in dtype {dtype} (it rounds to "
+                             f"{rounded}; {dtype} holds {finfo.tiny:g} to {finfo.max:g}); pick another "
+                             f"{name} or dtype")
+    try:
+        t = edm_time_steps(int(num_steps), sigma_min, sigma_max, rho, dtype, "cpu")[:-1]
+    except OverflowError:  # sigma ** (1 / rho) beyond a Python float.
+        raise ValueError(f"rho: {rho} is too small for sigma_max = {sigma_max}: sigma_max ** (1 / rho) "
+                         f"overflows; expected a larger rho (the EDM default is 7)") from None
+    bad = ~torch.isfinite(t) | (t == 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"rho: with rho = {rho}, sigma_min = {sigma_min} and sigma_max = {sigma_max} the official "
+                         f"schedule gives t_{i} = {float(t[i])} in dtype {dtype} (out of its range, or lost to "
+                         f"rounding), and the sampler divides by it; expected a larger rho (the EDM default "
+                         f"is 7), a narrower sigma range or a wider dtype")
 
 
 def check_dtype(dtype) -> None:

@@ -378,6 +378,13 @@ def _bad_cases(tmp_path):
         "negative label dim": (ok + out + ["--label-dim", "-2"], ["--label-dim", "-2"]),
         "shape of other channels": (ok + out + ["--shape", "4,8,8"], ["--shape", "img_channels = 3"]),
         "png of 4 channels": (["--net", f"{HERE}:latent_main"] + out + ["--format", "png"], ["--format png"]),
+        # The sampler's checks, naming the flags (before, these failed while sampling, exit 1).
+        "rho overflowing": (ok + out + ["--rho", "1e-5"], ["--rho: 1e-05 is too small"]),
+        "sigma_max beyond the dtype": (ok + out + ["--dtype", "float16", "--sigma-max", "1e5"],
+                                       ["--sigma-max: 100000.0 is not a usable noise level in dtype torch.float16"]),
+        "guidance interval with NaN": (ok + out + ["--guidance-interval", "nan,1"],
+                                       ["--guidance-interval: expected a number, got NaN"]),
+        "meta device": (ok + out + ["--device", "meta"], ["--device: expected auto, cpu, cuda or cuda:N, got 'meta'"]),
     }
 
 
@@ -432,6 +439,8 @@ _API_BAD = {
     "sigma order": (dict(sigma_min=5.0, sigma_max=1.0), ValueError, "--sigma"),
     "solver": (dict(solver="rk4"), ValueError, "--solver"),
     "interval": (dict(guidance_interval=(2.0, 1.0)), ValueError, "--guidance-interval"),
+    "preset seed": (dict(preset_seed=2**63), ValueError, "--preset-seed"),
+    "negative preset seed": (dict(preset_seed=-1), ValueError, "--preset-seed"),
 }
 
 
@@ -504,6 +513,35 @@ def test_refuses_to_mix_files_of_other_settings(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--outdir" in err and "guidance: 2.0 -> 2.5" in err
     assert not (tmp_path / "000001.npy").exists()
+
+
+def test_a_run_that_wrote_no_image_leaves_no_settings_record(tmp_path, capsys):
+    # A guide broken at its 2nd call: the run fails before any file is written. Its settings record
+    # must not refuse the corrected command (another --gnet), as it would with images present.
+    base = ["--net", f"{HERE}:rgb_main", "--guidance", "2", "--seeds", "0-1", "--outdir", str(tmp_path),
+            "--steps", "2", "--no-progress", "--backend", "torch", "--format", "npy"]
+    assert run(*base, "--gnet", f"{HERE}:failing_guide") == 1
+    assert not list(tmp_path.iterdir())
+    assert run(*base, "--gnet", f"{HERE}:rgb_guide") == 0
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == ["000000.npy", "000001.npy"]
+    # Once images exist the record stays, even when a later run fails.
+    assert run(*base, "--gnet", f"{HERE}:rgb_guide", "--seeds", "2") == 0
+    capsys.readouterr()
+    assert run(*base, "--gnet", f"{HERE}:failing_guide") == 2  # Other settings: refused.
+    assert "gnet" in capsys.readouterr().err
+
+
+def test_a_failed_run_keeps_the_settings_record_once_images_exist(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGF_TEST_INTERRUPT_AFTER", "5")  # Stops in the 2nd batch (2 steps: 3 calls each).
+    args = ["--net", f"{HERE}:interruptible_main", "--seeds", "0-3", "--batch", "2", "--outdir", str(tmp_path),
+            "--steps", "2", "--no-progress", "--backend", "torch", "--format", "npy"]
+    with pytest.raises(KeyboardInterrupt):
+        run(*args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.npy", "000001.npy", SETTINGS_FILE]
+    monkeypatch.setenv("AGF_TEST_INTERRUPT_AFTER", "1")  # Stops in the 1st batch: no image yet.
+    with pytest.raises(KeyboardInterrupt):
+        run(*args, "--outdir", str(tmp_path / "fresh"))
+    assert not (tmp_path / "fresh" / SETTINGS_FILE).exists()
 
 
 def test_unusable_backend_is_reported_before_sampling(tmp_path, capsys):

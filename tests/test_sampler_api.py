@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import autoguide_fast
-from autoguide_fast import edm_sampler, fast_guided_sample, seeded_noise
+from autoguide_fast import GuidedSampler, edm_sampler, fast_guided_sample, seeded_noise
 from autoguide_fast.reference import edm_sampler as reference_sampler
 from tests.nets import GaussianDenoiser, PointwiseDenoiser, TinyConvDenoiser, one_hot_labels
 
@@ -294,6 +294,25 @@ def test_guidance_as_a_0_dim_tensor_works_like_the_number():
     expected = reference_sampler(net, noise, None, gnet, num_steps=4, guidance=2.1)
     for w in (torch.tensor(2.1), torch.tensor(2.1, dtype=torch.float64)):
         assert torch.equal(edm_sampler(net, noise, None, gnet, num_steps=4, guidance=w), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("w_dtype", [torch.float16, torch.float32, torch.float64])
+def test_guidance_as_a_0_dim_tensor_is_taken_as_the_official_lerp_takes_it(dtype, w_dtype):
+    # The official lerp takes a tensor weight in the state dtype: for a float16/bfloat16 state that
+    # is not what the same number as a Python float gives (lerp keeps a Python weight in float32).
+    net = TinyConvDenoiser(channels=3, label_dim=0, seed=1)
+    gnet = TinyConvDenoiser(channels=3, label_dim=0, seed=2, hidden=4)
+    noise = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(9))
+    w = torch.tensor(2.1, dtype=w_dtype)
+    expected = reference_sampler(net, noise, None, gnet, num_steps=4, guidance=w, dtype=dtype)
+    got = fast_guided_sample(net, noise, None, gnet, num_steps=4, guidance=w, dtype=dtype)
+    assert torch.equal(got, expected)
+    sampler = GuidedSampler(net, gnet, noise_shape=noise.shape, device="cpu", num_steps=4, guidance=w, dtype=dtype)
+    assert torch.equal(sampler(noise), expected)
+    if dtype in (torch.float16, torch.bfloat16) and float(w.to(dtype)) != float(w):  # Then float(w) differs.
+        as_number = reference_sampler(net, noise, None, gnet, num_steps=4, guidance=float(w), dtype=dtype)
+        assert not torch.equal(as_number, expected)
 
 
 def test_noise_that_requires_grad_never_takes_the_engine(monkeypatch):

@@ -162,12 +162,18 @@ def test_cli_options_and_errors(tmp_path):
     bad = [["--samples", "0"], ["--steps", "1"], ["--autoguidance", "nan"], ["--cfg", "inf"], ["--cfg", "x"],
            ["--figure", "/proc/no/toy.png"], ["--json", str(tmp_path)],
            ["--figure", str(tmp_path / "a_file" / "toy.png")], ["--weights-dir", str(tmp_path)],
-           ["--weights-dir", str(tmp_path / "missing")], ["--weights-dir", str(tmp_path / "a_file")]]
+           ["--weights-dir", str(tmp_path / "missing")], ["--weights-dir", str(tmp_path / "a_file")],
+           ["--seed", str(2**64)], ["--seed", str(2**63)], ["--seed", "-1"], ["--seed", "1.5"]]
     (tmp_path / "a_file").write_text("x")
     for argv in bad:  # argparse errors (exit code 2, the flag named), before any sampling.
         with pytest.raises(SystemExit) as exc:
             build_parser().parse_args(["toy", *argv])
         assert exc.value.code == 2, argv
+    for argv in (["train", "--seed", str(2**63)], ["train", "--seed", "-3"]):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["toy", *argv])
+        assert exc.value.code == 2, argv
+    assert build_parser().parse_args(["toy", "--seed", str(2**63 - 1)]).seed == 2**63 - 1
     # A directory still to be created (the experiment makes it) is fine.
     args = build_parser().parse_args(["toy", "--figure", str(tmp_path / "new" / "sub" / "toy.png")])
     assert args.figure == tmp_path / "new" / "sub" / "toy.png"

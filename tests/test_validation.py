@@ -80,6 +80,15 @@ BAD_CALLS = [
     ({"noise": NOISE.clone().requires_grad_(), "backend": "cpp"}, ValueError, "backend: 'cpp' is not differentiable"),
     ({"noise": NOISE.to(memory_format=torch.channels_last), "backend": "cpp", "S_churn": 10.0}, ValueError,
      "noise: not contiguous"),
+    ({"seeds": torch.tensor([1, 2], device="meta"), "S_churn": 3.0}, ValueError, "seeds: .* got a meta tensor"),
+    # Schedules the official formula cannot give in the state dtype (it would divide by 0 or carry NaN).
+    ({"rho": math.inf}, ValueError, "rho: expected a finite value"),
+    ({"rho": 1e-5}, ValueError, r"rho: 1e-05 is too small .* overflows"),
+    ({"rho": 0.02}, ValueError, r"rho: with rho = 0.02.* gives t_0 = nan in dtype torch.float32"),
+    ({"rho": 1, "sigma_min": 1e-4, "sigma_max": 1e4}, ValueError, r"rho: .* gives t_31 = 0.0 in dtype torch.float32"),
+    ({"sigma_max": 1e39}, ValueError, "sigma_max: 1e[+]39 is not a usable noise level in dtype torch.float32"),
+    ({"sigma_max": 1e5, "dtype": torch.float16}, ValueError, r"sigma_max: .* rounds to inf"),
+    ({"sigma_min": 1e-46}, ValueError, r"sigma_min: .* rounds to 0.0"),
 ]
 
 
@@ -181,6 +190,24 @@ def test_network_output_on_another_device_is_named(which, name):
     net, gnet = (elsewhere, good) if which == "main" else (good, elsewhere)
     with pytest.raises(ValueError, match=f"{name} \\(the {which} network\\) returned a tensor on meta"):
         fast_guided_sample(net, NOISE, gnet=gnet, guidance=2.0, num_steps=3, backend="torch")
+
+
+def test_network_output_is_checked_at_every_evaluation():
+    # A guide whose output moves to another device late in the trajectory: the fused ops would
+    # dispatch a meta tensor to their shape-only fake kernels and return uninitialised memory.
+    good = lambda x, t, labels: x * 0.5  # noqa: E731
+    late = lambda x, t, labels: x.to("meta") * 0.3 if t < 1 else x * 0.3  # noqa: E731
+    for backend in ("torch", "cpp", "auto"):
+        with pytest.raises(ValueError, match="gnet \\(the guide network\\) returned a tensor on meta"):
+            fast_guided_sample(good, NOISE, gnet=late, guidance=2.0, num_steps=4, backend=backend)
+
+
+@pytest.mark.parametrize("returned", [None, "noise"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "auto"])
+def test_randn_like_returning_no_tensor_is_named(returned, backend):
+    with pytest.raises(TypeError, match=f"randn_like: returned {type(returned).__name__}, expected a tensor"):
+        fast_guided_sample(lambda x, t, labels: x * 0.5, NOISE, num_steps=4, S_churn=3.0,
+                           randn_like=lambda x: returned, backend=backend)
 
 
 def test_seeded_noise_rejects_bad_arguments():

@@ -18,6 +18,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from ..cli_types import torch_seed
 from .generation import DTYPES, FORMATS, GenerateOptions, SamplingFailure, generate
 from .guide_parallel import PeerFailure
 from .loading import parse_overrides
@@ -55,7 +56,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="constructor keywords for edm2 presets, e.g. '{\"model_channels\": 16}'")
     g.add_argument("--gnet-preset-overrides", default=None, metavar="JSON",
                    help="extra keywords for the guide's edm2 preset (over --preset-overrides)")
-    g.add_argument("--preset-seed", type=int, default=0,
+    g.add_argument("--preset-seed", type=torch_seed, default=0,
                    help="torch seed of random weights built by a spec (guide: seed + 1; default 0)")
     g.add_argument("--shape", type=_ints, default=None, metavar="C,H,W",
                    help="image shape, for networks without img_channels / img_resolution")

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import sys
 import time
@@ -143,6 +144,9 @@ def _check_options(opts: GenerateOptions) -> list[int]:
         raise ValueError("--preset-overrides: applies to edm2:SIZE networks, but neither --net nor --gnet is one")
     if opts.gnet_preset_overrides and not _is_preset(opts.gnet):
         raise ValueError("--gnet-preset-overrides: applies only when --gnet is an edm2:SIZE preset")
+    seed = opts.preset_seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63:
+        raise ValueError(f"--preset-seed: expected an integer from 0 to 2^63 - 1, got {opts.preset_seed!r}")
     if opts.threads is not None and opts.threads < 1:
         raise ValueError(f"--threads: expected a positive integer, got {opts.threads}")
     # The sampler's own checks, now rather than at the first batch, naming the flags.
@@ -153,6 +157,7 @@ def _check_options(opts: GenerateOptions) -> list[int]:
                     guidance_interval=opts.guidance_interval, solver=opts.solver)
     except (TypeError, ValueError) as exc:
         name, _, rest = str(exc).partition(":")
+        name = name.split("[")[0]  # guidance_interval[0] -> --guidance-interval
         raise type(exc)(f"{_FLAGS.get(name, name)}:{rest}") from None
     return seeds
 
@@ -174,6 +179,7 @@ _FLAGS = {"num_steps": "--steps", "sigma_min": "--sigma-min", "sigma_max": "--si
 class _Job:
     def __init__(self, opts: GenerateOptions) -> None:
         self.owned = False
+        self.made_settings = False  # Rank 0 wrote OUTDIR's settings record in this run.
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         else:
@@ -256,6 +262,8 @@ def _pick_device(text: str, local_rank: int, world_size: int) -> torch.device:
         device = torch.device(text)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {text!r} ({exc})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {text!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {text}: CUDA is not available in this process")
@@ -285,8 +293,9 @@ def _check_outdir(outdir: str) -> None:
         raise OSError(f"--outdir: cannot write to {outdir!r}: {exc.strerror or exc}") from exc
 
 
-def _check_settings(outdir: str, settings: dict[str, Any]) -> None:
-    """Record the settings next to the files; refuse to resume into files made with other settings."""
+def _check_settings(outdir: str, settings: dict[str, Any]) -> bool:
+    """Record the settings next to the files; refuse to resume into files made with other settings.
+    Returns whether the record was written now (False: it was there, with the same settings)."""
     path = os.path.join(outdir, SETTINGS_FILE)
     settings = _standard_json(json.loads(json.dumps(settings)))  # The JSON form (tuples -> lists) on both sides.
     if os.path.exists(path):
@@ -302,8 +311,28 @@ def _check_settings(outdir: str, settings: dict[str, Any]) -> None:
                 f"--outdir: {outdir!r} holds files generated with other settings ({detail}); use another "
                 f"--outdir, or delete {SETTINGS_FILE} there to mix them"
             )
-        return
+        return False
     _atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True, allow_nan=False).encode()))
+    return True
+
+
+_IMAGE_NAME = re.compile(r"\d{6,}\.(png|npy)")  # image_path()'s file names; its subdirectories are digits too.
+
+
+def _holds_images(outdir: str) -> bool:
+    """Whether ``outdir`` holds an image file of this command (of any seed, either layout)."""
+    try:
+        with os.scandir(outdir) as entries:
+            for entry in entries:
+                if _IMAGE_NAME.fullmatch(entry.name):
+                    return True
+                if entry.name.isdigit() and entry.is_dir():
+                    with os.scandir(entry.path) as inner:
+                        if any(_IMAGE_NAME.fullmatch(e.name) for e in inner):
+                            return True
+    except OSError:
+        return True  # Cannot tell: keep the record.
+    return False
 
 
 def _standard_json(value: Any) -> Any:
@@ -421,6 +450,14 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
     job = _Job(opts)
     try:
         return _run(job, opts, seeds)
+    except BaseException:
+        # The settings record this run made, with no image in the directory (the run failed before
+        # writing one: a guide broken at its first call, a peer that could not load its network),
+        # would refuse the corrected command's other settings: removed.
+        if job.made_settings and not _holds_images(opts.outdir):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(opts.outdir, SETTINGS_FILE))
+        raise
     finally:
         job.close()
 
@@ -464,7 +501,7 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
                                 overrides=overrides)  # has_guide: --gnet given.
         _check_outdir(opts.outdir)  # Created once the networks and settings are known to be usable.
         if rank == 0:
-            _check_settings(opts.outdir, _settings(opts, fmt, shape, label_dim))
+            job.made_settings = _check_settings(opts.outdir, _settings(opts, fmt, shape, label_dim))
             # Rank 0 decides what is left to do (all ranks then deal the same list).
             done = _existing(opts.outdir, seeds, fmt, opts.subdirs)
     except Exception as exc:

@@ -329,7 +329,6 @@ class _MainEvaluator:
     def __init__(self, link: _Link, net: Callable, labels: torch.Tensor | None, noise: torch.Tensor,
                  dtype: torch.dtype, guided: int) -> None:
         self.link, self.net, self.labels = link, net, labels
-        self.checked_main = False
         self.guided = guided  # Guided evaluations in the plan.
         self.done = 0  # Guided evaluations whose guide output has arrived.
         self.settled = False  # Rank 1 waits for nothing more of this call (it failed, or knows).
@@ -338,9 +337,7 @@ class _MainEvaluator:
 
     def _main(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         D_main = self.net(x, t, self.labels)
-        if not self.checked_main:
-            V.check_output("net (the main network)", D_main, x)
-            self.checked_main = True
+        V.check_output("net (the main network)", D_main, x)  # Every time, as in sampler._Evaluator.
         return D_main
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, w: float | None):

@@ -71,9 +71,11 @@ def check_dtype_arg(name: str, value: Any) -> torch.dtype:
     return value
 
 
-def check_call_noise(noise: Any, shape: tuple[int, ...], device: torch.device) -> None:
+def check_call_noise(noise: Any, shape: tuple[int, ...], device: torch.device,
+                     shape_from: str = "the sampler's noise_shape") -> None:
     """The per-call noise must match the prepared shape and device (any floating dtype: it is
-    converted to the state dtype exactly as ``noise.to(dtype)`` would)."""
+    converted to the state dtype exactly as ``noise.to(dtype)`` would). ``shape_from``: where the
+    expected shape comes from (named in the error)."""
     if noise is None:
         return
     if not isinstance(noise, torch.Tensor):
@@ -81,7 +83,7 @@ def check_call_noise(noise: Any, shape: tuple[int, ...], device: torch.device) -
     if not noise.dtype.is_floating_point:
         raise TypeError(f"noise: expected a floating tensor, got dtype {noise.dtype}")
     if tuple(noise.shape) != shape:
-        raise ValueError(f"noise: expected shape {shape} (the sampler's noise_shape), got {tuple(noise.shape)}")
+        raise ValueError(f"noise: expected shape {shape} ({shape_from}), got {tuple(noise.shape)}")
     if noise.device != device:
         raise ValueError(f"noise: expected a tensor on {device} (the sampler's device), got one on {noise.device}")
 

@@ -156,7 +156,8 @@ class BucketedSampler:
                 raise ValueError(f"noise: expected shape (batch, {', '.join(map(str, self.image_shape))}) "
                                  f"(a batch of the sampler's image_shape), got {tuple(noise.shape)}")
             rows = noise.shape[0]
-            A.check_call_noise(noise, (rows, *self.image_shape), self.device)
+            A.check_call_noise(noise, (rows, *self.image_shape), self.device,
+                               shape_from="a batch of the sampler's image_shape")
             given["noise"] = rows
         seeds_t = A.check_call_seeds(seeds, None)
         if seeds_t is not None:

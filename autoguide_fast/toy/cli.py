@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..cli_types import finite_float, positive_int, steps, writable_file
+from ..cli_types import finite_float, positive_int, steps, torch_seed, writable_file
 from .training import MODELS
 
 __all__ = ["register", "main", "build_parser"]
@@ -38,7 +38,7 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="autoguidance weight w (default 3)")
     p.add_argument("--cfg", type=finite_float, default=4.0, metavar="W",
                    help="CFG-style guidance weight w with the A+B guide (default 4)")
-    p.add_argument("--seed", type=int, default=1,
+    p.add_argument("--seed", type=torch_seed, default=1,
                    help="torch seed of the sigma = 5 starting points (default 1)")
     p.add_argument("--weights-dir", type=weights_dir, default=WEIGHTS_DIR,
                    help="directory with main.pt, autoguide.pt, cfg.pt (default: shipped weights)")
@@ -56,7 +56,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="which models to train (default: all three)")
     p.add_argument("--out-dir", type=Path, default=Path("toy-weights"),
                    help="where to write <model>.pt (default ./toy-weights)")
-    p.add_argument("--seed", type=int, default=0, help="torch seed (default 0)")
+    p.add_argument("--seed", type=torch_seed, default=0, help="torch seed (default 0)")
     p.add_argument("--iterations", type=positive_int, default=None,
                    help="override every model's iteration count (for quick checks)")
     p.add_argument("--batch-size", type=positive_int, default=4096,
