@@ -242,6 +242,20 @@ def _tamper(data: dict, what: str) -> None:
         del state["_modules"]
     elif what == "a tensor missing":
         state["_modules"]["unet"].state["_parameters"].pop("out_gain")
+    elif what in _BAD_VALUES:  # A recorded constructor argument out of its domain.
+        state["_init_kwargs"] = {**state["_init_kwargs"], **_BAD_VALUES[what]}
+
+
+# Each used to escape as a bare error of a layer (ZeroDivisionError, a meta-tensor RuntimeError), or
+# to load and fail at the first call (sigma_data, resample_filter), or to load wrong (use_fp16).
+_BAD_VALUES = {
+    "channels_per_head 0": {"channels_per_head": 0},
+    "negative logvar_channels": {"logvar_channels": -1},
+    "negative model_channels": {"model_channels": -4},
+    "sigma_data not a number": {"sigma_data": "x"},
+    "odd resample_filter": {"resample_filter": [1, 1, 1]},
+    "use_fp16 not a bool": {"use_fp16": "no"},
+}
 
 
 _TAMPERED = {
@@ -253,6 +267,12 @@ _TAMPERED = {
     "sub-module not stored": "sub-module unet is not a stored module",
     "no modules": "the network's record holds no modules",
     "a tensor missing": "do not fit",
+    "channels_per_head 0": "cannot build Precond .* channels_per_head: expected an integer >= 1, got 0",
+    "negative logvar_channels": "cannot build Precond .* logvar_channels: expected an integer >= 1, got -1",
+    "negative model_channels": "cannot build Precond .* model_channels: expected an integer >= 1, got -4",
+    "sigma_data not a number": "cannot build Precond .* sigma_data: expected a finite number > 0, got 'x'",
+    "odd resample_filter": "cannot build Precond .* resample_filter: expected an even number",
+    "use_fp16 not a bool": "cannot build Precond .* use_fp16: expected True or False, got 'no'",
 }
 
 
@@ -276,8 +296,14 @@ def test_a_persistent_record_without_class_name_is_no_snapshot():
                 return recon, ({"state": {}},)
 
         payload = pickle.dumps({"ema": Nameless()})
-    with pytest.raises(pickle.UnpicklingError, match="without class_name/state"):
+    with pytest.raises(ValueError, match="not a readable EDM2 snapshot .* without class_name/state"):
         read_edm2_snapshot(io.BytesIO(payload))
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage\x00\x01", b"PK\x03\x04 a zip archive, truncated"])
+def test_bytes_that_are_no_pickle_are_named(content):
+    with pytest.raises(ValueError, match="file: not a readable EDM2 snapshot"):
+        read_edm2_snapshot(io.BytesIO(content))
 
 
 def test_generate_reads_a_snapshot_path_as_a_network_spec(tmp_path):

@@ -56,6 +56,24 @@ def normalize(x: Tensor, dim: int | Sequence[int] | None = None, eps: float = 1e
     return x / norm.to(x.dtype)
 
 
+# Constructor argument checks: a bad value (from a caller, or recorded in a snapshot file) is named
+# at construction, not met as a ZeroDivisionError or an odd tensor error in a layer, or at the first call.
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+
+
+def _check_filter(f: object) -> None:
+    if (isinstance(f, (str, bytes)) or not isinstance(f, Sequence) or len(f) == 0 or len(f) % 2 != 0
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in f)):
+        raise ValueError(f"resample_filter: expected an even number of filter taps (numbers), got {f!r}")
+
+
 # Resampling by a separable filter: 'down' = strided depthwise conv, 'up' = transposed conv.
 def resample(x: Tensor, f: Sequence[float] = (1, 1), mode: str = "keep") -> Tensor:
     if mode == "keep":
@@ -181,6 +199,7 @@ class MPConv(torch.nn.Module):
         w = self.ready_weight
         # A prepared weight whose sources changed since (in place or replaced) is not used: the
         # call normalises per call, as an unprepared network does (prepare again to cache anew).
+        # Writes through `.data` bump no version counter and go unnoticed (documented).
         # Not checked while torch.compile traces: storage pointers cannot be traced (a graph break
         # in every layer); the compiled code uses the prepared weight as it is.
         if w is not None and not torch.compiler.is_compiling() and self._ready_source != self._source(gain):
@@ -217,6 +236,8 @@ class Block(torch.nn.Module):
             raise ValueError(f"flavor must be 'enc' or 'dec', got {flavor!r}")
         if resample_mode not in ("keep", "up", "down"):
             raise ValueError(f"resample_mode must be 'keep', 'up' or 'down', got {resample_mode!r}")
+        _check_filter(resample_filter)
+        _check_int("channels_per_head", channels_per_head, 1)
         self.out_channels = out_channels
         self.flavor = flavor
         self.resample_filter = list(resample_filter)
@@ -297,6 +318,12 @@ class UNet(torch.nn.Module):
         **block_kwargs,                                 # Passed to every Block (dropout, channels_per_head, ...).
     ) -> None:
         super().__init__()
+        _check_int("model_channels", model_channels, 1)
+        if isinstance(channel_mult, (str, bytes)) or not isinstance(channel_mult, Sequence) or not channel_mult:
+            raise ValueError(f"channel_mult: expected a non-empty sequence of integers >= 1, got {channel_mult!r}")
+        for m in channel_mult:
+            _check_int("channel_mult", m, 1)
+        _check_int("num_blocks", num_blocks, 0)
         cblock = [model_channels * m for m in channel_mult]
         cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
         cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
@@ -395,6 +422,13 @@ class Precond(torch.nn.Module):
         **unet_kwargs,                  # Passed to UNet (model_channels, channel_mult, num_blocks, ...).
     ) -> None:
         super().__init__()
+        _check_int("img_resolution", img_resolution, 1)
+        _check_int("img_channels", img_channels, 1)
+        _check_int("label_dim", label_dim, 0)
+        if not isinstance(use_fp16, bool):
+            raise ValueError(f"use_fp16: expected True or False, got {use_fp16!r}")
+        _check_positive("sigma_data", sigma_data)
+        _check_int("logvar_channels", logvar_channels, 1)
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim

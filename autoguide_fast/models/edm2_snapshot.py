@@ -133,11 +133,16 @@ class _SnapshotUnpickler(pickle.Unpickler):
 
 def read_edm2_snapshot(file: str | os.PathLike | IO[bytes]) -> dict:
     """The snapshot's top-level dict (``ema``, ``encoder``, ...) with inert objects inside."""
-    if isinstance(file, (str, os.PathLike)):
-        with open(file, "rb") as f:
-            data = _SnapshotUnpickler(f).load()
-    else:
-        data = _SnapshotUnpickler(file).load()
+    try:
+        if isinstance(file, (str, os.PathLike)):
+            with open(file, "rb") as f:
+                data = _SnapshotUnpickler(f).load()
+        else:
+            data = _SnapshotUnpickler(file).load()
+    except OSError:
+        raise
+    except Exception as exc:  # Truncated, empty or foreign bytes (a zip archive, garbage).
+        raise ValueError(f"file: not a readable EDM2 snapshot (a pickle file): {type(exc).__name__}: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"file: expected an EDM2 snapshot (a pickled dict with 'ema'), got {type(data).__name__}")
     return data
@@ -217,8 +222,9 @@ def snapshot_network(
     try:
         with torch.device("meta"):  # No random initialisation: every tensor comes from the file.
             net = Precond(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"file: cannot build Precond from the snapshot's arguments {kwargs}: {exc}") from exc
+    except Exception as exc:  # Whatever the recorded arguments make the constructor raise.
+        raise ValueError(f"file: cannot build Precond from the snapshot's arguments {kwargs}: "
+                         f"{type(exc).__name__}: {exc}") from exc
     tensors = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach())
                for k, v in tensors.items()}
     try:
