@@ -315,8 +315,9 @@ def step_targets(rows: list[dict]) -> list[tuple[str, str, int, str, str, str]]:
         key = (r["backend"], r["op"], numel)
         faster = ("n/a (the torch sequence failed)" if speedup != speedup else None)  # NaN: no baseline.
         if r.get("device_type") == "cuda" and numel >= GPU_MIN_NUMEL:
+            copy_failed = "n/a (the copy baseline failed)" if frac != frac else None  # NaN: no baseline.
             out.append((*key, f">= {GPU_MIN_FRAC_OF_COPY:.0%} of copy bandwidth", f"{frac:.1%}",
-                        "MET" if frac >= GPU_MIN_FRAC_OF_COPY else "not met"))
+                        copy_failed or ("MET" if frac >= GPU_MIN_FRAC_OF_COPY else "not met")))
             out.append((*key, f">= {GPU_MIN_SPEEDUP:g}x the unfused torch sequence", f"{speedup:.2f}x",
                         faster or ("MET" if speedup >= GPU_MIN_SPEEDUP else "not met")))
         elif r.get("device_type") == "cpu" and numel == CPU_NUMEL and r["backend"] == "cpp":

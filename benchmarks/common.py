@@ -32,6 +32,7 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 __all__ = [
     "COMPILED_ARMS",
     "RESULTS_DIR",
+    "WRONG_OUTPUT_NOTES",
     "ROOT",
     "append_rows",
     "arm_p50",
@@ -50,9 +51,11 @@ __all__ = [
     "reps",
     "run_metadata",
     "same_round",
+    "short_commit",
     "source_hash",
     "summarize",
     "time_call",
+    "unjudged_reason",
     "versions",
     "versus",
 ]
@@ -308,10 +311,37 @@ def reps(row: dict[str, str]) -> int:
         return 0
 
 
+# Notes latency.py gives an arm whose output is wrong: its timing is kept in the CSV, never judged.
+WRONG_OUTPUT_NOTES = ("output has NaN/Inf", "output differs from B0")
+
+
+def unjudged_reason(row: dict[str, str]) -> str | None:
+    """Why the row's median does not count (None: it does): the arm did not run ("failed: ...",
+    "skipped: ..." with its first note), its output was wrong, or it has fewer than MIN_JUDGED_REPS
+    repetitions (a round cut short by a time limit)."""
+    notes = row.get("notes") or ""
+    if row.get("status") != "ok" or not row.get("p50_ms"):
+        first = notes.split("; ")[0]
+        return f"{row.get('status') or 'not run'}" + (f": {first}" if first else "")
+    wrong = [n for n in notes.split("; ") if n.startswith(WRONG_OUTPUT_NOTES)]
+    if wrong:
+        return f"wrong output ({wrong[0]})"
+    if reps(row) < MIN_JUDGED_REPS:
+        return f"only {reps(row)} repetitions (< {MIN_JUDGED_REPS})"
+    return None
+
+
 def judged(rows: Iterable[dict[str, str]]) -> list[dict[str, str]]:
-    """The rows whose medians count (at least MIN_JUDGED_REPS repetitions); fewer (a round cut short
-    by a time limit) are reported in the CSV but neither tabled nor judged."""
-    return [r for r in rows if reps(r) >= MIN_JUDGED_REPS]
+    """The rows whose medians count (``unjudged_reason`` is None: at least MIN_JUDGED_REPS
+    repetitions of a correct output); the others are reported in the CSV but neither tabled nor
+    judged."""
+    return [r for r in rows if unjudged_reason(r) is None]
+
+
+def short_commit(commit: str) -> str:
+    """A recorded commit shortened to 12 hex digits, its ``-dirty`` mark kept."""
+    head, dirty, _ = (commit or "unknown").partition("-dirty")
+    return head[:12] + dirty
 
 
 def latest_run(rows: Sequence[dict[str, str]], card: str | None = None) -> list[dict[str, str]]:
@@ -391,8 +421,15 @@ def _main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"{args.src}: no rows", file=sys.stderr)
         return 1
-    append_rows(args.dst, rows, list(rows[0].keys()))
-    print(f"appended {len(rows)} rows of {args.src} to {args.dst}")
+    # Idempotent: a row already in dst (same values in every column both files have) is not added again.
+    present = read_rows(args.dst)
+    shared = [c for c in rows[0] if not present or c in present[0]]
+    seen = {tuple(r.get(c, "") for c in shared) for r in present}
+    new = [r for r in rows if tuple(r.get(c, "") for c in shared) not in seen]
+    if new:
+        append_rows(args.dst, new, list(rows[0].keys()))
+    print(f"appended {len(new)} rows of {args.src} to {args.dst}"
+          + (f" ({len(rows) - len(new)} already there)" if len(new) < len(rows) else ""))
     return 0
 
 

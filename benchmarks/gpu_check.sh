@@ -12,6 +12,8 @@
 #   GPU_CHECK_BUDGET_S   total seconds (default 345)
 #   LATENCY_ARGS         extra arguments for benchmarks/latency.py (e.g. "--skip B2")
 #   LATENCY_MODE         its mode flag (default --quick; --smoke checks this script on a CPU machine)
+#   GPU_CHECK_LATENCY_S  the latency stage's cap in seconds (default 150; e.g. 240 for a second call
+#                        that measures batch 64 alone, the other stages skipped)
 #   GPU_CHECK_SKIP_BUILD 1 = keep the installed build (a re-run on the same machine)
 #   GPU_CHECK_SKIP       comma-separated stages to skip (e.g. "smoke,step,latency" to re-run the tests)
 #   GPU_CHECK_TESTS_S    the tests stage's cap in seconds (default 90)
@@ -286,7 +288,7 @@ else
 fi
 
 # 7. End-to-end latency, its targets and its plot.
-LAT_LIMIT=$(limit 150 20)
+LAT_LIMIT=$(limit "${GPU_CHECK_LATENCY_S:-150}" 20)
 # The harness's own budget leaves room for a 10 s overrun and the final report; the 20 s kept after
 # the stage let the targets and plot stages run even when it is stopped at its limit. At the limit it
 # gets SIGINT and still writes the rows of the batch in progress (what was measured) and the targets.

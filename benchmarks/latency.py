@@ -417,6 +417,7 @@ def skip_reason(arm: Arm, plan: Plan, batch: int, first_batch: int) -> str | Non
 
 
 OVERRUN_S = 10.0                 # Repetitions stop this long after the budget, even below 5.
+WRONG_OUTPUT_FRACTION = 0.5      # An arm whose sample is further from B0's (max abs, relative) is wrong.
 
 
 class Clock:
@@ -488,9 +489,13 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_batch_s: float) -> list[dict]:
+def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_batch_s: float,
+                  timing: dict[str, float] | None = None) -> list[dict]:
     """Build and warm up the arms at this batch and time them round-robin (the compiling arms join in
-    a second round, see the module docstring); return one row per arm."""
+    a second round, see the module docstring); return one row per arm. ``timing`` receives
+    ``round1_s``: the seconds until round 1 ended (set-up of the other arms included)."""
+    t_start = time.perf_counter()
+    timing = {} if timing is None else timing
     status: dict[str, str] = {}
     notes: dict[str, list[str]] = {a.name: [] for a in ARMS}
     config: dict[str, str] = {}
@@ -506,14 +511,16 @@ def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_
     if est_batch_s > 0 and clock.left() < est_batch_s:  # The first batch always runs.
         budget_skip = f"time budget: {max(0.0, clock.left()):.0f} s left, this batch needs ~{est_batch_s:.0f} s"
 
-    def set_up(arms: list[Arm]) -> int:
-        """Build and warm up the arms (each failure recorded); returns how many joined ``live``."""
+    def set_up(arms: list[Arm], then_s: float = 0.0) -> int:
+        """Build and warm up the arms (each failure recorded); returns how many joined ``live``.
+        ``then_s``: the expected seconds of the round that follows (compiling arms join only if their
+        compilation and that round fit in the budget)."""
         joined = 0
         for arm in arms:
             reason = skip_reason(arm, plan, ctx.batch, first_batch) or budget_skip
-            if reason is None and arm.compiles and clock.left() < plan.compile_estimate + est_batch_s:
+            if reason is None and arm.compiles and clock.left() < plan.compile_estimate + then_s:
                 reason = (f"time budget: {max(0.0, clock.left()):.0f} s left, compiling needs "
-                          f"~{plan.compile_estimate:.0f} s")
+                          f"~{plan.compile_estimate:.0f} s and the round with it ~{then_s:.0f} s")
             if reason is not None:
                 status[arm.name] = "skipped"
                 notes[arm.name].append(reason)
@@ -558,6 +565,13 @@ def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_
                     ref_out.append(out.detach().float().clone())
                 elif ref_out and out.shape == ref_out[0].shape:
                     diff[arm.name] = float((out.detach().float() - ref_out[0]).abs().max())
+                    scale = float(ref_out[0].abs().max())
+                    # Rounding (fp16 networks, compiled kernels, fused steps) moves a sample far less:
+                    # beyond this the arm computed something else (a broken capture, stale buffers).
+                    if not diff[arm.name] <= WRONG_OUTPUT_FRACTION * scale:
+                        notes[arm.name].append(
+                            f"output differs from B0: max abs diff {diff[arm.name]:.3g} > {WRONG_OUTPUT_FRACTION:g} "
+                            f"x B0's max |x| {scale:.3g} (timed, never judged)")
             del out
             status[arm.name] = "ok"
             times[arm.name], walls[arm.name], rounds[arm.name] = [], [], []
@@ -611,8 +625,13 @@ def measure_batch(ctx: Context, plan: Plan, clock: Clock, first_batch: int, est_
         # interrupts a long compilation still leaves their measurements. Once the compiling arms are
         # ready, every arm is timed again, interleaved with them (round 2: see reported_round).
         set_up([a for a in ARMS if not a.compiles])
+        t_round1 = time.perf_counter()
         rotate(1, "")
-        if set_up([a for a in ARMS if a.compiles]):
+        timing["round1_s"] = time.perf_counter() - t_start
+        # Round 2 times every arm again plus the compiled ones: round 1's time per arm, scaled.
+        compiling = [a for a in ARMS if a.compiles]
+        per_arm = (time.perf_counter() - t_round1) / max(len(live), 1)
+        if set_up(compiling, then_s=per_arm * (len(live) + len(compiling))):
             rotate(2, "with the compiled arms: ")
     except KeyboardInterrupt:
         # A time limit (the GPU check stops this stage with SIGINT): keep what was measured.
@@ -746,8 +765,9 @@ def run(plan: Plan, out: pathlib.Path, report: pathlib.Path | None = None) -> li
                     shape = "x".join(str(d) for d in ctx.noise.shape[1:])
                     log(f"workload {workload.name}, batch {batch}: {ctx.evals} evaluations per network, "
                         f"step backend {ctx.backend}")
+                    timing: dict[str, float] = {}
                     try:
-                        rows = measure_batch(ctx, plan, clock, batches[0], est_batch_s)
+                        rows = measure_batch(ctx, plan, clock, batches[0], est_batch_s, timing)
                     except BatchInterrupted as exc:
                         rows, interrupted = exc.rows, True
                     del ctx
@@ -763,8 +783,14 @@ def run(plan: Plan, out: pathlib.Path, report: pathlib.Path | None = None) -> li
                 if nets is None:
                     continue
                 compile_s = sum(float(r["setup_s"]) for r in rows if r["arm"] in compiled and r.get("setup_s"))
-                # The next (larger) batch is assumed to take 1.3x as long, without compiling.
-                est_batch_s = max(est_batch_s, 1.3 * (time.perf_counter() - t0 - compile_s))
+                # The next (larger) batch is assumed to take 1.3x as long, without compiling; and
+                # without the second round when no compiling arm runs there (--quick: first batch only).
+                later = [b for b in batches if b > batch]
+                round2_later = any(skip_reason(a, plan, b, batches[0]) is None for a in ARMS if a.compiles
+                                   for b in later)
+                spent = (time.perf_counter() - t0 - compile_s if round2_later or "round1_s" not in timing
+                         else timing["round1_s"])
+                est_batch_s = max(est_batch_s, 1.3 * spent)
                 if any(r["arm"] in compiled and r["status"] == "ok" for r in rows):
                     with contextlib.suppress(Exception):  # Drop compiled code and its CUDA graph trees.
                         torch._dynamo.reset()
@@ -820,21 +846,19 @@ def evaluate_targets(rows: list[dict]) -> list[tuple[str, int, str, str, str]]:
         judged = common.judged(group)
 
         def missing(arm: str, group: list[dict] = group) -> str:
-            few = [r for r in group if r["arm"] == arm and r.get("status") == "ok" and r.get("p50_ms")]
-            return (f"{arm}: only {common.reps(few[0])} repetitions (< {common.MIN_JUDGED_REPS})" if few
-                    else f"{arm} not measured")
+            row = next((r for r in group if r["arm"] == arm), None)
+            reason = None if row is None else common.unjudged_reason(row)
+            return f"{arm} not measured" if reason is None else f"{arm}: {reason}"
 
         if common.fastest(judged, lambda r: r["kind"] == "ours") is None:
             if batch == 1 or batch >= 64:
-                ran = [r["arm"] for r in group if r["kind"] == "ours" and r.get("status") == "ok"]
-                why = (f"no ours arm has {common.MIN_JUDGED_REPS} repetitions ({', '.join(ran)})" if ran
-                       else "no ours arm ran")
-                out.append((workload, batch, "ours_best", why, "n/a"))
+                why = "; ".join(f"{r['arm']}: {common.unjudged_reason(r)}" for r in group if r["kind"] == "ours")
+                out.append((workload, batch, "ours_best", f"no ours arm judged: {why or 'none ran'}", "n/a"))
             continue
         if batch == 1:
             out.extend((workload, batch, *t) for t in _batch1_targets(judged, missing))
         if batch >= 64:
-            out.append((workload, batch, *_batch64_target(judged, missing)))
+            out.append((workload, batch, *_batch64_target(judged, missing, group)))
     return out
 
 
@@ -861,10 +885,16 @@ def _batch1_targets(judged: list[dict], missing: Callable[[str], str]) -> list[t
     return out
 
 
-def _batch64_target(judged: list[dict], missing: Callable[[str], str]) -> tuple[str, str, str]:
-    """(target, measured, verdict) of the batch-64 target among one batch's judged rows."""
+def _batch64_target(judged: list[dict], missing: Callable[[str], str], group: list[dict]
+                    ) -> tuple[str, str, str]:
+    """(target, measured, verdict) of the batch-64 target among one batch's judged rows (``group``:
+    all its rows). The default is ours-auto; another ours arm stands in only where ours-auto was not
+    selected (--arms/--skip), never for an ours-auto that failed, was cut short or was wrong."""
     default = common.fastest(judged, lambda r: r["arm"] == "ours-auto")
-    if default is None:
+    auto = next((r for r in group if r["arm"] == "ours-auto"), None)
+    not_selected = auto is None or any(
+        n in (auto.get("notes") or "") for n in ("not selected by --arms", "excluded by --skip"))
+    if default is None and not_selected:
         default = common.fastest(judged, lambda r: r["kind"] == "ours" and r["streams"] != "1")
     if default is None:
         return TARGET_BATCH64, missing("ours-auto"), "n/a"

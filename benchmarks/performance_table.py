@@ -30,6 +30,9 @@ import common  # noqa: E402  (a sibling module; its directory is put on the path
 
 BEGIN = "<!-- performance-table:begin -->"
 END = "<!-- performance-table:end -->"
+# The "no GPU numbers yet" note above the results: emptied when results are written.
+NOTE_BEGIN = "<!-- no-gpu-results:begin -->"
+NOTE_END = "<!-- no-gpu-results:end -->"
 BASES = ("B0", "B1", "B2", "F", "F_par")
 
 
@@ -64,10 +67,12 @@ def results_table(rows: list[dict[str, str]], plot: str | None = None) -> str:
         "| workload | batch | B0 | B1 | B2 | F | F_par | ours (best arm) | vs B0 | vs B1 | vs B2 | ours / F |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
-    short = []
+    left_out = []
     for (workload, batch), group in common.by_workload_batch(gpu):
-        short += [f"{r['arm']} at batch {batch} ({r['n_reps']})" for r in group
-                  if r.get("status") == "ok" and r.get("p50_ms") and common.reps(r) < common.MIN_JUDGED_REPS]
+        # Every arm of the run that is not tabled, with why: failed, skipped (time budget, not in
+        # this mode), cut short, wrong output. Arms left out by --arms/--skip are not listed.
+        left_out += [f"{r['arm']} at batch {batch}: {common.unjudged_reason(r)}" for r in group
+                     if common.unjudged_reason(r) is not None and not _deselected(r)]
         group = common.judged(group)  # The same medians as the verdicts below.
         base = {arm: common.arm_p50(group, arm) for arm in BASES}
         ours = common.fastest(group, lambda r: r.get("kind") == "ours")
@@ -76,13 +81,13 @@ def results_table(rows: list[dict[str, str]], plot: str | None = None) -> str:
             best, arm = ours
             cells += [f"{_ms(best)} ({arm})", *(_speedup(group, b, arm) for b in ("B0", "B1", "B2")), _ratio_f(group)]
         else:
-            cells += ["no ours arm ran", "–", "–", "–", "–"]
+            cells += ["no ours arm judged", "–", "–", "–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "ours / F: the fastest ours arm whose networks are not compiled (F and F_par run the plain "
               "networks), named in brackets; a speed-up names its arm when it is not the best one."]
-    if short:
-        lines += ["", f"Left out (fewer than {common.MIN_JUDGED_REPS} repetitions, a round cut short): "
-                  + ", ".join(short) + "."]
+    if left_out:
+        lines += ["", "Not tabled (medians count with at least "
+                  f"{common.MIN_JUDGED_REPS} repetitions of a correct output): " + "; ".join(left_out) + "."]
     if plot:
         lines += ["", f"![Latency per arm and batch on {gpu[0]['card']} (p50, whiskers p20-p80)]({plot})"]
     lines += ["", "Targets (each judged within the run of its batch):", ""]
@@ -92,10 +97,17 @@ def results_table(rows: list[dict[str, str]], plot: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _deselected(row: dict[str, str]) -> bool:
+    """An arm the run was told to leave out (--arms / --skip): not a shortfall worth listing."""
+    notes = row.get("notes") or ""
+    return row.get("status") == "skipped" and ("not selected by --arms" in notes or "excluded by --skip" in notes)
+
+
 def _run_text(run: list[dict[str, str]]) -> str:
     first = run[0]
-    reps = [str(n) for n in sorted({int(r["n_reps"]) for r in run if r.get("status") == "ok" and r.get("n_reps")})]
-    return (f"{first['date'][:10]} (commit `{first['commit'][:12]}`, torch {first['torch']}, CUDA {first['cuda']}, "
+    reps = [str(n) for n in sorted({common.reps(r) for r in common.judged(run)})]
+    return (f"{first['date'][:10]} (commit `{common.short_commit(first['commit'])}`, torch {first['torch']}, "
+            f"CUDA {first['cuda']}, "
             f"Triton {first['triton']}; `{first['mode']}` mode, medians of {'/'.join(reps) or '?'} repetitions)")
 
 
@@ -120,14 +132,28 @@ def _targets(rows: list[dict[str, str]]) -> list[tuple]:
     # The benchmark's own judgement of its targets (imports torch and the package: only here).
     import latency
 
-    return latency.evaluate_targets(rows)
+    results = latency.evaluate_targets(rows)
+    if not any(batch >= 64 for _, batch, *_ in results):  # Say so rather than leave the target out.
+        measured = sorted({int(r["batch"]) for r in rows})
+        results.append(("-", 64, latency.TARGET_BATCH64,
+                        f"batch 64 not measured (this run: batch {', '.join(map(str, measured))})", "n/a"))
+    return results
 
 
-def replace_between_markers(text: str, body: str, where: str) -> str:
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
+def replace_between_markers(text: str, body: str, where: str, begin: str = BEGIN, end: str = END) -> str:
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
     if len(pattern.findall(text)) != 1:
-        raise ValueError(f"{where}: expected exactly one '{BEGIN}' ... '{END}' block")
-    return pattern.sub(lambda _: f"{BEGIN}\n{body}\n{END}", text)
+        raise ValueError(f"{where}: expected exactly one '{begin}' ... '{end}' block")
+    return pattern.sub(lambda _: f"{begin}\n{body}\n{end}" if body else f"{begin}\n{end}", text)
+
+
+def write_results(text: str, body: str, where: str) -> str:
+    """``text`` with the results block replaced by ``body`` and the "no GPU numbers yet" note, if
+    the file has one, emptied (its markers stay)."""
+    text = replace_between_markers(text, body, where)
+    if NOTE_BEGIN in text:
+        text = replace_between_markers(text, "", where, NOTE_BEGIN, NOTE_END)
+    return text
 
 
 def plot_link(png: pathlib.Path, target: pathlib.Path) -> str | None:
@@ -164,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if not f.is_file():
             p.error(f"--write: no such file {f}")
         body = results_table(run, plot_link(png, f))
-        texts[f] = replace_between_markers(f.read_text(), body, str(f))
+        texts[f] = write_results(f.read_text(), body, str(f))
     for f, text in texts.items():
         f.write_text(text)
         ids = ", ".join(sorted({r["run_id"] for r in run}))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+from typing import Any
 
 _HERE = pathlib.Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
@@ -34,25 +35,29 @@ def plot(rows: list[dict[str, str]], out: pathlib.Path, metric: str = "ms") -> p
         ok = [r for r in ok if r.get("ratio_to_B0")]
     if not ok:
         raise ValueError("no arm with a measured time in this run")
+    # Bars the table and the verdicts do not count (< 5 repetitions, wrong output) are hatched.
+    unjudged = {(r["workload"], r["batch"], r["arm"]) for r in ok if common.unjudged_reason(r) is not None}
     workloads = list(dict.fromkeys(r["workload"] for r in ok))
     arms = list(dict.fromkeys(r["arm"] for r in rows))  # The harness's order.
     arms = [a for a in arms if any(r["arm"] == a for r in ok)]
     colors = {a: plt.get_cmap("tab20")(i % 20) for i, a in enumerate(arms)}
     panel_width = [max(5.0, 2.0 + 0.3 * len(arms) * len({r["batch"] for r in ok if r["workload"] == w}))
                    for w in workloads]
-    fig, axes = plt.subplots(1, len(workloads), figsize=(sum(panel_width), 5.0), squeeze=False,
+    # At least 10 inches: the title (card, dates, commits) and the legend (every arm) must fit.
+    fig, axes = plt.subplots(1, len(workloads), figsize=(max(10.0, sum(panel_width)), 5.0), squeeze=False,
                              gridspec_kw={"width_ratios": panel_width})
     for ax, workload in zip(axes[0], workloads):
         sub = [r for r in ok if r["workload"] == workload]
         batches = sorted({int(r["batch"]) for r in sub})
         width = 0.8 / max(1, len(arms))
         for i, arm in enumerate(arms):
-            xs, ys, lo, hi = [], [], [], []
+            xs, ys, lo, hi, hatch = [], [], [], [], []
             for j, batch in enumerate(batches):
                 match = [r for r in sub if r["arm"] == arm and int(r["batch"]) == batch]
                 if not match:
                     continue
                 r = match[0]
+                hatch.append("//" if (workload, r["batch"], arm) in unjudged else "")
                 p50 = float(r["p50_ms"])
                 xs.append(j - 0.4 + width * (i + 0.5))
                 if metric == "speedup":
@@ -64,8 +69,12 @@ def plot(rows: list[dict[str, str]], out: pathlib.Path, metric: str = "ms") -> p
                     lo.append(max(0.0, p50 - float(r["p20_ms"])))
                     hi.append(max(0.0, float(r["p80_ms"]) - p50))
             if xs:
-                ax.bar(xs, ys, width=width, color=colors[arm], label=arm,
-                       yerr=None if metric == "speedup" else [lo, hi], capsize=2)
+                bars = ax.bar(xs, ys, width=width, color=colors[arm], label=arm,
+                              yerr=None if metric == "speedup" else [lo, hi], capsize=2)
+                for bar, h in zip(bars, hatch):
+                    if h:
+                        bar.set_hatch(h)
+                        bar.set_alpha(0.45)
         ax.set_xticks(range(len(batches)))
         ax.set_xticklabels([f"batch {b}" for b in batches])
         ax.set_yscale("log")
@@ -78,13 +87,23 @@ def plot(rows: list[dict[str, str]], out: pathlib.Path, metric: str = "ms") -> p
         ax.set_title(f"{workload}: {first['evals']} evaluations/network, w={first['guidance']}", fontsize=9)
         ax.grid(axis="y", which="both", alpha=0.3)
     first = ok[0]
-    runs = sorted({(r["date"][:16], r["commit"][:12], r["mode"], r["torch"], r["triton"]) for r in ok})
-    when = "; ".join(f"{date} commit {commit}, torch {torch_v}, triton {triton_v} ({mode})"
+    runs = sorted({(r["date"][:16], common.short_commit(r["commit"]), r["mode"], r["torch"], r["triton"])
+                   for r in ok})
+    when = "\n".join(f"{date} commit {commit}, torch {torch_v}, triton {triton_v} ({mode})"
                      for date, commit, mode, torch_v, triton_v in runs)
-    fig.suptitle(f"{first['card']} | {when}" + (" (each batch from one run)" if len(runs) > 1 else ""), fontsize=9)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    hatched = "; hatched: not judged (< 5 repetitions or wrong output, see the CSV)" if unjudged else ""
+    fig.suptitle(f"{first['card']}" + (" (each batch from one run)" if len(runs) > 1 else "") + hatched
+                 + f"\n{when}", fontsize=9)
+    # The legend of every arm drawn in any panel (an arm may run in one workload only).
+    legend: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    labels = [a for a in arms if a in legend]
+    fig.legend([legend[a] for a in labels], labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8,
+               frameon=False)
+    top = 1.0 - 0.035 * (len(runs) + 1)  # Room for the title's lines.
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 6), 1, top))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -188,8 +188,40 @@ def test_targets_are_judged_only_on_arms_with_five_repetitions(latency):
     assert verdicts["ours_best >= 2.5x faster than B0"] == ("6.67x (ours-graph-traj)", "MET")
     assert verdicts["ours_best >= 1.3x faster than B2"] == ("B2: only 3 repetitions (< 5)", "n/a")
     few = [_row("ours-auto", "ours", "auto", 90.0, reps=2), _row("B0", "baseline", "1", 1000.0)]
-    assert latency.evaluate_targets(few) == [("w", 1, "ours_best", "no ours arm has 5 repetitions (ours-auto)",
-                                              "n/a")]
+    assert latency.evaluate_targets(few) == [
+        ("w", 1, "ours_best", "no ours arm judged: ours-auto: only 2 repetitions (< 5)", "n/a")]
+
+
+def test_arms_with_a_wrong_output_are_never_judged(latency, common):
+    # A fast arm whose sample is NaN or far from B0's (a broken capture) must not be ours_best.
+    wrong = "output differs from B0: max abs diff 3 > 0.5 x B0's max |x| 2 (timed, never judged)"
+    rows = [_row("B0", "baseline", "1", 1000.0), _row("B1", "baseline", "1", 500.0),
+            _row("ours-graph-traj", "ours", "2", 150.0), _row("ours-fused", "ours", "1", 400.0)]
+    for note in ("output has NaN/Inf", wrong):
+        bad = [*rows, {**_row("ours-auto", "ours", "auto", 75.0), "notes": note}]
+        verdicts = {t: (m, v) for _, _, t, m, v in latency.evaluate_targets(bad)}
+        assert verdicts["ours_best >= 2.5x faster than B0"] == ("6.67x (ours-graph-traj)", "MET")
+        assert common.unjudged_reason(bad[-1]) == f"wrong output ({note})"
+    assert common.unjudged_reason(rows[0]) is None
+
+
+@pytest.mark.parametrize("auto", ["failed", "few", "wrong", "deselected"])
+def test_the_batch64_target_judges_ours_auto_and_stands_in_only_when_it_was_not_selected(latency, auto):
+    rows = [_row("B0", "baseline", "1", 1000.0), _row("ours-graph-traj-1s", "ours", "1", 100.0),
+            _row("ours-graph-traj", "ours", "2", 90.0)]
+    auto_row = {"failed": {**_row("ours-auto", "ours", "auto", 0.0), "status": "failed", "p50_ms": "",
+                           "notes": "setup: RuntimeError: boom"},
+                "few": _row("ours-auto", "ours", "auto", 110.0, reps=3),
+                "wrong": {**_row("ours-auto", "ours", "auto", 80.0), "notes": "output has NaN/Inf"},
+                "deselected": {**_row("ours-auto", "ours", "auto", 0.0), "status": "skipped", "p50_ms": "",
+                               "notes": "not selected by --arms"}}[auto]
+    rows = [{**r, "batch": "64"} for r in [*rows, auto_row]]
+    (_, _, target, measured, verdict), = latency.evaluate_targets(rows)
+    if auto == "deselected":  # The fastest two-stream ours arm stands in.
+        assert (measured, verdict) == ("0.900 x ours-graph-traj-1s (ours-graph-traj)", "MET")
+    else:
+        assert verdict == "n/a" and measured.startswith("ours-auto: "), measured
+        assert {"failed": "setup: RuntimeError", "few": "only 3 repetitions", "wrong": "wrong output"}[auto] in measured
 
 
 def test_engine_notes_compare_switches_as_the_engine_reports_them(latency):
@@ -383,7 +415,9 @@ def test_table_leaves_out_arms_with_too_few_repetitions_like_the_verdicts():
     text = table.results_table(rows)
     line = next(x for x in text.splitlines() if x.startswith("| w | 1 |"))
     assert "32.00 (ours-graph-traj)" in line and "ours-compiled" not in line
-    assert "Left out (fewer than 5 repetitions, a round cut short): ours-compiled at batch 1 (2)." in text
+    assert "ours-compiled at batch 1: only 2 repetitions (< 5)" in text
+    # The batch-64 target, not in this run, is said to be unmeasured rather than left out.
+    assert "batch 64 not measured (this run: batch 1) | n/a |" in text
 
 
 def test_table_ours_over_f_uses_uncompiled_networks_and_links_the_plot(common, tmp_path, monkeypatch):
@@ -593,3 +627,42 @@ def test_gpu_check_summary_says_loudly_when_the_commit_is_unknown(tmp_path, case
         hashes = "feedc0ffee12" if case == "csv-unknown" else None
         line = next(x for x in summary.splitlines() if "source_hash:" in x)
         assert (hashes or "") in line and not line.rstrip().endswith("source_hash: -"), line
+
+
+def test_merge_adds_each_row_once(common, tmp_path, capsys):
+    """After a GPU visit the rows are merged into the results file: merging again (or a file that
+    overlaps) must not duplicate rows, which the table would then list twice."""
+    src, dst = tmp_path / "gpu.csv", tmp_path / "results.csv"
+    columns = ["run_id", "arm", "p50_ms"]
+    common.append_rows(dst, [{"run_id": "old", "arm": "B0", "p50_ms": "9"}], columns)
+    common.append_rows(src, [{"run_id": "r1", "arm": "B0", "p50_ms": "1"},
+                             {"run_id": "r1", "arm": "F", "p50_ms": "2"}], columns)
+    assert common._main(["merge", str(src), str(dst)]) == 0
+    assert common._main(["merge", str(src), str(dst)]) == 0
+    assert "appended 0 rows" in capsys.readouterr().out.splitlines()[-1]
+    rows = common.read_rows(dst)
+    assert [(r["run_id"], r["arm"]) for r in rows] == [("old", "B0"), ("r1", "B0"), ("r1", "F")]
+
+
+def test_a_dirty_commit_keeps_its_mark_when_shortened(common):
+    assert common.short_commit("0123456789abcdef0123-dirty") == "0123456789ab-dirty"
+    assert common.short_commit("0123456789abcdef0123") == "0123456789ab"
+    assert common.short_commit("") == "unknown"
+
+
+def test_a_failed_copy_baseline_makes_the_bandwidth_target_na():
+    bench_step = load_benchmark("bench_step")
+    row = {"status": "ok", "backend": "cuda", "op": bench_step.STEP_OPS[0], "numel": str(1 << 24),
+           "frac_of_copy": "nan", "speedup_vs_torch": "5.0", "device_type": "cuda"}
+    verdicts = {target: verdict for *_, target, _, verdict in bench_step.step_targets([row])}
+    assert verdicts == {">= 85% of copy bandwidth": "n/a (the copy baseline failed)",
+                        ">= 3x the unfused torch sequence": "MET"}
+
+
+def test_writing_results_empties_the_no_results_note(tmp_path):
+    table = load_benchmark("performance_table")
+    text = (f"# Performance\n{table.NOTE_BEGIN}\n> No GPU numbers yet.\n{table.NOTE_END}\n\n"
+            f"{table.BEGIN}\nplaceholder\n{table.END}\n")
+    written = table.write_results(text, "the table", "README.md")
+    assert "No GPU numbers" not in written and "placeholder" not in written and "the table" in written
+    assert table.write_results(written, "the table", "README.md") == written  # Idempotent.
