@@ -141,6 +141,19 @@ def not_a_network():
     return 42
 
 
+class _Constant(torch.nn.Module):
+    """D = a constant just below a PNG rounding boundary: 1/127.5 maps to 129 exactly, this to 128."""
+
+    img_channels, img_resolution, label_dim = 3, 2, 0
+
+    def forward(self, x, sigma, labels=None):
+        return torch.full_like(x, 1 / 127.5 - 1e-12)
+
+
+def constant_main():
+    return _Constant()
+
+
 SAMPLER = ["--steps", "4", "--guidance", "2.3", "--S-churn", "8", "--S-min", "0.05", "--S-max", "50",
            "--guidance-interval", "0.2,20", "--no-progress", "--backend", "torch"]
 
@@ -439,6 +452,9 @@ _API_BAD = {
     "sigma order": (dict(sigma_min=5.0, sigma_max=1.0), ValueError, "--sigma"),
     "solver": (dict(solver="rk4"), ValueError, "--solver"),
     "interval": (dict(guidance_interval=(2.0, 1.0)), ValueError, "--guidance-interval"),
+    "seed past 2^64": (dict(seeds=[0, 2**64]), ValueError, "--seeds"),
+    "float seed": (dict(seeds=[1.7]), ValueError, "--seeds"),
+    "bool seed": (dict(seeds=[True]), ValueError, "--seeds"),
     "preset seed": (dict(preset_seed=2**63), ValueError, "--preset-seed"),
     "negative preset seed": (dict(preset_seed=-1), ValueError, "--preset-seed"),
 }
@@ -542,6 +558,25 @@ def test_a_failed_run_keeps_the_settings_record_once_images_exist(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         run(*args, "--outdir", str(tmp_path / "fresh"))
     assert not (tmp_path / "fresh" / SETTINGS_FILE).exists()
+
+
+def test_a_settings_record_that_is_not_an_object_is_named(tmp_path, capsys):
+    (tmp_path / SETTINGS_FILE).write_text("[1, 2]")
+    assert run("--net", f"{HERE}:rgb_main", "--seeds", "0", "--outdir", str(tmp_path), "--no-progress") == 2
+    assert "--outdir: cannot read" in capsys.readouterr().err
+
+
+@needs_pillow
+def test_png_of_a_float64_state_follows_the_formula_in_float64(tmp_path):
+    # floor(127.5 x + 128) of the float64 sample: float32 arithmetic would round up to 129.
+    for fmt in ("png", "npy"):
+        assert run("--net", f"{HERE}:constant_main", "--seeds", "0", "--outdir", str(tmp_path / fmt), "--format", fmt,
+                   "--dtype", "float64", "--steps", "2", "--no-progress") == 0
+    x = np.load(tmp_path / "npy" / "000000.npy")
+    assert x.dtype == np.float64
+    expected = np.clip(np.floor(127.5 * x + 128), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    png = np.asarray(PIL.open(tmp_path / "png" / "000000.png"))
+    assert (expected == 128).all() and np.array_equal(png, expected)
 
 
 def test_unusable_backend_is_reported_before_sampling(tmp_path, capsys):

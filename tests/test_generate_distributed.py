@@ -43,6 +43,13 @@ def _job(rank, sharded_dir, parallel_dir):
     # The guide fails while sampling: a failure on both ranks (exit 1), not a bad argument (exit 2).
     failing = [a if a != f"{HERE}:rgb_guide" else f"{HERE}:failing_guide" for a in ARGS]
     out["failing_guide"] = main(["generate", *failing, "--outdir", parallel_dir + "-failing", "--guide-parallel"])
+    # Rank 0 cannot write its 2nd batch (a file stands where --subdirs needs the folder 001000): rank 1,
+    # which only runs the guide, must learn of it after that batch instead of waiting in the next.
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(["generate", *ARGS[:4], "--guidance", "2", "--seeds", "998-1003", "--batch", "2", "--subdirs",
+                     "--steps", "2", "--format", "npy", "--outdir", parallel_dir + "-write", "--guide-parallel"])
+    out["write_failure"] = (code, stderr.getvalue())
     return out
 
 
@@ -61,6 +68,8 @@ def two_process_run(tmp_path_factory):
         shutil.copy(single / f"{seed:06d}.npy", sharded)
     shutil.copy(single / "autoguide_fast_generate.json", sharded)
     stamps = {s: (sharded / f"{s:06d}.npy").stat().st_mtime_ns for s in PRESENT}
+    (tmp / "parallel-write").mkdir()
+    (tmp / "parallel-write" / "001000").write_text("not a folder")
     results = run_ranks(tmp, _job, str(sharded), str(parallel))
     return dict(single=single, sharded=sharded, parallel=parallel, stamps=stamps, results=results)
 
@@ -152,6 +161,17 @@ def test_a_rank_failing_while_sampling_stops_every_rank_within_a_batch(tmp_path,
     assert written == expected
     single = _files(two_process_run["single"])
     assert all(single[name] == data for name, data in _files(outdir).items())
+
+
+@pytest.mark.slow
+def test_a_write_failure_on_rank_0_stops_the_guide_rank_too(two_process_run):
+    (code0, err0), (code1, err1) = (r["write_failure"] for r in two_process_run["results"])
+    assert (code0, code1) == (1, 1), (err0, err1)
+    assert "writing the files of the batch of seeds [1000, 1001] failed: FileExistsError" in err0
+    assert "rank(s) [0] failed while sampling or writing a batch" in err1
+    written = sorted(p.relative_to(two_process_run["parallel"].parent / "parallel-write").as_posix()
+                     for p in (two_process_run["parallel"].parent / "parallel-write").rglob("*.npy"))
+    assert written == ["000000/000998.npy", "000000/000999.npy"]
 
 
 @pytest.mark.slow

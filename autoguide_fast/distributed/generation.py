@@ -113,7 +113,15 @@ def _is_preset(spec: str | None) -> bool:
 
 
 def _check_options(opts: GenerateOptions) -> list[int]:
-    seeds = parse_seeds(opts.seeds) if isinstance(opts.seeds, str) else [int(s) for s in opts.seeds]
+    if isinstance(opts.seeds, str):
+        seeds = parse_seeds(opts.seeds)
+    else:
+        # The Python API's sequence: integers in [0, 2^64) as the --seeds syntax allows (a float or a
+        # bool would be truncated, a seed past 2^64 would draw the noise of its value modulo 2^64).
+        seeds = list(opts.seeds)
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 1 << 64:
+                raise ValueError(f"--seeds: expected integers from 0 to 2^64 - 1, got {s!r}")
     if not seeds:
         raise ValueError("--seeds: no seeds given")
     if any(s < 0 for s in seeds):
@@ -302,6 +310,8 @@ def _check_settings(outdir: str, settings: dict[str, Any]) -> bool:
         try:
             with open(path) as f:
                 previous = _standard_json(json.load(f))
+            if not isinstance(previous, dict):
+                raise ValueError(f"expected a JSON object of settings, got {type(previous).__name__}")
         except (OSError, ValueError) as exc:
             raise OSError(f"--outdir: cannot read {path!r}: {exc}") from exc
         diffs = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
@@ -409,7 +419,9 @@ def _write_batch(x: torch.Tensor, seeds: list[int], outdir: str, fmt: str, subdi
         import PIL.Image
 
         # [-1, 1] -> uint8 as the official script: floor(127.5 x + 128) clipped to [0, 255].
-        pixels = (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+        # In float32 as the official script (float64 states in float64: the formula, not a rounding of it).
+        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+        pixels = (x.to(wide) * 127.5 + 128).clip(0, 255).to(torch.uint8)
         arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
     else:
         y = x.detach().cpu()
@@ -524,11 +536,12 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
     )
     bar = _progress(opts.progress and rank == 0, len(chunks), job.world_size, gp)
     written, nonfinite = 0, list[int]()
-    # A sharded run agrees after every round of batches whether some rank failed, so a failure
-    # stops every rank within one batch instead of leaving the others waiting in the final
-    # collective; resuming can leave the ranks different numbers of batches, so all run the most.
-    # (A guide-parallel pair tells each other within the trajectory; see guide_parallel.)
-    rounds = len(chunks) if gp else job.most(len(chunks))
+    # The ranks agree after every round of batches whether one failed, so a failure stops every
+    # rank within one batch instead of leaving the others waiting in a collective; resuming can
+    # leave sharded ranks different numbers of batches, so all run the most. (A guide-parallel
+    # pair tells each other of failures within the trajectory, see guide_parallel; the agreement
+    # carries rank 0's failures to write the files.)
+    rounds = job.most(len(chunks))
     start = time.perf_counter()
     for r in range(rounds):
         chunk = chunks[r] if r < len(chunks) else None
@@ -539,11 +552,10 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
                                                         opts, job, sampler_kwargs)
                 written, nonfinite = written + written_now, nonfinite + nonfinite_now
             except SamplingFailure as exc:  # A peer's failure (PeerFailure) propagates as it is.
+                if gp and not isinstance(exc, _WriteFailure):
+                    raise  # Within the trajectory: the pair told each other already (guide_parallel).
                 error = exc
-        if not gp:
-            job.agree(error, "sampling")
-        elif error is not None:
-            raise error
+        job.agree(error, "sampling or writing a batch")
         if bar is not None and chunk is not None:
             bar.update(1)
     if bar is not None:
@@ -566,6 +578,10 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
 class SamplingFailure(RuntimeError):
     """Sampling a batch, or writing its files, failed (the cause is chained): a network's, the
     device's or the file system's error, not a bad argument."""
+
+
+class _WriteFailure(SamplingFailure):
+    """Writing a batch's files failed (only the writing rank knows)."""
 
 
 def _run_batch(chunk: Sequence[int], seeds: list[int], done: list[bool], net, gnet, shape: tuple[int, ...],
@@ -593,8 +609,8 @@ def _run_batch(chunk: Sequence[int], seeds: list[int], done: list[bool], net, gn
     try:
         _write_batch(x[keep], [batch_seeds[i] for i in keep], opts.outdir, fmt, opts.subdirs)
     except Exception as exc:
-        raise SamplingFailure(f"writing the files of the batch of seeds {_seed_text(batch_seeds)} failed: "
-                              f"{type(exc).__name__}: {exc}") from exc
+        raise _WriteFailure(f"writing the files of the batch of seeds {_seed_text(batch_seeds)} failed: "
+                            f"{type(exc).__name__}: {exc}") from exc
     return len(keep), [seed for seed, ok in zip(batch_seeds, finite) if not ok]
 
 
