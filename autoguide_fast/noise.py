@@ -64,10 +64,14 @@ def churn_stream(step: int) -> int:
 
 def seeds_to_device(seeds: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``seeds.to(device)``; from the CPU to a CUDA device through pinned memory, asynchronously
-    (a blocking copy would make the host wait until the GPU's queue has drained)."""
+    (a blocking copy would make the host wait until the GPU's queue has drained). The copy reads a
+    private pinned buffer, never the caller's tensor: ``pin_memory()`` of an already pinned tensor
+    is that tensor, which a caller may refill for its next request before the copy has run."""
     device = torch.device(device)
     if seeds.device.type == "cpu" and device.type == "cuda":
-        return seeds.pin_memory().to(device, non_blocking=True)
+        staged = torch.empty(seeds.shape, dtype=seeds.dtype, pin_memory=True)
+        staged.copy_(seeds)
+        return staged.to(device, non_blocking=True)
     return seeds.to(device)
 
 

@@ -500,6 +500,16 @@ def test_parameter_signature_sees_replacement_not_in_place_updates():
     converted = parameter_signature(net)
     net.double()
     assert parameter_signature(net) != converted
+    # A replacement at the same address with another dtype or layout (a view of the same storage;
+    # the allocator may also hand a freed address to a tensor of another dtype): still a change.
+    weight = net.conv2.weight
+    before = parameter_signature(net)
+    net.conv2.weight = torch.nn.Parameter(weight.detach().view(torch.int64).view(torch.float64))  # Same all.
+    assert parameter_signature(net) == before
+    net.conv2.weight = torch.nn.Parameter(weight.detach().view(torch.float32))
+    assert parameter_signature(net) != before  # Same address, float32.
+    net.conv2.weight = torch.nn.Parameter(weight.detach().flatten()[: weight.numel() // 2])
+    assert parameter_signature(net) != before  # Same address, other shape.
 
 
 def test_parameter_signature_keeps_no_network_alive():
@@ -591,6 +601,29 @@ def test_cache_hits_on_same_key_and_misses_on_any_key_part():
         assert cache.info()["misses"] == 2 + i, i
     cached(cache, net.forward, gnet, noise)  # A fresh bound-method object, same identity.
     assert cache.info()["misses"] == 1 + len(variations) and len(cache) == 1 + len(variations)
+
+
+def test_a_numpy_float32_sigma_max_is_another_schedule_than_the_same_python_float():
+    # np.float32(80) == 80.0 and both hash alike, but the official formula computes
+    # sigma_max ** (1 / rho) in float32 for the one: the cache must not serve one for the other.
+    np = pytest.importorskip("numpy")
+    from autoguide_fast.reference import edm_sampler
+
+    cache = engine_cache.SamplerCache(size=4)
+    net, gnet = nets(label_dim=0)
+    noise = randn(*SHAPE)
+
+    def with_sigma_max(value):
+        config = autoguide_fast.sampler.make_config(
+            num_steps=4, sigma_min=0.002, sigma_max=value, rho=7, guidance=2.1, gnet=gnet, S_churn=0, S_min=0,
+            S_max=float("inf"), S_noise=1, dtype=torch.float32, guidance_interval=None, solver="heun")
+        return engine_cache.sample_cached(net, gnet, noise, None, config, "torch", None, True, cache=cache)
+
+    with_sigma_max(80.0)
+    got = with_sigma_max(np.float32(80))
+    expected = edm_sampler(net, noise, None, gnet, num_steps=4, sigma_max=np.float32(80), guidance=2.1)
+    assert not torch.equal(expected, edm_sampler(net, noise, None, gnet, num_steps=4, sigma_max=80.0, guidance=2.1))
+    assert torch.equal(got, expected) and cache.info()["misses"] == 2
 
 
 def test_cache_key_includes_labels_shape_and_dtype():

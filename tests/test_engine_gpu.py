@@ -160,6 +160,20 @@ def test_replay_with_new_seeds_equals_eager_with_those_seeds():
                                 **BASE, **CHURN))
 
 
+def test_seeds_in_a_pinned_buffer_refilled_right_after_the_call_are_the_call_s_seeds():
+    # A server reusing one pinned seeds buffer per request: the call must have read (copied) it
+    # before returning, since pin_memory() of a pinned tensor is the tensor itself.
+    net, gnet = cuda_nets()
+    s = make(net, gnet, graph="trajectory", check_finite=False, **CHURN)
+    noise, labels = noise_of(8), labels_of(8)
+    buffer = torch.tensor([1, 2, 3, 4], dtype=torch.int64).pin_memory()
+    torch.cuda._sleep(200_000_000)  # The call's copy of the seeds queues behind this.
+    out = s(noise, labels, buffer)
+    buffer.copy_(torch.tensor([9, 9, 9, 9]))  # The next request's seeds, while the call may still be queued.
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager(net, gnet, noise, labels, [1, 2, 3, 4], **BASE, **CHURN))
+
+
 def test_parameter_replacement_recaptures_and_in_place_updates_are_seen():
     net, gnet = cuda_nets()
     s = make(net, gnet, graph="trajectory", streams="on")
@@ -495,6 +509,25 @@ def test_copy_output_false_returns_the_static_buffer_zero_copy():
     b = s(noise_of(2), labels_of(2))
     assert a.data_ptr() == b.data_ptr()
     assert torch.equal(b, eager(net, gnet, noise_of(2), labels_of(2), **BASE))
+
+
+def test_copy_output_false_buffer_stays_valid_for_work_queued_before_the_next_call_on_another_stream():
+    # Call 1 on stream A, its result read on A; call 2 from stream B: call 2 must not overwrite the
+    # static buffer before A's read of it (it used to wait for call 1 only, not for A's later work).
+    net, gnet = cuda_nets()
+    s = make(net, gnet, graph="trajectory", copy_output=False)
+    expected = eager(net, gnet, noise_of(1), labels_of(1), **BASE)
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    for stream in (a, b):
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(a):
+        out = s(noise_of(1), labels_of(1))
+        torch.cuda._sleep(50_000_000)  # The read below starts late (tens of ms).
+        doubled = out * 2
+    with torch.cuda.stream(b):
+        s(noise_of(2), labels_of(2))
+    torch.cuda.synchronize()
+    assert torch.equal(doubled, expected * 2)
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ def test_engine_gpu_tests_pass_on_an_emulated_device():
     assert proc.returncode == 0, out[-6000:]
     passed = re.search(r"(\d+) passed", out)
     # Every GPU test of these files ran, none skipped (on a GPU the Triton files' tests are all
-    # `gpu`, see conftest): 76 of the engine's, 29 + 70 + 30 of the kernels' and noise's, 11 checks
+    # `gpu`, see conftest): 78 of the engine's, 29 + 70 + 30 of the kernels' and noise's, 11 checks
     # of the emulation, 7 of the GPU visit's benchmark scripts.
-    expected = 76 + 29 + 70 + 30 + 11 + 7 - len(NOT_EMULATED)
+    expected = 78 + 29 + 70 + 30 + 11 + 7 - len(NOT_EMULATED)
     assert passed is not None and int(passed.group(1)) >= expected and " skipped" not in out, out[-3000:]

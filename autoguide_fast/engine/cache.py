@@ -131,9 +131,12 @@ _CACHE = SamplerCache()
 def sampler_key(net, gnet, noise: torch.Tensor, labels: torch.Tensor | None, config: SamplerConfig,
                 backend: str, check_finite: bool) -> tuple:
     label_part = None if labels is None else (tuple(labels.shape), labels.dtype)
+    # The scalars' types too: np.float32(80) == 80.0 (same hash), but the official formula computes
+    # sigma_max ** (1 / rho) in float32 for the one and in float64 for the other (another schedule).
+    types = tuple(type(getattr(config, f.name)) for f in dataclasses.fields(config))
     # The autocast state: a graph captured under autocast replays at that precision.
     return (network_identity(net), network_identity(gnet), tuple(noise.shape), str(noise.device), label_part,
-            config, backend, check_finite, autocast_state())
+            config, types, backend, check_finite, autocast_state())
 
 
 def sample_cached(

@@ -61,8 +61,10 @@ def _modules(root: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def parameter_signature(fn: Any) -> tuple:
-    """The storage pointer of every parameter and buffer of a module network, in module order; ()
-    for any other callable (its tensors cannot be enumerated, so their replacement is not seen).
+    """The storage pointer, dtype, shape and strides of every parameter and buffer of a module
+    network, in module order (a replacement may land at the captured address with another dtype
+    or layout); () for any other callable (its tensors cannot be enumerated, so their replacement
+    is not seen).
 
     Called before every replay, so it avoids ``Module.parameters()`` (a recursive generator with
     name bookkeeping, ~0.2 ms for EDM2-S on a CPU core): the submodule list is cached and only the tensors'
@@ -75,7 +77,7 @@ def parameter_signature(fn: Any) -> tuple:
         for tensors in (m._parameters, m._buffers):
             for t in tensors.values():
                 if t is not None:
-                    sig.append(t.data_ptr())
+                    sig.append((t.data_ptr(), t.dtype, t.shape, t.stride()))
     return tuple(sig)
 
 

@@ -68,20 +68,31 @@ class GuideStream:
 class CallOrder:
     """Orders successive calls of one sampler on the GPU even when they come from threads using
     different current streams: each call waits for the previous one's completion event before it
-    touches the sampler's static buffers. No-op on CPU."""
+    touches the sampler's static buffers, and, when the previous call ran on another stream, for
+    everything queued on that stream until now: the previous caller's own work on its result
+    (with ``copy_output=False`` the static buffer itself, valid until the next call). No-op on CPU."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self._done: torch.cuda.Event | None = None
+        self._stream: torch.cuda.Stream | None = None  # The stream of the previous call.
 
     def begin(self) -> None:
-        if self.cuda and self._done is not None:
-            torch.cuda.current_stream().wait_event(self._done)
+        if not self.cuda or self._done is None:
+            return
+        current = torch.cuda.current_stream()
+        current.wait_event(self._done)
+        previous = self._stream
+        if previous is not None and previous != current:
+            with torch.cuda.stream(previous):
+                if not torch.cuda.is_current_stream_capturing():  # (A caller's own capture: left alone.)
+                    current.wait_event(previous.record_event())
 
     def end(self) -> None:
         if self.cuda:
             event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream())
+            self._stream = torch.cuda.current_stream()
+            event.record(self._stream)
             self._done = event
 
     def drain(self) -> None:
