@@ -3,6 +3,7 @@ and is raised before any network is called or any GPU work is queued."""
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any
@@ -90,27 +91,37 @@ def check_time_steps(num_steps, sigma_min, sigma_max, rho, dtype: torch.dtype) -
     """The schedule t_0 > ... > t_{N-1} > 0 must hold finite, non-zero noise levels in the state dtype
     (the official formula, computed as the samplers compute it): otherwise every step divides by zero
     or carries NaN, and the networks would be blamed for it. Names the argument that breaks it."""
+    # The scalars' types are part of the key: np.float32(80) == 80.0, but the formula then
+    # computes in float32. Cached: a serving loop's calls repeat the same few schedules.
+    problem = _schedule_problem(int(num_steps), sigma_min, sigma_max, rho, dtype,
+                                (type(sigma_min), type(sigma_max), type(rho)))
+    if problem is not None:
+        raise ValueError(problem)
+
+
+@functools.lru_cache(maxsize=256)
+def _schedule_problem(num_steps: int, sigma_min, sigma_max, rho, dtype: torch.dtype, types: tuple) -> str | None:
     from .reference import edm_time_steps  # Lazy: reference is only needed once the scalars are valid.
 
     finfo = torch.finfo(dtype)
     for name, value in (("sigma_max", sigma_max), ("sigma_min", sigma_min)):
         rounded = float(torch.tensor(float(value), dtype=dtype))
         if not math.isfinite(rounded) or rounded == 0:
-            raise ValueError(f"{name}: {value} is not a usable noise level in dtype {dtype} (it rounds to "
-                             f"{rounded}; {dtype} holds {finfo.tiny:g} to {finfo.max:g}); pick another "
-                             f"{name} or dtype")
+            return (f"{name}: {value} is not a usable noise level in dtype {dtype} (it rounds to {rounded}; "
+                    f"{dtype} holds {finfo.tiny:g} to {finfo.max:g}); pick another {name} or dtype")
     try:
-        t = edm_time_steps(int(num_steps), sigma_min, sigma_max, rho, dtype, "cpu")[:-1]
+        t = edm_time_steps(num_steps, sigma_min, sigma_max, rho, dtype, "cpu")[:-1]
     except OverflowError:  # sigma ** (1 / rho) beyond a Python float.
-        raise ValueError(f"rho: {rho} is too small for sigma_max = {sigma_max}: sigma_max ** (1 / rho) "
-                         f"overflows; expected a larger rho (the EDM default is 7)") from None
+        return (f"rho: {rho} is too small for sigma_max = {sigma_max}: sigma_max ** (1 / rho) overflows; "
+                f"expected a larger rho (the EDM default is 7)")
     bad = ~torch.isfinite(t) | (t == 0)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise ValueError(f"rho: with rho = {rho}, sigma_min = {sigma_min} and sigma_max = {sigma_max} the official "
-                         f"schedule gives t_{i} = {float(t[i])} in dtype {dtype} (out of its range, or lost to "
-                         f"rounding), and the sampler divides by it; expected a larger rho (the EDM default "
-                         f"is 7), a narrower sigma range or a wider dtype")
+        return (f"rho: with rho = {rho}, sigma_min = {sigma_min} and sigma_max = {sigma_max} the official "
+                f"schedule gives t_{i} = {float(t[i])} in dtype {dtype} (out of its range, or lost to rounding), "
+                f"and the sampler divides by it; expected a larger rho (the EDM default is 7), a narrower "
+                f"sigma range or a wider dtype")
+    return None
 
 
 def check_dtype(dtype) -> None:

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <string>
 
 #include "cpu_kernels.h"
@@ -47,6 +48,9 @@ void run_cpu(const Launch& l) {
   StepParams p = l.params;
   if (p.numel == 0) return;
   if (p.scalars != nullptr) {
+    const double stream = p.scalars[4];  // On the host here: checked, as the churn_stream argument is.
+    TORCH_CHECK(stream >= 0.0 && stream < 4294967296.0 && stream == std::floor(stream),
+                "scalars[4]: expected a Philox stream, an integer in [0, 2^32), got ", stream);
     const StepScalars s = step_scalars(p);
     p.w = s.w;
     p.t_hat = s.t_hat;

@@ -54,9 +54,12 @@ struct StepScalars {
 AGF_HOST_DEVICE inline StepScalars step_scalars(const StepParams& p) {
   if (p.scalars == nullptr) return {p.w, p.t_hat, p.t_next, p.scale, p.stream};
   const double* s = p.scalars;
-  // The stream is an integer in [0, 2^32) stored exactly in a double (checked by the engine when
-  // it writes it; the device value cannot be checked here without a synchronisation).
-  return {s[0], s[1], s[2], s[3], static_cast<uint32_t>(static_cast<int64_t>(s[4]))};
+  // The stream is an integer in [0, 2^32) stored exactly in a double (written so by the engine; a
+  // device value cannot be checked here without a synchronisation, the CPU ops check it first).
+  // Converted without undefined behaviour whatever it holds: out of range or NaN reads as 0.
+  const double st = s[4];
+  const uint32_t stream = (st >= 0.0 && st < 4294967296.0) ? static_cast<uint32_t>(st) : 0u;
+  return {s[0], s[1], s[2], s[3], stream};
 }
 
 }  // namespace agf

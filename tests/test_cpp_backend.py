@@ -386,6 +386,18 @@ def test_bad_device_scalars_raise_naming_scalars():
 
 
 @needs_cpp
+@pytest.mark.parametrize("stream", [-1.0, 0.5, 2.0**32, 1e20, float("nan"), float("inf")])
+def test_a_device_scalars_stream_outside_its_range_is_refused(stream):
+    # (Converting it to an integer was undefined behaviour; it ran as some other stream.)
+    x, D_main, _ = _inputs((2, 64), torch.float32, torch.float32, seed=3)
+    seeds = torch.tensor([1, 2])
+    with pytest.raises(RuntimeError, match="scalars\\[4\\]: expected a Philox stream"):
+        E.euler_step(x, D_main, None, 1.0, 3.7, 2.9, seeds, 0.5, 0, True,
+                     _scalars(1.0, 3.7, 2.9, 0.5, stream))
+    E.euler_step(x, D_main, None, 1.0, 3.7, 2.9, seeds, 0.5, 0, True, _scalars(1.0, 3.7, 2.9, 0.5, 2.0**32 - 1))
+
+
+@needs_cpp
 @pytest.mark.parametrize("case", range(OPCHECK_CASES))
 def test_opcheck(case):
     cases = _opcheck_cases()
