@@ -176,9 +176,9 @@ def seeded_noise(
     seeds: Sequence[int] | torch.Tensor,        # One integer seed per image.
     shape: Sequence[int],                       # Full shape [len(seeds), ...].
     *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    stream: int = STREAM_INITIAL,
+    device: torch.device | str | None = None,   # Where the noise is made; None = the seeds' device (CPU for a list).
+    dtype: torch.dtype = torch.float32,         # Floating dtype of the noise.
+    stream: int = STREAM_INITIAL,               # Philox stream in [0, 2^32): the initial noise's by default.
 ) -> torch.Tensor:
     """Initial noise for the given seeds: image b depends only on ``seeds[b]``."""
     seeds_t = seeds_to_tensor(seeds, device=device)
@@ -205,7 +205,7 @@ def seeded_labels(
     seeds: Sequence[int] | torch.Tensor,        # One integer seed per image.
     num_classes: int,                           # Number of classes C.
     *,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None,   # Where the labels are made; None = the seeds' device.
 ) -> torch.Tensor:
     """Class index per image in [0, C), drawn from the seed's labels stream (int64 [B])."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):

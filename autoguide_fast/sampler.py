@@ -15,8 +15,20 @@ __all__ = ["edm_sampler", "fast_guided_sample", "make_config", "run_eager", "run
 
 
 def make_config(
-    *, num_steps, sigma_min, sigma_max, rho, guidance, gnet, S_churn, S_min, S_max, S_noise, dtype,
-    guidance_interval, solver,
+    *,
+    num_steps: int,                         # The sampler arguments of fast_guided_sample, as given
+    sigma_min: float,                       # (validated here; numbers keep their type, e.g. a
+    sigma_max: float,                       # NumPy float32, as the official formula uses it).
+    rho: float,
+    guidance: float | torch.Tensor,         # A number or a 0-dim floating tensor.
+    gnet: Callable | None,                  # Only checked to be given when guidance != 1.
+    S_churn: float,
+    S_min: float,
+    S_max: float,
+    S_noise: float,
+    dtype: torch.dtype,
+    guidance_interval: tuple[float, float] | None,
+    solver: str,
 ) -> SamplerConfig:
     """Validate the scalar sampler arguments and bundle them (raises before any work)."""
     V.check_dtype(dtype)
@@ -30,7 +42,8 @@ def make_config(
     V.check_time_steps(num_steps, sigma_min, sigma_max, rho, dtype)
     V.check_choice("solver", solver, V.SOLVERS)
     return SamplerConfig(
-        num_steps=int(num_steps), sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, guidance=guidance,
+        num_steps=int(num_steps), sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+        guidance=cast(float, guidance),  # A number by now: check_guidance refuses any other tensor.
         S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, dtype=dtype,
         guidance_interval=interval, solver=solver,
     )
@@ -275,21 +288,21 @@ def fast_guided_sample(
 
 
 def edm_sampler(
-    net: Callable,
-    noise: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    gnet: Callable | None = None,
-    num_steps: int = 32,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80,
-    rho: float = 7,
-    guidance: float = 1,
-    S_churn: float = 0,
-    S_min: float = 0,
+    net: Callable,                          # Main network D1: net(x, t, labels) -> tensor like x.
+    noise: torch.Tensor,                    # Unit-variance initial noise [B, ...].
+    labels: torch.Tensor | None = None,     # Labels for both networks, or None.
+    gnet: Callable | None = None,           # Guide network D0; required when guidance != 1.
+    num_steps: int = 32,                    # Number of time steps N.
+    sigma_min: float = 0.002,               # Lowest noise level.
+    sigma_max: float = 80,                  # Highest noise level.
+    rho: float = 7,                         # Time step exponent.
+    guidance: float = 1,                    # Guidance weight w; 1 = unguided.
+    S_churn: float = 0,                     # Stochasticity strength; 0 = deterministic.
+    S_min: float = 0,                       # Churn only for S_min <= t <= S_max.
     S_max: float = float("inf"),
-    S_noise: float = 1,
-    dtype: torch.dtype = torch.float32,
-    randn_like: Callable = torch.randn_like,
+    S_noise: float = 1,                     # Churn noise scale.
+    dtype: torch.dtype = torch.float32,     # Sampler state dtype (output dtype).
+    randn_like: Callable = torch.randn_like,  # Churn noise source.
 ) -> torch.Tensor:
     """Drop-in for the official ``edm_sampler`` (same signature, positional order included),
     running on the fast path. Like the official sampler it returns NaN/Inf results as they are

@@ -92,7 +92,9 @@ def test_step_matches_reference(state, net, shape):
     inp = _inputs(shape, state, net)
     t_hat, t_next, scale = _as(state, T_HAT), _as(state, T_NEXT), _as(state, SCALE)
     # (w, w2, churn fused into): unguided, both lerp branches, a negative weight, fused churn.
-    for w, w2, churn_op in ((None, None, None), (0.3, 2.1, None), (2.1, -0.7, "heun"), (None, 1.7, "euler")):
+    # The lerp branch edge too: |w| < 1/2 takes the first branch, 1/2 itself the second (as torch).
+    for w, w2, churn_op in ((None, None, None), (0.3, 2.1, None), (2.1, -0.7, "heun"), (None, 1.7, "euler"),
+                            (0.5, -0.5, None), (0.4999999701976776, 0.5000000596046448, None)):
         ref = _reference(inp, state, state, w, w2, churn_op)
         truth = _reference(inp, state, torch.float64, w, w2, churn_op)
         seeds = inp["seeds"] if churn_op == "euler" else None

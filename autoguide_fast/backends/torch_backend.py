@@ -29,21 +29,27 @@ class TorchBackend:
         return cast(torch.Tensor, D_guide).to(self.dtype).lerp(Dx, w)  # Given whenever w is.
 
     # need_d is ignored: x_next is computed from d, which is returned either way.
-    def euler(self, x_hat, D_main, D_guide, w, step: StepPlan, churn_next=None, need_d=True):
+    def euler(self, x_hat: torch.Tensor, D_main: torch.Tensor, D_guide: torch.Tensor | None, w: float | None,
+              step: StepPlan, churn_next: tuple[StepPlan, torch.Tensor] | None = None,
+              need_d: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         t_hat, t_next = step.tensors["t_hat"], step.tensors["t_next"]
         d = (x_hat - self._denoised(D_main, D_guide, w)) / t_hat
         return d, x_hat + (t_next - t_hat) * d
 
-    def heun(self, x_hat, d, x_next, D_main, D_guide, w, step: StepPlan, churn_next=None):
+    def heun(self, x_hat: torch.Tensor, d: torch.Tensor, x_next: torch.Tensor, D_main: torch.Tensor,
+             D_guide: torch.Tensor | None, w: float | None, step: StepPlan,
+             churn_next: tuple[StepPlan, torch.Tensor] | None = None) -> torch.Tensor:
         t_hat, t_next = step.tensors["t_hat"], step.tensors["t_next"]
         d_prime = (x_next - self._denoised(D_main, D_guide, w)) / t_next
         return x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d_prime)
 
-    def normal(self, seeds, numel, stream, dtype):
+    def normal(self, seeds: torch.Tensor, numel: int, stream: int, dtype: torch.dtype) -> torch.Tensor:
         return philox_normal(seeds, numel, stream, dtype)
 
-    def churn(self, x, step: StepPlan, seeds, eps):
+    def churn(self, x: torch.Tensor, step: StepPlan, seeds: torch.Tensor | None,
+              eps: torch.Tensor | None) -> torch.Tensor:
         if eps is None:
             numel = math.prod(x.shape[1:])
+            seeds = cast(torch.Tensor, seeds)  # Given whenever eps is not (the churn contract, base.py).
             eps = philox_normal(seeds, numel, churn_stream(step.index), self.dtype).reshape(x.shape)
         return x + step.tensors["noise_scale"] * eps

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -315,7 +315,7 @@ class UNet(torch.nn.Module):
         attn_resolutions: Sequence[int] = (16, 8),      # Resolutions whose blocks have self-attention.
         label_balance: float = 0.5,                     # MP-sum balance: noise (0) vs class (1) embedding.
         concat_balance: float = 0.5,                    # MP-cat balance: main path (0) vs skip connection (1).
-        **block_kwargs,                                 # Passed to every Block (dropout, channels_per_head, ...).
+        **block_kwargs: Any,                            # Passed to every Block (dropout, channels_per_head, ...).
     ) -> None:
         super().__init__()
         _check_int("model_channels", model_channels, 1)
@@ -419,7 +419,7 @@ class Precond(torch.nn.Module):
         use_fp16: bool = True,          # Run the U-Net in float16 on CUDA? (Always float32 on CPU.)
         sigma_data: float = 0.5,        # Expected standard deviation of the training data.
         logvar_channels: int = 128,     # Fourier channels of the uncertainty (log-variance) head.
-        **unet_kwargs,                  # Passed to UNet (model_channels, channel_mult, num_blocks, ...).
+        **unet_kwargs: Any,             # Passed to UNet (model_channels, channel_mult, num_blocks, ...).
     ) -> None:
         super().__init__()
         _check_int("img_resolution", img_resolution, 1)
@@ -556,7 +556,7 @@ EDM2_NUM_CLASSES = 1000
 
 
 # Constructor kwargs of a preset (no weights are created), with `overrides` applied last.
-def edm2_preset_kwargs(name: str, dataset: str = "img512", conditional: bool = True, **overrides) -> dict:
+def edm2_preset_kwargs(name: str, dataset: str = "img512", conditional: bool = True, **overrides: Any) -> dict:
     if not isinstance(name, str) or name.lower() not in EDM2_PRESETS:
         raise ValueError(f"name must be one of {sorted(EDM2_PRESETS)}, got {name!r}")
     if dataset not in EDM2_DATASETS:
@@ -575,7 +575,7 @@ def edm2_preset(
     name: str,                  # Size: 'xxs', 'xs', 's', 'm', 'l', 'xl' or 'xxl' (case-insensitive).
     dataset: str = "img512",    # 'img512' (4x64x64 latents) or 'img64' (3x64x64 pixels).
     conditional: bool = True,   # 1000 ImageNet classes (True) or unconditional (False).
-    **overrides,                # Any Precond / UNet / Block keyword, applied over the preset.
+    **overrides: Any,           # Any Precond / UNet / Block keyword, applied over the preset.
 ) -> Precond:
     """Build a randomly initialised EDM2 network of a released size.
 
