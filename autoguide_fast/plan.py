@@ -17,7 +17,7 @@ import torch
 
 from .reference import edm_time_steps
 
-__all__ = ["SamplerConfig", "StepPlan", "build_plan", "has_churn"]
+__all__ = ["SamplerConfig", "StepPlan", "build_plan", "has_churn", "time_steps"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,9 @@ class SamplerConfig:
     dtype: torch.dtype = torch.float32
     guidance_interval: tuple[float, float] | None = None
     solver: str = "heun"
+    # A custom schedule t_0 > ... > t_{N-1} > 0 (N = num_steps; t_N = 0 is appended), in place of
+    # the official formula of sigma_min, sigma_max and rho; None = the formula.
+    sigmas: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,19 +79,26 @@ def _churns(config: SamplerConfig, t_cur: torch.Tensor) -> bool:
     return config.S_churn > 0 and bool(config.S_min <= t_cur <= config.S_max)
 
 
+def time_steps(config: SamplerConfig, device: torch.device | str | None) -> torch.Tensor:
+    """t_0..t_N in the state dtype on ``device``: the custom ``sigmas`` with t_N = 0 appended, else
+    the official formula (``reference.edm_time_steps``)."""
+    if config.sigmas is not None:
+        return torch.tensor([*config.sigmas, 0.0], dtype=config.dtype, device=device)
+    return edm_time_steps(config.num_steps, config.sigma_min, config.sigma_max, config.rho, config.dtype, device)
+
+
 def has_churn(config: SamplerConfig, device: torch.device) -> bool:
     """Whether any step injects churn noise (S_churn > 0 and some t_i within [S_min, S_max])."""
     if config.S_churn <= 0:
         return False
-    t_host = edm_time_steps(config.num_steps, config.sigma_min, config.sigma_max, config.rho, config.dtype,
-                            device).cpu()
+    t_host = time_steps(config, device).cpu()
     return any(_churns(config, t_host[i]) for i in range(config.num_steps))
 
 
 def build_plan(config: SamplerConfig, device: torch.device) -> tuple[torch.Tensor, list[StepPlan]]:
     """The schedule t_0..t_N (device tensor) and the per-step plan."""
     n = config.num_steps
-    t_steps = edm_time_steps(n, config.sigma_min, config.sigma_max, config.rho, config.dtype, device)
+    t_steps = time_steps(config, device)
     t_host = t_steps.cpu()
     per_step = []
     for i in range(n):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -29,6 +29,7 @@ def make_config(
     dtype: torch.dtype,
     guidance_interval: tuple[float, float] | None,
     solver: str,
+    sigmas: Any = None,                     # A custom schedule (replaces the four formula arguments).
 ) -> SamplerConfig:
     """Validate the scalar sampler arguments and bundle them (raises before any work)."""
     V.check_dtype(dtype)
@@ -39,13 +40,19 @@ def make_config(
         guidance = guidance.detach().to("cpu", dtype).item()
     V.check_schedule(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise)
     interval = V.check_guidance(guidance, gnet, guidance_interval)
-    V.check_time_steps(num_steps, sigma_min, sigma_max, rho, dtype)
+    levels = None
+    if sigmas is None:
+        V.check_time_steps(num_steps, sigma_min, sigma_max, rho, dtype)
+    else:
+        levels = V.check_sigmas(sigmas, dtype, dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
+                                                    rho=rho))
+        num_steps = len(levels)
     V.check_choice("solver", solver, V.SOLVERS)
     return SamplerConfig(
         num_steps=int(num_steps), sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
         guidance=cast(float, guidance),  # A number by now: check_guidance refuses any other tensor.
         S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, dtype=dtype,
-        guidance_interval=interval, solver=solver,
+        guidance_interval=interval, solver=solver, sigmas=levels,
     )
 
 
@@ -211,6 +218,8 @@ def fast_guided_sample(
     sigma_min: float = 0.002,               # Lowest noise level.
     sigma_max: float = 80,                  # Highest noise level.
     rho: float = 7,                         # Time step exponent.
+    sigmas: Sequence[float] | torch.Tensor | None = None,  # Custom schedule t_0 > ... > t_{N-1} > 0 [, 0]
+                                            # (k-diffusion style), in place of the four arguments above.
     guidance: float = 1,                    # Guidance weight w; 1 = unguided, guide never called.
     S_churn: float = 0,                     # Stochasticity strength; 0 = deterministic.
     S_min: float = 0,                       # Churn only for S_min <= t <= S_max.
@@ -244,7 +253,7 @@ def fast_guided_sample(
     config = make_config(
         num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, guidance=guidance, gnet=gnet,
         S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, dtype=dtype,
-        guidance_interval=guidance_interval, solver=solver,
+        guidance_interval=guidance_interval, solver=solver, sigmas=sigmas,
     )
     # On a GPU, reading the noise's values makes the host wait for the GPU: only when check_finite.
     V.check_noise(noise, values=check_finite or noise.device.type != "cuda")

@@ -124,6 +124,44 @@ def _schedule_problem(num_steps: int, sigma_min, sigma_max, rho, dtype: torch.dt
     return None
 
 
+# The defaults of the arguments a custom schedule replaces (they must be left at these with sigmas).
+FORMULA_DEFAULTS = {"num_steps": 32, "sigma_min": 0.002, "sigma_max": 80, "rho": 7}
+
+
+def check_sigmas(sigmas, dtype: torch.dtype, formula: dict[str, Any]) -> tuple[float, ...]:
+    """A custom schedule as the tuple t_0 > ... > t_{N-1} > 0 of Python floats (a final 0, as
+    k-diffusion's schedules end, is dropped: t_N = 0 is always appended). ``formula``: the values
+    given for num_steps, sigma_min, sigma_max and rho, which it replaces (they must be at their
+    defaults: a schedule of one and a formula of the other would be silently ambiguous)."""
+    for name, value in formula.items():
+        if value != FORMULA_DEFAULTS[name]:
+            raise ValueError(f"{name}: not used with a custom schedule (sigmas); leave it at its default "
+                             f"({FORMULA_DEFAULTS[name]}), the schedule gives its own number of steps and levels")
+    expected = "a 1-D sequence of decreasing noise levels t_0 > ... > t_{N-1} > 0 (optionally a final 0), N >= 2"
+    if isinstance(sigmas, torch.Tensor):
+        if sigmas.dim() != 1 or not sigmas.dtype.is_floating_point or sigmas.is_meta:
+            raise TypeError(f"sigmas: expected {expected}, got a tensor of shape {tuple(sigmas.shape)} and dtype "
+                            f"{sigmas.dtype}{' on meta' if sigmas.is_meta else ''}")
+        values = [float(v) for v in sigmas.detach().cpu().double().tolist()]  # Read once, on the host.
+    else:
+        if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__"):
+            raise TypeError(f"sigmas: expected {expected}, got {type(sigmas).__name__}")
+        values = [_real(f"sigmas[{i}]", v) for i, v in enumerate(sigmas)]
+    if values and values[-1] == 0:
+        values = values[:-1]
+    if len(values) < 2:
+        raise ValueError(f"sigmas: expected {expected}, got {len(values)} level(s) above 0")
+    rounded = torch.tensor(values, dtype=torch.float64).to(dtype).double().tolist()
+    for i, (v, r) in enumerate(zip(values, rounded)):
+        if not (math.isfinite(v) and v > 0 and math.isfinite(r) and r > 0):
+            raise ValueError(f"sigmas: expected {expected}; sigmas[{i}] = {v} is not a finite level > 0 "
+                             f"in dtype {dtype}")
+        if i and not r < rounded[i - 1]:
+            raise ValueError(f"sigmas: expected {expected}; sigmas[{i}] = {v} is not below sigmas[{i - 1}] = "
+                             f"{values[i - 1]} in dtype {dtype}")
+    return tuple(values)
+
+
 def check_dtype(dtype) -> None:
     if not isinstance(dtype, torch.dtype) or dtype not in STATE_DTYPES:
         raise TypeError(f"dtype: expected one of {', '.join(map(str, STATE_DTYPES))}, got {dtype!r}")

@@ -87,6 +87,10 @@ def _cases():
         "auto_backend_fused_churn": dict(
             main=dict(label_dim=4, seed=6), guide=dict(label_dim=4, seed=7), labels=labels,
             kwargs=dict(num_steps=5, guidance=2.0, S_churn=20.0, seeds=SEEDS, backend="auto"), callback=False),
+        # A custom schedule (k-diffusion style, with its final 0) instead of the official formula.
+        "custom_sigmas": dict(
+            main=dict(seed=8), guide=dict(seed=9), labels=None,
+            kwargs=dict(sigmas=[60.0, 9.0, 1.2, 0.1, 0.0], guidance=2.2, S_churn=5.0, seeds=SEEDS)),
         # w = 1: the guide is never called, rank 1 only checks the settings.
         "unguided": dict(
             main=dict(seed=4), guide=dict(seed=5), labels=None, kwargs=dict(num_steps=4, guidance=1)),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import autoguide_fast
-from autoguide_fast import GuidedSampler, edm_sampler, fast_guided_sample, seeded_noise
+from autoguide_fast import GuidedSampler, edm_sampler, fast_guided_sample, reference, seeded_noise
 from autoguide_fast.reference import edm_sampler as reference_sampler
 from tests.nets import GaussianDenoiser, PointwiseDenoiser, TinyConvDenoiser, one_hot_labels
 
@@ -179,7 +179,7 @@ def test_non_finite_noise_on_the_cpu_is_refused_either_way(check_finite):
 
 def test_entry_points_declare_the_same_sampler_defaults():
     """Each entry point spells out the sampler keywords in its own signature; their defaults are
-    SamplerConfig's (edm_sampler, the official signature, has no guidance_interval or solver)."""
+    SamplerConfig's (edm_sampler, the official signature, has no guidance_interval, solver or sigmas)."""
     import dataclasses
     import inspect
 
@@ -189,7 +189,7 @@ def test_entry_points_declare_the_same_sampler_defaults():
 
     defaults = {f.name: f.default for f in dataclasses.fields(SamplerConfig)}
     for fn, absent in ((fast_guided_sample, ()), (GuidedSampler.__init__, ()), (guide_parallel_sample, ()),
-                       (edm_sampler, ("guidance_interval", "solver"))):
+                       (edm_sampler, ("guidance_interval", "solver", "sigmas"))):
         params = inspect.signature(fn).parameters
         for name, value in defaults.items():
             if name in absent:
@@ -328,3 +328,77 @@ def test_noise_that_requires_grad_never_takes_the_engine(monkeypatch):
     for backend in ("auto", "torch"):
         out = fast_guided_sample(net, noise, num_steps=3, backend=backend)
         assert out.requires_grad and torch.equal(out, reference_sampler(net, noise, num_steps=3))
+
+
+def _karras(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> list[float]:
+    """k-diffusion's get_sigmas_karras, in float64, with its final 0."""
+    ramp = [i / (n - 1) for i in range(n)]
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return [(hi + r * (lo - hi)) ** rho for r in ramp] + [0.0]
+
+
+def test_sigmas_of_the_official_schedule_give_the_default_results_bit_for_bit():
+    net = TinyConvDenoiser(channels=3, label_dim=0, seed=1)
+    gnet = TinyConvDenoiser(channels=3, label_dim=0, seed=2, hidden=4)
+    noise = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(9))
+    t = reference.edm_time_steps(8, 0.002, 80, 7, torch.float32)
+    for backend in ("torch", "auto"):
+        default = fast_guided_sample(net, noise, None, gnet, num_steps=8, guidance=2.1, backend=backend)
+        for sigmas in (t, t[:-1], t.tolist()):  # With or without the final 0; a tensor or a list.
+            assert torch.equal(fast_guided_sample(net, noise, None, gnet, sigmas=sigmas, guidance=2.1,
+                                                  backend=backend), default)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_custom_schedule_samples_as_the_official_sampler_would_with_it(monkeypatch, backend):
+    # The official sampler with its schedule replaced by k-diffusion's Karras schedule (another rho,
+    # float64 values rounded to the state dtype), churn from torch.randn_like.
+    net = TinyConvDenoiser(channels=3, label_dim=4, seed=1)
+    gnet = TinyConvDenoiser(channels=3, label_dim=4, seed=2, hidden=4)
+    noise = torch.randn(3, 3, 5, 6, generator=torch.Generator().manual_seed(4))
+    labels = one_hot_labels(3, 4, seed=2)
+    sigmas = _karras(6, sigma_max=60.0, rho=5.0)
+    kwargs = dict(guidance=2.3, S_churn=20.0, S_min=0.05, S_max=30.0)
+    torch.manual_seed(11)
+    got = fast_guided_sample(net, noise, labels, gnet, sigmas=sigmas, randn_like=torch.randn_like, backend=backend,
+                             **kwargs)
+    torch.manual_seed(11)
+    default = fast_guided_sample(net, noise, labels, gnet, num_steps=6, randn_like=torch.randn_like, backend=backend,
+                                 **kwargs)
+    monkeypatch.setattr(reference, "edm_time_steps",
+                        lambda n, lo, hi, rho, dtype, device=None: torch.tensor(sigmas, dtype=dtype, device=device))
+    torch.manual_seed(11)
+    expected = reference_sampler(net, noise, labels, gnet, num_steps=6, **kwargs)
+    monkeypatch.undo()
+    assert torch.equal(got, expected) and not torch.equal(got, default)
+    sampler = GuidedSampler(net, gnet, noise_shape=noise.shape, label_shape=labels.shape, device="cpu",
+                            sigmas=sigmas, backend=backend, guidance_interval=(0.2, 40.0), **kwargs)
+    interval = fast_guided_sample(net, noise, labels, gnet, sigmas=sigmas, seeds=[5, 6, 7], backend=backend,
+                                  guidance_interval=(0.2, 40.0), **kwargs)
+    assert torch.equal(sampler(noise, labels, [5, 6, 7]), interval)
+
+
+BAD_SIGMAS = [
+    (dict(sigmas=[1.0]), ValueError, "sigmas: .* got 1 level"),
+    (dict(sigmas=[2.0, 3.0, 0.0]), ValueError, r"sigmas: .*sigmas\[1\] = 3.0 is not below"),
+    (dict(sigmas=[2.0, 2.0]), ValueError, r"sigmas\[1\] = 2.0 is not below"),
+    (dict(sigmas=[2.0, -1.0]), ValueError, r"sigmas\[1\] = -1.0 is not a finite level"),
+    (dict(sigmas=[80.0, 0.0, 0.0]), ValueError, r"sigmas\[1\] = 0.0 is not a finite level"),
+    (dict(sigmas=[float("nan"), 1.0]), ValueError, r"sigmas\[0\]: expected a number, got NaN"),
+    (dict(sigmas=[1e39, 1.0]), ValueError, r"sigmas\[0\] = 1e\+39 is not a finite level > 0 in dtype torch.float32"),
+    (dict(sigmas=[1.0, 1.0 - 1e-9]), ValueError, "is not below .* in dtype torch.float32"),
+    (dict(sigmas=torch.ones(2, 2)), TypeError, "sigmas: .* got a tensor of shape"),
+    (dict(sigmas="80,1"), TypeError, "sigmas: .* got str"),
+    (dict(sigmas=[80.0, True]), TypeError, r"sigmas\[1\]: expected a real number"),
+    (dict(sigmas=[80.0, 1.0], num_steps=10), ValueError, "num_steps: not used with a custom schedule"),
+    (dict(sigmas=[80.0, 1.0], rho=5), ValueError, "rho: not used with a custom schedule"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", BAD_SIGMAS, ids=[str(i) for i in range(len(BAD_SIGMAS))])
+def test_bad_sigmas_are_named_before_any_network_call(kwargs, error, message):
+    calls = []
+    net = lambda x, t, labels: calls.append(1) or x * 0.5  # noqa: E731
+    with pytest.raises(error, match=message):
+        fast_guided_sample(net, torch.randn(2, 3), **kwargs)
+    assert calls == []

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -271,7 +271,7 @@ def _config(kwargs: dict[str, Any], gnet: Callable | None) -> SamplerConfig:
         num_steps=kwargs["num_steps"], sigma_min=kwargs["sigma_min"], sigma_max=kwargs["sigma_max"],
         rho=kwargs["rho"], guidance=kwargs["guidance"], gnet=gnet, S_churn=kwargs["S_churn"],
         S_min=kwargs["S_min"], S_max=kwargs["S_max"], S_noise=kwargs["S_noise"], dtype=kwargs["dtype"],
-        guidance_interval=kwargs["guidance_interval"], solver=kwargs["solver"],
+        guidance_interval=kwargs["guidance_interval"], solver=kwargs["solver"], sigmas=kwargs["sigmas"],
     )
 
 
@@ -287,6 +287,7 @@ def guide_parallel_sample(
     sigma_min: float = 0.002,               # Lowest noise level.
     sigma_max: float = 80,                  # Highest noise level.
     rho: float = 7,                         # Time step exponent.
+    sigmas: Sequence[float] | torch.Tensor | None = None,  # Custom schedule (see fast_guided_sample).
     guidance: float = 1,                    # Guidance weight w; 1 = unguided, rank 1 idles.
     S_churn: float = 0,                     # Stochasticity strength; 0 = deterministic.
     S_min: float = 0,                       # Churn only for S_min <= t <= S_max.
@@ -311,7 +312,7 @@ def guide_parallel_sample(
     link = _Link(group)
     kwargs = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, guidance=guidance,
                   S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, dtype=dtype,
-                  guidance_interval=guidance_interval, solver=solver)
+                  guidance_interval=guidance_interval, solver=solver, sigmas=sigmas)
     with torch.no_grad():
         if link.rank == 0:
             return _run_main(link, net, noise, labels, kwargs, randn_like, seeds, backend, callback, check_finite)

@@ -78,6 +78,7 @@ class GuidedSampler:
         sigma_min: float = 0.002,               # Lowest noise level.
         sigma_max: float = 80,                  # Highest noise level.
         rho: float = 7,                         # Time step exponent.
+        sigmas: Sequence[float] | torch.Tensor | None = None,  # Custom schedule (see fast_guided_sample).
         guidance: float = 1,                    # Guidance weight w; 1 = unguided, guide never called.
         S_churn: float = 0,                     # Stochasticity strength; 0 = deterministic.
         S_min: float = 0,                       # Churn only for S_min <= t <= S_max.
@@ -97,7 +98,7 @@ class GuidedSampler:
         self.config = make_config(
             num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, guidance=guidance, gnet=gnet,
             S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, dtype=dtype,
-            guidance_interval=guidance_interval, solver=solver,
+            guidance_interval=guidance_interval, solver=solver, sigmas=sigmas,
         )
         self.noise_shape = A.check_shape("noise_shape", noise_shape)
         self.label_shape = None if label_shape is None else A.check_shape("label_shape", label_shape)
