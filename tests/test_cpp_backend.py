@@ -423,6 +423,29 @@ def test_torch_compile_fullgraph():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@needs_cpp
+def test_whole_sampler_runs_inside_a_callers_torch_compile():
+    """fast_guided_sample inside a caller's torch.compile (Inductor) works; the fused ops are opaque,
+    but Inductor computes the schedule (the official formula's ** rho) with its own rounding, so the
+    result agrees with eager to rounding, not bit for bit (README)."""
+    import torch._dynamo
+
+    net, gnet = torch.compiler.disable(ToyNet(1)), torch.compiler.disable(ToyNet(2))
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+
+    def sample(noise):
+        return autoguide_fast.fast_guided_sample(net, noise, None, gnet, num_steps=5, guidance=2.1, S_churn=30.0,
+                                                 seeds=[3, -7], backend="cpp")
+
+    eager = sample(noise)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(sample)(noise)
+    finally:
+        torch._dynamo.reset()
+    assert compiled.shape == eager.shape and _rel_l2(compiled, eager) < 1e-5, _rel_l2(compiled, eager)
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole trajectories.
 # ---------------------------------------------------------------------------------------------

@@ -117,6 +117,15 @@ def test_bad_scalars_raise(op, case):
         _call(op, {"x": x, "d": x, "xn": x, "dm": x}, None, 1.0, 0.5, None, 0, False, scalars=scalars)
 
 
+@pytest.mark.skipif(CUDA, reason="host tensors only: on a GPU the kernel reads a stream out of range as 0")
+@pytest.mark.parametrize("stream", [-1.0, 0.5, 2.0**32, float("nan")])
+def test_a_stream_outside_its_range_is_refused_on_the_host(stream):
+    x = torch.randn(2, 3, 5, device=DEVICE)
+    inp = {"x": x, "d": x, "xn": x, "dm": x, "seeds": torch.tensor([1, 2])}
+    with pytest.raises(RuntimeError, match="scalars\\[4\\]: expected a Philox stream"):
+        _call("euler", inp, None, 1.0, 0.5, 0.3, 0, True, scalars=_scalars(None, 1.0, 0.5, 0.3, stream))
+
+
 def test_fake_implementation_checks_the_scalars_too():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

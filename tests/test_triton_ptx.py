@@ -70,6 +70,16 @@ VARIANTS = [
     ("heun-f64-cast-bf16", "heun", "fp64", "fp32", "bf16",
      dict(GUIDED=True, W_SMALL=False, CHURN=False, ALIGNED=True, WIDE=False)),
     ("philox-normal-f16", "normal", "fp16", None, None, dict(ALIGNED=True, WIDE=False)),
+    # Further specialisations the ops launch: an unguided Heun correction, float64 network outputs,
+    # a float64 state cast to float32, Heun with churn on the 64-bit index path.
+    ("heun-f32-unguided-f16", "heun", "fp32", "fp16", None,
+     dict(GUIDED=False, W_SMALL=True, CHURN=False, ALIGNED=True, WIDE=False)),
+    ("euler-f32-net-f64", "euler", "fp32", "fp64", None,
+     dict(GUIDED=True, W_SMALL=True, WRITE_D=True, CHURN=False, ALIGNED=True, WIDE=False)),
+    ("euler-f64-cast-f32", "euler", "fp64", "fp64", "fp32",
+     dict(GUIDED=True, W_SMALL=False, WRITE_D=False, CHURN=False, ALIGNED=True, WIDE=False)),
+    ("heun-f64-churn-wide-ragged", "heun", "fp64", "bf16", None,
+     dict(GUIDED=True, W_SMALL=False, CHURN=True, ALIGNED=False, WIDE=True)),
 ]
 
 

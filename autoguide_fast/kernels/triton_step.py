@@ -109,8 +109,11 @@ def _load_scalar(scalars_ptr, index, DTYPE: tl.constexpr):
 @triton.jit
 def _load_stream(scalars_ptr):
     """The Philox stream stored as a float64 integer in [0, 2^32), as the uint32 that normal_tile
-    reinterprets (exact: the float64 holds the integer exactly)."""
-    return tl.load(scalars_ptr + 4).to(tl.int64).to(tl.uint32)
+    reinterprets (exact: the float64 holds the integer exactly). A value out of that range (or NaN)
+    reads as 0, as in the CUDA kernels (csrc/step_params.h); CPU tensors are checked on the host."""
+    value = tl.load(scalars_ptr + 4)
+    valid = (value >= 0.0) & (value < 4294967296.0)
+    return tl.where(valid, value, 0.0).to(tl.int64).to(tl.uint32)
 
 
 @triton.jit
@@ -290,6 +293,7 @@ def _check_scalars(x_hat: torch.Tensor, scalars: object) -> None:
         raise ValueError(f"scalars: expected {expected} on {x_hat.device} (like x_hat), got one on {scalars.device}")
 
 
+
 def _check_cast(cast_dtype: torch.dtype | None) -> None:
     if cast_dtype is not None and cast_dtype not in _NET_DTYPES:
         raise TypeError(f"cast_dtype: expected a floating dtype or None, got {cast_dtype}")
@@ -326,6 +330,12 @@ def _scalars(w: float | None, t_hat: float, t_next: float, noise_scale: float | 
 def _scalars_arg(scalars: torch.Tensor | None) -> torch.Tensor | int:
     # Without device scalars the kernel gets the int 0 (not a dummy pointer): its type is the
     # kernel's HAS_SCALARS flag. 0, not 1: Triton makes an int argument equal to 1 a constant.
+    if scalars is not None and scalars.device.type == "cpu":
+        # (The interpreter.) Host memory: the stream is checked as the cpp ops check it; on a GPU
+        # the kernel reads a value out of range as 0 (reading it here would synchronise).
+        stream = float(scalars[4])
+        if not (0.0 <= stream < 4294967296.0 and stream == math.floor(stream)):
+            raise RuntimeError(f"scalars[4]: expected a Philox stream, an integer in [0, 2^32), got {stream}")
     return 0 if scalars is None else scalars
 
 
