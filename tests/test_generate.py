@@ -453,6 +453,7 @@ _API_BAD = {
     "solver": (dict(solver="rk4"), ValueError, "--solver"),
     "interval": (dict(guidance_interval=(2.0, 1.0)), ValueError, "--guidance-interval"),
     "seed past 2^64": (dict(seeds=[0, 2**64]), ValueError, "--seeds"),
+    "negative seed in a tensor": (dict(seeds=torch.tensor([3, -1])), ValueError, "--seeds"),
     "float seed": (dict(seeds=[1.7]), ValueError, "--seeds"),
     "bool seed": (dict(seeds=[True]), ValueError, "--seeds"),
     "preset seed": (dict(preset_seed=2**63), ValueError, "--preset-seed"),
@@ -558,6 +559,16 @@ def test_a_failed_run_keeps_the_settings_record_once_images_exist(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         run(*args, "--outdir", str(tmp_path / "fresh"))
     assert not (tmp_path / "fresh" / SETTINGS_FILE).exists()
+
+
+def test_python_api_takes_seeds_as_an_array_or_tensor(tmp_path):
+    from autoguide_fast.distributed import GenerateOptions, generate
+
+    for i, seeds in enumerate((np.arange(2), torch.tensor([0, 1]), [np.int64(0), 1])):
+        out = tmp_path / str(i)
+        generate(GenerateOptions(net=f"{HERE}:latent_main", seeds=seeds, outdir=str(out), num_steps=2,
+                                 progress=False, verbose=False))
+        assert sorted(p.name for p in out.glob("*.npy")) == ["000000.npy", "000001.npy"]
 
 
 def test_a_settings_record_that_is_not_an_object_is_named(tmp_path, capsys):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import re
 import secrets
@@ -118,10 +119,11 @@ def _check_options(opts: GenerateOptions) -> list[int]:
     else:
         # The Python API's sequence: integers in [0, 2^64) as the --seeds syntax allows (a float or a
         # bool would be truncated, a seed past 2^64 would draw the noise of its value modulo 2^64).
-        seeds = list(opts.seeds)
-        for s in seeds:
-            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 1 << 64:
+        given = opts.seeds.tolist() if hasattr(opts.seeds, "tolist") else list(opts.seeds)  # Arrays, tensors.
+        for s in given:
+            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= int(s) < 1 << 64:
                 raise ValueError(f"--seeds: expected integers from 0 to 2^64 - 1, got {s!r}")
+        seeds = [int(s) for s in given]
     if not seeds:
         raise ValueError("--seeds: no seeds given")
     if any(s < 0 for s in seeds):
@@ -597,14 +599,15 @@ def _run_batch(chunk: Sequence[int], seeds: list[int], done: list[bool], net, gn
             guide_parallel_sample(None, gnet, device=job.device, **sampler_kwargs)
             return 0, []
         x = _sample_batch(net, gnet, batch_seeds, shape, label_dim, opts, job.device, sampler_kwargs)
+        # Checked per image: a network's NaN/Inf for one seed does not stop the other files. (Inside
+        # the try: on a GPU this first read of the result is where an asynchronous error surfaces.)
+        finite = torch.isfinite(x.flatten(1)).all(1).tolist()
     except PeerFailure:
         raise
     except Exception as exc:  # A network's (or the device's) failure, not a bad argument.
         what = "running the guide for" if gp and job.rank == 1 else "sampling"
         raise SamplingFailure(f"{what} the batch of seeds {_seed_text(batch_seeds)} failed: "
                               f"{type(exc).__name__}: {exc}") from exc
-    # Checked per image: a network's NaN/Inf for one seed does not stop the other files.
-    finite = torch.isfinite(x.flatten(1)).all(1).tolist()
     keep = [i for i, j in enumerate(chunk) if not done[j] and finite[i]]
     try:
         _write_batch(x[keep], [batch_seeds[i] for i in keep], opts.outdir, fmt, opts.subdirs)
