@@ -36,6 +36,21 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cpu_backend(text: str) -> str:
+    """A step backend that can run the demo here (on CPU tensors), refused at parse time otherwise."""
+    import torch
+
+    from .backends import BACKEND_NAMES, resolve_backend
+
+    if text not in ("auto", *BACKEND_NAMES):
+        raise argparse.ArgumentTypeError(f"expected one of {('auto', *BACKEND_NAMES)}, got {text!r}")
+    try:
+        resolve_backend(text, torch.device("cpu"), torch.float32)
+    except (RuntimeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot run here: {exc}") from None
+    return text
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -82,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show the available backends and the compiled extension")
     p.set_defaults(func=_info)
     p = sub.add_parser("demo", help="sample with analytic Gaussian networks and check the closed form")
-    p.add_argument("--batch", type=positive_int, default=4096)
-    p.add_argument("--steps", type=steps, default=32)
-    p.add_argument("--guidance", type=finite_float, default=2.0)
-    p.add_argument("--backend", default="auto", choices=["auto", *BACKEND_NAMES])
+    p.add_argument("--batch", type=positive_int, default=4096, help="points per run (default 4096)")
+    p.add_argument("--steps", type=steps, default=32, help="Heun steps (default 32)")
+    p.add_argument("--guidance", type=finite_float, default=2.0, help="guidance weight w (default 2)")
+    choices = "{" + ",".join(("auto", *BACKEND_NAMES)) + "}"
+    p.add_argument("--backend", type=_cpu_backend, default="auto", metavar=choices,
+                   help="step backend of the run on CPU (default auto; one that cannot run here is refused)")
     p.add_argument("--json", type=writable_file, default=None,
                    help="also write the result as JSON to this path ('none': no file)")
     p.set_defaults(func=_demo)

@@ -4,12 +4,14 @@ tells whether a directory can be written (also used by ``generate`` for its ``--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["finite_float", "positive_int", "steps", "torch_seed", "writable_file", "write_probe"]
+__all__ = ["at_least_two", "finite_float", "png_file", "positive_int", "replace_atomically", "steps",
+           "thread_count", "torch_seed", "writable_dir", "writable_file", "write_probe"]
 
 
 def write_probe(folder: str | os.PathLike) -> None:
@@ -36,6 +38,22 @@ def torch_seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if not 0 <= value < 1 << 63:
         raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2^63 - 1, got {text}")
+    return value
+
+
+def at_least_two(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {text}")
+    return value
+
+
+def thread_count(text: str) -> int:
+    """CPU threads: 1 to the machine's CPU count (more only slows down; far more crashes OpenMP)."""
+    value = positive_int(text)
+    most = os.cpu_count() or 1
+    if value > most:
+        raise argparse.ArgumentTypeError(f"must be at most {most} (this machine's CPUs), got {text}")
     return value
 
 
@@ -76,3 +94,46 @@ def writable_file(text: str) -> Path | None:
         reason = exc.strerror or exc
         raise argparse.ArgumentTypeError(f"cannot write {text!r} ({reason})") from None
     return path
+
+
+def png_file(text: str) -> Path | None:
+    """A writable output path (as ``writable_file``) for a PNG: a name ending in .png or without a
+    suffix (another suffix, e.g. .pdf, would name a file of another format); 'none' is None."""
+    path = writable_file(text)
+    if path is not None and path.suffix.lower() not in ("", ".png"):
+        raise argparse.ArgumentTypeError(f"expected a .png file name (or 'none'), got {text!r}")
+    return path
+
+
+def writable_dir(text: str) -> Path:
+    """An output directory: an existing writable directory, or one that can be created (its nearest
+    existing ancestor is a writable directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a directory name, got ''")
+    path = Path(text)
+    folder = path.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise OSError(f"{folder} is not a directory")
+        write_probe(folder)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write into {text!r} ({exc.strerror or exc})") from None
+    return path
+
+
+def replace_atomically(path: str | os.PathLike, write) -> None:
+    """``write(tmp_path)`` into a temporary file next to ``path`` (same suffix), then move it over
+    ``path``: an interrupted or failed write never leaves a truncated file in its place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

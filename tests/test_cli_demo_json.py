@@ -53,3 +53,73 @@ def test_toy_figure_to_a_file_named_none_is_not_skipped(monkeypatch):
     for text, expected in (("./none", Path("none")), ("none", None)):
         args = build_parser().parse_args(["toy", "--figure", text])
         assert toy_cli.run_experiment(args) == 0 and seen["figure"] == expected, text
+
+
+@pytest.mark.parametrize("argv", [
+    ["toy", "--threads", "65536"],                   # Used to crash OpenMP (segfault).
+    ["toy", "train", "--threads", "65536"],
+    ["toy", "--samples", "1"],                       # Used to fail after parsing, with a traceback.
+    ["toy", "--figure", "fig.pdf"],                  # Another format: used to fail after the whole run.
+    ["toy", "train", "--out-dir", "/proc/agf-no-such-dir"],  # Used to fail after training.
+    ["demo", "--backend", "cuda"],                   # Not available on this CPU-only machine.
+])
+def test_bad_cli_values_are_refused_while_parsing(argv):
+    if argv[-2:] == ["--backend", "cuda"]:
+        import autoguide_fast
+
+        if autoguide_fast.backends()["cuda"].available:
+            pytest.skip("cuda is available here")
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+
+
+def test_the_default_figure_path_is_checked_too(tmp_path, monkeypatch):
+    # argparse applies type= to string defaults only: toy.png being a directory was found at the end.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "toy.png").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["toy"])
+    assert exc.value.code == 2
+
+
+def test_outputs_that_would_overwrite_each_other_or_the_weights_are_refused(tmp_path, monkeypatch, capsys):
+    from autoguide_fast.toy import cli as toy_cli
+
+    monkeypatch.setattr("autoguide_fast.toy.experiment.run_toy_experiment", lambda **kw: 0)
+    same = str(tmp_path / "same.png")
+    args = build_parser().parse_args(["toy", "--figure", same, "--json", same])
+    assert toy_cli.run_experiment(args) == 2 and "same file" in capsys.readouterr().err
+    weights = toy_cli.WEIGHTS_DIR / "main.pt"
+    args = build_parser().parse_args(["toy", "--figure", "none", "--json", str(weights)])
+    assert toy_cli.run_experiment(args) == 2 and "--weights-dir files" in capsys.readouterr().err
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    import torch
+
+    from autoguide_fast.toy.network import ToyNet, load_toy_net, save_toy_net
+
+    path = tmp_path / "main.pt"
+    save_toy_net(ToyNet(num_layers=2, hidden=8), path)
+    good = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"trunc")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_toy_net(ToyNet(num_layers=2, hidden=8), path)
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["main.pt"]
+    load_toy_net(path)
+
+
+def test_a_wrong_file_in_the_weights_dir_is_named(tmp_path):
+    from autoguide_fast.toy.experiment import load_shipped_models
+    from autoguide_fast.toy.training import MODELS
+
+    for name in MODELS:
+        (tmp_path / f"{name}.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="cannot load .*main.pt: not a toy checkpoint"):
+        load_shipped_models(tmp_path)

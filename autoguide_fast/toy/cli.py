@@ -8,7 +8,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..cli_types import finite_float, positive_int, steps, torch_seed, writable_file
+from ..cli_types import (
+    at_least_two,
+    finite_float,
+    png_file,
+    positive_int,
+    steps,
+    thread_count,
+    torch_seed,
+    writable_dir,
+    writable_file,
+)
 from .training import MODELS
 
 __all__ = ["register", "main", "build_parser"]
@@ -30,7 +40,7 @@ def weights_dir(text: str) -> Path:
 
 
 def _add_experiment_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=positive_int, default=16384,
+    p.add_argument("--samples", type=at_least_two, default=16384,
                    help="number of points per sampler (default 16384)")
     p.add_argument("--steps", type=steps, default=32,
                    help="Heun steps (default 32, i.e. 63 denoiser evaluations)")
@@ -42,11 +52,11 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="torch seed of the sigma = 5 starting points (default 1)")
     p.add_argument("--weights-dir", type=weights_dir, default=WEIGHTS_DIR,
                    help="directory with main.pt, autoguide.pt, cfg.pt (default: shipped weights)")
-    p.add_argument("--figure", type=writable_file, default=Path("toy.png"),
+    p.add_argument("--figure", type=png_file, default="toy.png",  # A string: argparse checks it too.
                    help="output PNG path (default toy.png); 'none' skips the figure")
     p.add_argument("--json", type=writable_file, default=None, metavar="PATH",
                    help="also write the table as JSON to PATH")
-    p.add_argument("--threads", type=positive_int, default=1,
+    p.add_argument("--threads", type=thread_count, default=1,
                    help="torch CPU threads (default 1: the tensors are small, and extra threads "
                         "slow it down badly when the cores are shared)")
 
@@ -54,14 +64,14 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
                    help="which models to train (default: all three)")
-    p.add_argument("--out-dir", type=Path, default=Path("toy-weights"),
+    p.add_argument("--out-dir", type=writable_dir, default="toy-weights",
                    help="where to write <model>.pt (default ./toy-weights)")
     p.add_argument("--seed", type=torch_seed, default=0, help="torch seed (default 0)")
     p.add_argument("--iterations", type=positive_int, default=None,
                    help="override every model's iteration count (for quick checks)")
     p.add_argument("--batch-size", type=positive_int, default=4096,
                    help="points per iteration (default 4096)")
-    p.add_argument("--threads", type=positive_int, default=1,
+    p.add_argument("--threads", type=thread_count, default=1,
                    help="torch CPU threads (default 1: results are reproducible for a fixed "
                         "thread count)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,7 +85,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    for name in args.models:
+    for name in dict.fromkeys(args.models):  # Each model once, in the order given.
         spec = MODELS[name]
         t0 = time.perf_counter()
         _, ema, losses = train_toy_model(spec, seed=args.seed, iterations=args.iterations,
@@ -92,8 +102,23 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage_error(message: str) -> int:
+    print(f"autoguide-fast toy: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run_experiment(args: argparse.Namespace) -> int:
     from .experiment import run_toy_experiment
+
+    # Outputs that would overwrite each other or an input (checked before any work).
+    outputs = {"--figure": args.figure, "--json": args.json}
+    resolved = {flag: p.resolve() for flag, p in outputs.items() if p is not None}
+    if len(resolved) == 2 and resolved["--figure"] == resolved["--json"]:
+        return _usage_error(f"--figure and --json name the same file ({args.json})")
+    inputs = {(Path(args.weights_dir) / f"{name}.pt").resolve() for name in MODELS}
+    for flag, p in resolved.items():
+        if p in inputs:
+            return _usage_error(f"{flag}: {outputs[flag]} is one of the --weights-dir files it reads")
 
     return run_toy_experiment(
         samples=args.samples, num_steps=args.steps, autoguidance=args.autoguidance,

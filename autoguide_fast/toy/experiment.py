@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli_types import replace_atomically
 from .ground_truth import GaussianMixture, ground_truth
 from .network import ToyNet, load_toy_net
 from .training import MODELS
@@ -124,7 +125,11 @@ def load_shipped_models(weights_dir: str | Path = WEIGHTS_DIR) -> dict[str, ToyN
         if not path.is_file():
             raise FileNotFoundError(f"toy weights not found: {path} (run 'autoguide-fast toy "
                                     f"train --out-dir {weights_dir}')")
-        out[name] = load_toy_net(path)
+        try:
+            out[name] = load_toy_net(path)
+        except Exception as exc:  # Another file under the expected name: say which, and why.
+            raise ValueError(f"toy weights: cannot load {path}: not a toy checkpoint written by "
+                             f"'autoguide-fast toy train' ({type(exc).__name__}: {exc})") from exc
     return out
 
 
@@ -160,12 +165,15 @@ def format_table(rows: list[ToyRow]) -> str:
     head = (f"{'sampler':<22}{'w':>5}{'mean log p':>12}{'p5 log p':>10}{'median':>8}"
             f"{'outside':>9}{'coverage':>10}{'SWD':>8}{'time s':>8}")
     lines = [head, "-" * len(head)]
+    def cell(text: str, width: int) -> str:  # Right-aligned; a value wider than its column still gets a space.
+        return text.rjust(width) if len(text) < width else " " + text
+
     for r in rows:
         w = "-" if r.guidance is None else f"{r.guidance:g}"
         t = "-" if r.seconds is None else f"{r.seconds:.1f}"
-        lines.append(f"{r.name:<22}{w:>5}{r.mean_logp:>12.2f}{r.p05_logp:>10.2f}"
-                     f"{r.median_logp:>8.2f}{r.outside:>9.3f}{r.coverage:>10.3f}"
-                     f"{r.swd:>8.4f}{t:>8}")
+        cells = [(w, 5), (f"{r.mean_logp:.2f}", 12), (f"{r.p05_logp:.2f}", 10), (f"{r.median_logp:.2f}", 8),
+                 (f"{r.outside:.3f}", 9), (f"{r.coverage:.3f}", 10), (f"{r.swd:.4f}", 8), (t, 8)]
+        lines.append(f"{r.name:<22}" + "".join(cell(text, width) for text, width in cells))
     return "\n".join(lines)
 
 
@@ -233,9 +241,10 @@ def plot_figure(path: str | Path, gt: GaussianMixture, gt_other: GaussianMixture
                  "(log p = max - 4.49); dashed blue = class-B outline", fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -277,6 +286,13 @@ def run_toy_experiment(
     rows.append(evaluate_samples("exact samples (floor)", floor, gt, reference, threshold))
 
     table = format_table(rows)
+    total = time.perf_counter() - t_start
+    if verbose:  # The table first: a figure that fails to write does not take it along.
+        print(f"2D toy experiment: {samples} class-A points, {num_steps} Heun steps from "
+              f"sigma = {SIGMA_MAX:g}; exact class-A log p at sigma = 0")
+        print(table)
+        print(f"outline: log p >= {threshold:.3f}; coverage radius {COVERAGE_RADIUS}; "
+              f"SWD = sliced Wasserstein-2 to exact class-A samples; total {total:.1f} s", flush=True)
     fig_path = None
     if figure is not None:
         titles = {"ground truth": "ground truth (exact class-A density)",
@@ -285,14 +301,7 @@ def run_toy_experiment(
                   "autoguidance": f"autoguidance (small A guide, w = {autoguidance:g})"}
         fig_path = plot_figure(figure, gt, ground_truth("B"), threshold,
                                {name: x for name, _, x, _ in runs}, titles)
-    total = time.perf_counter() - t_start
-    if verbose:
-        print(f"2D toy experiment: {samples} class-A points, {num_steps} Heun steps from "
-              f"sigma = {SIGMA_MAX:g}; exact class-A log p at sigma = 0")
-        print(table)
-        print(f"outline: log p >= {threshold:.3f}; coverage radius {COVERAGE_RADIUS}; "
-              f"SWD = sliced Wasserstein-2 to exact class-A samples; total {total:.1f} s")
-        if fig_path is not None:
+        if verbose:
             print(f"figure: {fig_path}")
     if json_path is not None:
         payload = {
@@ -303,8 +312,8 @@ def run_toy_experiment(
             "rows": [asdict(r) for r in rows],
         }
         json_path = Path(json_path)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(payload, indent=2) + "\n")
+        text = json.dumps(payload, indent=2) + "\n"
+        replace_atomically(json_path, lambda tmp: tmp.write_text(text))
         if verbose:
             print(f"json: {json_path}")
     return 0

@@ -14,6 +14,8 @@ from typing import cast
 import torch
 from torch import nn
 
+from ..cli_types import replace_atomically
+
 __all__ = ["MPLinear", "ToyNet", "mp_silu", "normalize", "load_toy_net", "save_toy_net"]
 
 SIGMA_DATA = 0.5
@@ -116,8 +118,9 @@ class ToyNet(nn.Module):
 def save_toy_net(net: ToyNet, path: str | Path, **meta: int | float | str) -> None:
     """Save a small float32 checkpoint loadable with ``torch.load(weights_only=True)``."""
     state = {k: v.detach().to(torch.float32).clone() for k, v in net.state_dict().items()}
-    torch.save({"num_layers": net.num_layers, "hidden": net.hidden, "state_dict": state,
-                "meta": dict(meta)}, path)
+    checkpoint = {"num_layers": net.num_layers, "hidden": net.hidden, "state_dict": state, "meta": dict(meta)}
+    # Written aside and moved into place: an interrupted save never truncates a good checkpoint.
+    replace_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def load_toy_net(path: str | Path) -> ToyNet:
