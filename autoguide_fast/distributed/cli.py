@@ -18,7 +18,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from ..cli_types import torch_seed
+from ..cli_types import thread_count, torch_seed
 from .generation import DTYPES, FORMATS, GenerateOptions, SamplingFailure, generate
 from .guide_parallel import PeerFailure
 from .loading import parse_overrides
@@ -96,7 +96,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda or cuda:N")
     g.add_argument("--guide-parallel", action="store_true",
                    help="with 2 processes: main network on rank 0, guide on rank 1, one trajectory")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    g.add_argument("--threads", type=thread_count, default=None,
+                   help="torch CPU threads per process (at most the CPU count)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--quiet", dest="verbose", action="store_false", help="no summary line")
 
