@@ -41,11 +41,15 @@ def torch_seed(text: str) -> int:
     return value
 
 
-def at_least_two(text: str) -> int:
+def _integer_at_least(text: str, least: int, why: str = "") -> int:
     value = positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2, got {text}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}{why}, got {text}")
     return value
+
+
+def at_least_two(text: str) -> int:
+    return _integer_at_least(text, 2)
 
 
 def thread_count(text: str) -> int:
@@ -58,10 +62,7 @@ def thread_count(text: str) -> int:
 
 
 def steps(text: str) -> int:
-    value = positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 (the sampler's time steps), got {text}")
-    return value
+    return _integer_at_least(text, 2, " (the sampler's time steps)")
 
 
 def finite_float(text: str) -> float:
