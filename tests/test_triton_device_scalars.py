@@ -117,13 +117,20 @@ def test_bad_scalars_raise(op, case):
         _call(op, {"x": x, "d": x, "xn": x, "dm": x}, None, 1.0, 0.5, None, 0, False, scalars=scalars)
 
 
-@pytest.mark.skipif(CUDA, reason="host tensors only: on a GPU the kernel reads a stream out of range as 0")
-@pytest.mark.parametrize("stream", [-1.0, 0.5, 2.0**32, float("nan")])
-def test_a_stream_outside_its_range_is_refused_on_the_host(stream):
+@pytest.mark.parametrize("stream", [-1.0, 2.0**32, 2.0**32 + 3, float("nan")])
+def test_a_stream_outside_its_range_is_refused_on_the_host_and_reads_as_0_on_a_gpu(stream):
+    # (It used to wrap: 2^32 + 3 drew stream 3's noise, -1 the labels stream's.)
     x = torch.randn(2, 3, 5, device=DEVICE)
-    inp = {"x": x, "d": x, "xn": x, "dm": x, "seeds": torch.tensor([1, 2])}
-    with pytest.raises(RuntimeError, match="scalars\\[4\\]: expected a Philox stream"):
-        _call("euler", inp, None, 1.0, 0.5, 0.3, 0, True, scalars=_scalars(None, 1.0, 0.5, 0.3, stream))
+    inp = {"x": x, "d": x, "xn": x, "dm": x, "seeds": torch.tensor([1, 2], device=DEVICE)}
+    bad = _scalars(None, 1.0, 0.5, 0.3, stream)
+    if bad.device.type == "cpu":  # Host memory (also under the GPU emulation): checked as the cpp ops check it.
+        with pytest.raises(RuntimeError, match="scalars\\[4\\]: expected a Philox stream"):
+            _call("euler", inp, None, 1.0, 0.5, 0.3, 0, True, scalars=bad)
+        return
+    zero = _call("euler", inp, None, 1.0, 0.5, 0.3, 0, True, scalars=_scalars(None, 1.0, 0.5, 0.3, 0))
+    three = _call("euler", inp, None, 1.0, 0.5, 0.3, 0, True, scalars=_scalars(None, 1.0, 0.5, 0.3, 3))
+    got = _call("euler", inp, None, 1.0, 0.5, 0.3, 0, True, scalars=bad)
+    assert _same(got, zero) and not _same(got, three)
 
 
 def test_fake_implementation_checks_the_scalars_too():
