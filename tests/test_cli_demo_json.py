@@ -123,3 +123,15 @@ def test_a_wrong_file_in_the_weights_dir_is_named(tmp_path):
         (tmp_path / f"{name}.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="cannot load .*main.pt: not a toy checkpoint"):
         load_shipped_models(tmp_path)
+
+
+def test_experiment_options_before_train_are_refused_not_ignored(tmp_path, capsys):
+    # `toy --seed 7 train` used to train with seed 0 (the train default silently won).
+    from autoguide_fast.toy import cli as toy_cli
+
+    for argv, named in ((["--seed", "7"], "--seed"), (["--samples", "5", "--threads", "1"], "--samples"),
+                        (["--figure", "none"], "--figure")):
+        args = build_parser().parse_args(["toy", *argv, "train", "--out-dir", str(tmp_path / "w")])
+        assert toy_cli._dispatch(args) == 2
+        assert named in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

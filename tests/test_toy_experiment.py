@@ -173,7 +173,7 @@ def test_cli_options_and_errors(tmp_path):
         with pytest.raises(SystemExit) as exc:
             build_parser().parse_args(["toy", *argv])
         assert exc.value.code == 2, argv
-    assert build_parser().parse_args(["toy", "--seed", str(2**63 - 1)]).seed == 2**63 - 1
+    assert build_parser().parse_args(["toy", "--seed", str(2**63 - 1)]).experiment_seed == 2**63 - 1
     # A directory still to be created (the experiment makes it) is fine.
     args = build_parser().parse_args(["toy", "--figure", str(tmp_path / "new" / "sub" / "toy.png")])
     assert args.figure == tmp_path / "new" / "sub" / "toy.png"

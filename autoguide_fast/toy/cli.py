@@ -48,7 +48,7 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="autoguidance weight w (default 3)")
     p.add_argument("--cfg", type=finite_float, default=4.0, metavar="W",
                    help="CFG-style guidance weight w with the A+B guide (default 4)")
-    p.add_argument("--seed", type=torch_seed, default=1,
+    p.add_argument("--seed", type=torch_seed, default=1, dest="experiment_seed",
                    help="torch seed of the sigma = 5 starting points (default 1)")
     p.add_argument("--weights-dir", type=weights_dir, default=WEIGHTS_DIR,
                    help="directory with main.pt, autoguide.pt, cfg.pt (default: shipped weights)")
@@ -56,7 +56,7 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="output PNG path (default toy.png); 'none' skips the figure")
     p.add_argument("--json", type=writable_file, default=None, metavar="PATH",
                    help="also write the table as JSON to PATH")
-    p.add_argument("--threads", type=thread_count, default=1,
+    p.add_argument("--threads", type=thread_count, default=1, dest="experiment_threads",
                    help="torch CPU threads (default 1: the tensors are small, and extra threads "
                         "slow it down badly when the cores are shared)")
 
@@ -122,14 +122,26 @@ def run_experiment(args: argparse.Namespace) -> int:
 
     return run_toy_experiment(
         samples=args.samples, num_steps=args.steps, autoguidance=args.autoguidance,
-        cfg=args.cfg, seed=args.seed, weights_dir=args.weights_dir,
+        cfg=args.cfg, seed=args.experiment_seed, weights_dir=args.weights_dir,
         figure=args.figure,  # None: --figure none (cli_types.writable_file).
-        json_path=args.json, threads=args.threads,
+        json_path=args.json, threads=args.experiment_threads,
     )
+
+
+# The experiment's options and their defaults (given before 'train' they would be silently ignored).
+_EXPERIMENT_DEFAULTS = {"samples": 16384, "steps": 32, "autoguidance": 3.0, "cfg": 4.0, "experiment_seed": 1,
+                        "weights_dir": WEIGHTS_DIR, "json": None, "experiment_threads": 1}
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if getattr(args, "toy_action", None) == "train":
+        given = [name for name, default in _EXPERIMENT_DEFAULTS.items() if getattr(args, name) != default]
+        if args.figure != Path("toy.png"):
+            given.append("figure")
+        if given:
+            flags = ", ".join("--" + name.removeprefix("experiment_").replace("_", "-") for name in given)
+            return _usage_error(f"{flags}: options of the experiment, given before 'train' (which ignores them); "
+                                "give 'toy train' its own options after 'train', e.g. 'toy train --seed 7'")
         return run_train(args)
     return run_experiment(args)
 
