@@ -1,5 +1,6 @@
-"""Argument types shared by the command lines (``autoguide-fast demo``, ``toy``), and the probe that
-tells whether a directory can be written (also used by ``generate`` for its ``--outdir``)."""
+"""Argument types shared by the command lines (``autoguide-fast demo``, ``toy``), the probe that
+tells whether a directory can be written (also used by ``generate`` for its ``--outdir``), and the
+atomic file write behind every output file of the commands."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import argparse
 import contextlib
 import math
 import os
+import secrets
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["at_least_two", "finite_float", "png_file", "positive_int", "replace_atomically", "steps",
-           "thread_count", "torch_seed", "writable_dir", "writable_file", "write_probe"]
+__all__ = ["PARTIAL_SUFFIX", "at_least_two", "finite_float", "png_file", "positive_int", "steps", "thread_count",
+           "torch_seed", "writable_dir", "writable_file", "write_atomically", "write_probe"]
 
 
 def write_probe(folder: str | os.PathLike) -> None:
@@ -124,17 +128,25 @@ def writable_dir(text: str) -> Path:
     return path
 
 
-def replace_atomically(path: str | os.PathLike, write) -> None:
-    """``write(tmp_path)`` into a temporary file next to ``path`` (same suffix), then move it over
-    ``path``: an interrupted or failed write never leaves a truncated file in its place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{path.suffix}", dir=path.parent)
-    os.close(fd)
+PARTIAL_SUFFIX = ".partial"  # A file being written: ".<name>.<writer>.partial" beside <name>.
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` into a binary file written aside under a name of this writer's own
+    (``.<name>.<pid>-<random>.partial``), flushed to the disk, then renamed to ``path`` (its folder
+    created if missing): a file that exists under its final name is complete, even after an
+    interrupted or failed write or a crash of the machine."""
+    folder, name = os.path.split(os.fspath(path))
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    partial = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
     try:
-        write(Path(tmp))
-        os.replace(tmp, path)
+        with open(partial, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.remove(tmp)
+            os.remove(partial)
         raise

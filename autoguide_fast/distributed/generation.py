@@ -17,12 +17,12 @@ whole files, a rerun skips them, and a resumed file equals the uninterrupted run
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import numbers
 import os
 import re
-import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..backends import resolve_backend
-from ..cli_types import write_probe
+from ..cli_types import PARTIAL_SUFFIX, write_atomically, write_probe
 from ..noise import seeded_labels, seeded_noise
 from ..sampler import fast_guided_sample, make_config
 from .guide_parallel import PeerFailure, guide_parallel_sample
@@ -46,7 +46,6 @@ __all__ = ["GenerateOptions", "GenerateSummary", "SamplingFailure", "generate", 
 SETTINGS_FILE = "autoguide_fast_generate.json"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FORMATS = ("auto", "png", "npy")
-_PARTIAL = ".partial"
 
 
 @dataclass
@@ -324,7 +323,7 @@ def _check_settings(outdir: str, settings: dict[str, Any]) -> bool:
                 f"--outdir, or delete {SETTINGS_FILE} there to mix them"
             )
         return False
-    _atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True, allow_nan=False).encode()))
+    write_atomically(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True, allow_nan=False).encode()))
     return True
 
 
@@ -362,9 +361,9 @@ def _partial_target(name: str) -> str | None:
     """What a partial file's name holds between its leading dot and ".partial": the target file's
     name followed by ".<writer>" (".000042.png.<writer>.partial"; the older ".000042.png.partial"
     has the target alone), or None for any other name."""
-    if not (name.startswith(".") and name.endswith(_PARTIAL)):
+    if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)):
         return None
-    return name[1:-len(_PARTIAL)]
+    return name[1:-len(PARTIAL_SUFFIX)]
 
 
 def _existing(outdir: str, seeds: list[int], fmt: str, subdirs: bool) -> list[bool]:
@@ -390,23 +389,6 @@ def _existing(outdir: str, seeds: list[int], fmt: str, subdirs: bool) -> list[bo
                         found.add(entry.name)
         names[folder] = found
     return [os.path.basename(p) in names[os.path.dirname(p)] for p in paths]
-
-
-def _atomic_write(path: str, write: Callable) -> None:
-    # Written aside under a name of this writer's own, flushed to the disk, then renamed: a file
-    # that exists under its final name is complete, even after a crash of the machine.
-    folder, name = os.path.split(path)
-    partial = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{_PARTIAL}")
-    try:
-        with open(partial, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        raise
 
 
 def _require_pillow() -> None:
@@ -436,9 +418,9 @@ def _write_batch(x: torch.Tensor, seeds: list[int], outdir: str, fmt: str, subdi
             os.makedirs(os.path.dirname(path), exist_ok=True)
         if fmt == "png":
             image = PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-            _atomic_write(path, lambda f, image=image: image.save(f, format="PNG"))
+            write_atomically(path, functools.partial(image.save, format="PNG"))
         else:
-            _atomic_write(path, lambda f, array=array: np.save(f, array))
+            write_atomically(path, functools.partial(np.save, arr=array))
 
 
 # ----------------------------------------------------------------------------

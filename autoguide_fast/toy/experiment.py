@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_types import replace_atomically
+from ..cli_types import write_atomically
 from .ground_truth import GaussianMixture, ground_truth
 from .network import ToyNet, load_toy_net
 from .training import MODELS
@@ -242,7 +242,7 @@ def plot_figure(path: str | Path, gt: GaussianMixture, gt_other: GaussianMixture
     fig.tight_layout()
     path = Path(path)
     try:
-        replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        write_atomically(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     finally:
         plt.close(fig)
     return path
@@ -313,7 +313,7 @@ def run_toy_experiment(
         }
         json_path = Path(json_path)
         text = json.dumps(payload, indent=2) + "\n"
-        replace_atomically(json_path, lambda tmp: tmp.write_text(text))
+        write_atomically(json_path, lambda f: f.write(text.encode()))
         if verbose:
             print(f"json: {json_path}")
     return 0

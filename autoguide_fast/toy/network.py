@@ -14,7 +14,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from ..cli_types import replace_atomically
+from ..cli_types import write_atomically
 
 __all__ = ["MPLinear", "ToyNet", "mp_silu", "normalize", "load_toy_net", "save_toy_net"]
 
@@ -120,7 +120,7 @@ def save_toy_net(net: ToyNet, path: str | Path, **meta: int | float | str) -> No
     state = {k: v.detach().to(torch.float32).clone() for k, v in net.state_dict().items()}
     checkpoint = {"num_layers": net.num_layers, "hidden": net.hidden, "state_dict": state, "meta": dict(meta)}
     # Written aside and moved into place: an interrupted save never truncates a good checkpoint.
-    replace_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+    write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_toy_net(path: str | Path) -> ToyNet:
