@@ -38,6 +38,7 @@ __all__ = [
     "arm_p50",
     "by_workload_batch",
     "cpu_model",
+    "deselected",
     "ensure_repo_on_path",
     "fastest",
     "git_commit",
@@ -329,6 +330,12 @@ def unjudged_reason(row: dict[str, str]) -> str | None:
     if reps(row) < MIN_JUDGED_REPS:
         return f"only {reps(row)} repetitions (< {MIN_JUDGED_REPS})"
     return None
+
+
+def deselected(row: dict[str, str]) -> bool:
+    """An arm the run was told to leave out (``--arms`` / ``--skip``), not one it failed to measure."""
+    notes = row.get("notes") or ""
+    return row.get("status") == "skipped" and ("not selected by --arms" in notes or "excluded by --skip" in notes)
 
 
 def judged(rows: Iterable[dict[str, str]]) -> list[dict[str, str]]:

@@ -892,9 +892,7 @@ def _batch64_target(judged: list[dict], missing: Callable[[str], str], group: li
     selected (--arms/--skip), never for an ours-auto that failed, was cut short or was wrong."""
     default = common.fastest(judged, lambda r: r["arm"] == "ours-auto")
     auto = next((r for r in group if r["arm"] == "ours-auto"), None)
-    not_selected = auto is None or any(
-        n in (auto.get("notes") or "") for n in ("not selected by --arms", "excluded by --skip"))
-    if default is None and not_selected:
+    if default is None and (auto is None or common.deselected(auto)):
         default = common.fastest(judged, lambda r: r["kind"] == "ours" and r["streams"] != "1")
     if default is None:
         return TARGET_BATCH64, missing("ours-auto"), "n/a"

@@ -72,7 +72,7 @@ def results_table(rows: list[dict[str, str]], plot: str | None = None) -> str:
         # Every arm of the run that is not tabled, with why: failed, skipped (time budget, not in
         # this mode), cut short, wrong output. Arms left out by --arms/--skip are not listed.
         left_out += [f"{r['arm']} at batch {batch}: {common.unjudged_reason(r)}" for r in group
-                     if common.unjudged_reason(r) is not None and not _deselected(r)]
+                     if common.unjudged_reason(r) is not None and not common.deselected(r)]
         group = common.judged(group)  # The same medians as the verdicts below.
         base = {arm: common.arm_p50(group, arm) for arm in BASES}
         ours = common.fastest(group, lambda r: r.get("kind") == "ours")
@@ -96,11 +96,6 @@ def results_table(rows: list[dict[str, str]], plot: str | None = None) -> str:
         lines.append(f"| {workload} | {batch} | {target} | {measured} | {verdict} |")
     return "\n".join(lines)
 
-
-def _deselected(row: dict[str, str]) -> bool:
-    """An arm the run was told to leave out (--arms / --skip): not a shortfall worth listing."""
-    notes = row.get("notes") or ""
-    return row.get("status") == "skipped" and ("not selected by --arms" in notes or "excluded by --skip" in notes)
 
 
 def _run_text(run: list[dict[str, str]]) -> str:

@@ -242,17 +242,17 @@ class _Job:
         return [bool(v) for v in t.tolist()]
 
     def most(self, value: int) -> int:
-        if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.int64, device=self.comm_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+        return self._reduce(value, dist.ReduceOp.MAX)
 
     def total(self, value: int) -> int:
+        return self._reduce(value, dist.ReduceOp.SUM)
+
+    def _reduce(self, value: int, op: Any) -> int:
+        """``value`` reduced over the ranks (every rank calls it)."""
         if self.world_size == 1:
             return value
         t = torch.tensor([value], dtype=torch.int64, device=self.comm_device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
         return int(t.item())
 
 
