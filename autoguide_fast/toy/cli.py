@@ -39,26 +39,33 @@ def weights_dir(text: str) -> Path:
     return path
 
 
-def _add_experiment_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=at_least_two, default=16384,
-                   help="number of points per sampler (default 16384)")
-    p.add_argument("--steps", type=steps, default=32,
-                   help="Heun steps (default 32, i.e. 63 denoiser evaluations)")
-    p.add_argument("--autoguidance", type=finite_float, default=3.0, metavar="W",
-                   help="autoguidance weight w (default 3)")
-    p.add_argument("--cfg", type=finite_float, default=4.0, metavar="W",
-                   help="CFG-style guidance weight w with the A+B guide (default 4)")
-    p.add_argument("--seed", type=torch_seed, default=1, dest="experiment_seed",
-                   help="torch seed of the sigma = 5 starting points (default 1)")
-    p.add_argument("--weights-dir", type=weights_dir, default=WEIGHTS_DIR,
-                   help="directory with main.pt, autoguide.pt, cfg.pt (default: shipped weights)")
-    p.add_argument("--figure", type=png_file, default="toy.png",  # A string: argparse checks it too.
-                   help="output PNG path (default toy.png); 'none' skips the figure")
-    p.add_argument("--json", type=writable_file, default=None, metavar="PATH",
-                   help="also write the table as JSON to PATH")
-    p.add_argument("--threads", type=thread_count, default=1, dest="experiment_threads",
-                   help="torch CPU threads (default 1: the tensors are small, and extra threads "
-                        "slow it down badly when the cores are shared)")
+def _add_experiment_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The experiment's options; returns their actions (see _given_before_train)."""
+    actions: list[argparse.Action] = []
+
+    def add(*names: str, **kwargs) -> None:
+        actions.append(p.add_argument(*names, **kwargs))
+
+    add("--samples", type=at_least_two, default=16384,
+        help="number of points per sampler (default 16384)")
+    add("--steps", type=steps, default=32,
+        help="Heun steps (default 32, i.e. 63 denoiser evaluations)")
+    add("--autoguidance", type=finite_float, default=3.0, metavar="W",
+        help="autoguidance weight w (default 3)")
+    add("--cfg", type=finite_float, default=4.0, metavar="W",
+        help="CFG-style guidance weight w with the A+B guide (default 4)")
+    add("--seed", type=torch_seed, default=1, dest="experiment_seed",
+        help="torch seed of the sigma = 5 starting points (default 1)")
+    add("--weights-dir", type=weights_dir, default=WEIGHTS_DIR,
+        help="directory with main.pt, autoguide.pt, cfg.pt (default: shipped weights)")
+    add("--figure", type=png_file, default="toy.png",  # A string: argparse checks it too.
+        help="output PNG path (default toy.png); 'none' skips the figure")
+    add("--json", type=writable_file, default=None, metavar="PATH",
+        help="also write the table as JSON to PATH")
+    add("--threads", type=thread_count, default=1, dest="experiment_threads",
+        help="torch CPU threads (default 1: the tensors are small, and extra threads "
+             "slow it down badly when the cores are shared)")
+    return actions
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -128,20 +135,23 @@ def run_experiment(args: argparse.Namespace) -> int:
     )
 
 
-# The experiment's options and their defaults (given before 'train' they would be silently ignored).
-_EXPERIMENT_DEFAULTS = {"samples": 16384, "steps": 32, "autoguidance": 3.0, "cfg": 4.0, "experiment_seed": 1,
-                        "weights_dir": WEIGHTS_DIR, "json": None, "experiment_threads": 1}
+def _given_before_train(args: argparse.Namespace) -> list[str]:
+    """The experiment's options given before 'train' (which would ignore them): those whose value
+    is not their default (a string default as argparse converts it: compared as its text)."""
+    given = []
+    for action in args.experiment_options:
+        value = getattr(args, action.dest)
+        if (str(value) if isinstance(action.default, str) else value) != action.default:
+            given.append(action.option_strings[0])
+    return given
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if getattr(args, "toy_action", None) == "train":
-        given = [name for name, default in _EXPERIMENT_DEFAULTS.items() if getattr(args, name) != default]
-        if args.figure != Path("toy.png"):
-            given.append("figure")
+        given = _given_before_train(args)
         if given:
-            flags = ", ".join("--" + name.removeprefix("experiment_").replace("_", "-") for name in given)
-            return _usage_error(f"{flags}: options of the experiment, given before 'train' (which ignores them); "
-                                "give 'toy train' its own options after 'train', e.g. 'toy train --seed 7'")
+            return _usage_error(f"{', '.join(given)}: options of the experiment, given before 'train' (which ignores "
+                                "them); give 'toy train' its own options after 'train', e.g. 'toy train --seed 7'")
         return run_train(args)
     return run_experiment(args)
 
@@ -153,13 +163,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Sample the paper's 2D toy problem four ways (exact denoiser, unguided, "
                     "autoguidance, CFG-style) with the shipped models; print a table and write "
                     "a figure. 'toy train' retrains the three models.")
-    _add_experiment_args(toy)
+    experiment_options = _add_experiment_args(toy)
     actions = toy.add_subparsers(dest="toy_action", metavar="{train}")
     train = actions.add_parser("train", help="train the three toy models (main, autoguide, cfg)",
                                description="Train the toy models of the paper by exact score "
                                            "matching and save their EMA weights.")
     _add_train_args(train)
-    toy.set_defaults(func=_dispatch)
+    toy.set_defaults(func=_dispatch, experiment_options=experiment_options)
 
 
 def build_parser() -> argparse.ArgumentParser:
