@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-__all__ = ["PARTIAL_SUFFIX", "at_least_two", "finite_float", "png_file", "positive_int", "steps", "thread_count",
-           "torch_seed", "writable_dir", "writable_file", "write_atomically", "write_probe"]
+__all__ = ["PARTIAL_SUFFIX", "at_least_two", "finite_float", "json_text", "png_file", "positive_int",
+           "standard_json", "steps", "thread_count", "torch_seed", "writable_dir", "writable_file",
+           "write_atomically", "write_probe"]
 
 
 def write_probe(folder: str | os.PathLike) -> None:
@@ -150,3 +152,20 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
         with contextlib.suppress(OSError):
             os.remove(partial)
         raise
+
+
+def standard_json(value: Any) -> Any:
+    """``value`` with its non-finite floats as the strings "inf", "-inf", "nan" (standard JSON has
+    no Infinity or NaN; Python's json module writes them as bare words other readers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: standard_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [standard_json(v) for v in value]
+    return value
+
+
+def json_text(value: Any) -> str:
+    """The text of an output JSON file: standard JSON (see standard_json), indented, one final newline."""
+    return json.dumps(standard_json(value), indent=2, allow_nan=False) + "\n"

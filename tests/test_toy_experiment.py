@@ -196,3 +196,16 @@ def test_cli_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main_parser().parse_args(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"autoguide-fast {autoguide_fast.__version__}"
+
+
+@pytest.mark.parametrize("flag", ["--autoguidance", "--cfg"])
+def test_cli_names_a_weight_whose_samples_overflow(flag, tmp_path, capsys):
+    """A weight strong enough to overflow the float32 samples ends with an error naming its flag and
+    no output files (it used to end in the sampler's traceback)."""
+    out_json, fig = tmp_path / "toy.json", tmp_path / "toy.png"
+    code = main(["toy", flag, "1e30", "--samples", "64", "--steps", "4", "--json", str(out_json),
+                 "--figure", str(fig)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"error: {flag} 1e+30: the guided samples overflow" in err
+    assert not out_json.exists() and not fig.exists()

@@ -115,7 +115,7 @@ def _usage_error(message: str) -> int:
 
 
 def run_experiment(args: argparse.Namespace) -> int:
-    from .experiment import run_toy_experiment
+    from .experiment import GuidanceOverflow, run_toy_experiment
 
     # Outputs that would overwrite each other or an input (checked before any work).
     outputs = {"--figure": args.figure, "--json": args.json}
@@ -127,12 +127,16 @@ def run_experiment(args: argparse.Namespace) -> int:
         if p in inputs:
             return _usage_error(f"{flag}: {outputs[flag]} is one of the --weights-dir files it reads")
 
-    return run_toy_experiment(
-        samples=args.samples, num_steps=args.steps, autoguidance=args.autoguidance,
-        cfg=args.cfg, seed=args.experiment_seed, weights_dir=args.weights_dir,
-        figure=args.figure,  # None: --figure none (cli_types.writable_file).
-        json_path=args.json, threads=args.experiment_threads,
-    )
+    try:
+        return run_toy_experiment(
+            samples=args.samples, num_steps=args.steps, autoguidance=args.autoguidance,
+            cfg=args.cfg, seed=args.experiment_seed, weights_dir=args.weights_dir,
+            figure=args.figure,  # None: --figure none (cli_types.writable_file).
+            json_path=args.json, threads=args.experiment_threads,
+        )
+    except GuidanceOverflow as exc:  # Found only by sampling: nothing was written yet.
+        print(f"autoguide-fast toy: error: --{exc.argument} {exc.weight:g}: {exc.reason}", file=sys.stderr)
+        return 1
 
 
 def _given_before_train(args: argparse.Namespace) -> list[str]:

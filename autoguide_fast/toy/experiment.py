@@ -13,7 +13,6 @@ the exact class-A density at sigma = 0:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_types import write_atomically
+from ..cli_types import json_text, write_atomically
 from .ground_truth import GaussianMixture, ground_truth
 from .network import ToyNet, load_toy_net
 from .training import MODELS
@@ -145,20 +144,35 @@ def sample_four_ways(
     """Run the Heun sampler four ways; returns (name, w, samples, seconds) per sampler."""
     from autoguide_fast import fast_guided_sample
 
-    runs = [
-        ("exact denoiser", None, gt.denoiser(), None),
-        ("unguided", None, models["main"], None),
-        ("autoguidance", autoguidance, models["main"], models["autoguide"]),
-        ("CFG-style", cfg, models["main"], models["cfg"]),
+    runs = [  # (name, weight, its argument's name, net, gnet)
+        ("exact denoiser", None, None, gt.denoiser(), None),
+        ("unguided", None, None, models["main"], None),
+        ("autoguidance", autoguidance, "autoguidance", models["main"], models["autoguide"]),
+        ("CFG-style", cfg, "cfg", models["main"], models["cfg"]),
     ]
     out = []
-    for name, w, net, gnet in runs:
+    for name, w, argument, net, gnet in runs:
         t0 = time.perf_counter()
-        x = fast_guided_sample(net, noise, gnet=gnet, num_steps=num_steps,
-                               sigma_max=SIGMA_MAX, guidance=1 if w is None else w,
-                               backend="torch")
+        try:
+            x = fast_guided_sample(net, noise, gnet=gnet, num_steps=num_steps,
+                                   sigma_max=SIGMA_MAX, guidance=1 if w is None else w,
+                                   backend="torch")
+        except FloatingPointError as exc:
+            if argument is None or w is None:
+                raise  # Not a weight's doing.
+            raise GuidanceOverflow(argument, w, num_steps) from exc
         out.append((name, w, x, time.perf_counter() - t0))
     return out
+
+
+class GuidanceOverflow(ValueError):
+    """A guided run whose samples came out NaN or Inf: its weight is too strong for the models
+    (float32) and the steps. ``argument`` names the weight's argument."""
+
+    def __init__(self, argument: str, weight: float, num_steps: int) -> None:
+        self.argument, self.weight = argument, weight
+        self.reason = f"the guided samples overflow to NaN/Inf (float32) with {num_steps} steps; use a smaller weight"
+        super().__init__(f"{argument}={weight:g}: {self.reason}")
 
 
 def format_table(rows: list[ToyRow]) -> str:
@@ -312,7 +326,7 @@ def run_toy_experiment(
             "rows": [asdict(r) for r in rows],
         }
         json_path = Path(json_path)
-        text = json.dumps(payload, indent=2) + "\n"
+        text = json_text(payload)
         write_atomically(json_path, lambda f: f.write(text.encode()))
         if verbose:
             print(f"json: {json_path}")
