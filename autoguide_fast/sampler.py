@@ -39,7 +39,7 @@ def make_config(
     if (isinstance(guidance, torch.Tensor) and guidance.dim() == 0 and guidance.dtype.is_floating_point):
         guidance = guidance.detach().to("cpu", dtype).item()
     V.check_schedule(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise)
-    interval = V.check_guidance(guidance, gnet, guidance_interval)
+    interval = V.check_guidance(guidance, gnet, guidance_interval, dtype)
     levels = None
     if sigmas is None:
         V.check_time_steps(num_steps, sigma_min, sigma_max, rho, dtype)

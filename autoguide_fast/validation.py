@@ -69,10 +69,16 @@ def check_schedule(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, 
     _real("S_max", S_max)
 
 
-def check_guidance(guidance, gnet, guidance_interval):
+def check_guidance(guidance, gnet, guidance_interval, dtype: torch.dtype):
     w = _real("guidance", guidance)
     if not math.isfinite(w):
         raise ValueError(f"guidance: expected a finite number, got {guidance}")
+    # The official torch.lerp takes a number weight in float32 for every state dtype but float64
+    # and raises beyond float32's range (after the networks ran); the fused kernels would return inf.
+    f32_max = torch.finfo(torch.float32).max
+    if dtype != torch.float64 and w != 1 and abs(w) > f32_max:
+        raise ValueError(f"guidance: {guidance} is beyond float32's range (|w| <= {f32_max:.8g}), in which "
+                         f"torch.lerp (the official sampler) takes the weight for a {dtype} state")
     if w != 1 and not callable(gnet):
         raise TypeError(f"gnet: a guide network is required when guidance != 1 (guidance={w}); "
                         f"expected a callable, got {type(gnet).__name__}")

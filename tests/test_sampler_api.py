@@ -402,3 +402,35 @@ def test_bad_sigmas_are_named_before_any_network_call(kwargs, error, message):
     with pytest.raises(error, match=message):
         fast_guided_sample(net, torch.randn(2, 3), **kwargs)
     assert calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("w", [1e300, -1e300, 3.5e38])
+def test_guidance_beyond_float32_follows_the_official_lerp_and_is_named_before_any_network_call(dtype, w):
+    """torch.lerp takes a number weight in float32 for every state dtype but float64 and raises
+    beyond its range, after the networks ran; we refuse it first, naming it (the fused kernels
+    would return inf). A float64 state keeps the weight in float64: no error, the reference's result."""
+    calls = []
+    net = lambda x, t, labels: calls.append(1) or x * 0.5  # noqa: E731
+    gnet = lambda x, t, labels: x * 0.25  # noqa: E731
+    noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(gnet=gnet, num_steps=3, guidance=w, dtype=dtype, sigma_max=2.0)
+    if dtype == torch.float64:
+        expected = reference_sampler(net, noise, **kwargs)
+        for backend in ("torch", "cpp"):
+            torch.testing.assert_close(fast_guided_sample(net, noise, backend=backend, check_finite=False, **kwargs),
+                                       expected, rtol=1e-12, atol=0, equal_nan=True)
+        return
+    with pytest.raises(RuntimeError, match="overflow"):  # The official rule, as the reference shows it.
+        reference_sampler(net, noise, **kwargs)
+    calls.clear()
+    for backend in ("torch", "cpp"):
+        with pytest.raises(ValueError, match=r"^guidance: .*float32's range"):
+            fast_guided_sample(net, noise, backend=backend, **kwargs)
+        with pytest.raises(ValueError, match=r"^guidance: .*float32's range"):
+            GuidedSampler(net, gnet, noise_shape=noise.shape, device="cpu", backend=backend,
+                          **{k: v for k, v in kwargs.items() if k != "gnet"})
+    assert calls == []
+    f32_max = torch.finfo(torch.float32).max  # The largest weight lerp takes is allowed.
+    reference_sampler(net, noise, **{**kwargs, "guidance": -f32_max})
+    fast_guided_sample(net, noise, check_finite=False, **{**kwargs, "guidance": -f32_max})
