@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import autoguide_fast.distributed.generation as G
 from autoguide_fast import fast_guided_sample, seeded_labels, seeded_noise
 from autoguide_fast.distributed.cli import main
 from autoguide_fast.distributed.generation import SETTINGS_FILE, image_path
+from autoguide_fast.reference import edm_time_steps
 
 try:
     import PIL.Image as PIL
@@ -154,11 +156,17 @@ def constant_main():
     return _Constant()
 
 
-SAMPLER = ["--steps", "4", "--guidance", "2.3", "--S-churn", "8", "--S-min", "0.05", "--S-max", "50",
-           "--guidance-interval", "0.2,20", "--no-progress", "--backend", "torch"]
+# The sampler options of most tests: the official schedule of 4 steps, and everything but the schedule.
+SAMPLER_BUT_SCHEDULE = ["--guidance", "2.3", "--S-churn", "8", "--S-min", "0.05", "--S-max", "50",
+                        "--guidance-interval", "0.2,20", "--no-progress", "--backend", "torch"]
+SAMPLER = ["--steps", "4", *SAMPLER_BUT_SCHEDULE]
+# A custom schedule (--sigmas) of 5 levels: churn on some steps (S_min, S_max), guidance on others (interval).
+LEVELS = [60.0, 12.5, 3.0, 0.4, 0.01]
+CUSTOM_SAMPLER = ["--sigmas", ",".join(map(str, LEVELS)), *SAMPLER_BUT_SCHEDULE]
 
 
-def reference_sample(main_fn, guide_fn, seed: int, class_idx: int | None = None, *, guidance=2.3, steps=4):
+def reference_sample(main_fn, guide_fn, seed: int, class_idx: int | None = None, *, guidance=2.3, steps=4,
+                     sigmas=None):
     """One seed alone, with the public API: what its file must hold."""
     net, gnet = main_fn(), guide_fn()
     shape = [1, net.img_channels, net.img_resolution, net.img_resolution]
@@ -166,9 +174,10 @@ def reference_sample(main_fn, guide_fn, seed: int, class_idx: int | None = None,
     if net.label_dim:
         index = torch.tensor([class_idx]) if class_idx is not None else seeded_labels([seed], net.label_dim)
         labels = F.one_hot(index, net.label_dim).to(torch.float32)
-    return fast_guided_sample(net, seeded_noise([seed], shape), labels, gnet, seeds=[seed], num_steps=steps,
-                              guidance=guidance, S_churn=8, S_min=0.05, S_max=50, guidance_interval=(0.2, 20),
-                              backend="torch")[0]
+    schedule = dict(num_steps=steps) if sigmas is None else dict(sigmas=sigmas)
+    return fast_guided_sample(net, seeded_noise([seed], shape), labels, gnet, seeds=[seed], guidance=guidance,
+                              S_churn=8, S_min=0.05, S_max=50, guidance_interval=(0.2, 20), backend="torch",
+                              **schedule)[0]
 
 
 def to_png_array(x: torch.Tensor) -> np.ndarray:
@@ -458,6 +467,9 @@ _API_BAD = {
     "bool seed": (dict(seeds=[True]), ValueError, "--seeds"),
     "preset seed": (dict(preset_seed=2**63), ValueError, "--preset-seed"),
     "negative preset seed": (dict(preset_seed=-1), ValueError, "--preset-seed"),
+    "sigmas increasing": (dict(sigmas=[1.0, 2.0], num_steps=32), ValueError, "--sigmas"),
+    "sigmas as text": (dict(sigmas="80,1", num_steps=32), TypeError, "--sigmas"),
+    "sigmas with steps": (dict(sigmas=[80.0, 1.0]), ValueError, "--steps"),  # base: num_steps=2.
 }
 
 
@@ -667,3 +679,142 @@ def test_preset_outputs_of_the_zero_gain_era_are_not_mixed(tmp_path, capsys):
     path.write_text(json.dumps(settings))
     assert run(*base, "--seeds", "1") == 2
     assert "edm2_preset_gains" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# A custom schedule: --sigmas.
+
+
+def _npy_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.npy"))}
+
+
+def test_sigmas_of_the_official_schedule_give_the_files_of_steps(tmp_path):
+    # The official schedule of 5 steps as the sampler computes it (float32), written out exactly.
+    levels = ",".join(map(repr, edm_time_steps(5, 0.002, 80, 7, torch.float32)[:-1].tolist()))
+    args = ["--net", f"{HERE}:rgb_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "0-4", "--batch", "3",
+            "--format", "npy", *SAMPLER_BUT_SCHEDULE]
+    assert run(*args, "--steps", "5", "--outdir", str(tmp_path / "steps")) == 0
+    assert run(*args, "--sigmas", levels, "--outdir", str(tmp_path / "sigmas")) == 0
+    steps = _npy_files(tmp_path / "steps")
+    assert len(steps) == 5 and _npy_files(tmp_path / "sigmas") == steps
+
+
+def test_a_custom_schedule_gives_the_apis_images(tmp_path):
+    out = tmp_path / "out"
+    assert run("--net", f"{HERE}:rgb_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "3-6", "--batch", "3",
+               "--format", "npy", "--outdir", str(out), *CUSTOM_SAMPLER) == 0
+    for seed in (3, 5, 6):
+        got = torch.from_numpy(np.load(out / f"{seed:06d}.npy"))
+        assert torch.equal(got, reference_sample(rgb_main, rgb_guide, seed, sigmas=LEVELS))
+    # The levels themselves were used, not the official schedule of as many steps.
+    assert not torch.equal(got, reference_sample(rgb_main, rgb_guide, 6, steps=len(LEVELS)))
+
+
+@pytest.mark.parametrize("sigmas_first", [False, True])
+@pytest.mark.parametrize("flag", [["--steps", "32"], ["--sigma-min", "0.002"], ["--sigma_max", "80"],
+                                  ["--rho", "7"]])
+def test_sigmas_with_an_option_of_the_formula_is_refused_while_parsing(tmp_path, capsys, monkeypatch, flag,
+                                                                       sigmas_first):
+    # Given at all, a default value too (the sampler's own check only sees values other than the default).
+    import autoguide_fast.distributed.cli as cli
+
+    monkeypatch.setattr(cli, "generate", lambda opts: pytest.fail("the job started"))
+    sigmas = ["--sigmas", "80,1"]
+    with pytest.raises(SystemExit) as info:
+        run("--net", f"{HERE}:rgb_main", "--outdir", str(tmp_path / "out"),
+            *([*sigmas, *flag] if sigmas_first else [*flag, *sigmas]))
+    assert info.value.code == 2
+    later, earlier = (flag[0], "--sigmas") if sigmas_first else ("--sigmas", flag[0])
+    err = capsys.readouterr().err  # argparse names an option by all its spellings (--sigma-max/--sigma_max).
+    assert re.search(rf"error: argument (\S+/)?{later}(/\S+)?: not allowed with argument {earlier} ", err), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--sigmas", "80,40,40,1"], "sigmas[2] = 40.0 is not below sigmas[1] = 40.0 in dtype torch.float32"),
+    (["--sigmas", "1,2"], "sigmas[1] = 2.0 is not below"),
+    (["--sigmas", "80,-1"], "sigmas[1] = -1.0 is not a finite level > 0"),
+    (["--sigmas", "80,0,0"], "sigmas[1] = 0.0 is not a finite level > 0"),
+    (["--sigmas", "inf,1"], "sigmas[0] = inf is not a finite level > 0"),
+    (["--sigmas", "80,nan,1"], "expected a number, got NaN"),
+    (["--sigmas", ""], "got 0 level(s) above 0"),
+    (["--sigmas", "80,0"], "got 1 level(s) above 0"),
+    # Levels the state dtype cannot hold, or that it rounds to one value.
+    (["--sigmas", "1e5,1", "--dtype", "float16"], "sigmas[0] = 100000.0 is not a finite level > 0 in dtype "
+                                                  "torch.float16"),
+    (["--sigmas", "80,40.01,40", "--dtype", "float16"], "sigmas[2] = 40.0 is not below sigmas[1] = 40.01 in "
+                                                        "dtype torch.float16"),
+])
+def test_invalid_schedules_are_refused_before_any_network_is_built(tmp_path, capsys, monkeypatch, argv, expected):
+    monkeypatch.setattr(G, "load_network", lambda *args, **kwargs: pytest.fail("a network was built"))
+    out = tmp_path / "out"
+    assert run("--net", f"{HERE}:rgb_main", "--outdir", str(out), "--no-progress", *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoguide-fast generate: error: --sigmas: ") and expected in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("80,abc,1", "(or @FILE): could not convert string to float: 'abc'"),
+    ("@{missing}", "cannot read '{missing}'"),
+    ("@{words}", "expected noise levels in '{words}' (numbers separated by commas or whitespace, or a JSON "
+                 "array): could not convert string to float: 'eighty'"),
+])
+def test_sigmas_that_are_not_numbers_are_refused_while_parsing(tmp_path, capsys, text, expected):
+    names = dict(missing=tmp_path / "missing.txt", words=tmp_path / "words.txt")
+    names["words"].write_text("eighty, 1")
+    with pytest.raises(SystemExit) as info:
+        run("--net", f"{HERE}:rgb_main", "--outdir", str(tmp_path / "out"), "--sigmas", text.format(**names))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --sigmas: " in err and expected.format(**names) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_settings_record_holds_the_custom_schedule(tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--net", f"{HERE}:latent_main", "--outdir", str(out), "--no-progress", "--backend", "torch"]
+    assert run(*base, "--seeds", "0", "--sigmas", "60,12.5,3,0.4,0.01") == 0
+    record = json.loads((out / SETTINGS_FILE).read_text())
+    assert record["sigmas"] == LEVELS  # In place of the formula's options, which it does not use.
+    assert not {"num_steps", "sigma_min", "sigma_max", "rho"} & record.keys()
+    # The same levels written otherwise resume the directory: a final 0, other spellings, from a file
+    # (a JSON array, or numbers separated by whitespace).
+    (tmp_path / "levels.json").write_text(json.dumps([*LEVELS, 0]))
+    (tmp_path / "levels.txt").write_text("6e1 12.50\n3 0.4\n0.01\n")
+    same = ["6e1,12.5,3.0,4e-1,0.01,0", f"@{tmp_path / 'levels.json'}", f"@{tmp_path / 'levels.txt'}"]
+    for seed, sigmas in enumerate(same, start=1):
+        assert run(*base, "--seeds", str(seed), "--sigmas", sigmas) == 0
+    files = _npy_files(out)
+    assert sorted(files) == [f"{s:06d}.npy" for s in range(4)]
+    # Another schedule, or the official formula, is refused (nothing written).
+    capsys.readouterr()
+    assert run(*base, "--seeds", "9", "--sigmas", "60,12.5,3,0.4") == 2
+    assert "sigmas: [60.0, 12.5, 3.0, 0.4, 0.01] -> [60.0, 12.5, 3.0, 0.4]" in capsys.readouterr().err
+    assert run(*base, "--seeds", "9", "--steps", "5") == 2
+    err = capsys.readouterr().err
+    assert "num_steps: None -> 5" in err and "sigmas: [60.0, 12.5, 3.0, 0.4, 0.01] -> None" in err
+    assert _npy_files(out) == files
+
+
+# OUTDIR's record as written before custom schedules existed, for the command of the test below.
+_RECORD_BEFORE_SIGMAS = {
+    "S_churn": 0.0, "S_max": "inf", "S_min": 0.0, "S_noise": 1.0, "class_idx": None, "dtype": "float32",
+    "format": "npy", "gnet": None, "gnet_preset_overrides": {}, "guidance": 1.0, "guidance_interval": None,
+    "label_dim": 0, "net": f"{HERE}:latent_main", "num_steps": 3, "preset_overrides": {}, "preset_seed": 0,
+    "rho": 7.0, "shape": [4, 6, 6], "sigma_max": 80.0, "sigma_min": 0.002, "solver": "heun", "subdirs": False,
+}
+
+
+def test_a_directory_written_before_custom_schedules_resumes_with_the_official_schedule(tmp_path, capsys):
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps(_RECORD_BEFORE_SIGMAS, indent=2, sort_keys=True))
+    base = ["--net", f"{HERE}:latent_main", "--outdir", str(tmp_path), "--no-progress", "--backend", "torch"]
+    assert run(*base, "--seeds", "0", "--steps", "3") == 0
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == _RECORD_BEFORE_SIGMAS  # Left as it was.
+    # A custom schedule is refused there, even one of the same levels (the record compares settings).
+    levels = ",".join(map(repr, edm_time_steps(3, 0.002, 80, 7, torch.float32)[:-1].tolist()))
+    capsys.readouterr()
+    assert run(*base, "--seeds", "1", "--sigmas", levels) == 2
+    assert "sigmas: None -> [" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == ["000000.npy"]

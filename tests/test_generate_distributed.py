@@ -11,20 +11,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 
 import autoguide_fast.distributed.generation as G
 from autoguide_fast.distributed.cli import main
-from tests.test_generate import HERE, SAMPLER, ExactNet
+from tests.test_generate import CUSTOM_SAMPLER, HERE, LEVELS, SAMPLER, ExactNet, reference_sample, rgb_guide, rgb_main
 from tests.test_guide_parallel import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # 11 seeds in batches of at most 4: one process runs 4+4+3, two ranks run 3+3 and 3+2 (official
 # scheme), guide-parallel runs 4+4+3 on the pair. Churn, a guidance interval and per-seed classes.
-ARGS = ["--net", f"{HERE}:rgb_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "40-45,0-4", "--batch", "4",
-        "--format", "npy", *SAMPLER]
+JOB = ["--net", f"{HERE}:rgb_main", "--gnet", f"{HERE}:rgb_guide", "--seeds", "40-45,0-4", "--batch", "4",
+       "--format", "npy"]
+ARGS = [*JOB, *SAMPLER]
+CUSTOM_ARGS = [*JOB, *CUSTOM_SAMPLER]  # The same job with a custom schedule (--sigmas).
 PRESENT = [0, 41, 44]  # Seeds already written before the 2-process run (resume across ranks).
 
 
@@ -37,6 +41,10 @@ def _job(rank, sharded_dir, parallel_dir):
     out["sharded_batches"], batches[:] = list(batches), []
     out["parallel"] = main(["generate", *ARGS, "--outdir", parallel_dir, "--guide-parallel", "--threads", "1"])
     out["parallel_batches"] = list(batches)
+    # A custom schedule: each rank's sampler and, under --guide-parallel, rank 1's guide steps take it.
+    out["sharded_sigmas"] = main(["generate", *CUSTOM_ARGS, "--outdir", sharded_dir + "-sigmas", "--threads", "1"])
+    out["parallel_sigmas"] = main(["generate", *CUSTOM_ARGS, "--outdir", parallel_dir + "-sigmas", "--guide-parallel",
+                                   "--threads", "1"])
     # Only rank 1 loads the guide under --guide-parallel: its failure must still stop rank 0.
     bad = [a if a != f"{HERE}:rgb_guide" else f"{HERE}:no_such_guide" for a in ARGS]
     out["bad_guide"] = main(["generate", *bad, "--outdir", parallel_dir + "-bad", "--guide-parallel"])
@@ -62,6 +70,7 @@ def two_process_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gen2")
     single, sharded, parallel = tmp / "single", tmp / "sharded", tmp / "parallel"
     assert main(["generate", *ARGS, "--outdir", str(single)]) == 0
+    assert main(["generate", *CUSTOM_ARGS, "--outdir", str(tmp / "single-sigmas")]) == 0
     # Part of the job is already done in the sharded directory (and its settings recorded).
     sharded.mkdir()
     for seed in PRESENT:
@@ -95,6 +104,18 @@ def test_guide_parallel_generation_writes_the_same_files_as_one_process(two_proc
     # Rank 0 walks the single-process batches and writes everything; rank 1 only runs the guide.
     assert [r["parallel_batches"] for r in run["results"]] == [[[40, 41, 42, 43], [44, 45, 0, 1], [2, 3, 4]], []]
     assert _files(run["parallel"]) == _files(run["single"])
+
+
+@pytest.mark.slow
+def test_a_custom_schedule_sharded_and_guide_parallel_writes_the_files_of_one_process(two_process_run):
+    tmp = two_process_run["single"].parent
+    assert [(r["sharded_sigmas"], r["parallel_sigmas"]) for r in two_process_run["results"]] == [(0, 0), (0, 0)]
+    single = _files(tmp / "single-sigmas")
+    assert len(single) == 11
+    assert _files(tmp / "sharded-sigmas") == single and _files(tmp / "parallel-sigmas") == single
+    # Those are the API's images with that schedule.
+    got = torch.from_numpy(np.load(tmp / "single-sigmas" / "000042.npy"))
+    assert torch.equal(got, reference_sample(rgb_main, rgb_guide, 42, sigmas=LEVELS))
 
 
 @pytest.mark.slow

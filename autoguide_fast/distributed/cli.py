@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -42,6 +43,43 @@ def _interval(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LO,HI such as 0.28,5.42, got {text!r}") from None
     return lo, hi
+
+
+def _levels(text: str) -> tuple[float, ...]:
+    """--sigmas: numbers separated by commas or whitespace, or @FILE holding them (a JSON array
+    too: its brackets are dropped). Only the syntax is checked here; the schedule itself is checked
+    by the sampler's own rules once --dtype is known (generation._check_options)."""
+    what = "noise levels such as 80,40,10,1,0.1,0.002 (or @FILE)"
+    if text.startswith("@"):
+        path = text[1:]
+        what = f"noise levels in {path!r} (numbers separated by commas or whitespace, or a JSON array)"
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    words = re.split(r"[\s,]+", text.strip().removeprefix("[").removesuffix("]"))
+    try:
+        return tuple(float(w) for w in words if w)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected {what}: {exc}") from None
+
+
+class _Schedule(argparse.Action):
+    """Stores --sigmas, or one of the options of the official schedule it replaces (--steps,
+    --sigma-min, --sigma-max, --rho), and refuses the two kinds together while parsing. Refused when
+    given at all, at its default value too: the sampler's own check sees only values other than the
+    default, and an option given with --sigmas would be silently ignored."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        given: dict[str, bool] = getattr(namespace, "schedule_flags", {})  # Flag as typed -> is it --sigmas?
+        custom = self.dest == "sigmas"
+        other = next((flag for flag, is_sigmas in given.items() if is_sigmas != custom), None)
+        if other is not None:
+            raise argparse.ArgumentError(self, f"not allowed with argument {other} (a custom schedule, --sigmas, "
+                                               "replaces the official one's steps and levels: give one or the other)")
+        setattr(namespace, self.dest, values)
+        namespace.schedule_flags = {**given, option_string or self.option_strings[0]: custom}
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,10 +115,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("sampler (as fast_guided_sample)")
     g.add_argument("--guidance", type=float, default=1.0, metavar="W", help="guidance weight w (default 1)")
-    g.add_argument("--steps", dest="num_steps", type=int, default=32, help="time steps N (default 32)")
-    g.add_argument("--sigma-min", "--sigma_min", dest="sigma_min", type=float, default=0.002)
-    g.add_argument("--sigma-max", "--sigma_max", dest="sigma_max", type=float, default=80.0)
-    g.add_argument("--rho", type=float, default=7.0)
+    g.add_argument("--steps", dest="num_steps", type=int, default=32, action=_Schedule,
+                   help="time steps N (default 32)")
+    g.add_argument("--sigma-min", "--sigma_min", dest="sigma_min", type=float, default=0.002, action=_Schedule)
+    g.add_argument("--sigma-max", "--sigma_max", dest="sigma_max", type=float, default=80.0, action=_Schedule)
+    g.add_argument("--rho", type=float, default=7.0, action=_Schedule)
+    g.add_argument("--sigmas", type=_levels, default=None, action=_Schedule, metavar="LIST",
+                   help="custom schedule t_0 > ... > t_{N-1} > 0 (a final 0 is appended), e.g. "
+                        "80,40,10,1,0.1,0.002, or @FILE holding the levels; replaces --steps, --sigma-min, "
+                        "--sigma-max and --rho")
     g.add_argument("--S-churn", "--S_churn", dest="S_churn", type=float, default=0.0)
     g.add_argument("--S-min", "--S_min", dest="S_min", type=float, default=0.0)
     g.add_argument("--S-max", "--S_max", dest="S_max", type=float, default=math.inf)
@@ -106,9 +149,10 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
     return GenerateOptions(
         net=args.net, gnet=args.gnet, outdir=args.outdir, seeds=args.seeds, class_idx=args.class_idx,
         batch=args.batch, guidance=args.guidance, num_steps=args.num_steps, sigma_min=args.sigma_min,
-        sigma_max=args.sigma_max, rho=args.rho, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
-        S_noise=args.S_noise, guidance_interval=args.guidance_interval, solver=args.solver, backend=args.backend,
-        dtype=args.dtype, format=args.format, subdirs=args.subdirs, shape=args.shape, label_dim=args.label_dim,
+        sigma_max=args.sigma_max, rho=args.rho, sigmas=args.sigmas, S_churn=args.S_churn, S_min=args.S_min,
+        S_max=args.S_max, S_noise=args.S_noise, guidance_interval=args.guidance_interval, solver=args.solver,
+        backend=args.backend, dtype=args.dtype, format=args.format, subdirs=args.subdirs, shape=args.shape,
+        label_dim=args.label_dim,
         preset_overrides=parse_overrides(args.preset_overrides, arg="--preset-overrides"),
         gnet_preset_overrides=parse_overrides(args.gnet_preset_overrides, arg="--gnet-preset-overrides"),
         preset_seed=args.preset_seed, device=args.device, guide_parallel=args.guide_parallel,

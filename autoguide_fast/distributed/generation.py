@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -37,6 +37,7 @@ from ..backends import resolve_backend
 from ..cli_types import PARTIAL_SUFFIX, write_atomically, write_probe
 from ..noise import seeded_labels, seeded_noise
 from ..sampler import fast_guided_sample, make_config
+from ..validation import FORMULA_DEFAULTS
 from .guide_parallel import PeerFailure, guide_parallel_sample
 from .loading import PRESET_PREFIX, load_network, network_label_dim, network_shape
 from .seeds import parse_seeds, rank_chunks, split_chunks
@@ -63,6 +64,8 @@ class GenerateOptions:
     sigma_min: float = 0.002                        # --sigma-min
     sigma_max: float = 80.0                         # --sigma-max
     rho: float = 7.0                                # --rho
+    sigmas: Sequence[float] | None = None           # --sigmas: custom schedule t_0 > ... > t_{N-1} > 0 in place
+                                                    # of the four above (at their defaults); None = the formula.
     S_churn: float = 0.0                            # --S-churn
     S_min: float = 0.0                              # --S-min
     S_max: float = math.inf                         # --S-max
@@ -112,7 +115,9 @@ def _is_preset(spec: str | None) -> bool:
     return spec is not None and spec.lower().startswith(PRESET_PREFIX)
 
 
-def _check_options(opts: GenerateOptions) -> list[int]:
+def _check_options(opts: GenerateOptions) -> tuple[list[int], tuple[float, ...] | None]:
+    """The seeds, and the custom schedule as the sampler takes it (floats, a final 0 dropped; None:
+    the official formula)."""
     if isinstance(opts.seeds, str):
         seeds = parse_seeds(opts.seeds)
     else:
@@ -160,15 +165,15 @@ def _check_options(opts: GenerateOptions) -> list[int]:
         raise ValueError(f"--threads: expected a positive integer, got {opts.threads}")
     # The sampler's own checks, now rather than at the first batch, naming the flags.
     try:
-        make_config(num_steps=opts.num_steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
-                    guidance=opts.guidance, gnet=_placeholder_guide, S_churn=opts.S_churn, S_min=opts.S_min,
-                    S_max=opts.S_max, S_noise=opts.S_noise, dtype=DTYPES[opts.dtype],
-                    guidance_interval=opts.guidance_interval, solver=opts.solver)
+        config = make_config(num_steps=opts.num_steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max,
+                             rho=opts.rho, guidance=opts.guidance, gnet=_placeholder_guide, S_churn=opts.S_churn,
+                             S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise, dtype=DTYPES[opts.dtype],
+                             guidance_interval=opts.guidance_interval, solver=opts.solver, sigmas=opts.sigmas)
     except (TypeError, ValueError) as exc:
         name, _, rest = str(exc).partition(":")
-        name = name.split("[")[0]  # guidance_interval[0] -> --guidance-interval
+        name = name.split("[")[0]  # guidance_interval[0] -> --guidance-interval, sigmas[2] -> --sigmas
         raise type(exc)(f"{_FLAGS.get(name, name)}:{rest}") from None
-    return seeds
+    return seeds, config.sigmas
 
 
 def _placeholder_guide(*args: Any) -> None:  # Stands for --gnet in the early checks.
@@ -177,8 +182,9 @@ def _placeholder_guide(*args: Any) -> None:  # Stands for --gnet in the early ch
 
 # Sampler argument -> flag, for error messages.
 _FLAGS = {"num_steps": "--steps", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max", "rho": "--rho",
-          "guidance": "--guidance", "S_churn": "--S-churn", "S_min": "--S-min", "S_max": "--S-max",
-          "S_noise": "--S-noise", "guidance_interval": "--guidance-interval", "solver": "--solver", "dtype": "--dtype"}
+          "sigmas": "--sigmas", "guidance": "--guidance", "S_churn": "--S-churn", "S_min": "--S-min",
+          "S_max": "--S-max", "S_noise": "--S-noise", "guidance_interval": "--guidance-interval",
+          "solver": "--solver", "dtype": "--dtype"}
 
 
 # ----------------------------------------------------------------------------
@@ -440,7 +446,10 @@ def _labels(seeds: list[int], label_dim: int, class_idx: int | None, device: tor
 
 def generate(opts: GenerateOptions) -> GenerateSummary:
     """Run the job described by ``opts`` in this process (one rank of it under torchrun)."""
-    seeds = _check_options(opts)
+    seeds, levels = _check_options(opts)
+    # The schedule in one form (floats, a final 0 dropped) for the sampler and the settings record: the
+    # same levels written another way resume the same directory. A copy: the caller's options stay as given.
+    opts = replace(opts, sigmas=levels)
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     job = _Job(opts)
@@ -515,8 +524,8 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
 
     sampler_kwargs: dict[str, Any] = dict(
         num_steps=opts.num_steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
-        guidance=opts.guidance, S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise,
-        dtype=DTYPES[opts.dtype], guidance_interval=opts.guidance_interval, solver=opts.solver,
+        sigmas=opts.sigmas, guidance=opts.guidance, S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max,
+        S_noise=opts.S_noise, dtype=DTYPES[opts.dtype], guidance_interval=opts.guidance_interval, solver=opts.solver,
     )
     bar = _progress(opts.progress and rank == 0, len(chunks), job.world_size, gp)
     written, nonfinite = 0, list[int]()
@@ -625,6 +634,13 @@ def _settings(opts: GenerateOptions, fmt: str, shape: tuple[int, ...], label_dim
             "gnet_preset_overrides", "preset_seed")
     settings = {k: v for k, v in asdict(opts).items() if k in keep}
     settings.update(format=fmt, shape=list(shape), label_dim=label_dim)
+    if opts.sigmas is not None:
+        # A custom schedule in place of the formula's options (unused, at their defaults). The default
+        # schedule adds no key: its record is the one written before custom schedules existed, so those
+        # directories resume, and a custom schedule never matches them.
+        for name in FORMULA_DEFAULTS:
+            del settings[name]
+        settings["sigmas"] = list(opts.sigmas)
     if _is_preset(opts.net) or _is_preset(opts.gnet):
         # edm2: networks gained random non-zero gains (earlier files came from zero gains): files of
         # the two kinds differ and must not be mixed in one directory.
