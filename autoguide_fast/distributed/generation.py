@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..backends import resolve_backend
-from ..cli_types import PARTIAL_SUFFIX, write_atomically, write_probe
+from ..cli_types import PARTIAL_SUFFIX, standard_json, write_atomically, write_probe
 from ..noise import seeded_labels, seeded_noise
 from ..sampler import fast_guided_sample, make_config
 from ..validation import FORMULA_DEFAULTS
@@ -171,8 +171,8 @@ def _check_options(opts: GenerateOptions) -> tuple[list[int], tuple[float, ...] 
                              guidance_interval=opts.guidance_interval, solver=opts.solver, sigmas=opts.sigmas)
     except (TypeError, ValueError) as exc:
         name, _, rest = str(exc).partition(":")
-        name = name.split("[")[0]  # guidance_interval[0] -> --guidance-interval, sigmas[2] -> --sigmas
-        raise type(exc)(f"{_FLAGS.get(name, name)}:{rest}") from None
+        name, bracket, index = name.partition("[")  # sigmas[2] -> --sigmas[2] (the element's index kept)
+        raise type(exc)(f"{_FLAGS.get(name, name)}{bracket}{index}:{rest}") from None
     return seeds, config.sigmas
 
 
@@ -312,11 +312,11 @@ def _check_settings(outdir: str, settings: dict[str, Any]) -> bool:
     """Record the settings next to the files; refuse to resume into files made with other settings.
     Returns whether the record was written now (False: it was there, with the same settings)."""
     path = os.path.join(outdir, SETTINGS_FILE)
-    settings = _standard_json(json.loads(json.dumps(settings)))  # The JSON form (tuples -> lists) on both sides.
+    settings = standard_json(json.loads(json.dumps(settings)))  # The JSON form (tuples -> lists) on both sides.
     if os.path.exists(path):
         try:
             with open(path) as f:
-                previous = _standard_json(json.load(f))
+                previous = standard_json(json.load(f))
             if not isinstance(previous, dict):
                 raise ValueError(f"expected a JSON object of settings, got {type(previous).__name__}")
         except (OSError, ValueError) as exc:
@@ -350,17 +350,6 @@ def _holds_images(outdir: str) -> bool:
     except OSError:
         return True  # Cannot tell: keep the record.
     return False
-
-
-def _standard_json(value: Any) -> Any:
-    """Non-finite floats as the strings "inf", "-inf", "nan" (standard JSON has no Infinity)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _standard_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_standard_json(v) for v in value]
-    return value
 
 
 def _partial_target(name: str) -> str | None:
