@@ -186,7 +186,10 @@ ARCH=$(sed -n 's/^capability \([0-9][0-9]*\.[0-9][0-9]*\)$/\1/p' "$OUT/env.txt" 
 say "compute capability: ${ARCH:-unknown}"
 
 # 1. Build (compiles csrc/ for the visible GPU only).
-BUILD_ENV=(env ${ARCH:+TORCH_CUDA_ARCH_LIST=$ARCH} MAX_JOBS="$(nproc)")
+# With a card visible the CUDA part is required (AUTOGUIDE_FAST_CUDA=1): setup.py's "auto" would
+# quietly build without it when it finds no toolkit, and every CUDA test would then skip, not fail.
+BUILD_ENV=(env ${ARCH:+TORCH_CUDA_ARCH_LIST=$ARCH} ${ARCH:+AUTOGUIDE_FAST_CUDA=${AUTOGUIDE_FAST_CUDA:-1}}
+           MAX_JOBS="$(nproc)")
 # A compiler's own error message (gcc/clang "file.cpp:12:3: error", nvcc "file.cu(12): error").
 COMPILE_ERROR='\.(c|cc|cpp|cu|cuh|h|hpp)(:[0-9]+:[0-9]+: (fatal )?error|\([0-9]+\): error)|nvcc fatal'
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then

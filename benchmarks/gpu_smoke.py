@@ -162,7 +162,10 @@ def backend_group(name: str, device: torch.device, report: Report) -> None:
     """Eager against the reference, then every graph mode against eager, for one backend."""
     status = autoguide_fast.backends()[name]
     if not status.available:
-        report.add("SKIP", f"{name}/*", f"unavailable: {status.reason}")
+        # On a card the GPU backends are what the visit is for: missing, they fail it (a build that
+        # quietly left the CUDA kernels out would otherwise end the visit green with none of them run).
+        missing = "FAIL" if device.type == "cuda" and name in ("cuda", "triton") else "SKIP"
+        report.add(missing, f"{name}/*", f"unavailable: {status.reason}")
         return
     try:  # A backend that cannot run on this device is a SKIP, not a FAIL.
         resolve_backend(name, device, torch.float32)

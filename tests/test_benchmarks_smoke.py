@@ -340,6 +340,22 @@ def test_gpu_smoke_dry_run_on_cpu(tmp_path):
     assert len(json.loads((tmp_path / "smoke.json").read_text())) == len(lines) - 1
 
 
+def test_gpu_smoke_fails_a_missing_gpu_backend_on_a_card(monkeypatch):
+    """On a card, a cuda or triton backend that is not there is a FAIL (the visit is for them); on
+    the CPU it is a SKIP, as for any backend that cannot run here."""
+    from autoguide_fast.backends import BackendStatus
+
+    gpu_smoke = load_benchmark("gpu_smoke")
+    missing = {name: BackendStatus(name, False, "not built") for name in ("torch", "cpp", "cuda", "triton")}
+    monkeypatch.setattr(autoguide_fast, "backends", lambda: missing)
+    for device, expected in (("cuda", {"cuda": "FAIL", "triton": "FAIL", "cpp": "SKIP", "torch": "SKIP"}),
+                             ("cpu", {"cuda": "SKIP", "triton": "SKIP", "cpp": "SKIP", "torch": "SKIP"})):
+        report = gpu_smoke.Report("backends", None)
+        for name in expected:
+            gpu_smoke.backend_group(name, torch.device(device), report)  # Nothing runs: only the verdict.
+        assert {item["item"].split("/")[0]: item["verdict"] for item in report.items} == expected, device
+
+
 def _gpu_run(run_id: str, card: str, b0: float, ours: float, batch: int = 1) -> list[dict]:
     meta = {"date": "2026-11-26T10:00:00", "run_id": run_id, "mode": "quick", "card": card, "torch": "2.11.0",
             "cuda": "13.0", "triton": "3.6.0", "commit": "0123456789abcdef", "n_reps": "5"}
@@ -544,6 +560,7 @@ def test_gpu_check_script_runs_every_stage_on_cpu(tmp_path):
 _FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "${AUTOGUIDE_FAST_CUDA:-auto} $*" >>"$FAKE_LOG"
 case "$*" in
+    *get_device_capability*) [ -n "${FAKE_CAPABILITY:-}" ] && echo "capability $FAKE_CAPABILITY" ;;
     *"pip install"*|*"setup.py build_ext"*)
         if [ "${AUTOGUIDE_FAST_CUDA:-auto}" = 0 ]; then exit 0; fi
         if [ "$FAKE_CASE" = timeout ]; then sleep 60; fi
@@ -582,6 +599,31 @@ def test_gpu_check_builds_the_cpu_part_when_the_cuda_build_fails(tmp_path, case,
     status = {line.split()[0]: line.split()[1] for line in summary.splitlines() if line.startswith("build")}
     assert status == {"build": "timeout" if case == "timeout" else "failed",
                       **({"build-inplace": "failed"} if "inplace" in tried else {}), "build-cpu": "ok"}, summary
+
+
+@pytest.mark.parametrize("capability, first_build", [("9.0", "1"), (None, "auto")])
+def test_gpu_check_requires_the_cuda_part_when_a_card_is_visible(tmp_path, capability, first_build):
+    """With a card visible the build asks for the CUDA kernels (AUTOGUIDE_FAST_CUDA=1): setup.py's
+    "auto" quietly leaves them out when it finds no toolkit, and the visit would end green with every
+    CUDA test skipped. A failed build then falls back to the CPU part and fails the visit."""
+    import os
+    import subprocess
+
+    fake = tmp_path / "python"
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = dict(os.environ, PYTHON=str(fake), FAKE_LOG=str(log), FAKE_CASE="setup",
+               GPU_CHECK_SKIP="smoke,tests,step,latency,precompile", GPU_CHECK_BUDGET_S="345")  # The default: env runs.
+    env.pop("AUTOGUIDE_FAST_CUDA", None)
+    if capability:
+        env["FAKE_CAPABILITY"] = capability
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=BENCH.parent)
+    assert f"compute capability: {capability or 'unknown'}" in proc.stdout, proc.stdout
+    builds = [line for line in log.read_text().splitlines() if "pip install" in line or "build_ext" in line]
+    assert builds[0].split()[0] == first_build, builds
+    assert builds[-1].startswith("0 "), builds  # The CPU part last, as for any failed CUDA build.
 
 
 # A stand-in interpreter that runs only the GPU check's small inline Python (reading the commit back)
