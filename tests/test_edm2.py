@@ -488,3 +488,79 @@ def test_weights_held_in_float16_like_the_release_run_on_cpu(cond_net):
         out, out_ref = half(x, 1.0, labels), ref(x, 1.0, labels)
     assert out.dtype == torch.float32
     assert rel_l2(out, out_ref) < 1e-2
+
+
+# ----------------------------------------------------------------------------
+# A resampling filter other than the box: its 2-D kernel is made once, not per call.
+
+
+def test_a_general_resample_filter_is_made_once_not_per_call(monkeypatch):
+    """Made per call, the kernel's taps were copied from the host at every resampling block: on a
+    GPU a wait for the device each time, and a copy that breaks CUDA-graph capture. After a first
+    call no tensor is made from host data, and the result is the per-call one."""
+    net = tiny_net(resample_filter=[1, 3, 3, 1])
+    x, labels = inputs()
+    with torch.no_grad():
+        first = net(x, 1.0, labels)
+        monkeypatch.setattr(torch, "tensor", lambda *a, **k: pytest.fail("a tensor made from host data per call"))
+        again = net(x, 1.0, labels)
+        monkeypatch.undo()
+        fresh = tiny_net(resample_filter=[1, 3, 3, 1])(x, 1.0, labels)
+    assert torch.equal(again, first) and torch.equal(first, fresh)
+    # The kernel is the per-call one: the blocks' own resampling equals the function's.
+    down = next(b for b in net.unet.enc.values() if getattr(b, "resample_mode", "keep") == "down")
+    y = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(resample(y, [1, 3, 3, 1], "down", kernel=down._filter_kernel(y)),
+                       resample(y, [1, 3, 3, 1], "down"))
+    assert "_resample_kernels" not in str(list(net.state_dict())) and all(
+        "resample" not in k for k in net.state_dict())
+
+
+def test_a_kernel_first_made_under_inference_mode_serves_training():
+    """The first call under torch.inference_mode keeps its kernel for later calls: it must be a
+    normal tensor, or a later training call could not save it for backward."""
+    net = tiny_net(resample_filter=[1, 3, 3, 1])
+    x, labels = inputs()
+    with torch.inference_mode():
+        net(x, 1.0, labels)
+    net.train()
+    out = net(x.clone().requires_grad_(), 1.0, labels)
+    out.square().mean().backward()
+    assert net.unet.enc["8x8_down"].conv_res0.weight.grad.abs().sum() > 0
+
+
+def test_a_general_resample_filter_under_torch_compile():
+    """Under torch.compile the network gives the eager outputs, and what the blocks keep are real
+    tensors that the eager calls after it use (a kernel made while tracing must not be kept)."""
+    net = tiny_net(resample_filter=[1, 3, 3, 1])
+    x, labels = inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="eager", dynamic=False)
+    with torch.no_grad():
+        got = compiled(x, torch.tensor(1.0), labels)
+        expected = tiny_net(resample_filter=[1, 3, 3, 1])(x, torch.tensor(1.0), labels)
+        assert torch.equal(got, expected)
+        assert torch.equal(net(x, torch.tensor(1.0), labels), expected)
+    torch._dynamo.reset()
+    kept = [k for b in net.modules() for k in getattr(b, "_resample_kernels", {}).values()]
+    assert kept and all(type(k) is torch.Tensor for k in kept)
+
+
+@gpu_test
+def test_a_general_resample_filter_is_captured_in_a_cuda_graph():
+    """With its kernel made per call (a host-to-device copy in every resampling block), capture
+    failed and the engine fell back to eager: now the trajectory is one graph, equal to eager."""
+    from autoguide_fast import GuidedSampler
+
+    net = tiny_net(resample_filter=[1, 3, 3, 1]).cuda()
+    gnet = tiny_net(seed=3, resample_filter=[1, 3, 3, 1]).cuda()
+    x, labels = inputs()
+    noise = x.cuda()
+    onehot = torch.nn.functional.one_hot(labels, 10).float().cuda()
+    kwargs = dict(noise_shape=tuple(noise.shape), label_shape=tuple(onehot.shape), device="cuda", num_steps=4,
+                  guidance=2.0)
+    graphed = GuidedSampler(net, gnet, graph="trajectory", **kwargs)
+    report = graphed.prepare()
+    assert report["graph"] == "trajectory" and report["capture_error"] is None, report
+    expected = GuidedSampler(net, gnet, graph="none", streams=report["streams"], **kwargs)(noise, onehot)
+    assert torch.equal(graphed(noise, onehot), expected)

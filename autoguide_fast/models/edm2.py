@@ -75,7 +75,8 @@ def _check_filter(f: object) -> None:
 
 
 # Resampling by a separable filter: 'down' = strided depthwise conv, 'up' = transposed conv.
-def resample(x: Tensor, f: Sequence[float] = (1, 1), mode: str = "keep") -> Tensor:
+# kernel: resample_kernel(f, x.device, x.dtype) made beforehand (None: made here).
+def resample(x: Tensor, f: Sequence[float] = (1, 1), mode: str = "keep", kernel: Tensor | None = None) -> Tensor:
     if mode == "keep":
         return x
     if mode not in ("down", "up"):
@@ -83,18 +84,30 @@ def resample(x: Tensor, f: Sequence[float] = (1, 1), mode: str = "keep") -> Tens
     f = [float(v) for v in f]
     if len(f) % 2 != 0:
         raise ValueError(f"f must have an even number of taps, got {len(f)}")
-    if f == [1.0, 1.0]:
+    if is_box_filter(f):
         # Box filter: a 2x2 average / nearest-neighbour copy (same values, cheaper kernels).
         if mode == "down":
             return F.avg_pool2d(x, 2)
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
-    taps = torch.tensor(f, dtype=torch.float32, device=x.device)
-    taps = taps / taps.sum()
-    kernel = torch.outer(taps, taps).to(x.dtype)[None, None].expand(x.shape[1], 1, -1, -1)
+    if kernel is None:
+        kernel = resample_kernel(f, x.device, x.dtype)
+    kernel = kernel[None, None].expand(x.shape[1], 1, -1, -1)
     pad = (len(f) - 1) // 2
     if mode == "down":
         return F.conv2d(x, kernel, groups=x.shape[1], stride=2, padding=pad)
     return F.conv_transpose2d(x, kernel * 4, groups=x.shape[1], stride=2, padding=pad)
+
+
+def is_box_filter(f: Sequence[float]) -> bool:
+    return [float(v) for v in f] == [1.0, 1.0]
+
+
+# The normalised 2-D filter outer(f, f) / sum(f)^2 in float32, then in dtype (the taps come from
+# the host: a copy to the device).
+def resample_kernel(f: Sequence[float], device: torch.device, dtype: torch.dtype) -> Tensor:
+    taps = torch.tensor([float(v) for v in f], dtype=torch.float32, device=device)
+    taps = taps / taps.sum()
+    return torch.outer(taps, taps).to(dtype)
 
 
 # MP-SiLU (paper Eq. 81): silu(x) / 0.596 keeps unit magnitude for unit-normal input.
@@ -242,6 +255,7 @@ class Block(torch.nn.Module):
         self.flavor = flavor
         self.resample_filter = list(resample_filter)
         self.resample_mode = resample_mode
+        self._resample_kernels: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # See _filter_kernel.
         self.num_heads = out_channels // channels_per_head if attention else 0
         self.dropout = dropout
         self.res_balance = res_balance
@@ -273,9 +287,27 @@ class Block(torch.nn.Module):
         y = v @ logits.softmax(dim=3).transpose(2, 3)
         return attn_proj(y.reshape(b, c, h, w))
 
+    # The resampling filter's 2-D kernel for x's device and dtype, kept once made (not a buffer: it
+    # stays out of the state_dict and of meta-device construction). Made per call, its host-to-device
+    # copy would wait for the GPU in every block and break CUDA-graph capture; the first call (a
+    # warm-up, outside any capture) makes it. Made in normal mode, so a first call under inference
+    # mode does not keep an inference tensor that a later training call could not save; not kept
+    # while torch.compile traces (its tensors are not real ones).
+    def _filter_kernel(self, x: Tensor) -> Tensor | None:
+        if self.resample_mode == "keep" or is_box_filter(self.resample_filter) or torch.compiler.is_compiling():
+            return None
+        key = (x.device, x.dtype)
+        kernel = self._resample_kernels.get(key)
+        if kernel is None:
+            with torch.inference_mode(False), torch.no_grad():
+                kernel = resample_kernel(self.resample_filter, x.device, x.dtype)
+            if type(kernel) is Tensor:  # Not a fake or other subclass tensor of a tracing mode.
+                self._resample_kernels[key] = kernel
+        return kernel
+
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         # Main branch.
-        x = resample(x, f=self.resample_filter, mode=self.resample_mode)
+        x = resample(x, f=self.resample_filter, mode=self.resample_mode, kernel=self._filter_kernel(x))
         if self.flavor == "enc":
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
