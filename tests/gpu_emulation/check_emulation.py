@@ -43,6 +43,19 @@ def test_host_sync_during_capture_fails_the_capture():
             float(x.sum())
 
 
+@pytest.mark.parametrize("copy", ["tensor", "cuda", "to"])
+def test_a_blocking_copy_from_the_host_during_capture_fails_the_capture(copy):
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="captur"):
+        with torch.cuda.graph(g):
+            if copy == "tensor":
+                torch.tensor([1.0, 3.0], device="cuda")
+            elif copy == "cuda":
+                torch.ones(2).cuda()
+            else:
+                torch.ones(2).to("cuda")
+
+
 def test_sync_debug_mode_reports_the_syncs_torch_reports():
     x = torch.ones(2, device="cuda")
     event = torch.cuda.Event()

@@ -179,10 +179,13 @@ def synchronize(device=None):
 
 
 def host_sync_current() -> None:
-    """A blocking copy to the device: the host waited for the current stream."""
-    if not capturing():
-        sync_point("a blocking copy of host data to the device")
-        stream_order.host_sync([current_stream()])
+    """A blocking copy to the device: the host waited for the current stream. During a capture it
+    invalidates the capture, as on a GPU (torch copies pageable host data with a stream sync).
+    Only copies the emulation sees: to an explicit "cuda" device, not to ``device=t.device`` of a
+    tensor that the emulation keeps on the CPU."""
+    _check_not_capturing("a blocking copy of host data to the device")
+    sync_point("a blocking copy of host data to the device")
+    stream_order.host_sync([current_stream()])
 
 
 # torch.cuda.set_sync_debug_mode: 0 "default", 1 "warn", 2 "error".
