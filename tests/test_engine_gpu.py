@@ -572,8 +572,8 @@ def test_noise_and_labels_on_another_device_are_refused():
         s(noise_of(1), labels_of(1).cpu())
 
 
-# Last: on torch versions where a failed capture leaves global CUDA state behind, the other tests
-# still ran first.
+# A failed capture must leave no CUDA state behind that would break the tests after it (they run
+# after it in this file, and in any order under pytest-xdist).
 def test_capture_failure_falls_back_with_one_warning_and_a_correct_result():
     # GaussianDenoiser records float(sigma): a host sync, which cannot be captured.
     net, gnet = GaussianDenoiser(0.5), GaussianDenoiser(0.9)
