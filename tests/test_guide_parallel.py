@@ -190,6 +190,10 @@ def _job_errors(rank):
     attempt("broken_main_outside_interval", lambda: guide_parallel_sample(
         _Broken() if rank == 0 else net, TinyConvDenoiser(seed=1), noise, num_steps=4, guidance=2.0,
         guidance_interval=(0.2, 20.0)))
+    # Labels of a dtype NCCL cannot carry (int16): refused on rank 0 before anything is sent.
+    attempt("int16_labels", lambda: guide_parallel_sample(
+        net, TinyConvDenoiser(seed=1), noise, one_hot_labels(len(SEEDS), 4, seed=5).to(torch.int16), num_steps=4,
+        guidance=2.0))
     # And the pair still works afterwards.
     attempt("after", lambda: guide_parallel_sample(net, TinyConvDenoiser(seed=1), noise, num_steps=4, guidance=2.0))
     return out
@@ -207,6 +211,9 @@ def test_errors_are_raised_on_both_ranks(two_ranks):
     assert rank0["broken_main_outside_interval"] == ("RuntimeError", "main network broken")
     assert rank1["broken_main_outside_interval"][0] == "PeerFailure"
     assert "rank 0 (main network)" in rank1["broken_main_outside_interval"][1]
+    assert rank0["int16_labels"][0] == "TypeError" and "labels: dtype torch.int16 cannot be sent" in rank0[
+        "int16_labels"][1]
+    assert rank1["int16_labels"][0] == "PeerFailure" and "rank 0 (main network)" in rank1["int16_labels"][1]
     assert rank0["after"] is None and rank1["after"] is None
     assert issubclass(PeerFailure, RuntimeError)
 

@@ -17,6 +17,7 @@ whole files, a rerun skips them, and a resumed file equals the uninterrupted run
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import json
 import math
@@ -180,6 +181,12 @@ def _placeholder_guide(*args: Any) -> None:  # Stands for --gnet in the early ch
     return None
 
 
+# How long a rank waits in a collective for the others (torch's default under NCCL is 10 minutes,
+# after which the watchdog ends the process): rank 0's scan of the output directory, one batch of a
+# large network, or a slow network load on one rank can take longer.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 # Sampler argument -> flag, for error messages.
 _FLAGS = {"num_steps": "--steps", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max", "rho": "--rho",
           "sigmas": "--sigmas", "guidance": "--guidance", "S_churn": "--S-churn", "S_min": "--S-min",
@@ -208,17 +215,25 @@ class _Job:
                 f"--nproc_per_node=2), got a world size of {self.world_size}"
             )
         local_rank = _env_int("LOCAL_RANK", self.rank)
-        self.device = _pick_device(opts.device, local_rank, self.world_size)
+        local_world_size = _env_int("LOCAL_WORLD_SIZE", self.world_size)  # torchrun's processes on this machine.
+        self.device = _pick_device(opts.device, local_rank, self.world_size, local_world_size)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
             if self.device.type == "cuda":
-                dist.init_process_group(backend="nccl", device_id=self.device)
+                try:  # device_id: the communicator is made now, so a bad device set-up fails here.
+                    dist.init_process_group(backend="nccl", device_id=self.device, timeout=PROCESS_GROUP_TIMEOUT)
+                except dist.DistBackendError as exc:
+                    raise ValueError(f"--device: NCCL could not start on {self.device} (each process needs a GPU "
+                                     f"of its own: check --device, LOCAL_RANK and CUDA_VISIBLE_DEVICES): "
+                                     f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from exc
             else:
-                dist.init_process_group(backend="gloo")
+                dist.init_process_group(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT)
             self.owned = True
+        # The ranks' control messages (agreement, flags, counts): on this process's GPU under NCCL
+        # (which carries CUDA tensors only; a caller's group may be NCCL with device "cpu"), else the CPU.
         nccl = self.world_size > 1 and dist.get_backend() == "nccl"
-        self.comm_device = self.device if nccl else torch.device("cpu")
+        self.comm_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def close(self) -> None:
         if self.owned and dist.is_initialized():
@@ -270,9 +285,12 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name}: expected an integer in the environment, got {text!r}") from None
 
 
-def _pick_device(text: str, local_rank: int, world_size: int) -> torch.device:
+def _pick_device(text: str, local_rank: int, world_size: int, local_world_size: int = 1) -> torch.device:
+    """The process's device for --device ``text``: "cuda" (or "auto" with CUDA) is cuda:LOCAL_RANK
+    under torchrun. An explicit cuda:N is for one process per machine (NCCL refuses two ranks on one
+    GPU), and the GPU must exist."""
     if text == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return _local_gpu(local_rank, text) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError) as exc:
@@ -283,8 +301,29 @@ def _pick_device(text: str, local_rank: int, world_size: int) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"--device {text}: CUDA is not available in this process")
         if device.index is None:
-            device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+            single = torch.device("cuda", torch.cuda.current_device())
+            device = _local_gpu(local_rank, text) if world_size > 1 else single
+        elif local_world_size > 1:
+            raise ValueError(f"--device {text}: {local_world_size} processes on this machine would share one GPU "
+                             f"(NCCL refuses that); use --device cuda or auto, which gives process LOCAL_RANK "
+                             f"cuda:LOCAL_RANK (CUDA_VISIBLE_DEVICES picks the GPUs)")
+        elif device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: this process sees {torch.cuda.device_count()} GPU(s) "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
     return device
+
+
+def _local_gpu(local_rank: int, text: str) -> torch.device:
+    """cuda:LOCAL_RANK; cuda:0 when this process sees one GPU (a launcher that narrows
+    CUDA_VISIBLE_DEVICES to each process's own GPU)."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return torch.device("cuda", local_rank)
+    if count == 1:
+        return torch.device("cuda", 0)
+    raise ValueError(f"--device {text}: LOCAL_RANK={local_rank} but this process sees {count} GPU(s) "
+                     f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); start at most {count} "
+                     f"processes per machine, or give each process its own GPU")
 
 
 # ----------------------------------------------------------------------------

@@ -46,13 +46,14 @@ from ..sampler import make_config, run_eager
 
 __all__ = ["PeerFailure", "guide_parallel_sample"]
 
-_PROTOCOL = 0x4147_4651  # Header tag, bumped when the message layout changes.
+_PROTOCOL = 0x4147_4652  # Header tag, bumped when the message layout changes.
 _MAX_DIMS = 8
 _HEADER_LEN = 24
 _REASON_LEN = 1024  # Bytes of a failed rank's error text (sent on failure only).
-# Dtypes that may cross the wire (index = code in the header and status messages).
+# Dtypes that may cross the wire (index = code in the header and status messages): those both
+# NCCL and gloo carry (neither takes int16).
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16,
-           torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+           torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool)
 
 # Failure codes exchanged in the status messages (and 0/1 as the ok element of the tensors and
 # the final message).
