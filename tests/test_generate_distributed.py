@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,77 @@ def test_torchrun_end_to_end(tmp_path):
     assert "5 file(s) written, 0 already present, of 5 seed(s)" in proc.stdout
     assert "2 rank(s)" in proc.stdout
     assert _files(sharded) == _files(single) and len(_files(single)) == 5
+
+
+def _noise_fails_on_rank_0(rank, outdir):
+    """generate --guide-parallel through the Python API on a group the caller keeps (so a failing
+    rank does not end the group, which with gloo would free the other rank anyway): rank 0 cannot
+    make its 2nd batch's noise, while rank 1 already waits in that batch's trajectory."""
+    noise = G.seeded_noise
+    calls = []
+
+    def failing_noise(*args, **kwargs):
+        calls.append(1)
+        if rank == 0 and len(calls) == 2:
+            raise RuntimeError("no memory for the noise")
+        return noise(*args, **kwargs)
+
+    G.seeded_noise = failing_noise
+    opts = G.GenerateOptions(net=f"{HERE}:rgb_main", gnet=f"{HERE}:rgb_guide", seeds="40-45", batch=2, guidance=2.0,
+                             num_steps=2, format="npy", outdir=outdir, guide_parallel=True, progress=False,
+                             verbose=False)
+    start = time.monotonic()
+    try:
+        G.generate(opts)
+        error = None
+    except Exception as exc:
+        error = (type(exc).__name__, str(exc))
+    return {"error": error, "seconds": time.monotonic() - start}
+
+
+@pytest.mark.slow
+def test_guide_parallel_rank_0_failing_to_prepare_a_batch_reaches_rank_1_promptly(tmp_path):
+    """Before, rank 1 waited in the trajectory's first message until the process group's timeout
+    (under NCCL the watchdog then ends the process); now rank 0 announces the failure."""
+    results = run_ranks(tmp_path, _noise_fails_on_rank_0, str(tmp_path / "out"), pg_timeout=40.0)
+    (kind0, text0), (kind1, text1) = (r["error"] for r in results)
+    assert kind0 == "SamplingFailure" and "no memory for the noise" in text0, text0
+    assert kind1 == "PeerFailure" and "rank 0 (main network) failed" in text1 and "no memory for the noise" in text1
+    assert results[1]["seconds"] < 20.0, results
+
+
+def _reading_the_result_fails_on_rank_0(rank, outdir):
+    """As above, but rank 0's first read of its 2nd batch's result fails (on a GPU: where an
+    asynchronous CUDA error surfaces), after rank 1 ended that trajectory normally."""
+    isfinite = torch.isfinite
+    reads = []
+
+    def failing_read(x):
+        if x.dim() == 2:  # generate's per-image check: x.flatten(1).
+            reads.append(1)
+            if rank == 0 and len(reads) == 2:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return isfinite(x)
+
+    torch.isfinite = failing_read
+    opts = G.GenerateOptions(net=f"{HERE}:rgb_main", gnet=f"{HERE}:rgb_guide", seeds="40-45", batch=2, guidance=2.0,
+                             num_steps=2, format="npy", outdir=outdir, guide_parallel=True, progress=False,
+                             verbose=False)
+    start = time.monotonic()
+    try:
+        G.generate(opts)
+        error = None
+    except Exception as exc:
+        error = (type(exc).__name__, str(exc))
+    finally:
+        torch.isfinite = isfinite
+    return {"error": error, "seconds": time.monotonic() - start}
+
+
+@pytest.mark.slow
+def test_guide_parallel_rank_0_failing_after_a_trajectory_reaches_rank_1_promptly(tmp_path):
+    results = run_ranks(tmp_path, _reading_the_result_fails_on_rank_0, str(tmp_path / "out"), pg_timeout=40.0)
+    (kind0, text0), (kind1, text1) = (r["error"] for r in results)
+    assert kind1 == "PeerFailure" and "rank(s) [0] failed while sampling or writing a batch" in text1, text1
+    assert "sampling the batch of seeds [42, 43] failed" in text0 and "illegal memory access" in text0, text0
+    assert results[1]["seconds"] < 20.0, results

@@ -7,7 +7,7 @@
 """
 
 from .generation import GenerateOptions, GenerateSummary, SamplingFailure, generate, image_path
-from .guide_parallel import PeerFailure, guide_parallel_sample
+from .guide_parallel import PeerFailure, announce_failure, guide_parallel_sample
 from .loading import load_network
 from .seeds import parse_seeds, rank_chunks, split_chunks
 
@@ -16,6 +16,7 @@ __all__ = [
     "GenerateSummary",
     "PeerFailure",
     "SamplingFailure",
+    "announce_failure",
     "generate",
     "guide_parallel_sample",
     "image_path",

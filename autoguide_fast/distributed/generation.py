@@ -39,7 +39,7 @@ from ..cli_types import PARTIAL_SUFFIX, standard_json, write_atomically, write_p
 from ..noise import seeded_labels, seeded_noise
 from ..sampler import fast_guided_sample, make_config
 from ..validation import FORMULA_DEFAULTS
-from .guide_parallel import PeerFailure, guide_parallel_sample
+from .guide_parallel import PeerFailure, announce_failure, guide_parallel_sample
 from .loading import PRESET_PREFIX, load_network, network_label_dim, network_shape
 from .seeds import parse_seeds, rank_chunks, split_chunks
 
@@ -573,8 +573,8 @@ def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:
                                                         opts, job, sampler_kwargs)
                 written, nonfinite = written + written_now, nonfinite + nonfinite_now
             except SamplingFailure as exc:  # A peer's failure (PeerFailure) propagates as it is.
-                if gp and not isinstance(exc, _WriteFailure):
-                    raise  # Within the trajectory: the pair told each other already (guide_parallel).
+                if gp and not isinstance(exc, _LocalFailure):
+                    raise  # Within the trajectory (or announced before it): the pair knows already.
                 error = exc
         job.agree(error, "sampling or writing a batch")
         if bar is not None and chunk is not None:
@@ -601,8 +601,9 @@ class SamplingFailure(RuntimeError):
     device's or the file system's error, not a bad argument."""
 
 
-class _WriteFailure(SamplingFailure):
-    """Writing a batch's files failed (only the writing rank knows)."""
+class _LocalFailure(SamplingFailure):
+    """A failure only this rank knows of, outside a guide-parallel trajectory (writing a batch's
+    files, or the first read of its result): the ranks learn it in their agreement."""
 
 
 def _run_batch(chunk: Sequence[int], seeds: list[int], done: list[bool], net, gnet, shape: tuple[int, ...],
@@ -618,20 +619,25 @@ def _run_batch(chunk: Sequence[int], seeds: list[int], done: list[bool], net, gn
             guide_parallel_sample(None, gnet, device=job.device, **sampler_kwargs)
             return 0, []
         x = _sample_batch(net, gnet, batch_seeds, shape, label_dim, opts, job.device, sampler_kwargs)
-        # Checked per image: a network's NaN/Inf for one seed does not stop the other files. (Inside
-        # the try: on a GPU this first read of the result is where an asynchronous error surfaces.)
-        finite = torch.isfinite(x.flatten(1)).all(1).tolist()
     except PeerFailure:
         raise
     except Exception as exc:  # A network's (or the device's) failure, not a bad argument.
         what = "running the guide for" if gp and job.rank == 1 else "sampling"
         raise SamplingFailure(f"{what} the batch of seeds {_seed_text(batch_seeds)} failed: "
                               f"{type(exc).__name__}: {exc}") from exc
+    try:
+        # Checked per image: a network's NaN/Inf for one seed does not stop the other files. On a
+        # GPU this first read of the result is where an asynchronous error surfaces: after a
+        # guide-parallel trajectory, which rank 1 ended normally, only this rank knows of it.
+        finite = torch.isfinite(x.flatten(1)).all(1).tolist()
+    except Exception as exc:
+        raise _LocalFailure(f"sampling the batch of seeds {_seed_text(batch_seeds)} failed: "
+                            f"{type(exc).__name__}: {exc}") from exc
     keep = [i for i, j in enumerate(chunk) if not done[j] and finite[i]]
     try:
         _write_batch(x[keep], [batch_seeds[i] for i in keep], opts.outdir, fmt, opts.subdirs)
     except Exception as exc:
-        raise _WriteFailure(f"writing the files of the batch of seeds {_seed_text(batch_seeds)} failed: "
+        raise _LocalFailure(f"writing the files of the batch of seeds {_seed_text(batch_seeds)} failed: "
                             f"{type(exc).__name__}: {exc}") from exc
     return len(keep), [seed for seed, ok in zip(batch_seeds, finite) if not ok]
 
@@ -644,8 +650,13 @@ def _seed_text(seeds: list[int], most: int = 8) -> str:
 def _sample_batch(net, gnet, batch_seeds: list[int], shape: tuple[int, ...], label_dim: int, opts: GenerateOptions,
                   device: torch.device, sampler_kwargs: dict[str, Any]) -> torch.Tensor:
     """One batch on rank 0 (guide-parallel) or on this rank: unit noise and labels from the seeds."""
-    noise = seeded_noise(batch_seeds, [len(batch_seeds), *shape], device=device)
-    labels = _labels(batch_seeds, label_dim, opts.class_idx, device)
+    try:
+        noise = seeded_noise(batch_seeds, [len(batch_seeds), *shape], device=device)
+        labels = _labels(batch_seeds, label_dim, opts.class_idx, device)
+    except Exception as exc:
+        if opts.guide_parallel:  # Rank 1 already waits in its guide_parallel_sample: it must learn it.
+            announce_failure(exc)
+        raise
     if opts.guide_parallel:
         x = guide_parallel_sample(net, None, noise, labels, seeds=batch_seeds, backend=opts.backend,
                                   check_finite=False, **sampler_kwargs)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,7 @@ from ..backends import resolve_backend
 from ..plan import SamplerConfig, StepPlan, build_plan
 from ..sampler import make_config, run_eager
 
-__all__ = ["PeerFailure", "guide_parallel_sample"]
+__all__ = ["PeerFailure", "announce_failure", "guide_parallel_sample"]
 
 _PROTOCOL = 0x4147_4652  # Header tag, bumped when the message layout changes.
 _MAX_DIMS = 8
@@ -321,6 +321,20 @@ def guide_parallel_sample(
         return None
 
 
+def announce_failure(error: BaseException, group: dist.ProcessGroup | None = None) -> NoReturn:
+    """Rank 0, in place of a ``guide_parallel_sample`` call it cannot make (preparing its inputs
+    failed): rank 1, waiting in its own call, raises a PeerFailure quoting ``error`` instead of
+    waiting for the process group's timeout; rank 0 raises ``error``."""
+    link = _Link(group)
+    if link.rank != 0:
+        raise ValueError("announce_failure: only rank 0 (the main network's) announces a failure this way")
+    header = [_PROTOCOL, _BAD_ARGS] + [0] * (_HEADER_LEN - 2)
+    link.from_main(torch.tensor(header, dtype=torch.int64, device=link.device))
+    status = link.status([_BAD_ARGS, 0, 0])
+    _settle(link, status, error, "preparing its inputs")
+    raise error  # _settle raised it already; for the type checker.
+
+
 # ----------------------------------------------------------------------------
 # Rank 0: the sampler loop, with the guide's outputs arriving from rank 1.
 
@@ -496,7 +510,7 @@ def _run_guide(link: _Link, gnet: Callable | None, device: torch.device | str | 
             "guidance interval, solver or dtype); pass the same keyword arguments on both ranks"
         )
     status = link.status([0, code, 0])
-    _settle(link, status, error, "its argument checks")
+    _settle(link, status, error, "before its trajectory (argument checks or inputs)")
 
     x_dtype = _DTYPES[header[3]]
     x_shape = header[5:5 + header[4]]
