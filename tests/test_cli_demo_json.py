@@ -129,9 +129,16 @@ def test_experiment_options_before_train_are_refused_not_ignored(tmp_path, capsy
     # `toy --seed 7 train` used to train with seed 0 (the train default silently won).
     from autoguide_fast.toy import cli as toy_cli
 
-    for argv, named in ((["--seed", "7"], "--seed"), (["--samples", "5", "--threads", "1"], "--samples"),
-                        (["--figure", "none"], "--figure")):
+    # Refused at the experiment's default values too: `toy --seed 1 train` would train with seed 0.
+    cases = ((["--seed", "7"], "--seed"), (["--samples", "5", "--threads", "1"], "--samples, --threads"),
+             (["--figure", "none"], "--figure"), (["--seed", "1"], "--seed"),
+             (["--threads", "1", "--steps", "32"], "--threads, --steps"), (["--figure", "toy.png"], "--figure"))
+    for argv, named in cases:
         args = build_parser().parse_args(["toy", *argv, "train", "--out-dir", str(tmp_path / "w")])
         assert toy_cli._dispatch(args) == 2
-        assert named in capsys.readouterr().err
+        assert f"error: {named}: options of the experiment" in capsys.readouterr().err
+    # After 'train', its own options (same names) are its own.
+    args = build_parser().parse_args(["toy", "train", "--seed", "1", "--threads", "1", "--out-dir",
+                                      str(tmp_path / "w")])
+    assert toy_cli._given_before_train(args) == [] and args.seed == 1
     assert not (tmp_path / "w").exists()

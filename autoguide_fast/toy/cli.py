@@ -39,12 +39,11 @@ def weights_dir(text: str) -> Path:
     return path
 
 
-def _add_experiment_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
-    """The experiment's options; returns their actions (see _given_before_train)."""
-    actions: list[argparse.Action] = []
+def _add_experiment_args(p: argparse.ArgumentParser) -> None:
+    """The experiment's options (each recorded when given: see _given_before_train)."""
 
     def add(*names: str, **kwargs) -> None:
-        actions.append(p.add_argument(*names, **kwargs))
+        p.add_argument(*names, action=_Given, **kwargs)
 
     add("--samples", type=at_least_two, default=16384,
         help="number of points per sampler (default 16384)")
@@ -61,11 +60,10 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add("--figure", type=png_file, default="toy.png",  # A string: argparse checks it too.
         help="output PNG path (default toy.png); 'none' skips the figure")
     add("--json", type=writable_file, default=None, metavar="PATH",
-        help="also write the table as JSON to PATH")
+        help="also write the table as JSON to PATH ('none': no file)")
     add("--threads", type=thread_count, default=1, dest="experiment_threads",
         help="torch CPU threads (default 1: the tensors are small, and extra threads "
              "slow it down badly when the cores are shared)")
-    return actions
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -139,15 +137,19 @@ def run_experiment(args: argparse.Namespace) -> int:
         return 1
 
 
+class _Given(argparse.Action):
+    """Stores an experiment option and records that it was given, as typed: 'toy train' refuses
+    them whatever their value (one given at the experiment's default would be ignored silently, and
+    the defaults differ: the experiment's --seed is 1, training's 0)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.experiment_given = [*getattr(namespace, "experiment_given", []), option_string]
+
+
 def _given_before_train(args: argparse.Namespace) -> list[str]:
-    """The experiment's options given before 'train' (which would ignore them): those whose value
-    is not their default (a string default as argparse converts it: compared as its text)."""
-    given = []
-    for action in args.experiment_options:
-        value = getattr(args, action.dest)
-        if (str(value) if isinstance(action.default, str) else value) != action.default:
-            given.append(action.option_strings[0])
-    return given
+    """The experiment's options given before 'train' (which would ignore them), in their order."""
+    return list(dict.fromkeys(getattr(args, "experiment_given", [])))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -167,13 +169,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Sample the paper's 2D toy problem four ways (exact denoiser, unguided, "
                     "autoguidance, CFG-style) with the shipped models; print a table and write "
                     "a figure. 'toy train' retrains the three models.")
-    experiment_options = _add_experiment_args(toy)
+    _add_experiment_args(toy)
     actions = toy.add_subparsers(dest="toy_action", metavar="{train}")
     train = actions.add_parser("train", help="train the three toy models (main, autoguide, cfg)",
                                description="Train the toy models of the paper by exact score "
                                            "matching and save their EMA weights.")
     _add_train_args(train)
-    toy.set_defaults(func=_dispatch, experiment_options=experiment_options)
+    toy.set_defaults(func=_dispatch)
 
 
 def build_parser() -> argparse.ArgumentParser:
