@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=4096, help="points per run (default 4096)")
     p.add_argument("--steps", type=steps, default=32, help="Heun steps (default 32)")
     p.add_argument("--guidance", type=_demo_guidance, default=2.0,
-                   help="guidance weight w (default 2; the closed form is checkable for |w| up to about 1500)")
+                   help="guidance weight w (default 2; one whose closed-form result overflows float64, |w| beyond "
+                        "about 1500, is refused; strong guidance needs many more --steps to PASS)")
     choices = "{" + ",".join(("auto", *BACKEND_NAMES)) + "}"
     p.add_argument("--backend", type=_cpu_backend, default="auto", metavar=choices,
                    help="step backend of the run on CPU (default auto; one that cannot run here is refused)")

@@ -1059,6 +1059,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report = pathlib.Path(args.report) if args.report else None
     if args.targets_from:
+        if not pathlib.Path(args.targets_from).is_file():
+            build_parser().error(f"--targets-from: no such file: {args.targets_from}")
         text = format_targets(common.latest_run(common.read_rows(args.targets_from)))
         print(text)
         if report is not None:

@@ -160,7 +160,8 @@ def plot_link(png: pathlib.Path, target: pathlib.Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--csv", default=str(common.RESULTS_DIR / "latency.csv"), help="latency results CSV")
     p.add_argument("--card", default=None, help="only runs whose card name contains this (e.g. H100)")
     p.add_argument("--write", nargs="*", default=[], metavar="FILE",

@@ -256,3 +256,13 @@ def test_class_index_labels():
     assert out.shape == (3, *IMAGE)
     expected = reference(net, gnet, seeded_noise([5, 6, 7, 7], (4, *IMAGE)), pad_last(labels, 1), seeds=[5, 6, 7, 7])
     assert torch.equal(out, expected[:3])
+
+
+def test_noise_shape_in_place_of_image_shape_is_named():
+    """The mistake the message is for: a GuidedSampler's noise_shape given instead of image_shape
+    (before, Python's own "missing keyword argument 'image_shape'" came first)."""
+    net, gnet = conv_nets()
+    with pytest.raises(TypeError, match=r"^noise_shape: not an argument of BucketedSampler"):
+        BucketedSampler(net, gnet, noise_shape=(2, 3, 8, 8))
+    with pytest.raises(TypeError, match=r"^image_shape: required"):
+        BucketedSampler(net, gnet)

@@ -43,7 +43,7 @@ class BucketedSampler:
         net: Callable,                          # Main network D1: net(x, t, labels) -> tensor like x.
         gnet: Callable | None = None,           # Guide network D0; required when guidance != 1.
         *,
-        image_shape: Sequence[int],             # Shape of one image's noise, e.g. (4, 64, 64).
+        image_shape: Sequence[int] | None = None,  # Shape of one image's noise, e.g. (4, 64, 64) (required).
         batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,  # The buckets; larger calls run in chunks of the largest.
         image_label_shape: Sequence[int] | None = None,    # One image's label: (1000,) one-hot, () index; None = none.
         **sampler_kwargs: Any,                  # Any other GuidedSampler argument (device, dtype, guidance, graph...).
@@ -52,6 +52,8 @@ class BucketedSampler:
             if name in sampler_kwargs:
                 raise TypeError(f"{name}: not an argument of BucketedSampler (the batch size varies per call; "
                                 "give the per-image image_shape / image_label_shape)")
+        if image_shape is None:  # Required; a keyword with a default so that the message above comes first.
+            raise TypeError("image_shape: required, the shape of one image's noise, e.g. image_shape=(4, 64, 64)")
         self.image_shape = A.check_shape("image_shape", image_shape)
         # () = one class index per image (labels [b], e.g. int64 with label_dtype=torch.int64).
         self.image_label_shape = (None if image_label_shape is None else
