@@ -596,7 +596,7 @@ def test_without_extension_import_and_suite_pass():
     # The files that choose or name backends (the rest of the suite does not depend on the extension;
     # the whole suite without it was checked by hand: it passes).
     files = ("test_cpp_backend.py", "test_noise.py", "test_sampler_api.py", "test_validation.py",
-             "test_engine_cpu.py", "test_buckets.py")
+             "test_engine_cpu.py", "test_buckets.py", "test_random_configurations.py")
     tests = [os.path.join(here, name) for name in files]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests],
                          env=env, capture_output=True, text=True, timeout=600)
