@@ -708,3 +708,28 @@ def test_writing_results_empties_the_no_results_note(tmp_path):
     written = table.write_results(text, "the table", "README.md")
     assert "No GPU numbers" not in written and "placeholder" not in written and "the table" in written
     assert table.write_results(written, "the table", "README.md") == written  # Idempotent.
+
+
+def test_an_arm_doing_less_work_is_flagged_even_without_b0(latency, common, monkeypatch, tmp_path, one_thread):
+    """The output check catches an arm that computes something else, at 5% of the sample's scale
+    (Heun with half the steps moves the S + XS sample by 8%; the gate used to pass up to 50%), and
+    still checks every arm when B0 itself is not run (its sample is then computed once, untimed)."""
+    from autoguide_fast import reference
+
+    def build_decoy(ctx):
+        def run():
+            x = reference.edm_sampler(ctx.main, ctx.noise, ctx.labels, ctx.guide, num_steps=ctx.steps,
+                                      guidance=ctx.guidance)
+            return x * 1.05
+        return latency.Prepared(run, "B1's sample, 5% off")
+
+    arms = [*latency.ARMS, latency.Arm("ours-decoy", "ours", "1", build_decoy)]
+    monkeypatch.setattr(latency, "ARMS", arms)
+    monkeypatch.setattr(latency, "ARM_NAMES", [a.name for a in arms])
+    out = tmp_path / "latency.csv"
+    assert latency.main(["--smoke", "--device", "cpu", "--out", str(out), "--skip", "B0"]) == 0
+    rows = {r["arm"]: r for r in common.read_rows(out)}
+    assert rows["B0"]["status"] == "skipped"
+    assert "output differs from B0" in rows["ours-decoy"]["notes"], rows["ours-decoy"]
+    for name in ("B1", "ours-fused"):
+        assert rows[name]["max_abs_diff_vs_B0"] != "" and "output differs" not in rows[name]["notes"], rows[name]
