@@ -73,6 +73,7 @@ common.ensure_repo_on_path()
 import autoguide_fast  # noqa: E402
 from autoguide_fast import reference  # noqa: E402
 from autoguide_fast.backends import resolve_backend  # noqa: E402
+from autoguide_fast.engine.streams import engine_stream  # noqa: E402
 from autoguide_fast.models.edm2 import edm2_preset, prepare_for_inference, randomize_gains_  # noqa: E402
 
 COLUMNS = [
@@ -247,7 +248,9 @@ def _floor_arm(parallel: bool) -> Callable[[Context], Prepared]:
         device = ctx.device
         x = ctx.noise * 80.0  # Any input works: the cost of a network does not depend on its values.
         t = torch.tensor(1.0, device=device)
-        side = torch.cuda.Stream(device) if parallel else None
+        # The engine's kind of stream (high priority) for the side and the capture, as ours use:
+        # F_par and ours then differ in the sampler's work, not in how their streams are scheduled.
+        side = engine_stream(device) if parallel else None
 
         def both() -> tuple[torch.Tensor, torch.Tensor]:
             if side is None:
@@ -262,7 +265,7 @@ def _floor_arm(parallel: bool) -> Callable[[Context], Prepared]:
 
         # Warm up on the capture stream (and the side stream) so that cuBLAS/cuDNN initialise
         # outside the capture.
-        capture_stream = torch.cuda.Stream(device)
+        capture_stream = engine_stream(device)
         capture_stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(capture_stream):
             for _ in range(2):

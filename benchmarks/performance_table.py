@@ -56,6 +56,12 @@ def _ratio_f(group: list[dict[str, str]]) -> str:
     return "–" if pair is None else f"{pair[1] / pair[0]:.2f} ({pair[2]})"
 
 
+def _in_round(group: list[dict[str, str]], arm: str, text: str, mixed: bool) -> str:
+    """``text`` (an arm's median cell), with the arm's round when the batch's arms span several."""
+    row = next((r for r in group if r["arm"] == arm), None)
+    return f"{text} (round {row.get('round') or '?'})" if mixed and row is not None else text
+
+
 def results_table(rows: list[dict[str, str]], plot: str | None = None) -> str:
     """Markdown: provenance line, one row per (workload, batch), the plot (an image link to ``plot``,
     if given), then the targets' verdicts."""
@@ -68,6 +74,7 @@ def results_table(rows: list[dict[str, str]], plot: str | None = None) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     left_out = []
+    mixed_rounds = False
     for (workload, batch), group in common.by_workload_batch(gpu):
         # Every arm of the run that is not tabled, with why: failed, skipped (time budget, not in
         # this mode), cut short, wrong output. Arms left out by --arms/--skip are not listed.
@@ -76,15 +83,24 @@ def results_table(rows: list[dict[str, str]], plot: str | None = None) -> str:
         group = common.judged(group)  # The same medians as the verdicts below.
         base = {arm: common.arm_p50(group, arm) for arm in BASES}
         ours = common.fastest(group, lambda r: r.get("kind") == "ours")
-        cells = [workload, str(batch)] + [_ms(base[a]) for a in BASES]
+        # Arms timed in different rounds of the harness (a compiled arm joins in round 2; an arm
+        # left with too few repetitions in one round reports another): each median says its round,
+        # so that medians side by side are never mistaken for one round's (the ratios never mix).
+        mixed = len({r.get("round", "") for r in group}) > 1
+        mixed_rounds = mixed_rounds or mixed
+        cells = [workload, str(batch)] + [_in_round(group, a, _ms(base[a]), mixed) for a in BASES]
         if ours is not None:
             best, arm = ours
-            cells += [f"{_ms(best)} ({arm})", *(_speedup(group, b, arm) for b in ("B0", "B1", "B2")), _ratio_f(group)]
+            cells += [_in_round(group, arm, f"{_ms(best)} ({arm})", mixed),
+                      *(_speedup(group, b, arm) for b in ("B0", "B1", "B2")), _ratio_f(group)]
         else:
             cells += ["no ours arm judged", "–", "–", "–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "ours / F: the fastest ours arm whose networks are not compiled (F and F_par run the plain "
               "networks), named in brackets; a speed-up names its arm when it is not the best one."]
+    if mixed_rounds:
+        lines += ["", "(round k): where a batch's arms were timed in different rounds of the harness, each median "
+                  "names its round; every speed-up and ratio compares arms of one round."]
     if left_out:
         lines += ["", "Not tabled (medians count with at least "
                   f"{common.MIN_JUDGED_REPS} repetitions of a correct output): " + "; ".join(left_out) + "."]

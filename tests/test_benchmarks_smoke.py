@@ -395,6 +395,24 @@ def test_performance_table_reports_the_latest_gpu_run_only(common, smoke, tmp_pa
     assert "**NVIDIA H100 80GB HBM3**" in readme.read_text()
 
 
+def test_table_medians_of_different_rounds_name_their_round(common, tmp_path):
+    """B0 reported from round 2 (it had too few repetitions in round 1), the best ours arm from round
+    1: side by side in one table row, each median names its round (the ratios never mix rounds)."""
+    table = load_benchmark("performance_table")
+    rows = _gpu_run("2026-11-26", "NVIDIA H200", 200.0, 32.0)
+    for r in rows:
+        r["round"] = "2" if r["arm"] == "B0" else "1"
+    text = table.results_table(rows)
+    line = next(x for x in text.splitlines() if x.startswith("| w | 1 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "200.0 (round 2)" and cells[3] == "100.0 (round 1)"
+    assert cells[7] == "32.00 (ours-graph-traj) (round 1)"
+    assert "each median names its round" in text
+    for r in rows:  # One round: no marks.
+        r["round"] = "1"
+    assert "(round" not in table.results_table(rows)
+
+
 def test_a_later_run_of_other_batches_does_not_hide_earlier_ones(common, tmp_path):
     """The GPU check measures batch 1 in one call and batch 64 in a second: the table shows both,
     each from its own run (ratios within one process), and a later run whose batch 1 arms were all
