@@ -445,6 +445,25 @@ def test_prepared_weights_updated_in_place_are_not_used_stale(cond_net):
     assert torch.equal(after, expected) and not torch.equal(after, before)
 
 
+def test_the_staleness_check_can_be_left_out_by_a_caller_that_never_changes_the_weights(cond_net, monkeypatch):
+    """check_stale=False: no per-call check (a few µs per layer; the latency benchmark's networks, as
+    normalised by hand), the same outputs; an in-place update then goes unnoticed, as promised."""
+    net = prepare_for_inference(copy.deepcopy(cond_net), check_stale=False)
+    checked = prepare_for_inference(copy.deepcopy(cond_net))
+    x, labels = inputs()
+    with torch.no_grad():
+        expected = checked(x, 1.0, labels)
+        monkeypatch.setattr(MPConv, "_source", lambda self, gain: pytest.fail("checked per call"))
+        assert torch.equal(net(x, 1.0, labels), expected)
+        monkeypatch.undo()
+        net.unet.out_gain.add_(0.3)
+        assert torch.equal(net(x, 1.0, labels), expected)  # Unnoticed (the caller's promise).
+        unprepare(net)  # Back to the default: a later prepare_for_inference checks again.
+        assert all(m.check_stale for m in net.modules() if isinstance(m, MPConv))
+    with pytest.raises(TypeError, match="check_stale"):
+        prepare_for_inference(copy.deepcopy(cond_net), check_stale=1)
+
+
 def test_prepared_network_compiles_to_one_graph(cond_net):
     """The staleness check reads storage pointers, which torch.compile cannot trace: it is skipped
     while compiling, so a prepared network is one graph (a graph break per layer otherwise) with

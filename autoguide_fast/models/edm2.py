@@ -178,6 +178,7 @@ class MPConv(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
         self.register_buffer("ready_weight", None, persistent=False)
         self._ready_source: tuple | None = None
+        self.check_stale = True  # See forward and prepare_for_inference.
 
     # What a prepared weight was computed from: the weight's and the gain's storage and version
     # counters (an in-place update such as an EMA step bumps the version). Inference tensors (made
@@ -215,7 +216,8 @@ class MPConv(torch.nn.Module):
         # Writes through `.data` bump no version counter and go unnoticed (documented).
         # Not checked while torch.compile traces: storage pointers cannot be traced (a graph break
         # in every layer); the compiled code uses the prepared weight as it is.
-        if w is not None and not torch.compiler.is_compiling() and self._ready_source != self._source(gain):
+        if (w is not None and self.check_stale and not torch.compiler.is_compiling()
+                and self._ready_source != self._source(gain)):
             w = None
         if w is None or w.dtype != x.dtype or self.training:
             if self.training:
@@ -533,6 +535,9 @@ class Precond(torch.nn.Module):
 def prepare_for_inference(
     net: torch.nn.Module,           # A Precond, or any module containing Precond submodules.
     dtype: torch.dtype | None = None,  # U-Net compute dtype. None = net.body_dtype(device of its weights).
+    *,
+    check_stale: bool = True,       # Check in every eager call that the weights did not change since
+                                    # (a few µs per layer); False: the caller promises they do not.
 ) -> torch.nn.Module:
     """Normalise every MP weight once, in place, and return the same ``net`` in eval mode.
 
@@ -547,11 +552,16 @@ def prepare_for_inference(
     preconds = [m for m in net.modules() if isinstance(m, Precond)]
     if not preconds:
         raise ValueError(f"net must be or contain an EDM2 Precond, got {type(net).__name__}")
+    if not isinstance(check_stale, bool):
+        raise TypeError(f"check_stale: expected a bool, got {type(check_stale).__name__}")
     net.eval()
     for p in preconds:
         body = dtype if dtype is not None else p.body_dtype(p.unet.out_gain.device)
         p.unet.prepare(body)
         p.logvar_linear.prepare(torch.float32)
+    for m in net.modules():
+        if isinstance(m, MPConv):
+            m.check_stale = check_stale
     return net
 
 
@@ -560,6 +570,7 @@ def unprepare(net: torch.nn.Module) -> torch.nn.Module:
     for m in net.modules():
         if isinstance(m, MPConv):
             m.unprepare()
+            m.check_stale = True
     return net
 
 
