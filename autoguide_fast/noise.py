@@ -14,6 +14,8 @@ Specification (implemented identically in pure torch here, and in Triton, C++ an
   ``STREAM_LABELS`` for class labels. One Philox call yields the words r0..r3 of elements
   4g .. 4g + 3.
 * Uniforms u_k = ((r_k >> 8) + 1) · 2^-24, exact in float32, in (0, 1].
+* Class labels (``seeded_labels``): ((r1 << 32) | r0) with its top bit cleared, modulo the number
+  of classes, from the words r0, r1 of group 0 of the ``STREAM_LABELS`` stream.
 * Box–Muller in float64, then rounded to the requested dtype as torch's ``.to()`` rounds (to
   float16 / bfloat16 through float32):
   z_{4g}   = sqrt(-2 ln u0) cos(2π u1),   z_{4g+1} = sqrt(-2 ln u0) sin(2π u1),

@@ -228,3 +228,67 @@ def test_philox_normal_op_equals_reference(device):
     full = E.philox_normal(seeds.to(device), 999, 4, torch.float32)
     part = E.philox_normal(seeds[[4, 1]].to(device), 999, 4, torch.float32)
     assert torch.equal(part, full[[4, 1]])
+
+
+def test_seeds_are_taken_modulo_2_to_the_64():
+    """Seeds beyond [0, 2^64), negative ones included, are their value modulo 2^64 (no test passed
+    any such seed)."""
+    from autoguide_fast import seeded_labels, seeded_noise
+
+    shape = (4, 8)
+    base = [5, 2**64 - 1, 0, 2**63]
+    wrapped = [3 * 2**64 + 5, -1, -(2**64), 2**63 - 5 * 2**64]
+    assert torch.equal(seeded_noise(wrapped, shape), seeded_noise(base, shape))
+    assert torch.equal(seeded_labels(wrapped, 10), seeded_labels(base, 10))
+
+
+def test_churn_noise_uses_stream_one_plus_step():
+    """The specification's churn_stream(i) = 1 + i, pinned end to end against the reference sampler
+    fed the seeded noise of streams 1..N (every other test takes churn_stream as its own oracle:
+    a churn_stream(i) = i, reusing the initial noise's stream for step 0, went unnoticed)."""
+    import itertools
+
+    from autoguide_fast import fast_guided_sample, seeded_noise
+    from autoguide_fast.reference import edm_sampler
+    from tests.nets import TinyConvDenoiser
+
+    assert [churn_stream(i) for i in range(4)] == [1, 2, 3, 4]
+    seeds, shape = [11, 12], (2, 3, 5, 5)
+    net = TinyConvDenoiser(seed=1)
+    noise = seeded_noise(seeds, shape)
+    streams = itertools.count(1)  # Every step churns (S_min = 0, S_max = inf): streams 1, 2, ..., N.
+    expected = edm_sampler(net, noise, None, None, num_steps=4, S_churn=20.0,
+                           randn_like=lambda x: seeded_noise(seeds, x.shape, stream=next(streams)))
+    for backend in [b for b in ("torch", "cpp") if autoguide_fast.backends()[b].available]:
+        got = fast_guided_sample(net, noise, None, None, num_steps=4, S_churn=20.0, seeds=seeds, backend=backend)
+        assert torch.equal(got, expected), backend
+
+
+def _philox_python(seed: int, counter: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """Philox4x32-10 on Python integers, written from the specification in noise.py (an oracle
+    independent of the tensor implementation)."""
+    m = 0xFFFFFFFF
+    k0, k1 = seed & m, (seed >> 32) & m
+    c0, c1, c2, c3 = counter
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & m, (k1 + 0xBB67AE85) & m
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & m, (p0 >> 32) ^ c3 ^ k1, p0 & m
+    return c0, c1, c2, c3
+
+
+@pytest.mark.parametrize("num_classes", [1000, 10, 7, 2**40 + 3])
+def test_seeded_labels_follow_the_specification(num_classes):
+    """Class = ((r1 << 32) | r0) with the top bit cleared, modulo C, from the words r0, r1 of group 0
+    of the labels stream: from an independent Philox, for seeds with the high bit set too (where a
+    dropped mask changes the class of any C that is not a power of two)."""
+    from autoguide_fast import seeded_labels
+    from autoguide_fast.noise import STREAM_LABELS
+
+    seeds = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 0x8123456789ABCDEF, 77]
+    expected = []
+    for seed in seeds:
+        r0, r1, _, _ = _philox_python(seed, (0, 0, STREAM_LABELS, 0))
+        expected.append((((r1 << 32) | r0) & (2**63 - 1)) % num_classes)
+    assert seeded_labels(seeds, num_classes).tolist() == expected

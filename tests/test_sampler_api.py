@@ -435,3 +435,46 @@ def test_guidance_beyond_float32_follows_the_official_lerp_and_is_named_before_a
     f32_max = torch.finfo(torch.float32).max  # The largest weight lerp takes is allowed.
     reference_sampler(net, noise, **{**kwargs, "guidance": -f32_max})
     fast_guided_sample(net, noise, check_finite=False, **{**kwargs, "guidance": -f32_max})
+
+
+def _counting_randn(seed):
+    g, calls = torch.Generator().manual_seed(seed), []
+
+    def randn_like(x):
+        calls.append(1)
+        return torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+    return randn_like, calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_churn_window_includes_its_bounds_like_the_reference(dtype):
+    """S_min <= t <= S_max, bounds included, as the official rule: with S_min and S_max set to
+    levels of the schedule exactly, steps 1..3 churn (no test had a bound on a level)."""
+    t = reference.edm_time_steps(5, 0.002, 80, 7, dtype)
+    kwargs = dict(num_steps=5, S_churn=30.0, S_min=float(t[3]), S_max=float(t[1]), dtype=dtype)
+    net, gnet = TinyConvDenoiser(seed=1), TinyConvDenoiser(seed=2, hidden=4)
+    noise = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(3))
+    (r1, ref_calls), (r2, fast_calls) = _counting_randn(9), _counting_randn(9)
+    expected = reference_sampler(net, noise, None, gnet, guidance=2.1, randn_like=r1, **kwargs)
+    got = fast_guided_sample(net, noise, None, gnet, guidance=2.1, backend="torch", randn_like=r2, **kwargs)
+    assert len(ref_calls) == len(fast_calls) == 3
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("guidance", [1, 2.1])
+def test_callback_denoised_is_the_guided_denoiser(guidance):
+    """The callback's ``denoised`` is D_w = lerp(D_guide, D_main, w) (the callback test before
+    ran unguided only)."""
+    seen = []
+    net, gnet = TinyConvDenoiser(seed=1), TinyConvDenoiser(seed=2, hidden=4)
+    noise = torch.randn(1, 3, 5, 5, generator=torch.Generator().manual_seed(4))
+    out = fast_guided_sample(net, noise, None, gnet, guidance=guidance, num_steps=4, callback=seen.append,
+                             backend="torch")
+    # The last step is Euler to 0: its x is the guided denoised estimate (up to an ulp).
+    torch.testing.assert_close(seen[-1]["denoised"], out, rtol=1e-6, atol=1e-6)
+    # Step 0's denoised is D_w at (noise * t_0, t_0).
+    t0 = torch.tensor(seen[0]["sigma_hat"], dtype=torch.float32)
+    x0 = noise * reference.edm_time_steps(4, 0.002, 80, 7, torch.float32)[0]
+    want = net(x0, t0, None) if guidance == 1 else gnet(x0, t0, None).lerp(net(x0, t0, None), guidance)
+    torch.testing.assert_close(seen[0]["denoised"], want)

@@ -55,6 +55,7 @@ BAD_CALLS = [
     ({"seeds": torch.tensor([[1], [2]])}, ValueError, "seeds: expected a 1-D sequence"),
     ({"guidance_interval": (1.0,), "guidance": 2.0, "gnet": NET}, ValueError, "guidance_interval"),
     ({"guidance_interval": (5.0, 1.0), "guidance": 2.0, "gnet": NET}, ValueError, "guidance_interval"),
+    ({"guidance_interval": (1.0, 1.0), "guidance": 2.0, "gnet": NET}, ValueError, "guidance_interval"),  # Empty.
     ({"guidance_interval": (-1.0, 1.0), "guidance": 2.0, "gnet": NET}, ValueError, "guidance_interval"),
     ({"guidance_interval": "0-1", "guidance": 2.0, "gnet": NET}, ValueError, "guidance_interval"),
     ({"solver": "dpm"}, ValueError, "solver"),
