@@ -14,7 +14,7 @@ from typing import cast
 
 import torch
 
-__all__ = ["edm_sampler", "edm_time_steps"]
+__all__ = ["edm_loop", "edm_sampler", "edm_time_steps"]
 
 
 def edm_time_steps(
@@ -60,7 +60,26 @@ def edm_sampler(
         return ref_Dx.lerp(Dx, guidance)
 
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, dtype, noise.device)
+    return edm_loop(denoise, noise, t_steps, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
+                    dtype=dtype, randn_like=randn_like)
 
+
+def edm_loop(
+    denoise: Callable,                  # The (guided) denoiser, called as denoise(x, t).
+    noise: torch.Tensor,                # Unit-variance initial noise [B, ...].
+    t_steps: torch.Tensor,              # Noise levels t_0 > ... > t_{N-1} > t_N = 0, in dtype.
+    *,
+    S_churn: float = 0,                 # As edm_sampler's.
+    S_min: float = 0,
+    S_max: float = float("inf"),
+    S_noise: float = 1,
+    dtype: torch.dtype = torch.float32,
+    randn_like: Callable = torch.randn_like,
+    second_order: bool = True,          # Heun's correction on all steps but the last; False = Euler.
+) -> torch.Tensor:
+    """The official sampler's loop (EDM Algorithm 2) over the schedule ``t_steps``, N = its length
+    minus one: edm_sampler's body, and the tests' restatement of the package's extensions."""
+    num_steps = len(t_steps) - 1
     x_next = noise.to(dtype) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
@@ -79,7 +98,7 @@ def edm_sampler(
         x_next = x_hat + (t_next - t_hat) * d_cur
 
         # Second-order (Heun) correction, all steps but the last (lines 9-11).
-        if i < num_steps - 1:
+        if second_order and i < num_steps - 1:
             d_prime = (x_next - denoise(x_next, t_next)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
 

@@ -119,16 +119,15 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 def extended_reference(net, noise, labels, gnet, *, randn_like, dtype=torch.float32, num_steps=32, sigma_min=0.002,
                        sigma_max=80.0, rho=7.0, sigmas=None, guidance=1, S_churn=0.0, S_min=0.0, S_max=INF,
                        S_noise=1.0, guidance_interval=None, solver="heun") -> torch.Tensor:
-    """The official sampler's loop, restated with the package's three extensions written from their
-    documented rules (not from its code): a custom schedule ``sigmas`` (t_N = 0 appended, N its
-    length), the guidance interval (w only for lo < sigma <= hi, the 0-dim state-dtype level
-    compared with the Python bounds, the guide not called outside), and the Euler solver (no
-    Heun correction)."""
-    from autoguide_fast.reference import edm_time_steps
+    """The official sampler's loop (reference.edm_loop), with the package's three extensions written
+    from their documented rules (not from its code): a custom schedule ``sigmas`` (t_N = 0
+    appended, N its length), the guidance interval (w only for lo < sigma <= hi, the 0-dim
+    state-dtype level compared with the Python bounds, the guide not called outside), and the
+    Euler solver (no Heun correction)."""
+    from autoguide_fast.reference import edm_loop, edm_time_steps
 
     if sigmas is not None:
         t_steps = torch.tensor([*sigmas, 0.0], dtype=dtype, device=noise.device)
-        num_steps = len(sigmas)
     else:
         t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, dtype, noise.device)
 
@@ -139,18 +138,5 @@ def extended_reference(net, noise, labels, gnet, *, randn_like, dtype=torch.floa
             return Dx
         return gnet(x, t, labels).to(dtype).lerp(Dx, guidance)
 
-    x_next = noise.to(dtype) * t_steps[0]
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        x_cur = x_next
-        if S_churn > 0 and S_min <= t_cur <= S_max:
-            gamma = min(S_churn / num_steps, math.sqrt(2) - 1)
-            t_hat = t_cur + gamma * t_cur
-            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
-        else:
-            t_hat, x_hat = t_cur, x_cur
-        d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
-        if i < num_steps - 1 and solver == "heun":
-            d_prime = (x_next - denoise(x_next, t_next)) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-    return x_next
+    return edm_loop(denoise, noise, t_steps, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
+                    dtype=dtype, randn_like=randn_like, second_order=solver == "heun")

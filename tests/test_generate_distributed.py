@@ -213,6 +213,21 @@ def test_torchrun_end_to_end(tmp_path):
     assert _files(sharded) == _files(single) and len(_files(single)) == 5
 
 
+def _generate_guide_parallel(outdir):
+    """generate --guide-parallel of seeds 40-45 in batches of 2 through the Python API, on the
+    group the caller made: the error it ended with (type name, text) or None, and its seconds."""
+    opts = G.GenerateOptions(net=f"{HERE}:rgb_main", gnet=f"{HERE}:rgb_guide", seeds="40-45", batch=2, guidance=2.0,
+                             num_steps=2, format="npy", outdir=outdir, guide_parallel=True, progress=False,
+                             verbose=False)
+    start = time.monotonic()
+    try:
+        G.generate(opts)
+        error = None
+    except Exception as exc:
+        error = (type(exc).__name__, str(exc))
+    return {"error": error, "seconds": time.monotonic() - start}
+
+
 def _noise_fails_on_rank_0(rank, outdir):
     """generate --guide-parallel through the Python API on a group the caller keeps (so a failing
     rank does not end the group, which with gloo would free the other rank anyway): rank 0 cannot
@@ -227,16 +242,7 @@ def _noise_fails_on_rank_0(rank, outdir):
         return noise(*args, **kwargs)
 
     G.seeded_noise = failing_noise
-    opts = G.GenerateOptions(net=f"{HERE}:rgb_main", gnet=f"{HERE}:rgb_guide", seeds="40-45", batch=2, guidance=2.0,
-                             num_steps=2, format="npy", outdir=outdir, guide_parallel=True, progress=False,
-                             verbose=False)
-    start = time.monotonic()
-    try:
-        G.generate(opts)
-        error = None
-    except Exception as exc:
-        error = (type(exc).__name__, str(exc))
-    return {"error": error, "seconds": time.monotonic() - start}
+    return _generate_guide_parallel(outdir)
 
 
 @pytest.mark.slow
@@ -264,18 +270,10 @@ def _reading_the_result_fails_on_rank_0(rank, outdir):
         return isfinite(x)
 
     torch.isfinite = failing_read
-    opts = G.GenerateOptions(net=f"{HERE}:rgb_main", gnet=f"{HERE}:rgb_guide", seeds="40-45", batch=2, guidance=2.0,
-                             num_steps=2, format="npy", outdir=outdir, guide_parallel=True, progress=False,
-                             verbose=False)
-    start = time.monotonic()
     try:
-        G.generate(opts)
-        error = None
-    except Exception as exc:
-        error = (type(exc).__name__, str(exc))
+        return _generate_guide_parallel(outdir)
     finally:
         torch.isfinite = isfinite
-    return {"error": error, "seconds": time.monotonic() - start}
 
 
 @pytest.mark.slow
