@@ -65,7 +65,7 @@ def _demo_guidance(text: str) -> float:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .cli_types import json_text, write_atomically
+    from .cli_types import write_json
     from .demo import run_demo
 
     def run(num_steps: int) -> dict:
@@ -106,8 +106,7 @@ def _demo(args: argparse.Namespace) -> int:
           f"{error:.2e}: observed convergence order {order:.2f} (Heun's method: 2)"
           + ("" if ok else "; not second order after 4 doublings (start from more --steps for strong guidance)"))
     if args.json is not None:  # None: no --json, or --json none.
-        text = json_text(result)
-        write_atomically(args.json, lambda f: f.write(text.encode()))  # Checked writable before the run.
+        write_json(args.json, result)  # Checked writable before the run.
     return 0 if ok else 1
 
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["PARTIAL_SUFFIX", "at_least_two", "finite_float", "json_text", "png_file", "positive_int",
+__all__ = ["PARTIAL_SUFFIX", "Given", "at_least_two", "finite_float", "json_text", "png_file", "positive_int",
            "standard_json", "steps", "thread_count", "torch_seed", "writable_dir", "writable_file",
-           "write_atomically", "write_probe"]
+           "write_atomically", "write_json", "write_probe"]
 
 
 def write_probe(folder: str | os.PathLike) -> None:
@@ -26,6 +26,16 @@ def write_probe(folder: str | os.PathLike) -> None:
     fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
     os.close(fd)
     os.remove(probe)
+
+
+class Given(argparse.Action):
+    """Stores the option's value (as argparse's default action) and records that it was given, as
+    typed: ``namespace.given`` lists (flag, dest) in the order given. For rules about an option
+    given at all, whatever its value (one given at its default value is still given)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = [*getattr(namespace, "given", []), (option_string, self.dest)]
 
 
 def positive_int(text: str) -> int:
@@ -169,3 +179,9 @@ def standard_json(value: Any) -> Any:
 def json_text(value: Any) -> str:
     """The text of an output JSON file: standard JSON (see standard_json), indented, one final newline."""
     return json.dumps(standard_json(value), indent=2, allow_nan=False) + "\n"
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """``value`` as an output JSON file (json_text), written atomically (write_atomically)."""
+    text = json_text(value)
+    write_atomically(path, lambda f: f.write(text.encode()))

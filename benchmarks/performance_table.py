@@ -113,7 +113,6 @@ def results_table(rows: list[dict[str, str]], plot: str | None = None) -> str:
     return "\n".join(lines)
 
 
-
 def _run_text(run: list[dict[str, str]]) -> str:
     first = run[0]
     reps = [str(n) for n in sorted({common.reps(r) for r in common.judged(run)})]

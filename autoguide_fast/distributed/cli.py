@@ -19,7 +19,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from ..cli_types import thread_count, torch_seed
+from ..cli_types import Given, thread_count, torch_seed
 from .generation import DTYPES, FORMATS, GenerateOptions, SamplingFailure, generate
 from .guide_parallel import PeerFailure
 from .loading import parse_overrides
@@ -65,21 +65,19 @@ def _levels(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected {what}: {exc}") from None
 
 
-class _Schedule(argparse.Action):
+class _Schedule(Given):
     """Stores --sigmas, or one of the options of the official schedule it replaces (--steps,
     --sigma-min, --sigma-max, --rho), and refuses the two kinds together while parsing. Refused when
     given at all, at its default value too: the sampler's own check sees only values other than the
     default, and an option given with --sigmas would be silently ignored."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        given: dict[str, bool] = getattr(namespace, "schedule_flags", {})  # Flag as typed -> is it --sigmas?
         custom = self.dest == "sigmas"
-        other = next((flag for flag, is_sigmas in given.items() if is_sigmas != custom), None)
+        other = next((flag for flag, dest in getattr(namespace, "given", []) if (dest == "sigmas") != custom), None)
         if other is not None:
             raise argparse.ArgumentError(self, f"not allowed with argument {other} (a custom schedule, --sigmas, "
                                                "replaces the official one's steps and levels: give one or the other)")
-        setattr(namespace, self.dest, values)
-        namespace.schedule_flags = {**given, option_string or self.option_strings[0]: custom}
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

@@ -328,11 +328,19 @@ def announce_failure(error: BaseException, group: dist.ProcessGroup | None = Non
     link = _Link(group)
     if link.rank != 0:
         raise ValueError("announce_failure: only rank 0 (the main network's) announces a failure this way")
-    header = [_PROTOCOL, _BAD_ARGS] + [0] * (_HEADER_LEN - 2)
+    _open_trajectory(link, None, error, "preparing its inputs")
+    raise error  # _open_trajectory raised it already; for the type checker.
+
+
+def _open_trajectory(link: _Link, header: list[int] | None, error: BaseException | None, what: str) -> None:
+    """Rank 0's first message of a trajectory and the status exchange after it: ``header``, or,
+    after a failure (``error``), one marked _BAD_ARGS, which rank 1 answers by raising a PeerFailure
+    quoting the error. Raises as _settle does (``what``: what the failure was doing)."""
+    if error is not None or header is None:
+        header = [_PROTOCOL, _BAD_ARGS] + [0] * (_HEADER_LEN - 2)
     link.from_main(torch.tensor(header, dtype=torch.int64, device=link.device))
-    status = link.status([_BAD_ARGS, 0, 0])
-    _settle(link, status, error, "preparing its inputs")
-    raise error  # _settle raised it already; for the type checker.
+    status = link.status([_OK if error is None else _BAD_ARGS, 0, 0])
+    _settle(link, status, error, what)
 
 
 # ----------------------------------------------------------------------------
@@ -448,11 +456,8 @@ def _run_main(link, net, noise, labels, kwargs, randn_like, seeds, backend, call
         t_steps, steps = build_plan(config, noise.device)
         header = _main_header(config, steps, noise, labels)
     except Exception as exc:
-        error = exc
-        header = [_PROTOCOL, _BAD_ARGS] + [0] * (_HEADER_LEN - 2)
-    link.from_main(torch.tensor(header, dtype=torch.int64, device=link.device))
-    status = link.status([_OK if error is None else _BAD_ARGS, 0, 0])
-    _settle(link, status, error, "its argument checks")
+        error, header = exc, None
+    _open_trajectory(link, header, error, "its argument checks")
     if labels is not None:
         link.from_main(labels.to(link.device).contiguous())
 

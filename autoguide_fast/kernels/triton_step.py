@@ -293,7 +293,6 @@ def _check_scalars(x_hat: torch.Tensor, scalars: object) -> None:
         raise ValueError(f"scalars: expected {expected} on {x_hat.device} (like x_hat), got one on {scalars.device}")
 
 
-
 def _check_cast(cast_dtype: torch.dtype | None) -> None:
     if cast_dtype is not None and cast_dtype not in _NET_DTYPES:
         raise TypeError(f"cast_dtype: expected a floating dtype or None, got {cast_dtype}")

@@ -258,6 +258,7 @@ class Block(torch.nn.Module):
         self.resample_filter = list(resample_filter)
         self.resample_mode = resample_mode
         self._resample_kernels: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # See _filter_kernel.
+        self._general_filter = resample_mode != "keep" and not is_box_filter(resample_filter)  # Needs a kernel.
         self.num_heads = out_channels // channels_per_head if attention else 0
         self.dropout = dropout
         self.res_balance = res_balance
@@ -296,7 +297,7 @@ class Block(torch.nn.Module):
     # mode does not keep an inference tensor that a later training call could not save; not kept
     # while torch.compile traces (its tensors are not real ones).
     def _filter_kernel(self, x: Tensor) -> Tensor | None:
-        if self.resample_mode == "keep" or is_box_filter(self.resample_filter) or torch.compiler.is_compiling():
+        if not self._general_filter or torch.compiler.is_compiling():
             return None
         key = (x.device, x.dtype)
         kernel = self._resample_kernels.get(key)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..cli_types import (
+    Given,
     at_least_two,
     finite_float,
     png_file,
@@ -43,7 +44,7 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
     """The experiment's options (each recorded when given: see _given_before_train)."""
 
     def add(*names: str, **kwargs) -> None:
-        p.add_argument(*names, action=_Given, **kwargs)
+        p.add_argument(*names, action=Given, **kwargs)
 
     add("--samples", type=at_least_two, default=16384,
         help="number of points per sampler (default 16384)")
@@ -137,19 +138,11 @@ def run_experiment(args: argparse.Namespace) -> int:
         return 1
 
 
-class _Given(argparse.Action):
-    """Stores an experiment option and records that it was given, as typed: 'toy train' refuses
-    them whatever their value (one given at the experiment's default would be ignored silently, and
-    the defaults differ: the experiment's --seed is 1, training's 0)."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, values)
-        namespace.experiment_given = [*getattr(namespace, "experiment_given", []), option_string]
-
-
 def _given_before_train(args: argparse.Namespace) -> list[str]:
-    """The experiment's options given before 'train' (which would ignore them), in their order."""
-    return list(dict.fromkeys(getattr(args, "experiment_given", [])))
+    """The experiment's options given before 'train' (which would ignore them), in their order:
+    refused whatever their value (one given at the experiment's default would be ignored silently,
+    and the defaults differ: the experiment's --seed is 1, training's 0)."""
+    return list(dict.fromkeys(flag for flag, _ in getattr(args, "given", [])))
 
 
 def _dispatch(args: argparse.Namespace) -> int:

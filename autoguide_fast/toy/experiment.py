@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_types import json_text, write_atomically
+from ..cli_types import write_atomically, write_json
 from .ground_truth import GaussianMixture, ground_truth
 from .network import ToyNet, load_toy_net
 from .training import MODELS
@@ -326,8 +326,7 @@ def run_toy_experiment(
             "rows": [asdict(r) for r in rows],
         }
         json_path = Path(json_path)
-        text = json_text(payload)
-        write_atomically(json_path, lambda f: f.write(text.encode()))
+        write_json(json_path, payload)
         if verbose:
             print(f"json: {json_path}")
     return 0
