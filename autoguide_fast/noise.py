@@ -32,6 +32,7 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from typing import Any
 
 import torch
 
@@ -77,9 +78,26 @@ def seeds_to_device(seeds: torch.Tensor, device: torch.device | str) -> torch.Te
     return seeds.to(device)
 
 
+def check_target_device(device: Any) -> torch.device:
+    """``device`` (the argument of that name) as a torch.device that can hold values and exists here."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device: expected a torch.device, a string or None, got {type(device).__name__}")
+    try:
+        target = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device: not a valid device ({exc})") from None
+    if target.type == "meta":
+        raise ValueError("device: expected a device that holds values (the CPU or a GPU), got meta")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {target} requested but CUDA is not available in this process")
+    return target
+
+
 def seeds_to_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """Seeds as an int64 tensor holding each seed modulo 2^64 (two's complement), on ``device``
     (None: a tensor stays on its device, other seeds go to the CPU)."""
+    if device is not None:
+        device = check_target_device(device)
     if isinstance(seeds, torch.Tensor):
         if seeds.dtype.is_floating_point or seeds.dtype.is_complex or seeds.dtype == torch.bool:
             raise TypeError(f"seeds: expected integers, got a tensor of dtype {seeds.dtype}")

@@ -37,6 +37,13 @@ def make_config(
     # dtype: its value rounded to that dtype gives the same result (for float16 and bfloat16 that
     # differs from the same number passed as a Python float, which lerp keeps in float32).
     if (isinstance(guidance, torch.Tensor) and guidance.dim() == 0 and guidance.dtype.is_floating_point):
+        if guidance.is_meta:
+            raise ValueError("guidance: expected a number or a tensor with a value, got a meta tensor")
+        if guidance.requires_grad and torch.is_grad_enabled():
+            # The official sampler would differentiate through lerp's weight; here its value is read
+            # once (a hashable config, fused kernels), and its gradient would be None, silently.
+            raise TypeError("guidance: a tensor that requires grad is not supported (its gradient would be lost); "
+                            "pass guidance.detach() or a number")
         guidance = guidance.detach().to("cpu", dtype).item()
     V.check_schedule(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise)
     interval = V.check_guidance(guidance, gnet, guidance_interval, dtype)
@@ -94,7 +101,7 @@ def run_eager(
     net: Callable,                      # Main network.
     gnet: Callable | None,              # Guide network (only called where a step is guided).
     noise: torch.Tensor,                # Initial unit noise.
-    labels: torch.Tensor | None,
+    labels: Any,                        # Passed on to the networks as given.
     config: SamplerConfig,
     backend: StepBackend,
     seeds: torch.Tensor | None = None,  # int64 [B] per-image seeds for the churn noise.
@@ -115,7 +122,7 @@ def run_eager_steps(
     net: Callable,
     gnet: Callable | None,
     x: torch.Tensor,                    # State at t_first (noise · t_0 when first == 0).
-    labels: torch.Tensor | None,
+    labels: Any,
     config: SamplerConfig,
     backend: StepBackend,
     seeds: torch.Tensor | None = None,
@@ -179,9 +186,11 @@ def run_eager_steps(
 
 def _engine_applies(noise: torch.Tensor, labels, randn_like, callback) -> bool:
     """CUDA tensors go through the cached engine unless a per-step callback or a custom churn
-    noise source needs the plain loop."""
+    noise source needs the plain loop, or the labels are not a batch of the noise's size on its
+    device (the engine copies them into a static buffer of that shape)."""
     return (noise.is_cuda and callback is None and (randn_like is None or randn_like is torch.randn_like)
-            and (labels is None or labels.device == noise.device))
+            and (labels is None or (isinstance(labels, torch.Tensor) and labels.device == noise.device
+                                    and labels.dim() >= 1 and labels.shape[0] == noise.shape[0])))
 
 
 def _wants_autograd(noise: torch.Tensor, labels) -> bool:
@@ -211,7 +220,8 @@ def _randn_like_churn(noise: torch.Tensor, config: SamplerConfig, randn_like, se
 def fast_guided_sample(
     net: Callable,                          # Main network D1: net(x, t, labels) -> tensor like x.
     noise: torch.Tensor,                    # Unit-variance initial noise [B, ...].
-    labels: torch.Tensor | None = None,     # Labels for both networks (batch B), or None.
+    labels: Any = None,                     # Labels for both networks, passed on as given: a tensor of batch B
+                                            # (or 1, for networks that broadcast it), any other object, or None.
     gnet: Callable | None = None,           # Guide network D0; required when guidance != 1.
     *,
     num_steps: int = 32,                    # Number of time steps N (2N - 1 evaluations with heun).
@@ -257,7 +267,7 @@ def fast_guided_sample(
     )
     # On a GPU, reading the noise's values makes the host wait for the GPU: only when check_finite.
     V.check_noise(noise, values=check_finite or noise.device.type != "cuda")
-    V.check_labels(labels, noise)
+    V.check_labels(labels, noise, as_official=True)
     seeds_t = V.check_seeds(seeds, noise)
     differentiable = _wants_autograd(noise, labels)
     if differentiable and backend not in ("auto", "torch"):
@@ -299,7 +309,7 @@ def fast_guided_sample(
 def edm_sampler(
     net: Callable,                          # Main network D1: net(x, t, labels) -> tensor like x.
     noise: torch.Tensor,                    # Unit-variance initial noise [B, ...].
-    labels: torch.Tensor | None = None,     # Labels for both networks, or None.
+    labels: Any = None,                     # Labels for both networks, passed on as given, or None.
     gnet: Callable | None = None,           # Guide network D0; required when guidance != 1.
     num_steps: int = 32,                    # Number of time steps N.
     sigma_min: float = 0.002,               # Lowest noise level.

@@ -190,21 +190,31 @@ def check_noise(noise, values: bool = True) -> None:
         raise TypeError(f"noise: expected a floating tensor, got dtype {noise.dtype}")
     if noise.is_meta:
         raise ValueError("noise: expected a tensor with values (on the CPU or a GPU), got a meta tensor")
+    if noise.layout != torch.strided:
+        raise ValueError(f"noise: expected a dense (strided) tensor, got layout {noise.layout}")
     if noise.dim() < 1 or noise.numel() == 0:
         raise ValueError(f"noise: expected a non-empty tensor [batch, ...], got shape {tuple(noise.shape)}")
     if values and not bool(torch.isfinite(noise).all()):
         raise ValueError("noise: contains NaN or Inf")
 
 
-def check_labels(labels, noise: torch.Tensor) -> None:
+def check_labels(labels, noise: torch.Tensor, *, as_official: bool = False) -> None:
+    """Labels of batch size B (that of noise). ``as_official`` (the drop-in samplers): like the
+    official sampler, which passes labels on to the networks unread, also a tensor of batch size 1
+    (networks such as EDM2's Precond broadcast it) and any object that is not a tensor (e.g. a dict
+    of conditioning tensors for a custom network). A tensor of another batch size is refused in
+    every case: it cannot label B images."""
     if labels is None:
         return
     if not isinstance(labels, torch.Tensor):
+        if as_official:
+            return
         raise TypeError(f"labels: expected a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dim() < 1 or labels.shape[0] != noise.shape[0]:
-        raise ValueError(
-            f"labels: expected batch size {noise.shape[0]} (that of noise), got shape {tuple(labels.shape)}"
-        )
+    sizes = (noise.shape[0], 1) if as_official else (noise.shape[0],)
+    if labels.dim() < 1 or labels.shape[0] not in sizes:
+        also = " or 1" if as_official and noise.shape[0] != 1 else ""
+        expected = f"batch size {noise.shape[0]} (that of noise){also}"
+        raise ValueError(f"labels: expected {expected}, got shape {tuple(labels.shape)}")
 
 
 def check_seeds(seeds, noise: torch.Tensor) -> torch.Tensor | None:

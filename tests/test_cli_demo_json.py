@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,3 +145,16 @@ def test_experiment_options_before_train_are_refused_not_ignored(tmp_path, capsy
                                       str(tmp_path / "w")])
     assert toy_cli._given_before_train(args) == [] and args.seed == 1
     assert not (tmp_path / "w").exists()
+
+
+def test_python_dash_m_runs_the_command(tmp_path):
+    """`python -m autoguide_fast` is the `autoguide-fast` command (its exit code included)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    ok = subprocess.run([sys.executable, "-m", "autoguide_fast", "demo", "--batch", "256", "--json", "none"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "PASS" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "autoguide_fast", "demo", "--batch", "0"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--batch" in bad.stderr

@@ -242,6 +242,16 @@ def test_bad_call_arguments(cond_net):
         prepare_for_inference(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("dtype", ["float16", torch.int64, torch.float8_e4m3fn], ids=str)
+def test_prepare_for_inference_checks_dtype_before_changing_the_network(dtype):
+    net = tiny_net()
+    net.train()
+    with pytest.raises(TypeError, match="^dtype: expected None or one of"):
+        prepare_for_inference(net, dtype)
+    assert net.training  # Not switched to eval mode, no layer prepared.
+    assert all(getattr(m, "ready_weight", None) is None for m in net.modules())
+
+
 def test_dropout_only_in_training():
     net = tiny_net(dropout=0.5)
     x, labels = inputs()

@@ -369,6 +369,33 @@ def test_mpconv_and_mp_weight(kernel, small):
         assert_far(out, ref_mpconv(x.to(F64), conv.weight, gain_t, mut="kernel_flipped"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_mpconv_training_normalises_as_the_official_layer(dtype):
+    """Training mode (forced weight normalisation): the official layer normalises the float32 view
+    of the weight into the stored weight, then normalises that view for use. For a float32 weight the
+    view is the weight itself, so the use sees normalize(normalize(w0)); for any other dtype the view
+    is a copy, normalised once. Both restated here from those rules (in float32, as the layer)."""
+    conv = MPConv(6, 5, kernel=[3, 3])
+    scramble_weights(conv, seed=13)
+    conv = conv.to(dtype).train()
+    w0 = conv.weight.detach().to(torch.float32).clone()
+    x = randn(2, 6, 5, 7, seed=14).to(torch.float32 if dtype == torch.float16 else dtype)
+    gain = 0.83
+
+    def use(w: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, (w * (gain / math.sqrt(w[0].numel()))).to(x.dtype), padding=1)
+
+    once = normalize(w0)
+    twice = normalize(once.to(dtype).to(torch.float32)) if dtype == torch.float32 else None
+    with torch.no_grad():
+        out = conv(x, gain=gain)
+    assert torch.equal(conv.weight, once.to(dtype))  # The stored weight: normalised once.
+    expected = use(twice if twice is not None else once)
+    assert torch.equal(out, expected)
+    if dtype != torch.float32:  # Normalising twice (re-reading the stored weight) is measurably different.
+        assert not torch.equal(out, use(normalize(conv.weight.to(torch.float32))))
+
+
 # ----------------------------------------------------------------------------
 # Attention and blocks.
 

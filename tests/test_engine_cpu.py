@@ -121,6 +121,21 @@ def test_cuda_device_without_cuda_is_refused():
         sampler(CountingNet(), CountingNet(), device="cuda")
 
 
+@pytest.mark.parametrize("device", ["cpu:0", torch.device("cpu", 0)], ids=["text", "device"])
+def test_an_indexed_cpu_device_is_the_cpu(device):
+    """CPU tensors report `cpu` whatever index they were made with: a sampler kept at `cpu:0`
+    refused every tensor (torch.randn(..., device="cpu:0") too)."""
+    net = TinyConvDenoiser(channels=3, label_dim=LABEL_DIM, seed=1)
+    s = GuidedSampler(net, noise_shape=SHAPE, label_shape=LABELS.shape, device=device, num_steps=3)
+    assert s.device == torch.device("cpu")
+    noise = torch.randn(SHAPE, device=device)
+    expected = fast_guided_sample(net, noise, LABELS, num_steps=3)
+    assert torch.equal(s(noise, LABELS), expected)
+    buckets = autoguide_fast.BucketedSampler(net, image_shape=SHAPE[1:], image_label_shape=LABELS.shape[1:],
+                                             batch_sizes=(SHAPE[0],), device=device, num_steps=3)
+    assert torch.equal(buckets(noise, LABELS), expected)
+
+
 def test_default_device_is_cuda_if_available_else_cpu():
     s = GuidedSampler(CountingNet(), noise_shape=(1, 2), backend="torch")
     assert s.device.type == ("cuda" if torch.cuda.is_available() else "cpu")

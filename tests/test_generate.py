@@ -442,7 +442,7 @@ _API_BAD = {
     "negative seed": (dict(seeds=[3, -1]), ValueError, "--seeds"),
     "repeated seed": (dict(seeds="0-3,2"), ValueError, "--seeds"),
     "batch zero": (dict(batch=0), ValueError, "--batch"),
-    "batch bool": (dict(batch=True), ValueError, "--batch"),
+    "batch bool": (dict(batch=True), TypeError, "--batch"),
     "no net": (dict(net=""), ValueError, "--net"),
     "guidance without guide": (dict(gnet=None), ValueError, "--gnet"),
     "guide-parallel without guide": (dict(gnet=None, guidance=1.0, guide_parallel=True), ValueError,
@@ -470,6 +470,20 @@ _API_BAD = {
     "sigmas increasing": (dict(sigmas=[1.0, 2.0], num_steps=32), ValueError, "--sigmas"),
     "sigmas as text": (dict(sigmas="80,1", num_steps=32), TypeError, "--sigmas"),
     "sigmas with steps": (dict(sigmas=[80.0, 1.0]), ValueError, "--steps"),  # base: num_steps=2.
+    # Types the flags cannot give: once truncated or taken as true silently (class 1.9 drew class 1).
+    "float class": (dict(class_idx=1.9), TypeError, "--class"),
+    "bool class": (dict(class_idx=True), TypeError, "--class"),
+    "text class": (dict(class_idx="2"), TypeError, "--class"),
+    "text label dim": (dict(label_dim="5"), TypeError, "--label-dim"),
+    "float shape": (dict(shape=(2.9, 2, 2)), TypeError, "--shape"),
+    "text shape": (dict(shape="3,8,8"), ValueError, "--shape"),
+    "text subdirs": (dict(subdirs="False"), TypeError, "--subdirs"),
+    "int guide-parallel": (dict(guide_parallel=1), TypeError, "--guide-parallel"),
+    "float batch": (dict(batch=2.0), TypeError, "--batch"),
+    "float threads": (dict(threads=1.5), TypeError, "--threads"),
+    "threads beyond the CPUs": (dict(threads=(os.cpu_count() or 1) + 1), ValueError, "--threads"),
+    "bytes as outdir": (dict(outdir=b"out"), TypeError, "--outdir"),
+    "dtype object": (dict(dtype=torch.float32), TypeError, "--dtype"),
 }
 
 
@@ -581,6 +595,45 @@ def test_python_api_takes_seeds_as_an_array_or_tensor(tmp_path):
         generate(GenerateOptions(net=f"{HERE}:latent_main", seeds=seeds, outdir=str(out), num_steps=2,
                                  progress=False, verbose=False))
         assert sorted(p.name for p in out.glob("*.npy")) == ["000000.npy", "000001.npy"]
+
+
+def test_python_api_takes_numpy_and_tensor_numbers_as_the_numbers_they_hold(tmp_path):
+    """A NumPy scalar or a 0-dim tensor in a sampler option gives the files of the Python number
+    (the settings record is plain JSON; it failed to serialise them once networks were loaded)."""
+    from autoguide_fast.distributed import GenerateOptions, generate
+
+    base = dict(net=f"{HERE}:rgb_main", gnet=f"{HERE}:rgb_guide", seeds="0-1", num_steps=3, format="npy",
+                S_churn=1.5, progress=False, verbose=False)
+    generate(GenerateOptions(**base, outdir=str(tmp_path / "plain"), guidance=2.5, sigma_max=60.0,
+                             guidance_interval=(0.5, 30.0)))
+    given = dict(guidance=torch.tensor(2.5), sigma_max=np.float32(60.0), num_steps=np.int64(3),
+                 guidance_interval=(np.float64(0.5), np.float32(30.0)), S_churn=np.float32(1.5))
+    generate(GenerateOptions(**{**base, **given}, outdir=tmp_path / "numpy"))  # A path object too.
+    for seed in (0, 1):
+        a = np.load(image_path(str(tmp_path / "plain"), seed, "npy"))
+        b = np.load(image_path(str(tmp_path / "numpy"), seed, "npy"))
+        assert np.array_equal(a, b)
+    plain = json.loads((tmp_path / "plain" / SETTINGS_FILE).read_text())
+    assert json.loads((tmp_path / "numpy" / SETTINGS_FILE).read_text()) == plain
+    # The second directory resumes with the plain numbers (same settings).
+    generate(GenerateOptions(**base, outdir=str(tmp_path / "numpy"), guidance=2.5, sigma_max=60.0,
+                             guidance_interval=(0.5, 30.0)))
+
+
+def test_python_api_threads_apply_to_the_job_only(tmp_path, monkeypatch):
+    from autoguide_fast.distributed import GenerateOptions, generate
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    torch.set_num_threads(1)
+    seen = []
+    monkeypatch.setattr(G, "_run", lambda job, opts, seeds: seen.append(torch.get_num_threads()) or "done")
+    opts = dict(net=f"{HERE}:latent_main", seeds="0", num_steps=2, progress=False, verbose=False, threads=3)
+    assert generate(GenerateOptions(**opts, outdir=str(tmp_path / "a"))) == "done"
+    assert seen == [3] and torch.get_num_threads() == 1
+    monkeypatch.setattr(G, "_run", lambda job, opts, seeds: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        generate(GenerateOptions(**opts, outdir=str(tmp_path / "b")))
+    assert torch.get_num_threads() == 1
 
 
 def test_a_settings_record_that_is_not_an_object_is_named(tmp_path, capsys):

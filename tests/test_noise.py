@@ -292,3 +292,16 @@ def test_seeded_labels_follow_the_specification(num_classes):
         r0, r1, _, _ = _philox_python(seed, (0, 0, STREAM_LABELS, 0))
         expected.append((((r1 << 32) | r0) & (2**63 - 1)) % num_classes)
     assert seeded_labels(seeds, num_classes).tolist() == expected
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "^device: not a valid device"),
+    ("meta", "^device: expected a device that holds values"),
+    (3.5, "^device: expected a torch.device"),
+] + ([] if torch.cuda.is_available() else [("cuda", "^device: cuda requested but CUDA is not available")]))
+def test_seeded_noise_and_labels_name_a_bad_device(device, message):
+    error = TypeError if not isinstance(device, str) else ValueError
+    with pytest.raises(error, match=message):
+        autoguide_fast.seeded_noise([1, 2], (2, 3), device=device)
+    with pytest.raises(error, match=message):
+        autoguide_fast.seeded_labels([1, 2], 10, device=device)

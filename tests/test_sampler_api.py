@@ -478,3 +478,90 @@ def test_callback_denoised_is_the_guided_denoiser(guidance):
     x0 = noise * reference.edm_time_steps(4, 0.002, 80, 7, torch.float32)[0]
     want = net(x0, t0, None) if guidance == 1 else gnet(x0, t0, None).lerp(net(x0, t0, None), guidance)
     torch.testing.assert_close(seen[0]["denoised"], want)
+
+
+def test_a_guidance_tensor_that_requires_grad_is_refused_not_detached():
+    """The official sampler differentiates through lerp's weight; the samplers here read its value
+    once, so its gradient would be None, silently: refused while autograd is on, before any call."""
+    net, gnet = GaussianDenoiser(0.5), GaussianDenoiser(0.9)
+    w = torch.tensor(2.0, requires_grad=True)
+    noise = torch.randn(2, 3)
+    for call in (lambda: fast_guided_sample(net, noise, None, gnet, num_steps=3, guidance=w),
+                 lambda: edm_sampler(net, noise, None, gnet, num_steps=3, guidance=w),
+                 lambda: GuidedSampler(net, gnet, noise_shape=(2, 3), device="cpu", num_steps=3, guidance=w)):
+        with pytest.raises(TypeError, match="^guidance: a tensor that requires grad"):
+            call()
+    assert net.calls == gnet.calls == 0
+    with torch.no_grad():  # No gradient wanted: its value is the weight.
+        got = fast_guided_sample(net, noise, None, gnet, num_steps=3, guidance=w)
+    assert torch.equal(got, reference_sampler(net, noise, None, gnet, num_steps=3, guidance=2.0))
+
+
+def test_a_meta_guidance_tensor_is_named():
+    net, gnet = GaussianDenoiser(0.5), GaussianDenoiser(0.9)
+    with pytest.raises(ValueError, match="^guidance: .*meta"):
+        fast_guided_sample(net, torch.randn(2, 3), None, gnet, num_steps=3, guidance=torch.tensor(2.0, device="meta"))
+    assert net.calls == 0
+
+
+def test_sparse_noise_is_named():
+    net = GaussianDenoiser(0.5)
+    noise = torch.randn(2, 3).to_sparse()
+    with pytest.raises(ValueError, match="^noise: expected a dense"):
+        fast_guided_sample(net, noise, num_steps=3)
+    sampler = GuidedSampler(net, noise_shape=(2, 3), device="cpu", num_steps=3)
+    with pytest.raises(ValueError, match="^noise: expected a dense"):
+        sampler(noise)
+    labelled = GuidedSampler(net, noise_shape=(2, 3), label_shape=(2, 4), device="cpu", num_steps=3)
+    with pytest.raises(ValueError, match="^labels: expected a dense"):
+        labelled(torch.randn(2, 3), one_hot_labels(2, 4).to_sparse())
+    assert net.calls == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_labels_are_passed_on_as_the_official_sampler_does(backend):
+    """The official sampler hands labels to the networks unread: a batch of 1 that the networks
+    broadcast (EDM2's Precond does), or any object, e.g. a dict for a custom network."""
+    net = TinyConvDenoiser(channels=3, label_dim=4, seed=1)
+    gnet = TinyConvDenoiser(channels=3, label_dim=4, seed=2, hidden=4)
+    noise = torch.randn(3, 3, 5, 6, generator=torch.Generator().manual_seed(11))
+    one = one_hot_labels(1, 4)
+    kwargs = dict(num_steps=4, guidance=2.1, S_churn=3.0, randn_like=make_randn_like(5))
+    expected = reference_sampler(net, noise, one, gnet, **kwargs)
+    other = one.roll(1, dims=1)  # Another class: the labels count.
+    assert not torch.equal(expected, reference_sampler(net, noise, other, gnet,
+                                                       **{**kwargs, "randn_like": make_randn_like(5)}))
+    got = fast_guided_sample(net, noise, one, gnet, backend=backend, **{**kwargs, "randn_like": make_randn_like(5)})
+    assert torch.equal(got, expected)
+    assert torch.equal(edm_sampler(net, noise, one, gnet, 4, guidance=2.1, S_churn=3.0,
+                                   randn_like=make_randn_like(5)), expected)
+
+    def keyed(model):
+        return lambda x, t, labels: model(x, t, labels["class"])
+
+    got = fast_guided_sample(keyed(net), noise, {"class": one}, keyed(gnet), backend=backend,
+                             **{**kwargs, "randn_like": make_randn_like(5)})
+    assert torch.equal(got, expected)
+
+
+def test_labels_of_another_batch_size_are_refused_before_any_network_call():
+    net = GaussianDenoiser(0.5)
+    for labels in (one_hot_labels(2, 4), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"^labels: expected batch size 3 \(that of noise\) or 1"):
+            fast_guided_sample(net, torch.randn(3, 2), labels, num_steps=3)
+    assert net.calls == 0
+
+
+def test_only_a_batch_of_labels_on_the_noise_device_takes_the_engine():
+    """The engine copies labels into a static buffer of the batch's shape: other labels run eagerly."""
+    from autoguide_fast.sampler import _engine_applies
+
+    class CudaNoise:  # What _engine_applies reads of a CUDA tensor.
+        is_cuda, device, shape = True, torch.device("cpu"), torch.Size([3, 2])
+
+    noise = CudaNoise()
+    assert _engine_applies(noise, None, None, None)
+    assert _engine_applies(noise, torch.zeros(3, 4), None, None)
+    assert not _engine_applies(noise, torch.zeros(1, 4), None, None)
+    assert not _engine_applies(noise, {"class": torch.zeros(3, 4)}, None, None)
+    assert not _engine_applies(noise, torch.zeros(3, 4, device="meta"), None, None)

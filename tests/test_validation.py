@@ -47,7 +47,7 @@ BAD_CALLS = [
     ({"noise": torch.tensor([[1.0, float("nan")]])}, ValueError, "noise"),
     ({"noise": torch.tensor([[1.0, float("inf")]])}, ValueError, "noise"),
     ({"labels": torch.zeros(3, 10)}, ValueError, "labels"),
-    ({"labels": [0, 1]}, TypeError, "labels"),
+    ({"labels": torch.zeros(0, 10)}, ValueError, "labels"),  # (Any other object goes to the networks, as given.)
     ({"seeds": [1, 2, 3]}, ValueError, "seeds"),
     ({"seeds": [1.5, 2.0]}, TypeError, "seeds"),
     ({"seeds": 7}, TypeError, "seeds"),

@@ -116,9 +116,11 @@ def _is_preset(spec: str | None) -> bool:
     return spec is not None and spec.lower().startswith(PRESET_PREFIX)
 
 
-def _check_options(opts: GenerateOptions) -> tuple[list[int], tuple[float, ...] | None]:
-    """The seeds, and the custom schedule as the sampler takes it (floats, a final 0 dropped; None:
-    the official formula)."""
+def _check_options(opts: GenerateOptions) -> tuple[list[int], GenerateOptions]:
+    """The seeds, and a copy of ``opts`` in plain Python types: numbers as ``int``/``float`` (a NumPy
+    scalar or a 0-dim tensor of the Python API read as the number it holds, as the CLI would give
+    it), the custom schedule as the sampler takes it (floats, a final 0 dropped; None: the official
+    formula). The caller's options stay as given."""
     if isinstance(opts.seeds, str):
         seeds = parse_seeds(opts.seeds)
     else:
@@ -135,8 +137,18 @@ def _check_options(opts: GenerateOptions) -> tuple[list[int], tuple[float, ...] 
         raise ValueError("--seeds: seeds must be non-negative")
     if len(set(seeds)) != len(seeds):
         raise ValueError("--seeds: a seed appears more than once (each seed names one file)")
-    if isinstance(opts.batch, bool) or not isinstance(opts.batch, int) or opts.batch < 1:
-        raise ValueError(f"--batch: expected a positive integer, got {opts.batch!r}")
+    # Specs and the output directory: a path object is taken as its string.
+    opts = replace(opts, net=_text("--net", opts.net), outdir=_text("--outdir", opts.outdir),
+                   gnet=None if opts.gnet is None else _text("--gnet", opts.gnet))
+    for flag, value in (("--dtype", opts.dtype), ("--format", opts.format), ("--backend", opts.backend),
+                        ("--solver", opts.solver), ("--device", opts.device)):
+        if not isinstance(value, str):
+            raise TypeError(f"{flag}: expected a string, got {type(value).__name__}")
+    for flag, switch in (("--subdirs", opts.subdirs), ("--guide-parallel", opts.guide_parallel),
+                         ("progress", opts.progress), ("verbose", opts.verbose)):
+        if not isinstance(switch, bool):
+            raise TypeError(f"{flag}: expected True or False, got {switch!r}")
+    batch = _whole("--batch", opts.batch, least=1)
     if not opts.net:
         raise ValueError("--net: a main network is required (module:callable, a torch.save file, or edm2:SIZE)")
     if opts.guidance != 1 and not opts.gnet:
@@ -145,16 +157,20 @@ def _check_options(opts: GenerateOptions) -> tuple[list[int], tuple[float, ...] 
         raise ValueError("--guide-parallel: needs a guide network (--gnet) to place on rank 1")
     if opts.guide_parallel and opts.guidance == 1:
         raise ValueError("--guide-parallel: with --guidance 1 the guide is never called; drop --guide-parallel")
-    if opts.class_idx is not None and opts.class_idx < 0:
-        raise ValueError(f"--class: expected a non-negative class index, got {opts.class_idx}")
+    class_idx = None if opts.class_idx is None else _whole("--class", opts.class_idx, least=0,
+                                                           expected="a non-negative class index")
     if opts.dtype not in DTYPES:
         raise ValueError(f"--dtype: expected one of {tuple(DTYPES)}, got {opts.dtype!r}")
     if opts.format not in FORMATS:
         raise ValueError(f"--format: expected one of {FORMATS}, got {opts.format!r}")
-    if opts.label_dim is not None and opts.label_dim < 0:
-        raise ValueError(f"--label-dim: expected 0 (unconditional) or a number of classes, got {opts.label_dim}")
-    if opts.shape is not None and (len(opts.shape) < 1 or any(int(d) < 1 for d in opts.shape)):
-        raise ValueError(f"--shape: expected positive sizes such as 3,64,64, got {opts.shape}")
+    label_dim = None if opts.label_dim is None else _whole("--label-dim", opts.label_dim, least=0,
+                                                           expected="0 (unconditional) or a number of classes")
+    shape = None
+    if opts.shape is not None:
+        expected = "positive sizes such as 3,64,64"
+        if isinstance(opts.shape, (str, bytes)) or not isinstance(opts.shape, Sequence) or not opts.shape:
+            raise ValueError(f"--shape: expected {expected}, got {opts.shape!r}")
+        shape = tuple(_whole("--shape", d, least=1, expected=expected) for d in opts.shape)
     if opts.preset_overrides and not (_is_preset(opts.net) or _is_preset(opts.gnet)):
         raise ValueError("--preset-overrides: applies to edm2:SIZE networks, but neither --net nor --gnet is one")
     if opts.gnet_preset_overrides and not _is_preset(opts.gnet):
@@ -162,8 +178,13 @@ def _check_options(opts: GenerateOptions) -> tuple[list[int], tuple[float, ...] 
     seed = opts.preset_seed
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63:
         raise ValueError(f"--preset-seed: expected an integer from 0 to 2^63 - 1, got {opts.preset_seed!r}")
-    if opts.threads is not None and opts.threads < 1:
-        raise ValueError(f"--threads: expected a positive integer, got {opts.threads}")
+    threads = None
+    if opts.threads is not None:
+        most = os.cpu_count() or 1
+        expected = f"an integer from 1 to {most} (this machine's CPUs)"
+        threads = _whole("--threads", opts.threads, least=1, expected=expected)
+        if threads > most:
+            raise ValueError(f"--threads: expected {expected}, got {threads}")
     # The sampler's own checks, now rather than at the first batch, naming the flags.
     try:
         config = make_config(num_steps=opts.num_steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max,
@@ -174,7 +195,35 @@ def _check_options(opts: GenerateOptions) -> tuple[list[int], tuple[float, ...] 
         name, _, rest = str(exc).partition(":")
         name, bracket, index = name.partition("[")  # sigmas[2] -> --sigmas[2] (the element's index kept)
         raise type(exc)(f"{_FLAGS.get(name, name)}{bracket}{index}:{rest}") from None
-    return seeds, config.sigmas
+    # Valid by now: real numbers (or a 0-dim tensor for guidance, read by make_config).
+    interval = config.guidance_interval if opts.guidance_interval is not None else None
+    plain = replace(
+        opts, batch=batch, class_idx=class_idx, label_dim=label_dim, shape=shape, threads=threads,
+        num_steps=int(opts.num_steps), sigma_min=float(opts.sigma_min), sigma_max=float(opts.sigma_max),
+        rho=float(opts.rho), guidance=float(config.guidance), S_churn=float(opts.S_churn), S_min=float(opts.S_min),
+        S_max=float(opts.S_max), S_noise=float(opts.S_noise), sigmas=config.sigmas,
+        guidance_interval=None if interval is None else (float(interval[0]), float(interval[1])),
+    )
+    return seeds, plain
+
+
+def _text(flag: str, value: Any) -> str:
+    """A spec or a directory of the Python API: a string, or a path object (taken as its string)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise TypeError(f"{flag}: expected a string or a path, got {type(value).__name__}")
+    return value
+
+
+def _whole(flag: str, value: Any, least: int, expected: str = "") -> int:
+    """An integer option of the Python API (a NumPy integer too; not a bool, a float or a string)."""
+    expected = expected or f"an integer of at least {least}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{flag}: expected {expected}, got {type(value).__name__} ({value!r})")
+    if value < least:
+        raise ValueError(f"{flag}: expected {expected}, got {value}")
+    return int(value)
 
 
 def _placeholder_guide(*args: Any) -> None:  # Stands for --gnet in the early checks.
@@ -474,25 +523,29 @@ def _labels(seeds: list[int], label_dim: int, class_idx: int | None, device: tor
 
 def generate(opts: GenerateOptions) -> GenerateSummary:
     """Run the job described by ``opts`` in this process (one rank of it under torchrun)."""
-    seeds, levels = _check_options(opts)
-    # The schedule in one form (floats, a final 0 dropped) for the sampler and the settings record: the
-    # same levels written another way resume the same directory. A copy: the caller's options stay as given.
-    opts = replace(opts, sigmas=levels)
+    # Options in one form (plain numbers; the schedule as floats, a final 0 dropped) for the sampler and
+    # the settings record: the same values written another way resume the same directory.
+    seeds, opts = _check_options(opts)
+    threads_before = torch.get_num_threads()  # --threads is for this job: the caller's count comes back.
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
-    job = _Job(opts)
     try:
-        return _run(job, opts, seeds)
-    except BaseException:
-        # The settings record this run made, with no image in the directory (the run failed before
-        # writing one: a guide broken at its first call, a peer that could not load its network),
-        # would refuse the corrected command's other settings: removed.
-        if job.made_settings and not _holds_images(opts.outdir):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(opts.outdir, SETTINGS_FILE))
-        raise
+        job = _Job(opts)
+        try:
+            return _run(job, opts, seeds)
+        except BaseException:
+            # The settings record this run made, with no image in the directory (the run failed before
+            # writing one: a guide broken at its first call, a peer that could not load its network),
+            # would refuse the corrected command's other settings: removed.
+            if job.made_settings and not _holds_images(opts.outdir):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(opts.outdir, SETTINGS_FILE))
+            raise
+        finally:
+            job.close()
     finally:
-        job.close()
+        if torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
 
 
 def _run(job: _Job, opts: GenerateOptions, seeds: list[int]) -> GenerateSummary:

@@ -46,7 +46,8 @@ def check_shape(name: str, value: Any) -> tuple[int, ...]:
 
 
 def check_device(device: Any) -> torch.device:
-    """None -> CUDA if available, else CPU; a CUDA device gets an explicit index."""
+    """None -> CUDA if available, else CPU; a CUDA device gets an explicit index, a CPU device none
+    (CPU tensors report ``cpu`` whatever index they were made with: ``cpu:0`` would match none)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not isinstance(device, (str, torch.device)):
@@ -62,7 +63,8 @@ def check_device(device: Any) -> torch.device:
             raise ValueError(f"device: {device} requested but CUDA is not available in this process")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-    return device
+        return device
+    return torch.device("cpu")
 
 
 def check_dtype_arg(name: str, value: Any) -> torch.dtype:
@@ -82,6 +84,8 @@ def check_call_noise(noise: Any, shape: tuple[int, ...], device: torch.device,
         raise TypeError(f"noise: expected a torch.Tensor or None, got {type(noise).__name__}")
     if not noise.dtype.is_floating_point:
         raise TypeError(f"noise: expected a floating tensor, got dtype {noise.dtype}")
+    if noise.layout != torch.strided:
+        raise ValueError(f"noise: expected a dense (strided) tensor, got layout {noise.layout}")
     if tuple(noise.shape) != shape:
         raise ValueError(f"noise: expected shape {shape} ({shape_from}), got {tuple(noise.shape)}")
     if noise.device != device:
@@ -100,6 +104,8 @@ def check_call_labels(labels: Any, shape: tuple[int, ...] | None, dtype: torch.d
         raise ValueError(f"labels: required, a tensor of shape {shape} (from the sampler's {shape_arg})")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
+    if labels.layout != torch.strided:
+        raise ValueError(f"labels: expected a dense (strided) tensor, got layout {labels.layout}")
     if tuple(labels.shape) != shape:
         raise ValueError(f"labels: expected shape {shape} (from the sampler's {shape_arg}), got {tuple(labels.shape)}")
     if labels.dtype != dtype:

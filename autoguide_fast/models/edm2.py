@@ -219,10 +219,16 @@ class MPConv(torch.nn.Module):
         if (w is not None and self.check_stale and not torch.compiler.is_compiling()
                 and self._ready_source != self._source(gain)):
             w = None
-        if w is None or w.dtype != x.dtype or self.training:
-            if self.training:
-                with torch.no_grad():
-                    self.weight.copy_(normalize(self.weight.to(torch.float32)))
+        if self.training:
+            # As the official layer: the float32 view of the weight is normalised into the stored
+            # weight, then normalised for use. A float32 weight is that view itself (the use sees the
+            # stored, normalised weight); a weight of another dtype is copied (normalised once).
+            w = self.weight.to(torch.float32)
+            with torch.no_grad():
+                self.weight.copy_(normalize(w))
+            w = normalize(w)
+            w = (w * (gain / math.sqrt(w[0].numel()))).to(x.dtype)
+        elif w is None or w.dtype != x.dtype:
             w = mp_weight(self.weight, gain).to(x.dtype)
         if w.ndim == 2:
             return x @ w.t()
@@ -533,6 +539,10 @@ class Precond(torch.nn.Module):
 # Inference preparation.
 
 
+# The U-Net compute dtypes a prepared weight may be stored in.
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def prepare_for_inference(
     net: torch.nn.Module,           # A Precond, or any module containing Precond submodules.
     dtype: torch.dtype | None = None,  # U-Net compute dtype. None = net.body_dtype(device of its weights).
@@ -553,6 +563,8 @@ def prepare_for_inference(
     preconds = [m for m in net.modules() if isinstance(m, Precond)]
     if not preconds:
         raise ValueError(f"net must be or contain an EDM2 Precond, got {type(net).__name__}")
+    if dtype is not None and dtype not in _COMPUTE_DTYPES:
+        raise TypeError(f"dtype: expected None or one of {', '.join(map(str, _COMPUTE_DTYPES))}, got {dtype!r}")
     if not isinstance(check_stale, bool):
         raise TypeError(f"check_stale: expected a bool, got {type(check_stale).__name__}")
     net.eval()
