@@ -101,6 +101,20 @@ def interruptible_main():
     return _Interrupting(3, 8, label_dim=4, seed=0)
 
 
+class _Slow(ExactNet):
+    """Takes a while per call: a job that is still in its first batch when it gets a signal."""
+
+    def forward(self, x, sigma, labels=None):
+        import time
+
+        time.sleep(0.05)
+        return super().forward(x, sigma, labels)
+
+
+def slow_main():
+    return _Slow(3, 8, label_dim=4, seed=0)
+
+
 class _FailingGuide(ExactNet):
     """A guide whose 2nd forward call raises ValueError: a network's failure mid-trajectory (not a bad
     argument, although its type is the one argument checks raise)."""
@@ -585,6 +599,31 @@ def test_a_failed_run_keeps_the_settings_record_once_images_exist(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         run(*args, "--outdir", str(tmp_path / "fresh"))
     assert not (tmp_path / "fresh" / SETTINGS_FILE).exists()
+
+
+def test_sigterm_before_the_first_image_cleans_up_like_ctrl_c(tmp_path):
+    """SIGTERM (torchrun's, a scheduler's) unwinds like Ctrl-C: exit code 143, and the settings
+    record of a run that wrote no image is removed (its default action left the record behind)."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "autoguide_fast", "generate", "--net", f"{HERE}:slow_main",
+                             "--seeds", "0-1", "--steps", "32", "--outdir", str(out), "--no-progress",
+                             "--backend", "torch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / SETTINGS_FILE).exists():  # Written just before the first batch.
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert not (out / SETTINGS_FILE).exists() and not list(out.glob("*.png"))
 
 
 def test_python_api_takes_seeds_as_an_array_or_tensor(tmp_path):

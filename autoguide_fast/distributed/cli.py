@@ -6,16 +6,20 @@
 
 Exit codes: 0 done; 2 bad arguments (unknown seed syntax, an unloadable network, guidance without
 a guide, --guide-parallel outside a 2-process job, an unwritable --outdir); 1 failure at run
-time that is not a bug (another rank failed; NaN/Inf in the samples); other errors raise.
+time that is not a bug (another rank failed; NaN/Inf in the samples); 143 ended by SIGTERM (after
+the clean-up Ctrl-C gets too); other errors raise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 
@@ -158,12 +162,33 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
     )
 
 
+@contextlib.contextmanager
+def _terminate_unwinds():
+    """SIGTERM (what torchrun, batch schedulers and ``kill`` send) ends the run the way Ctrl-C does,
+    through Python's unwinding: a run that wrote no image yet removes its settings record, and the
+    process group is closed. Its default action would end the process on the spot. Only in the main
+    thread, and only while SIGTERM has its default action (a handler of the caller's stays)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``generate`` subcommand: returns the exit code."""
     # Under torchrun every rank reports; say which one.
     where = f" (rank {os.environ.get('RANK', '?')})" if os.environ.get("WORLD_SIZE", "1") != "1" else ""
     try:
-        generate(options_from_args(args))
+        with _terminate_unwinds():
+            generate(options_from_args(args))
     except SamplingFailure as exc:
         # A network's (or the device's) error while sampling, not a bad argument: its traceback helps.
         cause = exc.__cause__ if exc.__cause__ is not None else exc
