@@ -78,14 +78,17 @@ def seeds_to_device(seeds: torch.Tensor, device: torch.device | str) -> torch.Te
     return seeds.to(device)
 
 
-def check_target_device(device: Any) -> torch.device:
-    """``device`` (the argument of that name) as a torch.device that can hold values and exists here."""
+def check_target_device(device: Any, kinds: tuple[str, ...] | None = None) -> torch.device:
+    """``device`` (the argument of that name) as a torch.device that can hold values and exists here;
+    ``kinds``: the device types allowed (None: any that holds values)."""
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device: expected a torch.device, a string or None, got {type(device).__name__}")
     try:
         target = torch.device(device)
     except RuntimeError as exc:
         raise ValueError(f"device: not a valid device ({exc})") from None
+    if kinds is not None and target.type not in kinds:
+        raise ValueError(f"device: expected a {' or '.join(k.upper() for k in kinds)} device, got {target}")
     if target.type == "meta":
         raise ValueError("device: expected a device that holds values (the CPU or a GPU), got meta")
     if target.type == "cuda" and not torch.cuda.is_available():

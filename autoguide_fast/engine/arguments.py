@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .. import validation as V
-from ..noise import seeds_to_tensor
+from ..noise import check_target_device, seeds_to_tensor
 from ..validation import check_flag
 
 __all__ = [
@@ -50,17 +50,8 @@ def check_device(device: Any) -> torch.device:
     (CPU tensors report ``cpu`` whatever index they were made with: ``cpu:0`` would match none)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device: expected a torch.device, a string or None, got {type(device).__name__}")
-    try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device: not a valid device ({exc})") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected a CPU or CUDA device, got {device}")
+    device = check_target_device(device, kinds=("cpu", "cuda"))
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {device} requested but CUDA is not available in this process")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         return device
