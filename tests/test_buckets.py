@@ -67,8 +67,9 @@ def pad_last(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def test_explicit_noise_and_labels_run_padded_with_the_last_image():
-    """Bit for bit the padded batch's first rows. (Against the unpadded batch only close: a conv
-    network's float32 result on this CPU changes by ~3e-5 relative with the batch size.)"""
+    """Bit for bit the padded batch's first rows. (Not the unpadded batch's: without seeds the churn
+    noise is torch.randn_like of the whole padded state, 4 rows, so the first 3 rows draw other noise
+    than a 3-row state would.)"""
     net, gnet = conv_nets()
     s = buckets(net, gnet, image_label_shape=(LABEL_DIM,), **CHURN)
     noise, labels = randn(3, *IMAGE, seed=4), one_hot_labels(3, LABEL_DIM, seed=1)

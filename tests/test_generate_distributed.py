@@ -59,6 +59,18 @@ def _job(rank, sharded_dir, parallel_dir):
         code = main(["generate", *ARGS[:4], "--guidance", "2", "--seeds", "998-1003", "--batch", "2", "--subdirs",
                      "--steps", "2", "--format", "npy", "--outdir", parallel_dir + "-write", "--guide-parallel"])
     out["write_failure"] = (code, stderr.getvalue())
+    # Resuming across ranks with a network whose last bits depend on the rest of its batch: a run
+    # killed mid-job (a whole batch of rank 1 missing, one file of a batch of rank 0), then resumed,
+    # writes the files of an uninterrupted 2-rank run.
+    coupled = [a if a != f"{HERE}:rgb_main" else f"{HERE}:coupled_main" for a in ARGS]
+    out["coupled_clean"] = main(["generate", *coupled, "--outdir", sharded_dir + "-coupled-clean", "--threads", "1"])
+    out["coupled_first"] = main(["generate", *coupled, "--outdir", sharded_dir + "-coupled", "--threads", "1"])
+    dist.barrier()
+    if rank == 0:
+        for seed in (43, 44, 45, 1):
+            os.remove(os.path.join(sharded_dir + "-coupled", f"{seed:06d}.npy"))
+    dist.barrier()
+    out["coupled_resumed"] = main(["generate", *coupled, "--outdir", sharded_dir + "-coupled", "--threads", "1"])
     return out
 
 
@@ -72,6 +84,8 @@ def two_process_run(tmp_path_factory):
     single, sharded, parallel = tmp / "single", tmp / "sharded", tmp / "parallel"
     assert main(["generate", *ARGS, "--outdir", str(single)]) == 0
     assert main(["generate", *CUSTOM_ARGS, "--outdir", str(tmp / "single-sigmas")]) == 0
+    coupled = [a if a != f"{HERE}:rgb_main" else f"{HERE}:coupled_main" for a in ARGS]
+    assert main(["generate", *coupled, "--outdir", str(tmp / "single-coupled")]) == 0
     # Part of the job is already done in the sharded directory (and its settings recorded).
     sharded.mkdir()
     for seed in PRESENT:
@@ -96,6 +110,18 @@ def test_sharded_generation_writes_the_same_files_as_one_process(two_process_run
     assert _files(run["sharded"]) == single
     for seed, stamp in run["stamps"].items():  # Present files were skipped, not rewritten.
         assert (run["sharded"] / f"{seed:06d}.npy").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_a_run_resumed_across_ranks_equals_the_uninterrupted_run_with_a_batch_dependent_network(two_process_run):
+    run = two_process_run
+    assert [(r["coupled_clean"], r["coupled_first"], r["coupled_resumed"]) for r in run["results"]] == [(0, 0, 0)] * 2
+    base = run["sharded"].parent
+    clean, resumed = _files(base / "sharded-coupled-clean"), _files(base / "sharded-coupled")
+    assert len(clean) == 11 and resumed == clean
+    # The network does depend on its batch: one process (batches 4+4+3) writes other bits.
+    one_process = _files(base / "single-coupled")
+    assert one_process.keys() == clean.keys() and any(one_process[k] != clean[k] for k in clean)
 
 
 @pytest.mark.slow

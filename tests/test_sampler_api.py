@@ -275,6 +275,22 @@ def test_noise_that_requires_grad_gets_the_reference_gradients():
         assert g_ref.abs().max() > 0 and torch.equal(g_got, g_ref)
 
 
+def test_labels_that_require_grad_get_the_reference_gradients():
+    """Labels requiring grad (soft labels, embeddings being optimised) take the plain loop too: the
+    same result and the same gradients w.r.t. the labels as the official sampler."""
+    net = TinyConvDenoiser(channels=3, label_dim=4, seed=1)
+    gnet = TinyConvDenoiser(channels=3, label_dim=4, seed=2, hidden=4)
+    noise = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(7))
+    labels = torch.rand(2, 4, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    expected = reference_sampler(net, noise, labels, gnet, num_steps=4, guidance=2.1)
+    got = fast_guided_sample(net, noise, labels, gnet, num_steps=4, guidance=2.1)
+    assert got.requires_grad and torch.equal(got, expected)
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(8))
+    (g_got,) = torch.autograd.grad((got * weights).sum(), [labels])
+    (g_ref,) = torch.autograd.grad((expected * weights).sum(), [labels])
+    assert g_ref.abs().min() > 0 and torch.equal(g_got, g_ref)
+
+
 def test_sampling_is_inference_only_unless_the_noise_requires_grad():
     net = TinyConvDenoiser(channels=3, label_dim=0, seed=1)
     assert net.conv1.weight.requires_grad
