@@ -505,18 +505,56 @@ def test_integer_one_hot_rows_are_one_hot(cond_net):
         cond_net(x, 1.0, one_hot[None])
 
 
+def _gain_for_quotient(q: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """A float32 gain g with float32(g / scale) == q exactly (q float32), if one exists next to q·scale."""
+    g = torch.tensor(q.double().item() * scale, dtype=torch.float32)
+    for _ in range(8):
+        got = g / scale
+        if got == q:
+            return g
+        g = torch.nextafter(g, torch.tensor(math.inf if got < q else -math.inf))
+    return None
+
+
+def _matching_gains(half_gain: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float16 gain next to ``half_gain`` whose float16 scale gain / scale (computed as the
+    official layer does) some float32 gain reproduces in float32; both gains."""
+    g16 = half_gain.detach().clone()
+    for _ in range(64):
+        g32 = _gain_for_quotient((g16 / scale).float(), scale)
+        if g32 is not None:
+            return g16, g32
+        g16 = torch.nextafter(g16, torch.tensor(math.inf, dtype=torch.float16))
+    raise AssertionError(f"no float16 gain near {half_gain.item()} with a float32 twin")
+
+
 def test_weights_held_in_float16_like_the_release_run_on_cpu(cond_net):
-    # Released networks are stored in float16; held that way (net.half()) every weight and gain is
-    # widened to float32 where it is used, and the output is float32 like the float32 network's.
+    """Released networks are stored in float16. Held that way (net.half()) every weight, gain and
+    Fourier buffer is widened to float32 where it is used, except the scale gain / sqrt(fan_in) of a
+    learned gain, which, as in the official layer, is computed in the gain's dtype (float16). The
+    float32 network of the same fp16-rounded values, with each learned gain chosen so that its
+    float32 scale equals that float16 scale, is the same function bit for bit."""
     x, labels = inputs()
     half = copy.deepcopy(cond_net).half()
     ref = copy.deepcopy(cond_net)
     with torch.no_grad():
-        for p_ref, p_half in zip(ref.parameters(), half.parameters()):
-            p_ref.copy_(p_half.float())  # The same (fp16-rounded) values in float32.
+        for t_ref, t_half in zip([*ref.parameters(), *ref.buffers()], [*half.parameters(), *half.buffers()]):
+            t_ref.copy_(t_half.float())  # The same (fp16-rounded) values in float32.
+        for name, module in half.named_modules():
+            for gain_name, layer_name in (("emb_gain", "emb_linear"), ("out_gain", "out_conv")):
+                if hasattr(module, gain_name):
+                    scale = math.sqrt(getattr(module, layer_name).weight[0].numel())
+                    g16, g32 = _matching_gains(getattr(module, gain_name), scale)
+                    getattr(module, gain_name).copy_(g16)
+                    ref.get_submodule(name).get_parameter(gain_name).copy_(g32)
         out, out_ref = half(x, 1.0, labels), ref(x, 1.0, labels)
+        plain = copy.deepcopy(cond_net)
+        for t_ref, t_half in zip([*plain.parameters(), *plain.buffers()], [*half.parameters(), *half.buffers()]):
+            t_ref.copy_(t_half.float())
+        out_plain = plain(x, 1.0, labels)
     assert out.dtype == torch.float32
-    assert rel_l2(out, out_ref) < 1e-2
+    assert torch.equal(out, out_ref)
+    assert not torch.equal(out, out_plain)  # The float16 scales do count (the check can fail).
 
 
 # ----------------------------------------------------------------------------

@@ -65,10 +65,15 @@ def test_normal_half_precision_outputs_round_like_torch():
     for dtype in (torch.float16, torch.bfloat16):
         got = OPS.philox_normal(seeds, 999, 3, dtype).cpu()
         want64 = noise.philox_normal(seeds.cpu(), 999, 3, torch.float64)
-        # Bit for bit, except where the float64 values themselves differ in their last bits (libm).
+        # Bit for bit, except where the float64 values themselves differ in their last bits (libm:
+        # about 1.5% of them in the interpreter): there by a few float64 ulps of max(|z|, 1) at most
+        # (cos and sin near their zeros err in absolute terms), so a wrong value is never let off.
+        got64 = OPS.philox_normal(seeds, 999, 3, torch.float64).cpu()
+        gap = (got64 - want64).abs()
+        ulp = torch.finfo(torch.float64).eps * want64.abs().clamp_min(1.0)
+        assert (gap <= 8 * ulp).all(), float((gap / ulp).max())
         differ = got != want64.to(dtype)
-        close64 = (OPS.philox_normal(seeds, 999, 3, torch.float64).cpu() - want64).abs() > 0
-        assert not (differ & ~close64).any(), int(differ.sum())
+        assert not (differ & (gap == 0)).any(), int(differ.sum())
 
 
 def test_normal_is_per_image_and_statistically_normal():

@@ -45,8 +45,12 @@ def _inputs(shape, state, net, seed=0):
 
 
 def _eps(seeds, shape, dtype):
+    """The churn noise from the plain-torch generator (noise.philox_normal), not from a Triton op:
+    the fused kernels share their noise code with the Triton philox op."""
+    from autoguide_fast import noise
+
     numel = torch.Size(shape[1:]).numel()
-    return OPS.philox_normal(seeds, numel, STREAM, dtype).reshape(shape)
+    return noise.philox_normal(seeds.cpu(), numel, STREAM, dtype).reshape(shape).to(DEVICE)
 
 
 def _reference(inp, state, compute, w, w2, churn_op):
