@@ -51,11 +51,16 @@ def test_zero_gain_is_the_gaussian_denoiser():
 
 
 def test_per_point_sigma_matches_shared_sigma():
+    """Points with different sigmas in one call: each as if evaluated in a call of its own sigma."""
     net = trained_like_net(3)
-    x = torch.randn(30, 2)
-    s = torch.full((30,), 0.4)
-    torch.testing.assert_close(net.logp(x, s), net.logp(x, 0.4))
-    torch.testing.assert_close(net(x, s), net(x, torch.tensor(0.4)))
+    x = torch.randn(30, 2, generator=torch.Generator().manual_seed(1))
+    s = torch.tensor([0.05, 0.4, 2.5]).repeat(10)
+    logp, denoised = net.logp(x, s), net(x, s)
+    for value in (0.05, 0.4, 2.5):
+        rows = s == value
+        torch.testing.assert_close(logp[rows], net.logp(x[rows], value))
+        torch.testing.assert_close(denoised[rows], net(x[rows], torch.tensor(value)))
+    assert not torch.allclose(net.logp(x, 0.4), logp)  # The per-point sigmas are used.
 
 
 def test_log_sigma_and_scaled_input_are_features():
@@ -112,6 +117,24 @@ def test_loss_is_zero_for_the_exact_score():
     x = gt.sample(64, 0.1, generator=torch.Generator().manual_seed(0))
     sigma = torch.full((64,), 0.1)
     assert float(score_matching_loss(Exact(1, 4), gt, x, sigma)) == pytest.approx(0, abs=1e-8)
+
+
+def test_loss_is_the_sigma_squared_weighted_mean_squared_score_error():
+    """L = mean over points of σ_i² · mean over the 2 coordinates of (score_gt − score_net)², for a
+    network whose score is off by a known amount, per-point sigmas (the paper's EDM weighting)."""
+    gt = ground_truth("A")
+    gen = torch.Generator().manual_seed(1)
+    offset = torch.randn(16, 2, generator=gen, dtype=torch.float64)
+
+    class Off(ToyNet):
+        def score(self, x, sigma, create_graph=False):
+            return gt.score(x, sigma) + offset.to(x.dtype)
+
+    x = gt.sample(16, 0.3, generator=gen).double()
+    sigma = torch.linspace(0.05, 3.0, 16, dtype=torch.float64)
+    expected = sum(float(sigma[i]) ** 2 * (float(offset[i, 0]) ** 2 + float(offset[i, 1]) ** 2) / 2
+                   for i in range(16)) / 16
+    assert float(score_matching_loss(Off(1, 4), gt, x, sigma)) == pytest.approx(expected, rel=1e-12)
 
 
 def test_short_training_lowers_the_loss():
