@@ -60,6 +60,7 @@ def _fake_torchrun(monkeypatch, calls, init=None):
         (c[1].index for c in reversed(calls) if c[0] == "set_device"), 0))
     monkeypatch.setattr(dist, "init_process_group", init or (lambda **kw: calls.append(("init", kw))))
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "cuda:nccl")
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 5)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 8)
 
@@ -112,3 +113,61 @@ def test_a_callers_nccl_group_gets_cuda_tensors_even_with_device_cpu(gpus, monke
     job.most(3)
     job.broadcast_flags(None, 2)
     assert asked == [torch.device("cuda", 0)] * 3, asked
+
+
+@pytest.mark.parametrize("config, data, control", [
+    ("cuda:nccl", "cuda", "cuda"),                 # init_process_group("nccl"), or no backend on a GPU machine
+    ("cpu:gloo,cuda:nccl", "cuda", "cpu"),         # data on NCCL, control messages on gloo
+    ("cpu:gloo,cuda:gloo", "cpu", "cpu"),          # init_process_group("gloo")
+    ("cpu:gloo", "cpu", "cpu"),                    # no backend on a CPU machine
+])
+def test_messages_go_where_the_groups_backends_carry_them(monkeypatch, config, data, control):
+    """get_backend says "undefined" for a group made without a backend (NCCL only, on a GPU machine)
+    and "cpu:gloo,cuda:nccl" for a mixed one: comparing it with "nccl" sent CPU tensors to NCCL, or
+    the guide's data through the host. The backend configuration decides."""
+    from autoguide_fast.distributed import routes
+
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: config)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "undefined")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    expected = {"cuda": torch.device("cuda", 2), "cpu": torch.device("cpu")}
+    assert routes.message_device() == expected[data]
+    assert routes.message_device(prefer_cpu=True) == expected[control]
+
+
+def test_a_group_that_carries_neither_is_named(monkeypatch):
+    from autoguide_fast.distributed import routes
+
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "cuda:ucc")
+    with pytest.raises(ValueError, match=r"^group: its backends \(cuda:ucc\) carry neither"):
+        routes.message_device()
+
+
+def test_the_backend_configuration_of_a_real_group_is_read(tmp_path):
+    from autoguide_fast.distributed import routes
+
+    dist.init_process_group("cpu:gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'pg'}")
+    try:
+        assert routes.device_backends() == {"cpu": "gloo"}
+        assert routes.message_device() == torch.device("cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("config, expected", [("cuda:nccl", "cuda"), ("cpu:gloo,cuda:nccl", "cpu")])
+def test_generate_and_guide_parallel_read_the_backend_configuration(gpus, monkeypatch, config, expected):
+    """A caller's group made without a backend reports "undefined": generate's control messages and
+    guide-parallel's messages still go where its backends carry them."""
+    from autoguide_fast.distributed import guide_parallel as GP
+
+    calls: list = []
+    _fake_torchrun(monkeypatch, calls)
+    calls.append(("init", {}))  # The caller's group exists.
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "undefined")
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: config)
+    job = G._Job(G.GenerateOptions(net="x", outdir="unused", device="cpu"))
+    assert job.comm_device.type == expected
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_global_rank", lambda group, rank: rank)
+    assert GP._Link(None).device == torch.device("cuda", 0)  # NCCL carries the data in both.

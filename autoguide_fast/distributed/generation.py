@@ -41,6 +41,7 @@ from ..sampler import fast_guided_sample, make_config
 from ..validation import FORMULA_DEFAULTS
 from .guide_parallel import PeerFailure, announce_failure, guide_parallel_sample
 from .loading import PRESET_PREFIX, load_network, network_label_dim, network_shape
+from .routes import message_device
 from .seeds import parse_seeds, rank_chunks, split_chunks
 
 __all__ = ["GenerateOptions", "GenerateSummary", "SamplingFailure", "generate", "image_path", "SETTINGS_FILE", "DTYPES"]
@@ -279,10 +280,10 @@ class _Job:
             else:
                 dist.init_process_group(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT)
             self.owned = True
-        # The ranks' control messages (agreement, flags, counts): on this process's GPU under NCCL
-        # (which carries CUDA tensors only; a caller's group may be NCCL with device "cpu"), else the CPU.
-        nccl = self.world_size > 1 and dist.get_backend() == "nccl"
-        self.comm_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        # The ranks' control messages (agreement, flags, counts): on the CPU where the group carries CPU
+        # tensors (gloo, also "cpu:gloo,cuda:nccl"), else on this process's GPU (an NCCL-only group, which
+        # a caller's may be even with --device cpu).
+        self.comm_device = message_device(prefer_cpu=True) if self.world_size > 1 else torch.device("cpu")
 
     def close(self) -> None:
         if self.owned and dist.is_initialized():

@@ -43,6 +43,7 @@ from .. import validation as V
 from ..backends import resolve_backend
 from ..plan import SamplerConfig, StepPlan, build_plan
 from ..sampler import make_config, run_eager
+from .routes import message_device
 
 __all__ = ["PeerFailure", "announce_failure", "guide_parallel_sample"]
 
@@ -126,9 +127,10 @@ class _Link:
             raise ValueError("group: this process is not a member of the given process group")
         self.src_main = dist.get_global_rank(world, 0)
         self.src_guide = dist.get_global_rank(world, 1)
-        # NCCL moves CUDA tensors of the current device; gloo moves CPU tensors.
-        nccl = dist.get_backend(world) == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        # Where NCCL carries CUDA tensors (also in a group such as "cpu:gloo,cuda:nccl"), every message
+        # goes as a CUDA tensor of the current device: the network data never makes a round trip through
+        # the host. Otherwise gloo moves CPU tensors.
+        self.device = message_device(world)
         self._side: Any = None  # CUDA: the stream that watches the ok elements (made when first needed).
         self._host: dict[torch.dtype, torch.Tensor] = {}
 
