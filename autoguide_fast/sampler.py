@@ -186,11 +186,13 @@ def run_eager_steps(
 
 def _engine_applies(noise: torch.Tensor, labels, randn_like, callback) -> bool:
     """CUDA tensors go through the cached engine unless a per-step callback or a custom churn
-    noise source needs the plain loop, or the labels are not a batch of the noise's size on its
-    device (the engine copies them into a static buffer of that shape)."""
+    noise source needs the plain loop, or the labels are not a contiguous batch of the noise's size
+    on its device (the engine gives the networks a contiguous copy, as it does the noise; a network
+    may round differently for another layout)."""
     return (noise.is_cuda and callback is None and (randn_like is None or randn_like is torch.randn_like)
             and (labels is None or (isinstance(labels, torch.Tensor) and labels.device == noise.device
-                                    and labels.dim() >= 1 and labels.shape[0] == noise.shape[0])))
+                                    and labels.dim() >= 1 and labels.shape[0] == noise.shape[0]
+                                    and labels.is_contiguous())))
 
 
 def _wants_autograd(noise: torch.Tensor, labels) -> bool:
@@ -276,8 +278,8 @@ def fast_guided_sample(
             "enabled; use backend='auto' or 'torch' (the plain loop, like the official sampler), or sample "
             "under torch.no_grad()"
         )
-    churn_reason = None if backend == "torch" else _randn_like_churn(noise, config, randn_like, seeds_t)
-    if backend != "auto" and churn_reason == "layout":
+    churn_reason = _randn_like_churn(noise, config, randn_like, seeds_t)
+    if backend not in ("auto", "torch") and churn_reason == "layout":
         raise ValueError(
             f"noise: not contiguous (e.g. channels-last), with churn noise from torch.randn_like: randn_like fills "
             f"in memory order and the {backend!r} backend keeps the state contiguous, so it would draw other noise "
@@ -285,7 +287,7 @@ def fast_guided_sample(
         )
     if backend == "auto" and (differentiable or churn_reason is not None):
         backend = "torch"
-    elif not differentiable and _engine_applies(noise, labels, randn_like, callback):
+    elif not differentiable and churn_reason is None and _engine_applies(noise, labels, randn_like, callback):
         from .engine.cache import sample_cached  # Lazy: the engine imports this module.
 
         # randn_like=torch.randn_like wins over seeds, as in run_eager.

@@ -140,7 +140,7 @@ def test_batch_size_alone_draws_torch_noise():
 
 def test_prepare_prepares_the_buckets_asked_for():
     s = buckets(*conv_nets(label_dim=0))
-    with pytest.raises(ValueError, match="bucket: expected one of"):
+    with pytest.raises(ValueError, match=r"^batch_sizes: expected sizes among the buckets \(1, 2, 4\), got \[3\]"):
         s.prepare([2, 3])
     assert s.report == {}  # Nothing prepared before the bad bucket was named.
     reports = s.prepare([2])

@@ -10,6 +10,7 @@ thing on a GPU.
 
 from __future__ import annotations
 
+import functools
 import gc
 import types
 import warnings
@@ -1076,3 +1077,115 @@ def test_non_contiguous_noise_equals_the_reference_given_contiguous_noise(fake_g
         torch.manual_seed(seed)
         expected = reference_sampler(net, noise.contiguous(), None, gnet, num_steps=5, guidance=2.1, **CHURN)
         assert torch.equal(out, expected), (graph, seed)
+
+
+# ----------------------------------------------------------------------------- from a stress audit
+
+def test_shrinking_the_cache_drops_samplers_of_dead_networks_first():
+    """set_cache_size evicted live samplers and kept those whose network had died (never to serve
+    again, still holding their buffers); info() and len() counted them."""
+    cache = engine_cache.SamplerCache(size=4)
+    live = [TinyConvDenoiser(channels=3, label_dim=0, seed=i) for i in (1, 2)]
+    dead = [TinyConvDenoiser(channels=3, label_dim=0, seed=i) for i in (3, 4)]
+    noise = randn(*SHAPE)
+    for net in (*live, *dead):
+        cached(cache, net, None, noise, guidance=1)
+    released = []
+    for sampler in cache._entries.values():
+        sampler.release = functools.partial(lambda s: released.append(s), sampler)
+    dead_samplers = [s for s in cache._entries.values() if s._nets[0].refers_to(dead[0]) or
+                     s._nets[0].refers_to(dead[1])]
+    del dead, net
+    gc.collect()
+    assert cache.info()["entries"] == 2 and len(cache) == 2  # The dead ones are gone (and released).
+    assert sorted(map(id, released)) == sorted(map(id, dead_samplers))
+    cache = engine_cache.SamplerCache(size=4)
+    for net in live:
+        cached(cache, net, None, noise, guidance=1)
+    gone = TinyConvDenoiser(channels=3, label_dim=0, seed=9)
+    cached(cache, gone, None, noise, guidance=1)
+    del gone, net
+    gc.collect()
+    cache.set_size(2)
+    assert all(s._nets[0].alive for s in cache._entries.values()) and len(cache._entries) == 2
+    assert cache.info()["evictions"] == 0  # Dropping a dead entry is not an eviction of a live one.
+
+
+def test_labels_reach_the_networks_contiguous_whatever_layout_an_earlier_call_had(fake_graphs):
+    """The graph modes copied labels into a buffer of the first call's layout, so a later call's
+    result depended on an earlier call; every mode now gives the networks contiguous labels."""
+
+    class LayoutSensitive(torch.nn.Module):  # Rounds differently for a transposed-layout input.
+        def forward(self, x, t, labels=None):
+            bias = labels.sum(dim=1) if labels.is_contiguous() else labels.sum(dim=1) * (1 + 2**-20)
+            return x * 0.5 + bias.reshape(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+
+    net = LayoutSensitive()
+    noise = randn(*SHAPE)
+    labels = torch.rand(SHAPE[0], LABEL_DIM, generator=torch.Generator().manual_seed(3))
+    transposed = labels.t().contiguous().t()  # Same values, column-major.
+    expected = fast_guided_sample(net, noise, labels, num_steps=5, backend="torch")
+    assert not torch.equal(expected, fast_guided_sample(net, noise, transposed, num_steps=5, backend="torch"))
+    for graph in ("none", "step", "trajectory"):
+        s = GuidedSampler(net, noise_shape=SHAPE, label_shape=(SHAPE[0], LABEL_DIM), device="cpu", graph=graph,
+                          num_steps=5, backend="torch")
+        assert torch.equal(s(noise, transposed), expected), graph  # First call: column-major labels.
+        assert torch.equal(s(noise, labels), expected), graph
+    fake_cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cpu"), shape=SHAPE)
+    assert not _engine_applies(fake_cuda, transposed, None, None)  # The drop-in passes them on as given.
+
+
+def test_bucketed_calls_that_pad_or_chunk_work_under_inference_mode():
+    net, gnet = nets(label_dim=0)
+    s = autoguide_fast.BucketedSampler(net, gnet, image_shape=SHAPE[1:], batch_sizes=(2, 4), device="cpu",
+                                       backend="torch", num_steps=3, guidance=2.1)
+    for batch in (2, 3, 6):  # Exact bucket, padded, chunked.
+        seeds = list(range(batch))
+        expected = s(seeds=seeds)
+        with torch.inference_mode():
+            got = s(seeds=seeds)
+        assert torch.equal(got, expected) and not got.is_inference(), batch
+
+
+def test_preparing_eagerly_on_the_cpu_does_not_rewind_other_threads_draws(monkeypatch):
+    """Preparing restored the global generator it had saved, so numbers another thread drew in the
+    meantime were drawn again. Eagerly on the CPU the compile warm-up runs seeded and nothing is
+    restored (the other thread's draw is simulated inside the warm-up, where it could fall)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    net, gnet = nets()
+    drawn = []
+
+    class DrawsOnce(torch.nn.Module):
+        def forward(self, x, t, labels=None):
+            if not drawn:
+                drawn.append(torch.rand(4))  # "Another thread" draws while the sampler prepares.
+            return net(x, t, labels)
+
+    s = sampler(DrawsOnce(), gnet, compile_networks=True, **CHURN)
+    before = torch.get_rng_state()
+    s.prepare()
+    assert s.report["warmup_runs"] == 1 and len(drawn) == 1
+    assert not torch.equal(torch.rand(4), drawn[0])  # Not drawn a second time.
+    torch.set_rng_state(before)
+    torch.rand(4)  # The simulated thread's draw: the warm-up itself drew nothing more.
+    after_prepare = torch.rand(4)
+    torch.set_rng_state(before)
+    torch.rand(4)
+    assert torch.equal(torch.rand(4), after_prepare)
+
+
+def test_an_explicit_torch_backend_keeps_the_noise_layout_off_the_engine(monkeypatch):
+    """backend="torch" keeps the reference's layout; through the engine (on CUDA tensors) the noise
+    became contiguous and randn_like churn drew other noise than the official sampler."""
+    import autoguide_fast.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "_engine_applies", lambda *args: True)  # As for CUDA noise.
+    monkeypatch.setattr("autoguide_fast.engine.cache.sample_cached",
+                        lambda *args, **kwargs: pytest.fail("the engine served a layout-sensitive call"))
+    net, gnet = nets(label_dim=0)
+    noise = randn(2, 6, 5, 3).permute(0, 3, 1, 2)  # Channels-last view of shape SHAPE.
+    torch.manual_seed(5)
+    expected = autoguide_fast.reference.edm_sampler(net, noise, None, gnet, num_steps=5, guidance=2.1, **CHURN)
+    torch.manual_seed(5)
+    got = fast_guided_sample(net, noise, None, gnet, num_steps=5, guidance=2.1, backend="torch", **CHURN)
+    assert torch.equal(got, expected)

@@ -100,8 +100,9 @@ class BucketedSampler:
     def prepare(self, batch_sizes: Sequence[int] | None = None, *, seeded: bool = False) -> dict[int, dict]:
         """Prepare the given buckets (default: all), e.g. before serving; returns their reports."""
         chosen = self.batch_sizes if batch_sizes is None else _check_batch_sizes(batch_sizes, "batch_sizes")
-        for b in chosen:
-            self.sampler(b)  # Names an unknown bucket before anything is prepared.
+        unknown = [b for b in chosen if b not in self._buckets]
+        if unknown:  # Named before anything is prepared.
+            raise ValueError(f"batch_sizes: expected sizes among the buckets {self.batch_sizes}, got {unknown}")
         return {b: self._buckets[b].prepare(seeded=seeded) for b in chosen}
 
     def __call__(
@@ -120,7 +121,7 @@ class BucketedSampler:
         if batch <= self.max_batch_size:
             return self._run(batch, noise, labels, seeds_t, None)
         # Chunks of the largest bucket, each copied into one result inside its bucket's call.
-        out = torch.empty((batch, *self.image_shape), dtype=self.config.dtype, device=self.device)
+        out = self._result(batch)
         for start in range(0, batch, self.max_batch_size):
             stop = min(start + self.max_batch_size, batch)
             self._run(stop - start, _rows(noise, start, stop), _rows(labels, start, stop),
@@ -175,13 +176,19 @@ class BucketedSampler:
         A.check_call_labels(labels, shape, self.label_dtype, self.device, shape_arg="image_label_shape")
         return batch, seeds_t
 
+    def _result(self, batch: int) -> torch.Tensor:
+        """A result tensor the buckets' calls write into: an ordinary tensor even under the caller's
+        torch.inference_mode() (the samplers write outside it, and return ordinary tensors)."""
+        with torch.inference_mode(False):
+            return torch.empty((batch, *self.image_shape), dtype=self.config.dtype, device=self.device)
+
     def _run(self, batch: int, noise, labels, seeds, into: torch.Tensor | None) -> torch.Tensor:
         bucket = self.bucket_for(batch)
         sampler = self._buckets[bucket]
         pad = bucket - batch
         noise, labels, seeds = _pad(noise, pad), _pad(labels, pad), _pad(seeds, pad)
         if into is None and pad and self.copy_output:  # The b rows only: no pad row kept alive.
-            into = torch.empty((batch, *self.image_shape), dtype=self.config.dtype, device=self.device)
+            into = self._result(batch)
         if into is not None:
             # Copied inside the bucket's call, so ordered before its next call on any stream.
             return sampler._sample(noise, labels, seeds, into)

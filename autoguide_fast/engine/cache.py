@@ -40,7 +40,10 @@ class SamplerCache:
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._entries)
+            dropped = self._drop_dead()
+            n = len(self._entries)
+        _release_all(dropped)
+        return n
 
     @property
     def size(self) -> int:
@@ -81,7 +84,9 @@ class SamplerCache:
         n = _check_size(n)
         with self._lock:
             self._size = n
-            evicted = self._shrink()
+            # Samplers of networks that are gone first: they never serve again, and they must not
+            # push a live one out.
+            evicted = self._drop_dead() + self._shrink()
         _release_all(evicted)
 
     def clear(self) -> None:
@@ -92,8 +97,11 @@ class SamplerCache:
 
     def info(self) -> dict[str, int]:
         with self._lock:
-            return {"entries": len(self._entries), "size": self._size, "hits": self.hits, "misses": self.misses,
+            dropped = self._drop_dead()
+            info = {"entries": len(self._entries), "size": self._size, "hits": self.hits, "misses": self.misses,
                     "evictions": self.evictions}
+        _release_all(dropped)
+        return info
 
     def _shrink(self) -> list[GuidedSampler]:
         evicted = []

@@ -193,9 +193,11 @@ class GuidedSampler:
             if noise is None:
                 noise = (self._seeded_noise(seeds_t) if seeds_t is not None else
                          torch.randn(self.noise_shape, device=self.device, dtype=self.config.dtype))
-            # Every mode works on contiguous noise (graph modes copy into a contiguous buffer), so a
-            # call equals the official sampler given noise.contiguous() whatever the mode.
+            # Every mode works on contiguous noise and labels (graph modes copy into contiguous
+            # buffers), so a call equals the official sampler given noise.contiguous() and
+            # labels.contiguous() whatever the mode, and whatever layout an earlier call had.
             noise = noise.contiguous()
+            labels = None if labels is None else labels.contiguous()
             variant = seeds_t is not None and self._churns
             run_seeds = seeds_t if variant else None
             example = (noise, labels, run_seeds)
@@ -340,7 +342,12 @@ class GuidedSampler:
         if runner is not None:
             return runner
         example = example if example is not None else self._default_example(variant)
-        with preserved_rng(self.device):
+        # Preparing must not shift the caller's random numbers: warm-up, timing and capture on CUDA
+        # (and the CPU stand-in graphs of the tests) may draw churn noise, so the generator is restored
+        # (under ENGINE_LOCK on CUDA). Eagerly on the CPU nothing is drawn (the compile warm-up runs
+        # seeded), and a restore there would rewind what other threads drew meanwhile.
+        restore = self.device.type == "cuda" or self._graph_mode != "none"
+        with preserved_rng(self.device) if restore else contextlib.nullcontext():
             if self._graph_mode != "none":
                 try:
                     runner = self._build_graph(example)
@@ -402,7 +409,10 @@ class GuidedSampler:
         if self._streams_on is not None:
             runner = EagerRunner(self._program(self._streams_on))
             if self.compile_networks:  # Compile now rather than in the first call.
-                runner(*example)
+                noise, labels, seeds = example
+                if seeds is None:  # Seeded churn: the warm-up draws nothing from the global generator.
+                    seeds = torch.arange(self.noise_shape[0], device=self.device, dtype=torch.int64)
+                runner(noise, labels, seeds)
                 self._report["warmup_runs"] = 1
             return runner
         built = {"off": EagerRunner(self._program(False)), "on": EagerRunner(self._program(True))}

@@ -88,7 +88,7 @@ class StaticInputs:
         # Copies of the example inputs, so warm-up and capture run on real data. The noise buffer
         # has the state dtype whatever the callers' noise dtype is.
         self.noise = noise.to(dtype, memory_format=torch.contiguous_format, copy=True)
-        self.labels = None if labels is None else labels.clone()
+        self.labels = None if labels is None else labels.clone(memory_format=torch.contiguous_format)
         self.seeds = None if seeds is None else seeds.clone()
 
     def load(self, noise: torch.Tensor, labels: torch.Tensor | None, seeds: torch.Tensor | None) -> None:
