@@ -1,7 +1,9 @@
 """Registry entry of the "cpp" backend: the fused C++ CPU kernels of the compiled extension.
 
 Multithreaded with ATen's parallel_for; an AVX2+FMA variant is picked at run time where the CPU
-has it. Results equal the reference (and the "torch" backend) bit for bit.
+has it. Results equal the reference (and the "torch" backend) bit for bit, but for the seeded noise
+at float32 rounding ties (about 1 value in 10^9: its float64 ln/sin/cos are not torch's, and a last
+float64 bit can round a tie the other way).
 """
 
 from __future__ import annotations
