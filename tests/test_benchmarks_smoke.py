@@ -751,3 +751,13 @@ def test_an_arm_doing_less_work_is_flagged_even_without_b0(latency, common, monk
     assert "output differs from B0" in rows["ours-decoy"]["notes"], rows["ours-decoy"]
     for name in ("B1", "ours-fused"):
         assert rows[name]["max_abs_diff_vs_B0"] != "" and "output differs" not in rows[name]["notes"], rows[name]
+
+
+def test_gpu_check_default_budget_fits_one_visit():
+    """A GPU visit is one call of at most 6 minutes (DESIGN §5): the script's default budget, which
+    every stage's limit is cut from, must stay within it."""
+    import re
+
+    text = (BENCH / "gpu_check.sh").read_text()
+    (default,) = re.findall(r"^BUDGET=\$\{GPU_CHECK_BUDGET_S:-(\d+)\}$", text, flags=re.M)
+    assert 0 < int(default) <= 360

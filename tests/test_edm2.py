@@ -67,6 +67,25 @@ def cond_net() -> Precond:
 # Sizes and names of the released presets (built on the meta device: no memory, no time).
 
 
+# DESIGN §3 / the EDM2 paper: Gflops (multiply-adds) per evaluation at 512 (latents 4x64x64).
+PAPER_GFLOPS = {"xs": 46, "s": 102, "m": 181, "l": 282, "xl": 406, "xxl": 552}
+
+
+@pytest.mark.parametrize("name", list(PAPER_GFLOPS))
+def test_preset_compute_per_evaluation(name):
+    """The work of one evaluation, counted by torch's FlopCounterMode on the meta device (no memory,
+    no time), within 3% of the paper's figure (the counter skips the element-wise ops)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = edm2_preset(name)
+        x, sigma, labels = torch.randn(1, 4, 64, 64), torch.ones(1), torch.zeros(1, 1000)
+        with FlopCounterMode(display=False) as counter:
+            net(x, sigma, labels)
+    gmacs = counter.get_total_flops() / 2e9
+    assert abs(gmacs - PAPER_GFLOPS[name]) / PAPER_GFLOPS[name] < 0.03, gmacs
+
+
 @pytest.mark.parametrize("name", list(PAPER_PARAMS_M))
 def test_preset_parameter_count(name):
     with torch.device("meta"):
