@@ -77,6 +77,49 @@ def test_first_branch_follows_the_first_draw():
     assert d_b[0] == pytest.approx(d_b[1], rel=1e-4)
 
 
+def _design_tree() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both classes' components (weights unnormalised, means, covariances), restated from the
+    design's recipe: RandomState(2); a branch draws its length, adds 8 components, then recurses
+    into the +1 child and the -1 child, each child's angle drawn just before it recurses; depth
+    0..6; class A (root angle pi/4) before class B (5 pi/4), both from the origin."""
+    rng = np.random.RandomState(2)
+    origin, scale = np.array([0.0030, 0.0325]), np.array([1.3136, 1.3844])
+    weights, means, covs = [], [], []
+
+    def branch(depth: int, pos: np.ndarray, angle: float) -> None:
+        if depth == 7:
+            return
+        direction = np.array([math.cos(angle), math.sin(angle)])
+        dist = 0.292 * 0.8**depth * (1 + 0.2 * rng.randn())
+        thick = 0.2 * 0.8**depth / dist
+        size = scale * dist * 0.06
+        outer = np.outer(direction, direction)
+        cov = (outer + (np.eye(2) - outer) * thick**2) * np.outer(size, size)
+        for t in np.linspace(0.07, 0.93, 8):
+            weights.append(dist * 0.5**depth)
+            means.append((pos + direction * dist * t) * scale)
+            covs.append(cov)
+        for sign in (1, -1):
+            branch(depth + 1, pos + direction * dist, angle + sign * 0.7**depth * (1 + 0.2 * rng.randn()))
+
+    branch(0, origin, math.pi / 4)
+    branch(0, origin, 5 * math.pi / 4)
+    return np.array(weights), np.array(means), np.array(covs)
+
+
+def test_every_component_follows_the_designs_recipe():
+    """The whole tree, not only its root branch: every component's weight, mean and covariance of
+    both classes and of their union, against the recipe restated independently above."""
+    weights, means, covs = _design_tree()
+    n = len(weights) // 2
+    for classes, rows in (("A", slice(0, n)), ("B", slice(n, 2 * n)), ("AB", slice(0, 2 * n))):
+        gt = ground_truth(classes)
+        w = weights[rows] / weights[rows].sum()
+        np.testing.assert_allclose(gt.phi.double().numpy(), w, rtol=1e-6, atol=0)
+        np.testing.assert_allclose(gt.mu.double().numpy(), means[rows], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(gt.Sigma.double().numpy(), covs[rows], rtol=1e-5, atol=1e-12)
+
+
 def test_construction_is_deterministic():
     a1 = ground_truth("AB")
     gt_module._both_classes.cache_clear()

@@ -41,6 +41,28 @@ def test_denoiser_is_x_plus_sigma2_score(sigma):
     assert not d.requires_grad
 
 
+def test_log_density_with_a_learned_gain_follows_the_design_formula():
+    """log p̂ = gain · mean_j(y_j²) / σ − ½‖x̃‖² with y the body's output, restated in float64 from
+    the design (MP-linear rows w / (1e-4 + rms(w)) / sqrt(fan_in), MP-SiLU = silu / 0.596), for a
+    non-zero gain and per-point sigmas (gain 0 leaves only the Gaussian term)."""
+    net = trained_like_net(5)
+    x = torch.randn(12, 2, generator=torch.Generator().manual_seed(2))
+    sigma = torch.linspace(0.01, 4.0, 12)
+    s = sigma.double()[:, None]
+    x_in = x.double() / torch.sqrt(0.25 + s**2)
+    y = torch.cat([x_in, torch.log(s) / 4, torch.ones_like(s)], dim=1)
+    for k, layer in enumerate(net.layers):
+        w = layer.weight.detach().double()
+        rms = w.square().mean(dim=1, keepdim=True).sqrt()
+        if k > 0:
+            y = torch.nn.functional.silu(y) / 0.596
+        y = y @ (w / (1e-4 + rms) / math.sqrt(w.shape[1])).t()
+    expected = 0.7 * y.square().mean(dim=1) / s[:, 0] - 0.5 * x_in.square().sum(dim=1)
+    got = net.logp(x, sigma)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    assert (expected + 0.5 * x_in.square().sum(dim=1)).abs().max() > 0.1  # The learned term counts.
+
+
 def test_zero_gain_is_the_gaussian_denoiser():
     # With gain 0, log p̂ = -|x|^2 / (2 (sigma_d^2 + sigma^2)): the denoiser of N(0, sigma_d^2 I).
     net = ToyNet(4, 8)
