@@ -159,6 +159,52 @@ def test_loss_is_the_sigma_squared_weighted_mean_squared_score_error():
     assert float(score_matching_loss(Off(1, 4), gt, x, sigma)) == pytest.approx(expected, rel=1e-12)
 
 
+def test_training_is_the_designs_loop():
+    """train_toy_model against the design's training loop written out here: forced weight
+    normalisation before each forward, sigma = exp(N(-2.3, 1.5^2)), exact samples at sigma, the
+    sigma^2-weighted score error, Adam(0.9, 0.99) at lr = 1e-2 / sqrt(max(iter / T, 1)) (T = 2 here,
+    so the decay is exercised), and the power-function EMA (std 0.010: gamma ~ 97) after each step."""
+    spec = ToyModelSpec("tiny", "A", 2, 8, 150)  # 150 iterations: the EMA's beta grows to ~0.5.
+    net, ema, losses = train_toy_model(spec, batch_size=32, lr_iter=2, seed=3)
+
+    gt = ground_truth("A")
+    gen = torch.Generator().manual_seed(3)
+    mine = ToyNet(2, 8, generator=gen)
+    avg = [p.detach().clone() for p in mine.parameters()]
+    opt = torch.optim.Adam(mine.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    roots = np.roots([1.0, 7.0, 16.0 - 0.010**-2, 12.0 - 0.010**-2])
+    gamma = max(r.real for r in roots if abs(r.imag) < 1e-9)
+    assert 96 < gamma < 98
+    mine_losses = []
+    for it in range(150):
+        opt.param_groups[0]["lr"] = 1e-2 / math.sqrt(max(it / 2, 1.0))
+        with torch.no_grad():
+            for layer in mine.layers:
+                w = layer.weight
+                w.copy_(w / (1e-4 + w.square().mean(dim=1, keepdim=True).sqrt()))
+        sigma = torch.exp(torch.randn(32, generator=gen) * 1.5 - 2.3)
+        x = gt.sample(32, sigma, generator=gen)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (score,) = torch.autograd.grad(mine.logp(xg, sigma).sum(), xg, create_graph=True)
+        loss = (sigma**2 * (gt.score(x, sigma) - score).square().mean(dim=1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        beta = (1 - 1 / (it + 1)) ** (gamma + 1)
+        with torch.no_grad():
+            for a, p in zip(avg, mine.parameters()):
+                a.copy_(beta * a + (1 - beta) * p)
+        mine_losses.append(loss.item())
+    assert losses == pytest.approx(mine_losses, rel=1e-5)
+    for got, want in zip(net.parameters(), mine.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(ema.parameters(), avg):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # The average is not the net (by far more than the loops' agreement): the EMA rule is checked.
+    assert (ema.layers[0].weight - net.layers[0].weight).abs().max() > 1e-4
+
+
 def test_short_training_lowers_the_loss():
     spec = ToyModelSpec("tiny", "A", 2, 16, 60)
     seen = []
