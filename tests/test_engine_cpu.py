@@ -1189,3 +1189,38 @@ def test_an_explicit_torch_backend_keeps_the_noise_layout_off_the_engine(monkeyp
     torch.manual_seed(5)
     got = fast_guided_sample(net, noise, None, gnet, num_steps=5, guidance=2.1, backend="torch", **CHURN)
     assert torch.equal(got, expected)
+
+
+# ----------------------------------------------------------------------------- from mutation testing
+
+def test_parameter_signature_sees_buffers_dtype_only_changes_and_kept_alive_replaced_children():
+    net = TinyConvDenoiser(seed=1)
+    net.register_buffer("scale", torch.ones(6))
+    base = parameter_signature(net)
+    net.scale = torch.ones(6)  # A buffer replaced by a new tensor.
+    assert parameter_signature(net) != base
+    # Only the dtype differs: the same storage, shape and strides (a replacement landing at the old
+    # address with another dtype).
+    before = parameter_signature(net)
+    net.scale = net.scale.view(torch.int32)
+    assert parameter_signature(net) != before
+    # A replaced child that stays alive elsewhere (the parent's children changed, the old child did not die).
+    before = parameter_signature(net)
+    kept = net.conv1
+    net.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+    assert parameter_signature(net) != before and kept is not None
+
+
+def test_two_bound_methods_of_one_object_are_two_networks():
+    class TwoHeads(torch.nn.Module):
+        def main(self, x, t, labels=None):
+            return x * 0.5
+
+        def guide(self, x, t, labels=None):
+            return x * 0.25
+
+    model = TwoHeads()
+    assert network_identity(model.main) != network_identity(model.guide)
+    assert not NetworkRef(model.main, weak=True).refers_to(model.guide)
+    assert not NetworkRef(model, weak=True).refers_to(None)
+    assert NetworkRef(None, weak=True).refers_to(None)

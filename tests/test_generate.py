@@ -588,6 +588,23 @@ def test_a_run_that_wrote_no_image_leaves_no_settings_record(tmp_path, capsys):
     assert "gnet" in capsys.readouterr().err
 
 
+def test_a_failed_run_keeps_a_settings_record_it_did_not_write(tmp_path, monkeypatch):
+    """The record of an earlier run (killed before its first image) stays when a later run with the
+    same settings fails before writing an image: only the record a run made itself is removed."""
+    base = ["--net", f"{HERE}:interruptible_main", "--seeds", "0-1", "--outdir", str(tmp_path), "--steps", "2",
+            "--no-progress", "--backend", "torch", "--format", "npy"]
+    monkeypatch.setenv("AGF_TEST_INTERRUPT_AFTER", "1")  # Stops in the 1st batch: no image yet.
+    with pytest.raises(KeyboardInterrupt):
+        run(*base)
+    assert not (tmp_path / SETTINGS_FILE).exists()  # Its own record: removed.
+    record = {"written": "by an earlier run"}  # Stands for an earlier run's record (its content is not read).
+    monkeypatch.setattr(G, "_check_settings", lambda outdir, settings: False)  # "There, with the same settings."
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps(record))
+    with pytest.raises(KeyboardInterrupt):
+        run(*base)
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == record
+
+
 def test_a_failed_run_keeps_the_settings_record_once_images_exist(tmp_path, monkeypatch):
     monkeypatch.setenv("AGF_TEST_INTERRUPT_AFTER", "5")  # Stops in the 2nd batch (2 steps: 3 calls each).
     args = ["--net", f"{HERE}:interruptible_main", "--seeds", "0-3", "--batch", "2", "--outdir", str(tmp_path),

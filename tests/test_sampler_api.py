@@ -581,3 +581,43 @@ def test_only_a_batch_of_labels_on_the_noise_device_takes_the_engine():
     assert not _engine_applies(noise, torch.zeros(1, 4), None, None)
     assert not _engine_applies(noise, {"class": torch.zeros(3, 4)}, None, None)
     assert not _engine_applies(noise, torch.zeros(3, 4, device="meta"), None, None)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_guidance_interval_bounds_that_are_noise_levels_lo_excluded_hi_included(backend):
+    """lo < sigma <= hi with both bounds exactly schedule levels: the level equal to lo is unguided,
+    the level equal to hi guided (a <= at lo would guide it)."""
+    if backend == "cpp" and not autoguide_fast.backends()["cpp"].available:
+        pytest.skip("the compiled extension is not loaded")
+    n = 9
+    t = autoguide_fast.reference.edm_time_steps(n, 0.002, 80, 7, torch.float32).tolist()
+    lo, hi = t[6], t[2]
+    net, gnet = GaussianDenoiser(0.5), GaussianDenoiser(0.9)
+    fast_guided_sample(net, torch.randn(2, 3), gnet=gnet, num_steps=n, guidance=2.0, guidance_interval=(lo, hi),
+                       backend=backend)
+    sigmas = [float(s) for s in gnet.sigmas]
+    assert lo not in sigmas and hi in sigmas
+    assert sorted(set(sigmas)) == sorted(s for s in t[:n] if lo < s <= hi)
+
+
+def test_churn_at_the_last_level_only_is_churn():
+    """S_min = S_max = t_{N-1}: only the last step churns. The plan must see it (the seeded
+    variant of the engine, the randn_like layout rule), and every backend must inject it."""
+    from autoguide_fast.plan import has_churn
+
+    n = 6
+    t = autoguide_fast.reference.edm_time_steps(n, 0.002, 80, 7, torch.float32).tolist()
+    kwargs = dict(num_steps=n, S_churn=3.0, S_min=t[n - 1], S_max=t[n - 1])
+    config = autoguide_fast.sampler.make_config(
+        sigma_min=0.002, sigma_max=80, rho=7, guidance=1, gnet=None, S_noise=1, dtype=torch.float32,
+        guidance_interval=None, solver="heun", **kwargs)
+    assert has_churn(config, torch.device("cpu"))
+    net = GaussianDenoiser(0.5)
+    noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(4))
+    quiet = fast_guided_sample(net, noise, num_steps=n)
+    for backend in ("torch", "cpp") if autoguide_fast.backends()["cpp"].available else ("torch",):
+        seeded = fast_guided_sample(net, noise, num_steps=n, seeds=[1, 2], backend=backend,
+                                    **{k: v for k, v in kwargs.items() if k != "num_steps"})
+        assert not torch.equal(seeded, quiet), backend
+    s = GuidedSampler(net, noise_shape=(2, 3), device="cpu", **kwargs)
+    assert torch.equal(s(noise, seeds=[1, 2]), fast_guided_sample(net, noise, seeds=[1, 2], backend="torch", **kwargs))
