@@ -158,3 +158,14 @@ def test_python_dash_m_runs_the_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "autoguide_fast", "demo", "--batch", "0"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--batch" in bad.stderr
+
+
+def test_standard_json_converts_non_finite_numbers_inside_tuples_too():
+    import math
+
+    from autoguide_fast.cli_types import json_text, standard_json
+
+    assert standard_json((1.0, math.inf)) == [1.0, "inf"]
+    assert standard_json({"interval": (0.0, -math.inf), "w": [math.nan]}) == {"interval": [0.0, "-inf"],
+                                                                              "w": ["nan"]}
+    assert json.loads(json_text({"interval": (0.0, math.inf)})) == {"interval": [0.0, "inf"]}

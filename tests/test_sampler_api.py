@@ -621,3 +621,19 @@ def test_churn_at_the_last_level_only_is_churn():
         assert not torch.equal(seeded, quiet), backend
     s = GuidedSampler(net, noise_shape=(2, 3), device="cpu", **kwargs)
     assert torch.equal(s(noise, seeds=[1, 2]), fast_guided_sample(net, noise, seeds=[1, 2], backend="torch", **kwargs))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_small_churn_below_the_cap_follows_the_official_gamma(backend):
+    """gamma = S_churn / N below its sqrt(2) - 1 cap (the other churn tests hit the cap): the
+    official sampler's t_hat, and the noise it scales, with the same randn_like draws."""
+    if backend == "cpp" and not autoguide_fast.backends()["cpp"].available:
+        pytest.skip("the compiled extension is not loaded")
+    net = TinyConvDenoiser(channels=3, label_dim=0, seed=1)
+    noise = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(6))
+    kwargs = dict(num_steps=8, S_churn=0.5, S_min=0.01, S_max=50.0)  # gamma = 0.0625.
+    expected = reference_sampler(net, noise, randn_like=make_randn_like(3), **kwargs)
+    got = fast_guided_sample(net, noise, backend=backend, randn_like=make_randn_like(3), **kwargs)
+    assert torch.equal(got, expected)
+    assert not torch.equal(expected, reference_sampler(net, noise, randn_like=make_randn_like(3), **{
+        **kwargs, "S_churn": 0.5 * 8 / 7}))  # S_churn / (N - 1) would be another sampler.
