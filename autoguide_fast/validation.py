@@ -190,12 +190,17 @@ def check_noise(noise, values: bool = True) -> None:
         raise TypeError(f"noise: expected a floating tensor, got dtype {noise.dtype}")
     if noise.is_meta:
         raise ValueError("noise: expected a tensor with values (on the CPU or a GPU), got a meta tensor")
-    if noise.layout != torch.strided:
-        raise ValueError(f"noise: expected a dense (strided) tensor, got layout {noise.layout}")
+    check_dense("noise", noise)
     if noise.dim() < 1 or noise.numel() == 0:
         raise ValueError(f"noise: expected a non-empty tensor [batch, ...], got shape {tuple(noise.shape)}")
     if values and not bool(torch.isfinite(noise).all()):
         raise ValueError("noise: contains NaN or Inf")
+
+
+def check_dense(name: str, tensor: torch.Tensor) -> None:
+    """A strided tensor (not sparse): what the samplers copy, step and hand to networks."""
+    if tensor.layout != torch.strided:
+        raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {tensor.layout}")
 
 
 def check_labels(labels, noise: torch.Tensor, *, as_official: bool = False) -> None:

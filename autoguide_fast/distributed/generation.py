@@ -197,7 +197,7 @@ def _check_options(opts: GenerateOptions) -> tuple[list[int], GenerateOptions]:
         name, bracket, index = name.partition("[")  # sigmas[2] -> --sigmas[2] (the element's index kept)
         raise type(exc)(f"{_FLAGS.get(name, name)}{bracket}{index}:{rest}") from None
     # Valid by now: real numbers (or a 0-dim tensor for guidance, read by make_config).
-    interval = config.guidance_interval if opts.guidance_interval is not None else None
+    interval = config.guidance_interval  # None when none was given.
     plain = replace(
         opts, batch=batch, class_idx=class_idx, label_dim=label_dim, shape=shape, threads=threads,
         num_steps=int(opts.num_steps), sigma_min=float(opts.sigma_min), sigma_max=float(opts.sigma_max),

@@ -75,8 +75,7 @@ def check_call_noise(noise: Any, shape: tuple[int, ...], device: torch.device,
         raise TypeError(f"noise: expected a torch.Tensor or None, got {type(noise).__name__}")
     if not noise.dtype.is_floating_point:
         raise TypeError(f"noise: expected a floating tensor, got dtype {noise.dtype}")
-    if noise.layout != torch.strided:
-        raise ValueError(f"noise: expected a dense (strided) tensor, got layout {noise.layout}")
+    V.check_dense("noise", noise)
     if tuple(noise.shape) != shape:
         raise ValueError(f"noise: expected shape {shape} ({shape_from}), got {tuple(noise.shape)}")
     if noise.device != device:
@@ -95,8 +94,7 @@ def check_call_labels(labels: Any, shape: tuple[int, ...] | None, dtype: torch.d
         raise ValueError(f"labels: required, a tensor of shape {shape} (from the sampler's {shape_arg})")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
-    if labels.layout != torch.strided:
-        raise ValueError(f"labels: expected a dense (strided) tensor, got layout {labels.layout}")
+    V.check_dense("labels", labels)
     if tuple(labels.shape) != shape:
         raise ValueError(f"labels: expected shape {shape} (from the sampler's {shape_arg}), got {tuple(labels.shape)}")
     if labels.dtype != dtype:

@@ -226,8 +226,7 @@ class MPConv(torch.nn.Module):
             w = self.weight.to(torch.float32)
             with torch.no_grad():
                 self.weight.copy_(normalize(w))
-            w = normalize(w)
-            w = (w * (gain / math.sqrt(w[0].numel()))).to(x.dtype)
+            w = mp_weight(w, gain).to(x.dtype)
         elif w is None or w.dtype != x.dtype:
             w = mp_weight(self.weight, gain).to(x.dtype)
         if w.ndim == 2:
