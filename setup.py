@@ -48,7 +48,15 @@ def _cuda_home_fallback(torch_cuda):
 def _extensions():
     if os.environ.get("AUTOGUIDE_FAST_BUILD_EXT", "1") == "0":
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError as exc:  # e.g. a plain `pip install .`: its isolated build has no torch.
+        raise RuntimeError(
+            "autoguide_fast's extension is compiled against the installed torch, and torch is not "
+            "importable here. Install torch first, then `pip install --no-build-isolation .` (a plain "
+            "`pip install .` builds in an isolated environment without it); AUTOGUIDE_FAST_BUILD_EXT=0 "
+            "installs without the extension."
+        ) from exc
 
     cuda_home = _cuda_home_fallback(torch.version.cuda)
     if cuda_home is not None:  # Before torch's build helpers read it (at their import).
@@ -67,7 +75,11 @@ def _extensions():
         )
     with_cuda = cuda_possible and cuda_flag != "0"
 
+    # Relative paths (setuptools requires them), so setup.py runs from its own directory (as pip does).
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not cpp_sources or not os.path.isfile(os.path.join("csrc", "cpu_kernels.h")):
+        raise RuntimeError(f"the extension's sources (csrc/*.cpp and headers) are not in {os.getcwd()}; "
+                           f"run setup.py from its own directory ({ROOT})")
     # No implicit fma contraction and no fast-math: the CPU kernels reproduce the reference's
     # separately rounded float operations bit for bit. No errno from math functions: sqrt is then
     # one instruction, and the noise loops vectorise.
@@ -81,7 +93,10 @@ def _extensions():
             # torch's own default with no visible GPU is every architecture of its CUDA version (a
             # long build); without PTX, a card newer than the list would find no kernel to run.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-        sources = cpp_sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        if not cuda_sources:  # The C++ ops would then refer to kernels that were never compiled.
+            raise RuntimeError("a CUDA build of the extension needs csrc/cuda/*.cu, found none")
+        sources = cpp_sources + cuda_sources
         ext = CUDAExtension(
             "autoguide_fast._C",
             sources,
@@ -101,6 +116,8 @@ setup(
     name="autoguide_fast",
     version="0.1.0",
     description="Fast autoguidance sampling for diffusion models: fused kernels, CUDA streams and graphs",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
     packages=find_packages(include=["autoguide_fast", "autoguide_fast.*"]),
     package_data={"autoguide_fast": ["toy/weights/*.pt", "py.typed"]},
     python_requires=">=3.10",

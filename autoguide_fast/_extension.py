@@ -38,7 +38,8 @@ def _load() -> None:
             _logger.warning(
                 "autoguide_fast: compiled extension autoguide_fast._C not loaded (%s); the 'cpp' and "
                 "'cuda' backends are unavailable, the 'torch' backend (and 'triton', if installed) still work. "
-                "Rebuild with `pip install --no-build-isolation -e .`.",
+                "To build it, install from the source tree against the installed torch: "
+                "`pip install --no-build-isolation .` (or `-e .`).",
                 _state["error"],
             )
         _state["loaded"] = True

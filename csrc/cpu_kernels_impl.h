@@ -282,8 +282,9 @@ void churn_chunk(const StepParams& p, int64_t begin, int64_t end) {
 // ---- Seeded noise alone ----
 template <typename T>
 void normal_chunk(const StepParams& p, int64_t begin, int64_t end) {
+  // Always with seeds (prepare_normal requires them), so eps is never null here.
   for_blocks<T>(p, begin, end, [&](int64_t i0, int64_t n, const T* eps) {
-    std::memcpy(static_cast<T*>(p.out_x) + i0, eps, static_cast<size_t>(n) * sizeof(T));
+    if (eps != nullptr) std::memcpy(static_cast<T*>(p.out_x) + i0, eps, static_cast<size_t>(n) * sizeof(T));
   });
 }
 

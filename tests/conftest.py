@@ -11,6 +11,21 @@ from autoguide_fast import GuidedSampler
 from tests.fake_graphs import RerunCapturer
 
 
+def pytest_sessionstart(session):
+    """AUTOGUIDE_FAST_REQUIRE_EXTENSION=1 (set by CI): fail at once when the compiled extension does
+    not load, instead of skipping its tests (a package imported from elsewhere, a broken build)."""
+    if os.environ.get("AUTOGUIDE_FAST_REQUIRE_EXTENSION") != "1":
+        return
+    if os.environ.get("AUTOGUIDE_FAST_DISABLE_EXTENSION") == "1":  # A run that simulates its absence.
+        return
+    import autoguide_fast
+
+    if not autoguide_fast.backends()["cpp"].available:
+        pytest.exit(f"AUTOGUIDE_FAST_REQUIRE_EXTENSION=1 but the compiled extension is not available "
+                    f"({autoguide_fast.backends()['cpp'].reason}); autoguide_fast from {autoguide_fast.__file__}",
+                    returncode=1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         # The Triton kernel tests run compiled on the card where there is one: part of the GPU

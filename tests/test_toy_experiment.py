@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -209,3 +210,31 @@ def test_cli_names_a_weight_whose_samples_overflow(flag, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: {flag} 1e+30: the guided samples overflow" in err
     assert not out_json.exists() and not fig.exists()
+
+
+def test_a_figure_without_matplotlib_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """matplotlib is optional: without it the figure is refused up front, naming --figure (it used
+    to end the whole run in a traceback, the JSON unwritten); --figure none still runs."""
+    import autoguide_fast.toy.experiment as experiment
+    from autoguide_fast.toy.experiment import run_toy_experiment
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError.
+    monkeypatch.setattr(experiment, "load_shipped_models", lambda *a: pytest.fail("work began"))
+    out_json = tmp_path / "toy.json"
+    assert main(["toy", "--samples", "64", "--json", str(out_json), "--figure", str(tmp_path / "t.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--figure: drawing the figure needs matplotlib" in err and "--figure none" in err
+    assert not out_json.exists()
+    with pytest.raises(ImportError, match=r"figure: .*matplotlib.*figure=None"):
+        run_toy_experiment(samples=64, figure=tmp_path / "t.png")
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["toy", "--samples", "64", "--steps", "4", "--json", str(out_json), "--figure", "none"]) == 0
+    assert json.loads(out_json.read_text())["figure"] is None
+
+
+def test_training_without_tqdm_runs_without_a_bar(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    code = main(["toy", "train", "--models", "autoguide", "--iterations", "2", "--batch-size",
+                 "64", "--out-dir", str(tmp_path)])  # The bar requested (no --no-progress).
+    assert code == 0 and (tmp_path / "autoguide.pt").is_file()

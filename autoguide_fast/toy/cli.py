@@ -114,7 +114,7 @@ def _usage_error(message: str) -> int:
 
 
 def run_experiment(args: argparse.Namespace) -> int:
-    from .experiment import GuidanceOverflow, run_toy_experiment
+    from .experiment import GuidanceOverflow, require_matplotlib, run_toy_experiment
 
     # Outputs that would overwrite each other or an input (checked before any work).
     outputs = {"--figure": args.figure, "--json": args.json}
@@ -125,6 +125,11 @@ def run_experiment(args: argparse.Namespace) -> int:
     for flag, p in resolved.items():
         if p in inputs:
             return _usage_error(f"{flag}: {outputs[flag]} is one of the --weights-dir files it reads")
+    if args.figure is not None:
+        try:
+            require_matplotlib("--figure", "--figure none")
+        except ImportError as exc:
+            return _usage_error(str(exc))
 
     try:
         return run_toy_experiment(

@@ -191,6 +191,15 @@ def format_table(rows: list[ToyRow]) -> str:
     return "\n".join(lines)
 
 
+def require_matplotlib(argument: str = "figure", no_figure: str = "figure=None") -> None:
+    """Raise ImportError naming ``argument`` when the figure cannot be drawn (checked before any work)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"{argument}: drawing the figure needs matplotlib (pip install matplotlib), "
+                          f"or pass {no_figure}") from exc
+
+
 def plot_figure(path: str | Path, gt: GaussianMixture, gt_other: GaussianMixture,
                 threshold: float, samples: dict[str, torch.Tensor],
                 titles: dict[str, str], grid: int = 320) -> Path:
@@ -280,9 +289,11 @@ def run_toy_experiment(
         raise ValueError(f"samples must be at least 2, got {samples!r}")
     if num_steps < 1:
         raise ValueError(f"num_steps must be positive, got {num_steps!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be positive, got {threads!r}")
+    if figure is not None:  # Found now, not after the whole run.
+        require_matplotlib()
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be positive, got {threads!r}")
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
     gt = ground_truth("A")

@@ -64,6 +64,15 @@ def score_matching_loss(net: ToyNet, gt: GaussianMixture, x: torch.Tensor,
     return (sigma**2 * (score_gt - score_net).square().mean(dim=1)).mean()
 
 
+def _progress_bar(total: int, desc: str):
+    """A tqdm bar, or None without tqdm (the bar is a nicety: tqdm is an optional dependency)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="it")
+
+
 def train_toy_model(
     spec: ToyModelSpec,
     *,
@@ -92,9 +101,7 @@ def train_toy_model(
 
     bar = None
     if progress is True:
-        from tqdm import tqdm
-        bar = tqdm(total=iterations, desc=f"toy {spec.name} ({spec.num_layers}x{spec.hidden}, "
-                   f"class {spec.classes})", unit="it")
+        bar = _progress_bar(iterations, f"toy {spec.name} ({spec.num_layers}x{spec.hidden}, class {spec.classes})")
     losses: list[float] = []
     for it in range(iterations):
         for group in opt.param_groups:
