@@ -388,6 +388,22 @@ def test_bad_device_scalars_raise_naming_scalars():
 
 
 @needs_cpp
+def test_the_fake_implementations_check_as_the_kernels_do():
+    """On meta tensors (torch.compile's tracing) the ops refuse what the kernels refuse: a network
+    output of another shape, device scalars that are not float64 [5]."""
+    x = torch.empty(2, 3, device="meta")
+    wrong = torch.empty(2, 4, device="meta")
+    good, bad = torch.empty(5, dtype=torch.float64, device="meta"), torch.empty(5, device="meta")
+    assert E.euler_step(x, x, x, 2.1, 1.5, 1.0, scalars=good)[1].shape == x.shape
+    assert E.heun_step(x, x, x, x, x, 2.1, 1.5, 1.0, scalars=good).shape == x.shape
+    for op, head in ((E.euler_step, (x,)), (E.heun_step, (x, x, x))):
+        with pytest.raises(RuntimeError, match="D_main: expected shape"):
+            op(*head, wrong, wrong, 2.1, 1.5, 1.0)
+        with pytest.raises(RuntimeError, match="scalars: expected a float64"):
+            op(*head, x, x, 2.1, 1.5, 1.0, scalars=bad)
+
+
+@needs_cpp
 @pytest.mark.parametrize("stream", [-1.0, 0.5, 2.0**32, 1e20, float("nan"), float("inf")])
 def test_a_device_scalars_stream_outside_its_range_is_refused(stream):
     # (Converting it to an integer was undefined behaviour; it ran as some other stream.)
@@ -526,6 +542,34 @@ def test_trajectory_euler_solver_and_interval_match_torch_backend(solver, interv
 
 
 @needs_cpp
+@pytest.mark.parametrize("main_dtype,guide_dtype", [(torch.float16, torch.bfloat16), (torch.float16, torch.float32),
+                                                    (torch.float32, torch.float64)], ids=str)
+def test_trajectory_with_network_outputs_of_two_dtypes_matches_torch_backend(main_dtype, guide_dtype):
+    """Main and guide networks returning different dtypes (e.g. an fp16 main and a bf16 guide): the
+    kernels read one dtype, so both are cast to the state dtype, as the reference's .to(dtype)."""
+    noise = torch.randn((2, 3, 5, 7), generator=torch.Generator().manual_seed(4))
+    net, gnet = ToyNet(1, main_dtype), ToyNet(2, guide_dtype)
+    kwargs = dict(num_steps=6, guidance=2.1, S_churn=20, seeds=[3, 4], dtype=torch.float32)
+    ref = autoguide_fast.fast_guided_sample(net, noise, None, gnet, backend="torch", **kwargs)
+    out = autoguide_fast.fast_guided_sample(net, noise, None, gnet, backend="cpp", **kwargs)
+    assert torch.equal(out, ref)
+
+
+@needs_cpp
+def test_an_explicit_randn_like_is_used_instead_of_the_seeds():
+    """Given both, the churn noise comes from randn_like, as in the official sampler (README)."""
+    noise = torch.randn((2, 3, 5, 7), generator=torch.Generator().manual_seed(5))
+    net, gnet = ToyNet(1), ToyNet(2)
+    kwargs = dict(num_steps=5, guidance=2.1, S_churn=20)
+    torch.manual_seed(9)
+    ref = reference_sampler(net, noise, None, gnet, randn_like=torch.randn_like, **kwargs)
+    torch.manual_seed(9)
+    out = autoguide_fast.fast_guided_sample(net, noise, None, gnet, seeds=[1, 2], randn_like=torch.randn_like,
+                                            backend="cpp", **kwargs)
+    assert torch.equal(out, ref)
+
+
+@needs_cpp
 def test_drop_in_edm_sampler_is_exact_on_cpu(monkeypatch):
     """autoguide_fast.edm_sampler (backend "auto" -> "cpp" on CPU) == the reference, with churn from
     torch.randn_like (the global RNG, reseeded before each run). A custom randn_like would route
@@ -572,6 +616,12 @@ def test_registry_reports_cpp_and_cuda():
             assert not status["cuda"].available and "without CUDA" in status["cuda"].reason
     else:
         assert "not loaded" in status["cpp"].reason
+    # The kernel probe that gates this file's tests agrees with the build (were it wrong, the tests
+    # would skip silently): CPU kernels in every build, CUDA kernels exactly in a CUDA build.
+    if _HAS_EXT:
+        assert _HAS_CPU and status["cpp"].available
+        assert E.has_kernel("cuda") == bool(autoguide_fast.extension_info()["cuda"])
+        assert not E.has_kernel("mps")
 
 
 @pytest.mark.skipif(os.environ.get("AUTOGUIDE_FAST_DISABLE_EXTENSION") == "1", reason="already simulating")

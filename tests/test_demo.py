@@ -21,6 +21,19 @@ def test_sampler_follows_the_closed_form_guided_flow():
     assert fine["relative_error_vs_closed_form"] < coarse["relative_error_vs_closed_form"] / 10
 
 
+def test_the_seed_picks_the_noise_and_the_evaluations_are_counted(monkeypatch):
+    """seed= draws other start noise (images seed..seed+batch-1), and a Heun run of N steps makes
+    2N - 1 evaluations of each network (the last step is Euler), counted here by the calls."""
+    a, b = run_demo(batch=64, num_steps=4, seed=0), run_demo(batch=64, num_steps=4, seed=1)
+    assert a["sample_std"] != b["sample_std"]
+    calls = []
+    forward = autoguide_fast.demo.GaussianDenoiser.forward
+    monkeypatch.setattr(autoguide_fast.demo.GaussianDenoiser, "forward",
+                        lambda self, *args: calls.append(self.s) or forward(self, *args))
+    result = run_demo(batch=8, num_steps=4, s1=0.5, s0=0.8)
+    assert result["evaluations_per_network"] == calls.count(0.5) == calls.count(0.8) == 7
+
+
 def test_cli_reports_second_order_convergence(tmp_path, capsys):
     out = tmp_path / "demo.json"
     assert main(["demo", "--batch", "256", "--json", str(out)]) == 0

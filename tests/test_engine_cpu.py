@@ -152,6 +152,8 @@ BAD_CALLS = [
     ({"labels": LABELS[:1]}, ValueError, "labels: expected shape"),
     ({"labels": LABELS.double()}, TypeError, "labels: expected dtype"),
     ({"labels": LABELS.tolist()}, TypeError, "labels"),
+    ({"labels": LABELS.to_sparse()}, ValueError, "labels: expected a dense"),
+    ({"noise": randn(*SHAPE).to_sparse()}, ValueError, "noise: expected a dense"),
     ({"seeds": [1, 2, 3]}, ValueError, "seeds: expected one seed per image"),
     ({"seeds": [1.0, 2.0]}, TypeError, "seeds"),
     ({"seeds": "12"}, TypeError, "seeds"),
@@ -275,6 +277,31 @@ def test_non_finite_result_raises_unless_allowed():
         s(randn(2, 3))
     s = GuidedSampler(bad_net, noise_shape=(2, 3), device="cpu", backend="torch", num_steps=4, check_finite=False)
     assert torch.isnan(s(randn(2, 3))).all()
+
+
+@pytest.mark.parametrize("graph", ["step", "trajectory"])
+def test_graph_noise_buffer_has_the_state_dtype_whatever_the_first_noise(fake_graphs, graph):
+    """A float64 sampler prepared from float32 noise: a later float64 noise keeps its last bits (the
+    static buffer has the state dtype, not the first caller's)."""
+    net, gnet = nets()
+    s = sampler(net, gnet, graph=graph, dtype=torch.float64)
+    s(randn(*SHAPE).float(), LABELS)
+    noise = randn(*SHAPE, seed=3).double() + 1e-12  # Not representable in float32.
+    assert torch.equal(s(noise, LABELS), eager(net, gnet, noise, LABELS, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("graph", ["none", "step", "trajectory"])
+def test_one_non_finite_element_raises_in_every_mode(fake_graphs, graph):
+    """A single NaN in one image is found (not only an all-NaN result), in every graph mode: the
+    per-step graphs check the last step's result."""
+    def bad_net(x, t, labels):
+        out = x * 0.5
+        out[0, 1] = torch.where(t < 1, float("nan"), out[0, 1])  # One element of image 0.
+        return out
+
+    s = GuidedSampler(bad_net, noise_shape=(2, 3), device="cpu", backend="torch", num_steps=4, graph=graph)
+    with pytest.raises(FloatingPointError, match="^GuidedSampler: the result contains NaN"):
+        s(randn(2, 3))
 
 
 def test_compile_networks_compiles_both_without_inductor_cudagraphs(monkeypatch):

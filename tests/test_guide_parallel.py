@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from autoguide_fast import fast_guided_sample, seeded_noise
 from autoguide_fast.distributed import PeerFailure, guide_parallel_sample
-from tests.nets import TinyConvDenoiser, one_hot_labels
+from tests.nets import PointwiseDenoiser, TinyConvDenoiser, one_hot_labels
 
 
 def _rank_main(rank, world_size, init_file, result_dir, pg_timeout, fn, args):
@@ -376,3 +376,239 @@ def test_rejects_a_group_of_one(tmp_path):
             guide_parallel_sample(TinyConvDenoiser(), None, seeded_noise([1], [1, 3, 4, 4]), guidance=2.0)
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------
+# More behaviours pinned in one 2-process job: the result check, the error texts' length, a float64
+# guide, rank 1's own argument checks and settings that differ in one detail only.
+
+
+class _NaNIn(torch.nn.Module):
+    """``net``, with its output NaN in image ``image`` (every image when None)."""
+
+    def __init__(self, net, image=None):
+        super().__init__()
+        self.net, self.image = net, image
+
+    def forward(self, x, sigma, labels=None):
+        out = self.net(x, sigma, labels).clone()
+        out[slice(None) if self.image is None else self.image] = float("nan")
+        return out
+
+
+class _Round32(torch.nn.Module):
+    """``net``, its output rounded through float32 (and back to its own dtype)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, sigma, labels=None):
+        out = self.net(x, sigma, labels)
+        return out.to(torch.float32).to(out.dtype)
+
+
+NAN_IMAGE = 2
+# Long error texts: one that fits the 1 KiB a failed rank sends (but not 128 bytes), and one cut to
+# 1 KiB; it has 2-byte characters, so bytes and characters differ (the limit is in bytes).
+# (_FailAt's error text: f"{what} broken at call {at}".)
+LONG_MAIN = "main network " + "".join(chr(ord("a") + i % 26) for i in range(900))
+LONG_GUIDE = "guide network " + "é0123456789" * 200
+LONG_MAIN_TEXT, LONG_GUIDE_TEXT = f"{LONG_MAIN} broken at call 1", f"{LONG_GUIDE} broken at call 2"
+# A schedule exactly representable in float32 and float64 (also its churned levels below: x 1.25).
+EXACT_SIGMAS = [16.0, 4.0, 1.0, 0.25]
+F64_GUIDE = dict(num_steps=4, guidance=2.0, dtype=torch.float64, sigma_max=20.0, backend="torch")
+NAN_KWARGS = dict(num_steps=4, guidance=2.0, backend="torch")
+
+
+def _f64_nets():
+    """The float64 case's networks: the guide computes in the state dtype (float64 outputs that
+    float32 cannot hold); the main network's output is float64 too."""
+    return TinyConvDenoiser(seed=2, out_dtype=torch.float64), PointwiseDenoiser(a=1.1, b=-0.3)
+
+
+def _job_gaps(rank):
+    noise = seeded_noise(SEEDS, SHAPE)
+    out = {}
+
+    def attempt(name, fn):
+        try:
+            out[name] = dict(x=fn(), error=None)
+        except Exception as exc:
+            out[name] = dict(x=None, error=(type(exc).__name__, str(exc)))
+
+    def sample(net, gnet, main_kwargs=None, guide_kwargs=None, **kwargs):
+        """rank 0: ``net`` with ``main_kwargs``; rank 1: ``gnet`` with ``guide_kwargs`` (both: ``kwargs``)."""
+        if rank == 0:
+            return guide_parallel_sample(net, None, noise, **kwargs, **(main_kwargs or {}))
+        return guide_parallel_sample(None, gnet, **kwargs, **(guide_kwargs or {}))
+
+    # The main network's output is NaN in one image, or in all: rank 0's result check.
+    attempt("nan_one_image", lambda: sample(_NaNIn(TinyConvDenoiser(seed=0), NAN_IMAGE), TinyConvDenoiser(seed=1),
+                                            **NAN_KWARGS))
+    attempt("nan_all", lambda: sample(_NaNIn(TinyConvDenoiser(seed=0)), TinyConvDenoiser(seed=1), **NAN_KWARGS))
+    attempt("nan_unchecked", lambda: sample(_NaNIn(TinyConvDenoiser(seed=0), NAN_IMAGE), TinyConvDenoiser(seed=1),
+                                            main_kwargs=dict(check_finite=False), **NAN_KWARGS))
+    # Error texts longer than 128 bytes: the main network's at its first evaluation (the status
+    # exchange), the guide's in the middle of the trajectory (its output marked failed).
+    attempt("long_main_error", lambda: sample(
+        _FailAt(TinyConvDenoiser(seed=0), 1, LONG_MAIN), TinyConvDenoiser(seed=1), num_steps=4, guidance=2.0))
+    attempt("long_guide_error", lambda: sample(
+        TinyConvDenoiser(seed=0), _FailAt(TinyConvDenoiser(seed=1), 2, LONG_GUIDE), num_steps=4, guidance=2.0))
+    # A float64 guide output with a float64 state.
+    attempt("f64_guide", lambda: sample(*_f64_nets(), **F64_GUIDE))
+    # Rank 1 without a guide: refused when guidance != 1, fine when it is 1 (the guide is never called).
+    attempt("no_guide", lambda: sample(TinyConvDenoiser(seed=0), None, num_steps=4, guidance=2.0))
+    attempt("no_guide_unguided", lambda: sample(TinyConvDenoiser(seed=0), None, num_steps=4, guidance=1))
+    # Settings that differ in one detail only. A lower interval bound between t_3 = 0.25 and the
+    # churned t_hat_3 = 0.3125: only the Heun correction at 0.25 (step 2's second evaluation) is
+    # guided on rank 0 and not on rank 1; every level and every first evaluation's weight agree.
+    churn = dict(sigmas=EXACT_SIGMAS, guidance=2.0, S_churn=1.0)  # gamma = 1 / 4.
+    attempt("mismatch_second_weight", lambda: sample(
+        TinyConvDenoiser(seed=0), TinyConvDenoiser(seed=1), main_kwargs=dict(guidance_interval=(0.1, 100.0),
+                                                                             seeds=SEEDS),
+        guide_kwargs=dict(guidance_interval=(0.26, 100.0)), **churn))
+    # Only the state dtype differs, on a schedule that float32 and float64 hold exactly.
+    attempt("mismatch_dtype", lambda: sample(
+        TinyConvDenoiser(seed=0), TinyConvDenoiser(seed=1), main_kwargs=dict(dtype=torch.float32),
+        guide_kwargs=dict(dtype=torch.float64), sigmas=EXACT_SIGMAS, guidance=2.0))
+    # And the pair still works afterwards.
+    attempt("after", lambda: sample(TinyConvDenoiser(seed=0), TinyConvDenoiser(seed=1), num_steps=4, guidance=2.0,
+                                    backend="torch"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def gap_ranks(tmp_path_factory):
+    return run_ranks(tmp_path_factory.mktemp("gp-gaps"), _job_gaps, timeout=240.0, pg_timeout=MIDWAY_PG_TIMEOUT)
+
+
+@pytest.mark.slow
+def test_check_finite_raises_on_rank_0_only(gap_ranks):
+    """A NaN in the result (one image, or all) makes rank 0 raise FloatingPointError after the
+    trajectory (check_finite is rank 0's: rank 1 served every evaluation and returns None); with
+    check_finite=False rank 0 returns the result, NaN image and all, as single-device sampling does."""
+    rank0, rank1 = gap_ranks
+    for name in ("nan_one_image", "nan_all"):
+        assert rank0[name]["error"] is not None and rank0[name]["error"][0] == "FloatingPointError", rank0[name]
+        assert "guide_parallel_sample: the result contains NaN or Inf" in rank0[name]["error"][1]
+        assert rank1[name] == dict(x=None, error=None), name
+    assert rank0["nan_unchecked"]["error"] is None and rank1["nan_unchecked"] == dict(x=None, error=None)
+    x = rank0["nan_unchecked"]["x"]
+    x_ref = fast_guided_sample(_NaNIn(TinyConvDenoiser(seed=0), NAN_IMAGE), seeded_noise(SEEDS, SHAPE), None,
+                               TinyConvDenoiser(seed=1), check_finite=False, **NAN_KWARGS)
+    assert x[NAN_IMAGE].isnan().all()
+    finite = [i for i in range(len(SEEDS)) if i != NAN_IMAGE]
+    assert x[finite].isfinite().all()
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=0, equal_nan=True)
+    assert rank0["after"]["error"] is None and rank1["after"] == dict(x=None, error=None)
+
+
+@pytest.mark.slow
+def test_long_error_texts_reach_the_other_rank_up_to_1_kib(gap_ranks):
+    """A failed rank's error text reaches the other rank's PeerFailure in full up to 1024 bytes
+    (well beyond 128), and cut to its first 1024 bytes beyond that (a cut character is replaced)."""
+    rank0, rank1 = gap_ranks
+    main_reason = f"RuntimeError: {LONG_MAIN_TEXT}"
+    assert 128 < len(main_reason.encode()) <= 1024
+    assert rank0["long_main_error"]["error"] == ("RuntimeError", LONG_MAIN_TEXT)
+    assert rank1["long_main_error"]["error"] == (
+        "PeerFailure", f"guide_parallel_sample: rank 0 (main network) failed at its first network evaluation: "
+                       f"{main_reason} (its traceback is on that rank)")
+    guide_reason = f"RuntimeError: {LONG_GUIDE_TEXT}".encode()
+    assert len(guide_reason) > 1024
+    cut = guide_reason[:1024].decode(errors="replace")
+    assert cut != f"RuntimeError: {LONG_GUIDE_TEXT}"[:1024]  # The limit is in bytes, not characters.
+    assert rank1["long_guide_error"]["error"] == ("RuntimeError", LONG_GUIDE_TEXT)
+    assert rank0["long_guide_error"]["error"] == (
+        "PeerFailure", f"guide_parallel_sample: rank 1 (guide network) failed while sampling: {cut} "
+                       f"(its traceback is on that rank)")
+
+
+@pytest.mark.slow
+def test_a_float64_guide_output_keeps_its_precision(gap_ranks):
+    """A float64 guide output with a float64 state crosses in float64: the samples equal
+    single-device sampling bit for bit (and would not, were the guide's output rounded to float32)."""
+    rank0, rank1 = gap_ranks
+    assert rank0["f64_guide"]["error"] is None and rank1["f64_guide"] == dict(x=None, error=None)
+    net, gnet = _f64_nets()
+    x_ref = fast_guided_sample(net, seeded_noise(SEEDS, SHAPE), None, gnet, **F64_GUIDE)
+    x = rank0["f64_guide"]["x"]
+    assert x.dtype == torch.float64
+    assert torch.equal(x, x_ref)
+    net, gnet = _f64_nets()
+    assert not torch.equal(fast_guided_sample(net, seeded_noise(SEEDS, SHAPE), None, _Round32(gnet), **F64_GUIDE),
+                           x_ref)
+
+
+@pytest.mark.slow
+def test_rank_1_without_a_guide(gap_ranks):
+    """Rank 1 given no guide while guidance != 1 fails its argument checks with a TypeError naming
+    gnet, and rank 0 raises a PeerFailure saying so; with guidance = 1 no guide is needed."""
+    rank0, rank1 = gap_ranks
+    assert rank1["no_guide"]["error"][0] == "TypeError" and rank1["no_guide"]["error"][1].startswith("gnet: ")
+    assert rank0["no_guide"]["error"][0] == "PeerFailure", rank0["no_guide"]
+    assert rank0["no_guide"]["error"][1].startswith(
+        "guide_parallel_sample: rank 1 (guide network) failed its argument checks: TypeError: gnet: ")
+    assert rank0["no_guide_unguided"]["error"] is None and rank1["no_guide_unguided"] == dict(x=None, error=None)
+    x_ref = fast_guided_sample(TinyConvDenoiser(seed=0), seeded_noise(SEEDS, SHAPE), None, None, num_steps=4)
+    assert torch.equal(rank0["no_guide_unguided"]["x"], x_ref)
+
+
+@pytest.mark.slow
+def test_settings_differing_in_one_detail_are_a_mismatch(gap_ranks):
+    """The settings digest covers the Heun corrections' guidance weights (an interval bound that
+    changes only whether a second evaluation is guided) and the state dtype (on a schedule both
+    dtypes hold exactly): both ranks raise the mismatch error instead of sampling out of step."""
+    rank0, rank1 = gap_ranks
+    for name in ("mismatch_second_weight", "mismatch_dtype"):
+        for r, res in enumerate((rank0, rank1)):
+            assert res[name]["error"] is not None and res[name]["error"][0] == "ValueError", (name, r, res[name])
+            assert "differ between rank 0 and rank 1" in res[name]["error"][1], (name, r)
+
+
+# ----------------------------------------------------------------------------
+# Three processes: the group must have exactly 2 ranks (a 2-rank group inside a bigger job works).
+
+
+def _job_three(rank):
+    noise = seeded_noise(SEEDS, SHAPE)
+    out = {}
+    try:
+        if rank == 0:
+            guide_parallel_sample(TinyConvDenoiser(seed=0), None, noise, num_steps=4, guidance=2.0)
+        else:
+            guide_parallel_sample(None, TinyConvDenoiser(seed=1), num_steps=4, guidance=2.0)
+        out["world"] = None
+    except Exception as exc:
+        out["world"] = (type(exc).__name__, str(exc))
+    # Ranks 1 and 2 of the job as a group of their own: global rank 1 runs the main network.
+    pair = dist.new_group([1, 2])
+    out["pair"] = None
+    if rank == 1:
+        out["pair"] = guide_parallel_sample(TinyConvDenoiser(seed=0), None, noise, group=pair, num_steps=4,
+                                            guidance=2.0, backend="torch")
+    elif rank == 2:
+        out["pair"] = guide_parallel_sample(None, TinyConvDenoiser(seed=1), group=pair, num_steps=4, guidance=2.0)
+    else:  # Rank 0 is not in the pair: named as such (its size there reads as -1 too).
+        try:
+            guide_parallel_sample(TinyConvDenoiser(seed=0), None, noise, group=pair, num_steps=4, guidance=2.0)
+        except ValueError as exc:
+            out["outsider"] = str(exc)
+    return out
+
+
+@pytest.mark.slow
+def test_refuses_a_group_of_three(tmp_path):
+    """A group of 3 ranks is refused on every rank (ValueError naming its size) before any message;
+    a 2-rank subgroup of the same 3-process job samples as on one device, and the process outside
+    it is told so."""
+    results = run_ranks(tmp_path, _job_three, world_size=3, timeout=120.0, pg_timeout=20.0)
+    for r, res in enumerate(results):
+        assert res["world"] is not None and res["world"][0] == "ValueError", (r, res["world"])
+        assert "exactly 2 ranks (main, guide), got 3" in res["world"][1], r
+    x_ref = fast_guided_sample(TinyConvDenoiser(seed=0), seeded_noise(SEEDS, SHAPE), None, TinyConvDenoiser(seed=1),
+                               num_steps=4, guidance=2.0, backend="torch")
+    assert torch.equal(results[1]["pair"], x_ref)
+    assert results[0]["pair"] is None and results[2]["pair"] is None
+    assert results[0]["outsider"] == "group: this process is not a member of the given process group"

@@ -4,6 +4,7 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,6 +101,23 @@ def test_metrics_on_known_cases():
     assert float((gt.logp(a.double()) < thr).double().mean()) < 0.05
     with pytest.raises(ValueError, match="same shape"):
         sliced_wasserstein(a, a[:10])
+
+
+def test_the_table_row_summarises_the_log_density():
+    """A row's log p columns: mean, 5th percentile and median (linear interpolation, NumPy's
+    default), and the share below the outline threshold, on a scattered sample."""
+    gt = ground_truth("A")
+    gen = torch.Generator().manual_seed(5)
+    x = gt.sample(1001, 0.0, generator=gen) + 0.2 * torch.randn(1001, 2, generator=gen)
+    ref = gt.sample(1001, 0.0, generator=gen)
+    thr = outline_threshold(gt)
+    row = evaluate_samples("x", x, gt, ref, thr, guidance=2.0, seconds=1.5)
+    logp = gt.logp(x.double()).numpy()
+    assert row.mean_logp == pytest.approx(logp.mean(), rel=1e-12)
+    assert row.p05_logp == pytest.approx(np.percentile(logp, 5), rel=1e-12)
+    assert row.median_logp == pytest.approx(np.median(logp), rel=1e-12)
+    assert row.outside == (logp < thr).mean() and 0.05 < row.outside < 0.95
+    assert (row.name, row.guidance, row.seconds) == ("x", 2.0, 1.5)
 
 
 def test_coverage_matches_brute_force():

@@ -195,6 +195,20 @@ def test_churned_trajectory_with_seeds_matches_reference_with_the_same_noise(dty
     assert _rel_l2(other[0], got[0]) > 1e-3 and torch.equal(other[1:], got[1:])
 
 
+def test_an_explicit_randn_like_is_used_instead_of_the_seeds_and_outputs_of_two_dtypes():
+    """Given both, the churn noise comes from randn_like, as in the official sampler (README); a
+    float16 main network with a float32 guide (the kernels read one dtype: both cast to the state's)."""
+    net, gnet = _nets(out_dtype=torch.float16)[0], _nets()[1]
+    x0 = _noise(shape=(2, 3, 3, 2), seed=3)
+    kwargs = dict(num_steps=3, guidance=2.1, S_churn=5.0)
+    torch.manual_seed(9)
+    want = agf.fast_guided_sample(net, x0, None, gnet, randn_like=torch.randn_like, backend="torch", **kwargs)
+    torch.manual_seed(9)
+    got = agf.fast_guided_sample(net, x0, None, gnet, seeds=[1, 2], randn_like=torch.randn_like, backend="triton",
+                                 **kwargs)
+    assert _rel_l2(got, want) <= 1e-6
+
+
 def test_toy_shape_trajectory_with_churn():
     # The paper's 2-D toy: a batch of points, shape [B, 2].
     net = PointwiseDenoiser()

@@ -214,6 +214,23 @@ def test_randn_like_returning_no_tensor_is_named(returned, backend):
                            randn_like=lambda x: returned, backend=backend)
 
 
+@pytest.mark.parametrize("bad", ["shape", "dtype"])
+def test_fused_backends_name_randn_like_noise_unlike_the_state(bad):
+    """The fused kernels read noise exactly like the state: a broadcastable shape (which the torch
+    loop follows, as the reference) or another dtype is refused, naming randn_like."""
+    if not autoguide_fast.backends()["cpp"].available:
+        pytest.skip("the compiled extension (CPU kernels) is not loaded")
+
+    def randn_like(x):
+        return torch.randn(x.shape[1:], dtype=x.dtype) if bad == "shape" else torch.randn_like(x, dtype=torch.float64)
+
+    net = lambda x, t, labels: x * 0.5  # noqa: E731
+    with pytest.raises(TypeError, match=r"randn_like: returned noise .* the cpp backend needs noise like the state"):
+        fast_guided_sample(net, NOISE, num_steps=4, S_churn=3.0, randn_like=randn_like, backend="cpp")
+    if bad == "shape":  # The torch loop broadcasts it, as the reference.
+        fast_guided_sample(net, NOISE, num_steps=4, S_churn=3.0, randn_like=randn_like, backend="torch")
+
+
 def test_seeded_noise_rejects_bad_arguments():
     with pytest.raises(ValueError, match="shape"):
         seeded_noise([1, 2], (3, 4))
@@ -247,3 +264,22 @@ def test_import_and_sampling_work_without_the_extension():
     assert proc.stdout.strip() == "OK"
     # Exactly one warning about the missing extension.
     assert proc.stderr.count("compiled extension autoguide_fast._C not loaded") == 1, proc.stderr
+
+
+@pytest.mark.parametrize("backend", [CPP, "triton"])
+def test_an_explicit_backend_that_cannot_run_the_input_says_why(backend):
+    """resolve_backend's documented error for a backend that exists but cannot run this input (a
+    float16 state): a RuntimeError saying so, not the backend constructor's own error."""
+    from autoguide_fast.backends import resolve_backend
+
+    if not autoguide_fast.backends()[backend].available:
+        pytest.skip(f"{backend} is not available here")
+    with pytest.raises(RuntimeError, match=f"backend='{backend}' cannot run this input: .*float16"):
+        resolve_backend(backend, torch.device("cpu"), torch.float16)
+
+
+def test_auto_on_another_device_type_takes_the_torch_loop():
+    from autoguide_fast.backends import resolve_backend
+
+    for device in ("meta", "mps", "xpu"):  # No fused backend is built for these: the plain loop.
+        assert resolve_backend("auto", torch.device(device), torch.float32).name == "torch"

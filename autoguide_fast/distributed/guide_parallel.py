@@ -118,13 +118,14 @@ class _Link:
             )
         # The default group exists once the process group is initialized (checked above).
         world = group if group is not None else cast(dist.ProcessGroup, dist.group.WORLD)
+        # Membership first: for a process outside the group, its size reads as -1 too.
+        self.rank = dist.get_rank(world)
+        if self.rank < 0:
+            raise ValueError("group: this process is not a member of the given process group")
         size = dist.get_world_size(world)
         if size != 2:
             raise ValueError(f"group: guide_parallel_sample needs exactly 2 ranks (main, guide), got {size}")
         self.group = group
-        self.rank = dist.get_rank(world)
-        if self.rank < 0:
-            raise ValueError("group: this process is not a member of the given process group")
         self.src_main = dist.get_global_rank(world, 0)
         self.src_guide = dist.get_global_rank(world, 1)
         # Where NCCL carries CUDA tensors (also in a group such as "cpu:gloo,cuda:nccl"), every message
@@ -498,9 +499,7 @@ def _guide_device(link: _Link, gnet: Callable | None, device: torch.device | str
 def _run_guide(link: _Link, gnet: Callable | None, device: torch.device | str | None, kwargs: dict[str, Any]) -> None:
     error = None
     try:
-        config = _config(kwargs, gnet)
-        if config.guidance != 1:
-            V.check_callable("gnet", gnet)
+        config = _config(kwargs, gnet)  # Checks gnet too (callable whenever guidance != 1).
         guide_device = _guide_device(link, gnet, device)
         _, steps = build_plan(config, guide_device)
         digest = _plan_digest(config, steps)
