@@ -8,11 +8,13 @@ import torch
 
 from autoguide_fast.models import (
     EDM2_PRESETS,
+    Block,
     MPConv,
     Precond,
     edm2_preset,
     edm2_preset_kwargs,
     prepare_for_inference,
+    randomize_gains_,
     unprepare,
 )
 from autoguide_fast.models.edm2 import normalize, resample
@@ -168,6 +170,8 @@ def test_preset_kwargs_and_overrides():
     kwargs = edm2_preset_kwargs("S", dataset="img64", conditional=False, model_channels=16, dropout=0.2)
     assert kwargs["model_channels"] == 16 and kwargs["dropout"] == 0.2
     assert (kwargs["img_channels"], kwargs["label_dim"], kwargs["use_fp16"]) == (3, 0, True)
+    # The dataset's case does not matter either (as the size's and the CLI's edm2:IMG64-S).
+    assert edm2_preset_kwargs("s", dataset="IMG64") == edm2_preset_kwargs("s", dataset="img64")
 
 
 def test_bad_preset_arguments():
@@ -175,6 +179,8 @@ def test_bad_preset_arguments():
         edm2_preset("huge")
     with pytest.raises(ValueError, match="dataset"):
         edm2_preset("s", dataset="img256")
+    with pytest.raises(ValueError, match="dataset"):
+        edm2_preset("s", dataset=None)
 
 
 # ----------------------------------------------------------------------------
@@ -650,3 +656,87 @@ def test_a_general_resample_filter_is_captured_in_a_cuda_graph():
     assert report["graph"] == "trajectory" and report["capture_error"] is None, report
     expected = GuidedSampler(net, gnet, graph="none", streams=report["streams"], **kwargs)(noise, onehot)
     assert torch.equal(graphed(noise, onehot), expected)
+
+
+# ----------------------------------------------------------------------------
+# Preset dropout, class-label broadcasting, body dtype, random gains.
+
+
+# Training dropout per size in the official release (NVlabs/edm2 train_edm2.py, config_presets: the
+# same per size for edm2-img512-* and edm2-img64-*). DESIGN.md §3 gives no dropout values.
+RELEASE_DROPOUT = {"xxs": 0.00, "xs": 0.00, "s": 0.00, "m": 0.10, "l": 0.10, "xl": 0.10, "xxl": 0.10}
+
+
+@pytest.mark.parametrize("name", list(RELEASE_DROPOUT))
+def test_preset_dropout_matches_the_release(name):
+    """Each preset trains with the release's dropout, in every block (inference ignores it)."""
+    assert set(EDM2_PRESETS) == set(RELEASE_DROPOUT)
+    for dataset in ("img512", "img64"):
+        assert edm2_preset_kwargs(name, dataset=dataset)["dropout"] == RELEASE_DROPOUT[name], dataset
+    with torch.device("meta"):
+        net = edm2_preset(name)
+    assert {m.dropout for m in net.modules() if isinstance(m, Block)} == {RELEASE_DROPOUT[name]}
+
+
+def test_a_single_label_row_is_shared_by_the_batch(cond_net):
+    """Class labels of one row (one-hot [1, label_dim] or one index [1]) condition every image of the
+    batch: the output is that of the row repeated B times."""
+    x, _ = inputs()
+    sigma = torch.tensor([0.3, 1.0, 5.0])
+    row = torch.nn.functional.one_hot(torch.tensor([7]), 10).float()
+    with torch.no_grad():
+        shared = cond_net(x, sigma, row)
+        repeated = cond_net(x, sigma, row.repeat(3, 1))
+        by_index = cond_net(x, sigma, torch.tensor([7]))
+        other = cond_net(x, sigma, torch.tensor([2]))
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-5)
+    assert torch.equal(by_index, shared)
+    assert rel_l2(other, shared) > 1e-3  # The label matters: the comparison above is not vacuous.
+
+
+# U-Net compute dtype by (use_fp16, force_fp32, device type): float16 only on CUDA, with use_fp16,
+# unless forced to float32.
+BODY_DTYPES = {
+    (True, False, "cuda"): torch.float16,
+    (True, True, "cuda"): torch.float32,
+    (False, False, "cuda"): torch.float32,
+    (False, True, "cuda"): torch.float32,
+    (True, False, "cpu"): torch.float32,
+    (True, True, "cpu"): torch.float32,
+    (False, False, "cpu"): torch.float32,
+    (False, True, "cpu"): torch.float32,
+}
+
+
+@pytest.mark.parametrize("use_fp16,force_fp32,kind", list(BODY_DTYPES))
+def test_body_dtype_table(use_fp16, force_fp32, kind):
+    """Precond.body_dtype for each use_fp16 x force_fp32 x device, the device given as a string or
+    a torch.device, with or without an index (a pure function: no device is used)."""
+    with torch.device("meta"):
+        net = Precond(label_dim=0, use_fp16=use_fp16, **TINY)
+    for device in (kind, f"{kind}:0", torch.device(kind), torch.device(kind, 1)):
+        assert net.body_dtype(device, force_fp32) == BODY_DTYPES[use_fp16, force_fp32, kind], device
+        if not force_fp32:
+            assert net.body_dtype(device) == BODY_DTYPES[use_fp16, False, kind], device
+
+
+def test_randomize_gains_draws_every_gain_in_half_to_one_reproducibly():
+    """randomize_gains_ sets every out_gain / emb_gain (in place) to a draw in [0.5, 1), the same
+    draws for the same seed and other draws for another seed; no other parameter changes."""
+    def gains(net):
+        return {name: p.item() for name, p in net.named_parameters() if name.endswith("gain")}
+
+    torch.manual_seed(0)
+    net = Precond(label_dim=10, **TINY)
+    assert set(gains(net).values()) == {0.0}  # The release's initial gains.
+    a = copy.deepcopy(net)
+    assert randomize_gains_(a, seed=5) is a
+    b, c, d, e = (randomize_gains_(copy.deepcopy(net), seed=s) for s in (5, 6, 0, 0))
+    drawn = gains(a)
+    assert len(drawn) == 1 + sum(isinstance(m, Block) for m in net.modules())  # out_gain + one per block.
+    assert all(0.5 <= g < 1.0 for g in drawn.values()), drawn
+    assert len(set(drawn.values())) == len(drawn)  # Drawn one by one, not one value for all.
+    assert gains(b) == drawn and gains(c) != drawn
+    assert gains(randomize_gains_(copy.deepcopy(net))) == gains(d) == gains(e)  # seed=0 by default.
+    others = {name: p for name, p in net.named_parameters() if not name.endswith("gain")}
+    assert all(torch.equal(p, others[name]) for name, p in a.named_parameters() if name in others)

@@ -419,6 +419,27 @@ def test_attention_layout_per_head(channels):
         assert_far(out, wrong)
 
 
+@pytest.mark.parametrize("channels", [16, 32, 63])
+def test_attention_narrower_than_a_head_has_no_heads(channels):
+    """As in the release, heads = out_channels // channels_per_head: an attention block narrower than
+    one head (64 channels by default) has 0 heads and no attn_qkv / attn_proj, and is the block
+    without attention (same parameters, same output)."""
+    torch.manual_seed(21)
+    block = Block(channels, channels, 16, attention=True).eval()
+    plain = Block(channels, channels, 16, attention=False).eval()
+    assert block.num_heads == 0 and block.attn_qkv is None and block.attn_proj is None
+    assert block.state_dict().keys() == plain.state_dict().keys()
+    assert not any(key.startswith(("attn_qkv", "attn_proj")) for key in block.state_dict())
+    set_random_gains(block, seed=22)
+    plain.load_state_dict(block.state_dict())
+    x, emb = randn(2, channels, 4, 4, seed=23), randn(2, 16, seed=24)
+    with torch.no_grad():
+        assert torch.equal(block(x, emb), plain(x, emb))
+    # One head's width has one head.
+    wide = Block(64, 64, 16, attention=True)
+    assert wide.num_heads == 1 and {"attn_qkv.weight", "attn_proj.weight"} <= wide.state_dict().keys()
+
+
 BLOCK_CASES = [
     # flavor, in, out, resample, attention, channels_per_head
     ("enc", 24, 40, "keep", False, 64),   # conv_skip + pixel norm

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pathlib
 import pickle
 import sys
 import types
@@ -393,3 +394,80 @@ def test_generate_samples_from_a_snapshot_file(tmp_path):
         loaded = prepare_for_inference(load_edm2_snapshot(path))
         expected = fast_guided_sample(loaded, seeded_noise([3], (1, 4, 16, 16)), labels, num_steps=3, backend="torch")
     assert torch.equal(got, expected[0])
+
+
+class _TouchesAFile:
+    """Creates ``marker`` when a standard unpickler reads it (code run from the file, no shell)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path(self.marker).touch, ()
+
+
+def test_an_upper_case_pkl_is_read_as_a_snapshot_never_unpickled_by_torch_load(tmp_path):
+    """The .pkl suffix is matched case-insensitively: EVIL.PKL goes to the snapshot reader (refused,
+    nothing run), never to torch.load(weights_only=False), which would run what it embeds; a
+    release snapshot named in upper case loads as one."""
+    from autoguide_fast.distributed.loading import load_network
+
+    marker = tmp_path / "executed"
+    evil = tmp_path / "EVIL.PKL"
+    evil.write_bytes(pickle.dumps({"ema": _TouchesAFile(str(marker))}))
+    with pytest.raises(ValueError) as info:
+        load_network(str(evil), arg="--net")
+    assert not marker.exists()  # Nothing from the file ran (checked first: the point of the test).
+    assert "EVIL.PKL' is not a torch.save file and not a loadable EDM2 snapshot" in str(info.value), info.value
+
+    net = release_net()
+    path = tmp_path / "EDM2-IMG512-XS-TEST.PKL"
+    path.write_bytes(write_release_snapshot(net, KWARGS))
+    loaded = load_network(str(path), arg="--net")
+    assert isinstance(loaded, Precond) and not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(*inputs()), net(*inputs()))
+
+    pickle.loads(evil.read_bytes())  # The standard unpickler does run it: the test can fail.
+    assert marker.exists()
+
+
+def test_a_missing_file_is_file_not_found(tmp_path):
+    """An unreadable path raises the OSError of opening it (FileNotFoundError, IsADirectoryError),
+    not the ValueError of a file that is no snapshot."""
+    missing = tmp_path / "no_such_dir" / "x.pkl"
+    with pytest.raises(FileNotFoundError):
+        load_edm2_snapshot(missing)
+    with pytest.raises(FileNotFoundError):
+        load_edm2_snapshot(str(missing))
+    with pytest.raises(FileNotFoundError):
+        read_edm2_snapshot(str(missing))
+    with pytest.raises(IsADirectoryError):
+        load_edm2_snapshot(tmp_path)
+
+
+def _claiming(kwargs: dict, num_tensors: int) -> bytes:
+    """A snapshot whose network record holds ``num_tensors`` small tensors and constructor keywords
+    ``kwargs``."""
+    tensors = {f"t{i}": torch.zeros(1) for i in range(num_tensors)}
+    with release_modules_installed() as modules:
+        recon = modules["torch_utils.persistence"]._reconstruct_persistent_obj
+
+        class Claim:
+            def __reduce__(self):
+                state = {"_init_kwargs": kwargs, "_parameters": tensors, "_modules": {}}
+                return recon, ({"class_name": "Precond", "state": state},)
+
+        return pickle.dumps({"ema": Claim()})
+
+
+def test_the_size_guard_refuses_one_block_more_than_the_stored_tensors():
+    """The guard's bound is tight: constructor keywords describing one U-Net block more than the
+    file stores tensors are refused before building; as many blocks as tensors pass the guard (this
+    file is then refused for tensors that do not fit)."""
+    # One level of one block: 1 x (2 x 1 + 3) = 5 blocks by the guard's count.
+    kwargs = dict(img_resolution=8, img_channels=4, label_dim=0, model_channels=8, channel_mult=[1], num_blocks=1)
+    with pytest.raises(ValueError, match="describe 5 U-Net blocks, but the file stores only 4 tensors"):
+        load_edm2_snapshot(io.BytesIO(_claiming(kwargs, 4)))
+    with pytest.raises(ValueError, match="do not fit"):
+        load_edm2_snapshot(io.BytesIO(_claiming(kwargs, 5)))

@@ -5,6 +5,8 @@ before the list is built."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +14,9 @@ import torch
 from autoguide_fast.distributed import seeds as seeds_module
 from autoguide_fast.distributed.cli import main
 from autoguide_fast.distributed.generation import image_path
-from autoguide_fast.distributed.loading import network_label_dim, network_shape
+from autoguide_fast.distributed.loading import load_network, network_label_dim, network_shape
 from autoguide_fast.distributed.seeds import parse_seeds
+from autoguide_fast.models import Precond
 from tests.test_generate import ExactNet
 
 HERE = "tests.test_generate"          # The networks of the generate tests (rgb_main: 3x8x8, 4 classes).
@@ -37,6 +40,13 @@ class NonSquare(Bare):
 
 def bare():
     return Bare()
+
+
+def in_training_mode():
+    """A network that is in training mode as built (every fresh module is), with a dropout layer
+    that changes its output there."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5))
 
 
 def run(*argv) -> int:
@@ -173,3 +183,59 @@ def test_cli_refuses_a_huge_seed_range(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("autoguide-fast generate: error: --seeds: ") and "5000000000" in err, err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------
+# Network specs: what load_network makes of them.
+
+# Constructor overrides that keep a preset tiny (8x8 images, 8 base channels, no attention).
+TINY_PRESET = {"model_channels": 8, "img_resolution": 8, "channel_mult": [1, 2], "num_blocks": 1,
+               "attn_resolutions": []}
+
+
+@pytest.mark.parametrize("spec, channels", [
+    ("edm2:xs", 4),           # No dataset: ImageNet-512 latents, the documented default.
+    ("edm2:img512-xs", 4),
+    ("edm2:img64-xs", 3),     # ImageNet-64 pixels.
+])
+def test_a_preset_spec_without_a_dataset_is_img512(spec, channels):
+    """edm2:SIZE is the img512 preset (4-channel latents); edm2:img64-SIZE has 3 channels."""
+    net = load_network(spec, overrides=TINY_PRESET)
+    assert isinstance(net, Precond)
+    assert (net.img_channels, net.label_dim) == (channels, 1000)
+    assert network_shape(net, None) == (channels, 8, 8)
+
+
+@pytest.mark.parametrize("spec, channels", [("EDM2:s", 4), ("Edm2:IMG64-XS", 3)])
+def test_the_preset_prefix_and_name_are_case_insensitive(spec, channels):
+    """The edm2: prefix is matched case-insensitively (as the DATASET-SIZE part is): EDM2:s is a
+    preset, not a module named EDM2 to import."""
+    net = load_network(spec, overrides=TINY_PRESET)
+    assert isinstance(net, Precond) and net.img_channels == channels
+
+
+def test_loaded_networks_are_in_eval_mode_without_gradients(tmp_path):
+    """A network built by a module:callable spec or read from a torch.save file comes back in eval
+    mode (dropout off) with gradients off, whatever mode it was saved or built in."""
+    saved = tmp_path / "net.pt"
+    torch.save(in_training_mode(), saved)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    for spec in (str(saved), f"{LOCAL}:in_training_mode"):
+        net = load_network(spec)
+        assert not any(m.training for m in net.modules()), spec
+        assert not any(p.requires_grad for p in net.parameters()), spec
+        with torch.no_grad():
+            assert torch.equal(net(x), net[0](x)), spec  # The dropout layer is the identity.
+
+
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_a_path_to_no_file_is_file_not_found(tmp_path, relative):
+    """A spec with a path separator (and no file suffix, no colon) names a file: a missing one is
+    FileNotFoundError, not a spec the loader cannot interpret."""
+    spec = os.path.join("no_such_dir_q7", "missing") if relative else str(tmp_path / "nets" / "missing")
+    assert not os.path.exists(spec)
+    with pytest.raises(FileNotFoundError, match="^--gnet: no such file"):
+        load_network(spec, arg="--gnet")
+    for name in ("missing_q7.PT", "missing_q7.PKL", "missing_q7.Pth"):  # A file suffix in any case.
+        with pytest.raises(FileNotFoundError, match="^--gnet: no such file"):
+            load_network(name, arg="--gnet")

@@ -150,7 +150,7 @@ def load_network(
             net = _load_file(spec, arg)
         elif os.path.exists(spec):
             raise ValueError(f"{arg}: {spec!r} is not a file")
-        elif spec.endswith(_FILE_SUFFIXES) or os.sep in spec or (os.altsep and os.altsep in spec):
+        elif spec.lower().endswith(_FILE_SUFFIXES) or os.sep in spec or (os.altsep and os.altsep in spec):
             raise FileNotFoundError(f"{arg}: no such file {spec!r}")
         elif ":" in spec:
             net = _resolve_callable(spec, arg)

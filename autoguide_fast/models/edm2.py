@@ -614,10 +614,10 @@ EDM2_NUM_CLASSES = 1000
 def edm2_preset_kwargs(name: str, dataset: str = "img512", conditional: bool = True, **overrides: Any) -> dict:
     if not isinstance(name, str) or name.lower() not in EDM2_PRESETS:
         raise ValueError(f"name must be one of {sorted(EDM2_PRESETS)}, got {name!r}")
-    if dataset not in EDM2_DATASETS:
+    if not isinstance(dataset, str) or dataset.lower() not in EDM2_DATASETS:
         raise ValueError(f"dataset must be one of {sorted(EDM2_DATASETS)}, got {dataset!r}")
     kwargs = dict(
-        **EDM2_DATASETS[dataset],
+        **EDM2_DATASETS[dataset.lower()],
         label_dim=EDM2_NUM_CLASSES if conditional else 0,
         use_fp16=True,
         **EDM2_PRESETS[name.lower()],
