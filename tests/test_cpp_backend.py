@@ -37,7 +37,8 @@ NET_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SHAPES = ((1, 3, 37, 53), (5, 4, 64, 64), (2,), (7, 2))
 # |w| >= 1/2, |w| < 1/2 (both lerp branches), the branch edge (torch: |w| < 1/2 takes the first
 # branch; the two differ in float32 on about a third of the elements at w = 1/2), unguided.
-WEIGHTS = (2.1, 0.3, -0.7, 0.5, -0.5, 0.4999999701976776, None)
+# And a weight that is 1/2 in float32 but below it in float64 (the branch is decided in the state dtype).
+WEIGHTS = (2.1, 0.3, -0.7, 0.5, -0.5, 0.4999999701976776, 0.49999999, -0.49999999, None)
 
 
 def _step(t_hat: float, t_next: float, dtype: torch.dtype, index: int = 3,
@@ -385,6 +386,22 @@ def test_bad_device_scalars_raise_naming_scalars():
             E.euler_step(x, D_main, D_guide, 2.1, 1.5, 1.0, scalars=scalars)
         with pytest.raises(RuntimeError, match="scalars: expected"):
             E.heun_step(x, x, x, D_main, D_guide, 2.1, 1.5, 1.0, scalars=scalars)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", STATE_DTYPES, ids=str)
+def test_heun_average_rounds_each_half_at_the_extremes(dtype):
+    """x_out uses 0.5·d + 0.5·d' (each half rounded, as the reference), not (d + d')·0.5: they differ
+    where a half underflows (the smallest subnormal) or the sum overflows."""
+    info = torch.finfo(dtype)
+    tiny, big = info.smallest_normal * info.eps, info.max * 0.9
+    extremes = torch.tensor([tiny, -tiny, big, -big, info.smallest_normal], dtype=dtype)
+    d = torch.cat([extremes, torch.randn(7, generator=torch.Generator().manual_seed(1), dtype=dtype)]).reshape(1, -1)
+    x_hat, D = torch.zeros_like(d), torch.zeros_like(d)
+    one, two = torch.tensor(1.0, dtype=dtype), torch.tensor(2.0, dtype=dtype)
+    ref = x_hat + (one - two) * (0.5 * d + 0.5 * ((d - D) / one))
+    assert torch.equal(E.heun_step(x_hat, d, d.clone(), D, None, 1.0, 2.0, 1.0), ref)
+    assert ref[0, 0] == 0 and ref[0, 2] == -big  # Not -tiny, not -inf: the check can fail.
 
 
 @needs_cpp

@@ -96,9 +96,11 @@ def test_step_matches_reference(state, net, shape):
     inp = _inputs(shape, state, net)
     t_hat, t_next, scale = _as(state, T_HAT), _as(state, T_NEXT), _as(state, SCALE)
     # (w, w2, churn fused into): unguided, both lerp branches, a negative weight, fused churn.
-    # The lerp branch edge too: |w| < 1/2 takes the first branch, 1/2 itself the second (as torch).
+    # The lerp branch edge too: |w| < 1/2 takes the first branch, 1/2 itself the second (as torch),
+    # decided on the weight in the state dtype (0.49999999 is 1/2 in float32, below it in float64).
     for w, w2, churn_op in ((None, None, None), (0.3, 2.1, None), (2.1, -0.7, "heun"), (None, 1.7, "euler"),
-                            (0.5, -0.5, None), (0.4999999701976776, 0.5000000596046448, None)):
+                            (0.5, -0.5, None), (0.4999999701976776, 0.5000000596046448, None),
+                            (0.49999999, -0.49999999, None)):  # Rounded to +-1/2 in float32: branch 2.
         ref = _reference(inp, state, state, w, w2, churn_op)
         truth = _reference(inp, state, torch.float64, w, w2, churn_op)
         seeds = inp["seeds"] if churn_op == "euler" else None
@@ -157,6 +159,37 @@ def test_cast_output_is_the_rounded_state(cast):
     assert torch.equal(x_out_cast, x_out.to(cast))
     x_hat, x_hat_cast = OPS.churn(inp["x"], 0.5, inp["seeds"], None, STREAM, cast)
     assert torch.equal(x_hat_cast, x_hat.to(cast))
+
+
+def test_heun_average_rounds_each_half_at_the_extremes():
+    """x_out uses 0.5·d + 0.5·d' (each half rounded, as the reference), not (d + d')·0.5: they differ
+    where a half underflows (the smallest subnormal) or the sum overflows (3e38 + 3e38)."""
+    extremes = torch.tensor([2.0**-149, -(2.0**-149), 3e38, -3e38, 2.0**-126])
+    d = torch.cat([extremes, torch.randn(7, generator=torch.Generator().manual_seed(1))]).reshape(1, -1).to(DEVICE)
+    x_hat, D = torch.zeros_like(d), torch.zeros_like(d)
+    (x_out,) = OPS.heun_step(x_hat, d, d.clone(), D, None, None, 2.0, 1.0, None, None, 0, None)
+    one, two = torch.tensor(1.0, device=DEVICE), torch.tensor(2.0, device=DEVICE)
+    ref = x_hat + (one - two) * (0.5 * d + 0.5 * ((d - D) / one))
+    assert torch.equal(x_out, ref)
+    assert x_out[0, 0] == 0 and x_out[0, 2] == -3e38  # Not -2^-149, not -inf: the check can fail.
+
+
+def test_launch_geometry_flags_follow_the_shape():
+    """The host's choice of kernel variant (the interpreter gives the same numbers with any, so only
+    this check sees a wrong one): vector accesses when the rows are a multiple of 4 elements, 64-bit
+    indices once 4 x groups could pass 2^31, the noise tile size for per-image (seeded) launches."""
+    def flags(shape, per_image):
+        return triton_step._geometry(torch.empty(shape, device="meta"), per_image)[2]
+
+    C = _triton_common
+    # An index past int32 is possible from 2^31 - 4 x GROUPS elements on (a tile's rounding): 64-bit there.
+    assert flags((1, 2**31 - 4 * C.GROUPS), False)["WIDE"] and flags((3, 2**30), True)["WIDE"]
+    assert not flags((1, 2**31 - 8 * C.GROUPS), False)["WIDE"]
+    assert not flags((2, 3, 64, 64), False)["WIDE"]
+    assert flags((2, 3, 4, 4), True)["ALIGNED"] and flags((4, 3), False)["ALIGNED"]
+    assert not flags((4, 3), True)["ALIGNED"] and not flags((1, 3, 37, 53), True)["ALIGNED"]
+    assert flags((2, 3, 64, 64), True)["GROUPS"] == C.GROUPS_NOISE != C.GROUPS
+    assert flags((2, 3, 64, 64), False)["GROUPS"] == C.GROUPS
 
 
 def test_write_d_false_returns_an_empty_d_and_the_same_x_next():

@@ -196,7 +196,8 @@ def _heun_step_kernel(
     x_next = tl.load(xn_ptr + off, mask=mask, other=0)
     den = _denoised(dm_ptr, dg_ptr, off, mask, w, GUIDED, W_SMALL, COMPILED)
     d_prime = exact_rn(exact_rn(x_next, den, "sub", COMPILED), tl.broadcast_to(t_next, x.shape), "div", COMPILED)
-    # 0.5·d and 0.5·d' are exact; their sum and the update are rounded separately, as in the reference.
+    # 0.5·d and 0.5·d' (exact but where they underflow), their sum and the update are rounded separately,
+    # as in the reference: (d + d')·0.5 would differ at the smallest subnormals and where d + d' overflows.
     slope = exact_rn(d * 0.5, d_prime * 0.5, "add", COMPILED)
     x_out = exact_rn(x, exact_rn(tl.broadcast_to(step, slope.shape), slope, "mul", COMPILED), "add", COMPILED)
     if CHURN:
