@@ -290,7 +290,19 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: E.philox_normal(seeds, -1, 0, torch.float32), "numel: expected a non-negative"),
         (lambda: E.philox4x32(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64)),
          "counter: expected an int64 tensor"),
+        # Argument checks a mutation survived (each would read out of bounds or the wrong values):
+        (lambda: E.euler_step(x, D_main, None, 1.0, 1.5, 1.0, seeds, 0.4, 2**32), "churn_stream: expected a Philox"),
+        (lambda: E.churn(x, 0.4, seeds=seeds, stream=2**32), "stream: expected a Philox"),
+        (lambda: E.philox_normal(seeds, 8, 2**32, torch.float32), "stream: expected a Philox"),
+        (lambda: E.euler_step(x, D_main, None, 1.0, 1.5, 1.0, seeds[:, None], 0.4, 7), "seeds: expected a 1-D"),
+        (lambda: E.churn(x, 0.4, seeds=torch.tensor([1, 9, 2, 9])[::2], stream=3), "seeds: expected a contiguous"),
+        (lambda: E.philox4x32(torch.zeros(3, 4, dtype=torch.int64), torch.zeros(1, 2, dtype=torch.int64)),
+         "key: expected 3 rows"),
+        (lambda: E.euler_step(x, D_main, D_guide[:1], 2.0, 1.5, 1.0), "D_guide: expected the shape of x_hat"),
+        (lambda: E.heun_step(x, x, x, D_main, D_guide[:1], 2.0, 1.5, 1.0), "D_guide: expected the shape of x_hat"),
     ]
+    # The largest stream is accepted.
+    E.euler_step(x, D_main, None, 1.0, 1.5, 1.0, seeds, 0.4, 2**32 - 1)
     for fn, message in cases:
         with pytest.raises(RuntimeError, match=message):
             fn()
@@ -407,7 +419,7 @@ def test_heun_average_rounds_each_half_at_the_extremes(dtype):
 @needs_cpp
 def test_the_fake_implementations_check_as_the_kernels_do():
     """On meta tensors (torch.compile's tracing) the ops refuse what the kernels refuse: a network
-    output of another shape, device scalars that are not float64 [5]."""
+    output (main or guide) of another shape, device scalars that are not float64 [5]."""
     x = torch.empty(2, 3, device="meta")
     wrong = torch.empty(2, 4, device="meta")
     good, bad = torch.empty(5, dtype=torch.float64, device="meta"), torch.empty(5, device="meta")
@@ -416,6 +428,8 @@ def test_the_fake_implementations_check_as_the_kernels_do():
     for op, head in ((E.euler_step, (x,)), (E.heun_step, (x, x, x))):
         with pytest.raises(RuntimeError, match="D_main: expected shape"):
             op(*head, wrong, wrong, 2.1, 1.5, 1.0)
+        with pytest.raises(RuntimeError, match="D_guide: expected shape"):
+            op(*head, x, wrong, 2.1, 1.5, 1.0)
         with pytest.raises(RuntimeError, match="scalars: expected a float64"):
             op(*head, x, x, 2.1, 1.5, 1.0, scalars=bad)
 
@@ -779,6 +793,27 @@ def test_noise_log_sin_cos_are_within_an_ulp_and_a_half_on_every_input(tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     worst_log, worst_sin, worst_cos = map(float, run.stdout.split())
     assert worst_log <= 1.5 and worst_sin <= 1.5 and worst_cos <= 1.5, run.stdout
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ["avx2+fma", "baseline"])
+def test_noise_with_thread_chunks_starting_inside_a_philox_group(isa):
+    """The threads' chunks can start mid-image at an element that is not a multiple of 4 (inside a
+    Philox group of 4 normals): the noise is the same for every thread count, including the counts
+    and image sizes that put such a start at element % 4 = 1, 2 and 3."""
+    previous, threads = autoguide_fast.extension_info()["cpu_kernels"], torch.get_num_threads()
+    if not autoguide_fast.extension().set_cpu_kernels(isa):
+        pytest.skip(f"no {isa} kernels on this CPU")
+    try:
+        seeds = torch.tensor([7, -3])
+        for numel in (6145, 6147, 10007):
+            want = philox_normal(seeds, numel, 5, torch.float64).float()
+            for n in (1, 3, 5):
+                torch.set_num_threads(n)
+                assert torch.equal(E.philox_normal(seeds, numel, 5, torch.float32), want), (numel, n)
+    finally:
+        torch.set_num_threads(threads)
+        autoguide_fast.extension().set_cpu_kernels(previous)
 
 
 @needs_cpp

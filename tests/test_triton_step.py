@@ -174,6 +174,36 @@ def test_heun_average_rounds_each_half_at_the_extremes():
     assert x_out[0, 0] == 0 and x_out[0, 2] == -3e38  # Not -2^-149, not -inf: the check can fail.
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 3, 37, 53), (4, 3), (3,)], ids=str)
+def test_no_write_past_the_outputs(shape, monkeypatch):
+    """Every output is allocated here with a guard region after it (filled with a sentinel): the
+    kernels' tail masks (per image with seeds, flat without) write nothing past the last element.
+    A write past it would otherwise go unnoticed, or crash a later, unrelated call."""
+    guard, sentinel, outputs = 64, -12345.0, []
+    empty_like = torch.empty_like
+
+    def guarded_empty_like(t, *args, **kwargs):
+        dtype = kwargs.get("dtype") or t.dtype
+        buf = torch.full((t.numel() + guard,), sentinel, dtype=dtype, device=t.device)
+        outputs.append(buf)
+        return buf[: t.numel()].view(t.shape)
+
+    inp = _inputs(shape, torch.float32, torch.float32)
+    monkeypatch.setattr(torch, "empty_like", guarded_empty_like)
+    for seeds in (inp["seeds"], None):  # Per-image tiles (fused churn) and flat tiles.
+        scale = SCALE if seeds is not None else None
+        d, x_next, _ = OPS.euler_step(inp["x"], inp["dm"], inp["dg"], 2.1, T_HAT, T_NEXT, seeds, scale, STREAM,
+                                      torch.float16, True)
+        OPS.heun_step(inp["x"], d, x_next, inp["dm2"], inp["dg2"], 2.1, T_HAT, T_NEXT, seeds, scale, STREAM,
+                      torch.float16)
+    OPS.churn(inp["x"], SCALE, inp["seeds"], None, STREAM, None)
+    OPS.churn(inp["x"], SCALE, None, inp["dm"], STREAM, None)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    assert len(outputs) == 12
+    for buf in outputs:
+        assert (buf[-guard:] == sentinel).all() and not (buf[:-guard] == sentinel).any()
+
+
 def test_launch_geometry_flags_follow_the_shape():
     """The host's choice of kernel variant (the interpreter gives the same numbers with any, so only
     this check sees a wrong one): vector accesses when the rows are a multiple of 4 elements, 64-bit

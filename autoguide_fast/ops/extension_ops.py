@@ -63,6 +63,13 @@ def _like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
 
 
+def _check_outputs_meta(x_hat: torch.Tensor, D_main: torch.Tensor, D_guide: torch.Tensor | None) -> None:
+    for name, D in (("D_main", D_main), ("D_guide", D_guide)):
+        if D is not None:
+            message = f"{name}: expected shape {x_hat.shape}, got {D.shape}"
+            torch._check(D.shape == x_hat.shape, lambda: message)  # noqa: B023 (called at once)
+
+
 def _check_scalars_meta(scalars: torch.Tensor | None, x_hat: torch.Tensor) -> None:
     if scalars is not None:
         torch._check(
@@ -77,21 +84,21 @@ def _check_scalars_meta(scalars: torch.Tensor | None, x_hat: torch.Tensor) -> No
 @torch.library.register_fake("autoguide_fast::euler_step")
 def _euler_step_fake(x_hat, D_main, D_guide, w, t_hat, t_next, seeds=None, churn_scale=0.0, churn_stream=0,
                      write_d=True, scalars=None):
-    torch._check(D_main.shape == x_hat.shape, lambda: f"D_main: expected shape {x_hat.shape}, got {D_main.shape}")
+    _check_outputs_meta(x_hat, D_main, D_guide)
     _check_scalars_meta(scalars, x_hat)
     return (_like(x_hat) if write_d else x_hat.new_empty((0,))), _like(x_hat)
 
 
 @torch.library.register_fake("autoguide_fast::euler_step_cast")
 def _euler_step_cast_fake(x_hat, D_main, D_guide, w, t_hat, t_next, cast_dtype):
-    torch._check(D_main.shape == x_hat.shape, lambda: f"D_main: expected shape {x_hat.shape}, got {D_main.shape}")
+    _check_outputs_meta(x_hat, D_main, D_guide)
     return _like(x_hat), _like(x_hat), _like(x_hat, cast_dtype)
 
 
 @torch.library.register_fake("autoguide_fast::heun_step")
 def _heun_step_fake(x_hat, d, x_next, D_main, D_guide, w, t_hat, t_next, seeds=None, churn_scale=0.0, churn_stream=0,
                     scalars=None):
-    torch._check(D_main.shape == x_hat.shape, lambda: f"D_main: expected shape {x_hat.shape}, got {D_main.shape}")
+    _check_outputs_meta(x_hat, D_main, D_guide)
     _check_scalars_meta(scalars, x_hat)
     return _like(x_hat)
 
