@@ -321,15 +321,27 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
+_GUARD = 64  # Elements of guard region after each emulated output.
+
+
 def _emu_step(emu, kind, x=None, D_main=None, D_guide=None, d=None, x_next=None, eps=None, seeds=None, w=1.0,
               t_hat=1.0, t_next=0.5, scale=0.0, stream=0, cast_dtype=None, shape=None, dtype=None, write_d=True,
               scalars=None):
     """One emulated launch; returns the outputs the op allocates (like the ATen op would; with
-    write_d=False the euler kernel gets no d buffer, a null pointer, and d comes back as None)."""
+    write_d=False the euler kernel gets no d buffer, a null pointer, and d comes back as None). A
+    write past an output's end fails here (a guard region follows each one)."""
     ref = x if x is not None else torch.empty(shape, dtype=dtype)
-    out_x = torch.full_like(ref, float("nan"))
-    out_d = torch.full_like(ref, float("nan")) if kind == "euler" and write_d else None
-    out_c = torch.zeros(ref.shape, dtype=cast_dtype) if cast_dtype is not None else None
+    guards = []  # Each output has a guard region after it: a write past its end is an error.
+
+    def output(fill, dtype):
+        buf = torch.full((ref.numel() + _GUARD,), -12345.0, dtype=dtype)
+        buf[: ref.numel()] = fill
+        guards.append((buf[ref.numel():], buf[ref.numel():].clone()))
+        return buf[: ref.numel()].view(ref.shape)
+
+    out_x = output(float("nan"), ref.dtype)
+    out_d = output(float("nan"), ref.dtype) if kind == "euler" and write_d else None
+    out_c = output(0.0, cast_dtype) if cast_dtype is not None else None
     numel = ref.numel()
     image_numel = max(1, numel // ref.shape[0]) if ref.dim() > 0 and ref.shape[0] > 0 else 1
     net = _DT[D_main.dtype] if D_main is not None else 0
@@ -337,6 +349,8 @@ def _emu_step(emu, kind, x=None, D_main=None, D_guide=None, d=None, x_next=None,
                           _ptr(d), _ptr(x_next), _ptr(eps), _ptr(seeds), _ptr(out_d), _ptr(out_x), _ptr(out_c),
                           _DT.get(cast_dtype, 0), w, t_hat, t_next, scale, stream, _ptr(scalars))
     assert rc == 0
+    for guard, before in guards:
+        assert torch.equal(guard, before), f"{kind}: a write past the end of an output"
     return out_d, out_x, out_c
 
 
