@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -169,3 +170,81 @@ def test_standard_json_converts_non_finite_numbers_inside_tuples_too():
     assert standard_json({"interval": (0.0, -math.inf), "w": [math.nan]}) == {"interval": [0.0, "-inf"],
                                                                               "w": ["nan"]}
     assert json.loads(json_text({"interval": (0.0, math.inf)})) == {"interval": [0.0, "inf"]}
+
+
+def test_path_and_thread_types_at_their_edges(tmp_path, monkeypatch):
+    """--threads takes the machine's CPU count itself (not one fewer); a PNG name in any case; an
+    empty directory name is refused (it would silently mean the current directory)."""
+    import argparse
+
+    from autoguide_fast.cli_types import png_file, thread_count, writable_dir
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert thread_count("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="at most 3"):
+        thread_count("4")
+    assert png_file(str(tmp_path / "a.PNG")) == tmp_path / "a.PNG"
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a directory name"):
+        writable_dir("")
+
+
+def test_the_weights_dir_needs_files_not_directories_of_their_names(tmp_path):
+    import argparse
+
+    from autoguide_fast.toy.cli import weights_dir
+    from autoguide_fast.toy.training import MODELS
+
+    for name in MODELS:
+        (tmp_path / f"{name}.pt").mkdir()
+    with pytest.raises(argparse.ArgumentTypeError, match="lacks main.pt"):
+        weights_dir(str(tmp_path))
+
+
+def test_an_option_given_twice_before_train_is_named_once(tmp_path, capsys):
+    from autoguide_fast.toy import cli as toy_cli
+
+    args = build_parser().parse_args(["toy", "--seed", "1", "--seed", "2", "train", "--out-dir", str(tmp_path)])
+    assert toy_cli._dispatch(args) == 2
+    assert "error: --seed: options of the experiment" in capsys.readouterr().err
+
+
+def test_defaults_the_docs_state():
+    """The defaults the README and the help texts state: demo --batch 4096, toy --samples 16384,
+    generate --batch 32 and --seeds 0-63."""
+    assert build_parser().parse_args(["demo"]).batch == 4096
+    assert build_parser().parse_args(["toy"]).samples == 16384
+    gen = build_parser().parse_args(["generate", "--net", "edm2:xs", "--outdir", "out"])
+    assert (gen.batch, gen.seeds) == (32, "0-63")
+
+
+@pytest.mark.parametrize("env,tag", [({"WORLD_SIZE": "2", "RANK": "1"}, " (rank 1)"), ({}, "")])
+def test_generate_errors_say_which_rank_under_torchrun(env, tag, monkeypatch, capsys):
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["generate", "--net", "no_such_module_q7:net", "--outdir", "out", "--seeds", "0-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"autoguide-fast generate: error{tag}: "), err
+
+
+@pytest.mark.parametrize("orders,passed", [((1.6, 1.6, 1.6, 1.6), False), ((1.0, 1.0, 1.0, 2.0), True),
+                                           ((1.0, 1.0, 1.0, 1.0), False), ((1.75, 2.5, 2.5, 2.5), True)])
+def test_the_demo_verdict_reads_the_observed_order(orders, passed, monkeypatch, capsys):
+    """PASS once doubling the steps divides the error by 2^order with order in [1.7, 2.3], within
+    4 doublings; synthetic errors with the given order at each doubling."""
+    import autoguide_fast.demo as demo
+
+    errors = [1e-2]
+    for order in orders:
+        errors.append(errors[-1] / 2**order)
+
+    def fake_run_demo(batch, num_steps, guidance, backend):
+        k = round(math.log2(num_steps / 32))
+        return {"batch": batch, "num_steps": num_steps, "guidance": guidance, "s_main": 0.5, "s_guide": 0.8,
+                "sample_std": 1.0, "predicted_std": 1.0, "relative_error_vs_closed_form": errors[k], "seconds": 0.0,
+                "evaluations_per_network": 2 * num_steps - 1, "unguided_std": 0.5}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo"]) == (0 if passed else 1)
+    assert ("PASS" if passed else "FAIL") in capsys.readouterr().out
