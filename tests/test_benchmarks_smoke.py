@@ -434,6 +434,7 @@ def test_a_later_run_of_other_batches_does_not_hide_earlier_ones(common, tmp_pat
     text = readme.read_text()
     assert "| w | 1 | 200.0 |" in text and "| w | 64 | 900.0 |" in text and "| w | 8 |" not in text
     assert "in 2 runs" in text and "batch 1 on 2026-11-26" in text and "batch 64 on 2026-11-26" in text
+    assert "batch 64 not measured" not in text  # Batch 64 is in the table: its target is judged.
     # A later run that measured batch 1 again replaces only batch 1.
     again = _gpu_run("2026-11-26T13", "NVIDIA H200", 210.0, 30.0)
     assert {(r["batch"], r["run_id"]) for r in common.latest_run(rows + again)} == {
@@ -761,3 +762,339 @@ def test_gpu_check_default_budget_fits_one_visit():
     text = (BENCH / "gpu_check.sh").read_text()
     (default,) = re.findall(r"^BUDGET=\$\{GPU_CHECK_BUDGET_S:-(\d+)\}$", text, flags=re.M)
     assert 0 < int(default) <= 360
+
+
+# ----------------------------------------------------------------------------
+# Boundaries and directions the verdicts, ratios and bookkeeping must keep (each test below fails
+# under a mutant of the behaviour it names).
+
+
+def _verdicts(latency, rows: list[dict]) -> dict:
+    return {(batch, target): (measured, verdict) for _, batch, target, measured, verdict in
+            latency.evaluate_targets(rows)}
+
+
+def test_batch1_targets_met_exactly_at_their_bounds(latency):
+    """A speed-up of exactly 2.5x over B0, 2x over B1 and 1.3x over B2 meets its target (">="), and
+    ours exactly 0.85 x F meets the floor target ("<="). The medians are chosen so that each ratio is
+    the double nearest the bound, i.e. equal to the target's constant."""
+    assert (250.0 / 100.0, 200.0 / 100.0, 130.0 / 100.0, 170.0 / 200.0) == (
+        latency.TARGET_SPEEDUP_B0, latency.TARGET_SPEEDUP_B1, latency.TARGET_SPEEDUP_B2, latency.TARGET_RATIO_F)
+    rows = [_row("B0", "baseline", "1", 250.0), _row("B1", "baseline", "1", 200.0),
+            _row("B2", "baseline", "1", 130.0), _row("F", "floor", "1", 200.0),
+            _row("ours-compiled", "ours", "2", 100.0),      # The fastest: the speed-ups' arm.
+            _row("ours-graph-traj", "ours", "2", 170.0)]    # Uncompiled networks: the F target's arm.
+    verdicts = _verdicts(latency, rows)
+    assert verdicts[(1, "ours_best >= 2.5x faster than B0")] == ("2.50x (ours-compiled)", "MET")
+    assert verdicts[(1, "ours_best >= 2x faster than B1")] == ("2.00x (ours-compiled)", "MET")
+    assert verdicts[(1, "ours_best >= 1.3x faster than B2")] == ("1.30x (ours-compiled)", "MET")
+    assert verdicts[(1, "ours_best (uncompiled nets) <= 0.85 x F")] == ("0.85 x F (ours-graph-traj)", "MET")
+
+
+def test_batch64_equal_medians_are_met_not_a_tie(latency):
+    """"No slower" includes equal: ours-auto with the same median as the best single-stream sampler
+    is MET, not a tie (nor "not met" when the reference has no band)."""
+    for band in (None, (870.0, 890.0)):
+        rows = [_row("B1", "baseline", "1", 950.0, 64), _row("ours-graph-traj-1s", "ours", "1", 880.0, 64, band=band),
+                _row("ours-auto", "ours", "auto", 880.0, 64, band=band)]
+        assert _verdicts(latency, rows)[(64, latency.TARGET_BATCH64)] == (
+            "1.000 x ours-graph-traj-1s (ours-auto)", "MET"), band
+
+
+def test_batches_above_64_get_the_batch64_target(latency):
+    """"Batch >= 64": a run at batch 128 is judged on the batch-64 target (and, with no ours arm
+    judged, says so), and the targets table does not call batch 64 missing."""
+    rows = [{**r, "batch": "128"} for r in (
+        _row("B1", "baseline", "1", 950.0), _row("ours-graph-traj-1s", "ours", "1", 880.0),
+        _row("ours-auto", "ours", "auto", 870.0))]
+    assert _verdicts(latency, rows) == {(128, latency.TARGET_BATCH64): (
+        "0.989 x ours-graph-traj-1s (ours-auto)", "MET")}
+    assert "batch 64 not in this run" not in latency.format_targets(rows)
+    none_judged = [r for r in rows if r["arm"] != "ours-auto"] + [
+        _row("ours-auto", "ours", "auto", 870.0, 128, reps=2)]
+    none_judged = [r for r in none_judged if r["arm"] != "ours-graph-traj-1s"]
+    assert _verdicts(latency, none_judged) == {(128, "ours_best"): (
+        "no ours arm judged: ours-auto: only 2 repetitions (< 5)", "n/a")}
+
+
+def test_batch64_reference_comes_from_the_round_of_ours(latency):
+    """The single-stream reference is taken among the arms timed in the same round as the default
+    arm: a faster single-stream arm of another round is not its reference."""
+    rows = [{**_row(arm, kind, streams, p50, 64), "round": rnd} for arm, kind, streams, p50, rnd in (
+        ("B1", "baseline", "1", 950.0, "2"), ("ours-graph-traj-1s", "ours", "1", 800.0, "1"),
+        ("ours-auto", "ours", "auto", 900.0, "2"))]
+    assert _verdicts(latency, rows)[(64, latency.TARGET_BATCH64)] == ("0.947 x B1 (ours-auto)", "MET")
+
+
+def test_an_arm_skipped_for_time_is_not_deselected(latency, common):
+    """Only an arm left out by --arms / --skip is "deselected": an ours-auto skipped for the time
+    budget leaves the batch-64 target n/a (no other arm stands in for the default)."""
+    budget = "time budget: 3 s left, compiling needs ~60 s and the round with it ~20 s"
+    auto = {**_row("ours-auto", "ours", "auto", None, 64), "notes": budget}
+    assert not common.deselected(auto)
+    assert common.deselected({**auto, "notes": "not selected by --arms"})
+    assert common.deselected({**auto, "notes": "excluded by --skip"})
+    rows = [_row("ours-graph-traj-1s", "ours", "1", 100.0, 64), _row("ours-graph-traj", "ours", "2", 90.0, 64), auto]
+    assert _verdicts(latency, rows)[(64, latency.TARGET_BATCH64)] == (f"ours-auto: skipped: {budget}", "n/a")
+
+
+def test_not_tabled_omits_deselected_arms_and_lists_skipped_ones():
+    """The table's "Not tabled" line lists an arm skipped for the time budget, never one the run was
+    told to leave out (--arms)."""
+    table = load_benchmark("performance_table")
+    rows = _gpu_run("2026-11-26T10", "NVIDIA H200", 200.0, 32.0)
+    rows += [{**rows[-1], "arm": "ours-streams", "status": "skipped", "p50_ms": "", "n_reps": "0",
+              "notes": "not selected by --arms"},
+             {**rows[-1], "arm": "ours-auto", "status": "skipped", "p50_ms": "", "n_reps": "0",
+              "notes": "time budget: 3 s left, this batch needs ~40 s"}]
+    (line,) = [x for x in table.results_table(rows).splitlines() if x.startswith("Not tabled")]
+    assert "ours-auto at batch 1: skipped: time budget: 3 s left" in line
+    assert "ours-streams" not in line
+
+
+def _fake_arms(latency, runs: dict) -> list:
+    """Arms whose Prepared.run is the given function, by name (kind "baseline" for B*, else "ours")."""
+    return [latency.Arm(name, "baseline" if name.startswith("B") else "ours", "1",
+                        lambda ctx, fn=fn: latency.Prepared(fn)) for name, fn in runs.items()]
+
+
+def _plan(latency, arms: list, reps: int, mode: str = "full", device: str = "cpu"):
+    return latency.Plan(mode, torch.device(device), [], 1, reps, 1, [a.name for a in arms], [], None, 0.0, True, 0)
+
+
+def test_ratio_to_b0_is_the_arm_over_b0(latency, monkeypatch):
+    """ratio_to_B0 is a time ratio (the arm's median over B0's: above 1 = slower): B0 at 10 ms and an
+    arm at 10.1 ms give 1.01."""
+    import types
+
+    def b0():
+        return torch.zeros(1)
+
+    def ours():
+        return torch.zeros(1)
+
+    ms = {b0: 10.0, ours: 10.1}
+    monkeypatch.setattr(latency.common, "time_call", lambda fn, device=None: (ms[fn], ms[fn], fn()))
+    arms = _fake_arms(latency, {"B0": b0, "ours-x": ours})
+    monkeypatch.setattr(latency, "ARMS", arms)
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), batch=1)
+    rows = {r["arm"]: r for r in latency.measure_batch(ctx, _plan(latency, arms, 5), latency.Clock(None), 1, 0.0)}
+    assert (rows["ours-x"]["n_reps"], rows["ours-x"]["p50_ms"], rows["ours-x"]["ratio_to_B0"]) == (5, "10.1", "1.01")
+    assert rows["B0"]["ratio_to_B0"] == "1"
+
+
+def test_plot_speedup_bars_are_b0_over_the_arm(tmp_path, monkeypatch):
+    """--metric speedup draws B0's median over the arm's: the inverse of the CSV's ratio_to_B0."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    plot_latency = load_benchmark("plot_latency")
+    heights = {}
+    real_bar = Axes.bar
+
+    def bar(self, x, height, *args, **kwargs):
+        heights[kwargs.get("label")] = list(height)
+        return real_bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", bar)
+    meta = {"card": "NVIDIA H200", "date": "2026-11-26T10:00:00", "commit": "0123456789ab", "mode": "quick",
+            "torch": "2.11.0", "triton": "3.6.0", "evals": "63", "guidance": "2.1"}
+    rows = [{**meta, **_row(arm, "ours", "1", p50), "p20_ms": str(p50), "p80_ms": str(p50), "ratio_to_B0": ratio}
+            for arm, p50, ratio in (("B0", 100.0, "1"), ("B1", 50.0, "0.5"), ("ours-x", 25.0, "0.25"))]
+    plot_latency.plot(rows, tmp_path / "s.png", "speedup")
+    assert heights == {"B0": [1.0], "B1": [2.0], "ours-x": [4.0]}
+
+
+def test_an_output_3_percent_off_is_wrong_and_1_5_percent_is_not(latency, monkeypatch):
+    """The wrong-output bound is 2% of B0's max |x| (WRONG_OUTPUT_FRACTION): an arm whose sample is
+    B0's x 1.03 is flagged "output differs from B0", one at x 1.015 is not."""
+    import types
+
+    ref = torch.tensor([1.0, -0.5, 0.25])
+    arms = _fake_arms(latency, {"B0": lambda: ref.clone(), "ours-off3": lambda: ref * 1.03,
+                                "ours-off1.5": lambda: ref * 1.015})
+    monkeypatch.setattr(latency, "ARMS", arms)
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), batch=1)
+    rows = {r["arm"]: r for r in latency.measure_batch(ctx, _plan(latency, arms, 1), latency.Clock(None), 1, 0.0)}
+    assert "output differs from B0" in rows["ours-off3"]["notes"], rows["ours-off3"]
+    assert rows["ours-off3"]["max_abs_diff_vs_B0"] == "0.03"
+    assert "output differs" not in rows["ours-off1.5"]["notes"], rows["ours-off1.5"]
+
+
+def test_a_round_2_of_five_repetitions_is_reported_when_reps_is_ten(latency, monkeypatch):
+    """An arm reports round 2 once it has min(reps, 5) repetitions there: with --reps 10 and round 2
+    stopped by the time budget after its 5th repetition, every arm reports round 2's 5 repetitions
+    (not round 1's 10, which the compiled arm was not timed in)."""
+    import types
+
+    class Clock:  # No limit until the compiled arm is built, then the budget is just spent.
+        left_s = float("inf")
+
+        def left(self):
+            return self.left_s
+
+    clock = Clock()
+
+    def build_comp(ctx):
+        clock.left_s = 0.0
+        return latency.Prepared(lambda: torch.zeros(1))
+
+    arms = [*_fake_arms(latency, {"B0": lambda: torch.zeros(1), "ours-x": lambda: torch.zeros(1)}),
+            latency.Arm("comp", "baseline", "1", build_comp, compiles=True)]
+    monkeypatch.setattr(latency, "ARMS", arms)
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), batch=1)
+    rows = {r["arm"]: r for r in latency.measure_batch(ctx, _plan(latency, arms, 10), clock, 1, 0.0)}
+    for name in ("B0", "ours-x", "comp"):
+        assert (rows[name]["status"], rows[name]["n_reps"], rows[name]["round"]) == ("ok", 5, "2"), rows[name]
+    assert "stopped after 5 repetitions" in rows["B0"]["notes"]
+    assert rows["comp"]["ratio_to_B0"] != "" and rows["ours-x"]["ratio_to_B0"] != ""  # Same round: compared.
+
+
+def test_quick_compiles_at_the_first_batch_only(latency):
+    """--quick runs the compiled baseline B2 at its first batch and skips it, with the reason, at the
+    later ones (a pure function of the plan: a CUDA device need not exist)."""
+    b2 = next(a for a in latency.ARMS if a.name == "B2")
+    plan = _plan(latency, latency.ARMS, 5, mode="quick", device="cuda")
+    assert latency.skip_reason(b2, plan, 1, 1) is None
+    assert latency.skip_reason(b2, plan, 8, 1) == "--quick compiles at the first batch only (compile time budget)"
+    assert latency.skip_reason(b2, _plan(latency, latency.ARMS, 5, device="cuda"), 8, 1) is None  # Full mode.
+
+
+def test_merge_appends_new_columns_after_the_destinations(common, tmp_path):
+    """Merging rows with a new column keeps the destination's column order and puts the new column
+    at the end."""
+    src, dst = tmp_path / "src.csv", tmp_path / "dst.csv"
+    common.append_rows(dst, [{"a": "1", "b": "2"}], ["a", "b"])
+    common.append_rows(src, [{"c": "3", "a": "4"}], ["c", "a"])
+    assert common._main(["merge", str(src), str(dst)]) == 0
+    assert dst.read_text().splitlines() == ["a,b,c", "1,2,", "4,,3"]
+
+
+def test_merge_compares_rows_on_the_destinations_columns(common, tmp_path, capsys):
+    """A destination written before a column existed: a source row equal to one of its rows on
+    every column they share is already there (0 rows appended), whatever its new column holds."""
+    src, dst = tmp_path / "src.csv", tmp_path / "dst.csv"
+    common.append_rows(dst, [{"run_id": "r1", "arm": "B0"}], ["run_id", "arm"])
+    common.append_rows(src, [{"run_id": "r1", "arm": "B0", "round": "1"}], ["run_id", "arm", "round"])
+    assert common._main(["merge", str(src), str(dst)]) == 0
+    assert "appended 0 rows" in capsys.readouterr().out
+    assert common.read_rows(dst) == [{"run_id": "r1", "arm": "B0"}]
+
+
+def test_merging_an_empty_source_fails(common, tmp_path, capsys):
+    """A source with no rows (empty, or a header only) is an error (exit code 1), dst untouched."""
+    dst = tmp_path / "dst.csv"
+    common.append_rows(dst, [{"a": "1"}], ["a"])
+    before = dst.read_text()
+    for text in ("", "a,b\n"):
+        src = tmp_path / "src.csv"
+        src.write_text(text)
+        assert common._main(["merge", str(src), str(dst)]) == 1
+        assert "no rows" in capsys.readouterr().err
+    assert dst.read_text() == before
+
+
+def test_git_commit_marks_a_tracked_edit_dirty(common, tmp_path, monkeypatch):
+    """git_commit() is the checkout's short hash, with "-dirty" only once a tracked file changed (an
+    untracked file does not count)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    for name in ("BENCH_COMMIT", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args):
+        config = ["-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"]
+        return subprocess.run(["git", *config, *args], cwd=repo, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    (repo / "f.txt").write_text("one\n")
+    git("add", "f.txt")
+    git("commit", "-q", "-m", "one")
+    sha = git("rev-parse", "--short=12", "HEAD")
+    monkeypatch.setattr(common, "ROOT", repo)
+    assert common.git_commit() == sha
+    (repo / "untracked.txt").write_text("x\n")
+    assert common.git_commit() == sha
+    (repo / "f.txt").write_text("two\n")
+    assert common.git_commit() == f"{sha}-dirty"
+
+
+def test_source_hash_covers_paths(common, tmp_path, monkeypatch):
+    """source_hash() identifies the sources by path and content: renaming a file changes it, as does
+    editing one; a file outside the measured sources does not."""
+    tree = tmp_path / "tree"
+    (tree / "autoguide_fast").mkdir(parents=True)
+    (tree / "autoguide_fast" / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(common, "ROOT", tree)
+    first = common.source_hash()
+    (tree / "notes.txt").write_text("not a source\n")
+    assert common.source_hash() == first
+    (tree / "autoguide_fast" / "a.py").rename(tree / "autoguide_fast" / "b.py")
+    renamed = common.source_hash()
+    assert renamed != first
+    (tree / "autoguide_fast" / "b.py").write_text("x = 2\n")
+    assert common.source_hash() not in (first, renamed)
+
+
+def test_step_workload_bytes_follow_each_ops_reads_and_writes():
+    """The bytes an op must move: each input read once, each output written once (float32 state,
+    4 B; float16 network outputs, 2 B), written out from the ops' definitions."""
+    bench_step = load_benchmark("bench_step")
+    work = bench_step.Workload(1024, torch.float32, torch.float16, torch.device("cpu"))
+    s, n = 4, 2
+    expected = {
+        "euler_unguided": s + n + s + s,              # Reads x_hat, D1; writes d, x_next.
+        "euler_guided": s + n + n + s + s,            # Reads x_hat, D1, D0; writes d, x_next.
+        "euler_guided_last": s + n + n + s,           # Reads x_hat, D1, D0; writes x_next.
+        "heun_guided": s + s + s + n + n + s,         # Reads x_hat, d, x_next, D1', D0'; writes x_out.
+        "heun_guided_churn": s + s + s + n + n + s,   # The same; the noise is drawn inside the op.
+        "seeded_noise": s,                            # Writes the normals.
+    }
+    assert work.numel == 1024
+    assert work.bytes == {op: 1024 * b for op, b in expected.items()}
+
+
+def test_step_speedup_and_fraction_of_copy_directions(monkeypatch):
+    """speedup_vs_torch is torch's time over the op's (torch at 2x cpp's time: "2.00"), frac_of_copy
+    the op's bandwidth over the copy's (copy of the same bytes in half the op's time: "0.500")."""
+    import argparse
+
+    bench_step = load_benchmark("bench_step")
+    ms = {"cpp": 1.0, "torch": 2.0}
+    monkeypatch.setattr(bench_step, "_keep_freed_memory", lambda: False)  # No mallopt in the test process.
+    monkeypatch.setattr(bench_step.common, "run_metadata", lambda device: {})
+    monkeypatch.setattr(bench_step, "resolve_backend", lambda name, device, dtype: name)
+    monkeypatch.setattr(bench_step.Workload, "call", lambda self, backend, op: (lambda: backend))
+
+    def fake_time(fn, device, inner):
+        tag = fn()
+        return ms[tag] if isinstance(tag, str) else 0.5  # Not a backend's tag: the copy.
+
+    monkeypatch.setattr(bench_step, "_time", fake_time)
+    args = argparse.Namespace(device="cpu", dtype="float32", net_dtype="float16", threads=None, backends="cpp",
+                              sizes="1M", ops="euler_guided", quick=False, samples=3)
+    rows = {r["backend"]: r for r in bench_step.run(args)}
+    assert set(rows) == {"cpp", "torch"}
+    nbytes = (1 << 20) * (4 + 2 + 2 + 4 + 4)
+    assert rows["cpp"]["bytes"] == nbytes and rows["cpp"]["gbps"] == f"{nbytes / 1.0 / 1e6:.2f}"
+    assert (rows["cpp"]["speedup_vs_torch"], rows["cpp"]["frac_of_copy"]) == ("2.00", "0.500")
+    assert (rows["torch"]["speedup_vs_torch"], rows["torch"]["frac_of_copy"]) == ("1.00", "0.250")
+
+
+def test_gpu_smoke_compare_tells_exact_near_and_far():
+    """gpu_smoke's comparison: bit-exact is PASS, a relative difference within WARN_REL (1e-6 here)
+    is WARN, a 1% difference is FAIL."""
+    gpu_smoke = load_benchmark("gpu_smoke")
+    x = torch.linspace(1.0, 2.0, 16)
+    assert gpu_smoke._compare(x.clone(), x)[0] == "PASS"
+    near = x * (1 + 1e-6)
+    assert not torch.equal(near, x)
+    assert gpu_smoke._compare(near, x)[0] == "WARN"
+    assert gpu_smoke._compare(x * 1.01, x)[0] == "FAIL"
