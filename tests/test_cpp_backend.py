@@ -795,6 +795,49 @@ def test_noise_log_sin_cos_are_within_an_ulp_and_a_half_on_every_input(tmp_path)
     assert worst_log <= 1.5 and worst_sin <= 1.5 and worst_cos <= 1.5, run.stdout
 
 
+_PHILOX_GROUP_HARNESS = r"""
+#include <cinttypes>
+#include <cstdio>
+#include "step_math.h"
+int main() {
+  const int64_t seeds[] = {7, -3, (int64_t{1} << 40) + 1};
+  const uint64_t groups[] = {5, (uint64_t{1} << 32) + 5, (uint64_t{3} << 32) + 0xFFFFFFFFu};
+  for (int64_t seed : seeds)
+    for (uint64_t g : groups) {
+      const agf::Words4 w = agf::philox_group(seed, g, 9u);
+      std::printf("%" PRId64 " %" PRIu64 " %u %u %u %u\n", seed, g, w.r[0], w.r[1], w.r[2], w.r[3]);
+    }
+  return 0;
+}
+"""
+
+
+def test_philox_group_counter_holds_the_high_word_of_the_group(tmp_path):
+    """The header's counter for group g is (g mod 2^32, g >> 32, stream, 0), as the specification
+    (autoguide_fast/noise.py) says: groups past 2^32 (images over 2^34 elements, which no test can
+    allocate) are checked on the header function itself, compiled for the host."""
+    import shutil
+
+    from autoguide_fast.noise import philox4x32
+
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    source, binary = tmp_path / "philox_group.cpp", tmp_path / "philox_group"
+    source.write_text(_PHILOX_GROUP_HARNESS)
+    subprocess.run([compiler, "-O1", "-std=c++17", "-I", csrc, str(source), "-o", str(binary)], check=True,
+                   capture_output=True, timeout=120)
+    lines = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60, check=True).stdout.split("\n")
+    rows = [list(map(int, line.split())) for line in lines if line]
+    assert len(rows) == 9
+    for seed, g, *words in rows:
+        key = seed % 2**64
+        t = [torch.tensor(v, dtype=torch.int64) for v in (g % 2**32, g >> 32, 9, 0, key % 2**32, key >> 32)]
+        want = [int(v) for v in philox4x32(tuple(t[:4]), tuple(t[4:]))]
+        assert words == want, (seed, g)
+
+
 @needs_cpp
 @pytest.mark.parametrize("isa", ["avx2+fma", "baseline"])
 def test_noise_with_thread_chunks_starting_inside_a_philox_group(isa):
