@@ -16,6 +16,7 @@ Environment switches:
 import glob
 import os
 import shutil
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
@@ -116,7 +117,7 @@ setup(
     name="autoguide_fast",
     version="0.1.0",
     description="Fast autoguidance sampling for diffusion models: fused kernels, CUDA streams and graphs",
-    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description=Path(ROOT, "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["autoguide_fast", "autoguide_fast.*"]),
     package_data={"autoguide_fast": ["toy/weights/*.pt", "py.typed"]},
