@@ -124,3 +124,33 @@ def test_gpu_normal_large_matches_reference():
         got = OPS.philox_normal(seeds, numel, 7, torch.float32)
         want = noise.philox_normal(seeds, numel, 7, torch.float32)
         assert (got - want).abs().max().item() <= 1e-6
+
+
+def test_normal_tile_counter_holds_the_high_word_of_the_group():
+    """normal_tile's counter for an int64 group g is (g mod 2^32, g >> 32, stream, 0), as noise.py
+    specifies: groups past 2^32 (images over 2^34 elements, which no test can allocate) through a
+    probe kernel, against the specification's words and Box-Muller restated here."""
+    import math
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(out_ptr, seed, g_hi, g_lo, stream):
+        g = (tl.full([4], 0, tl.int64) + g_hi.to(tl.int64)) * 4294967296 + g_lo + tl.arange(0, 4).to(tl.int64)
+        z = triton_philox.normal_tile(tl.full([4], 0, tl.int64) + seed, g, stream)
+        tl.store(out_ptr + tl.arange(0, 4)[:, None] * 4 + tl.arange(0, 4)[None, :], z)
+
+    for seed, g_hi, g_lo in ((7, 1, 5), (-3, 3, 2**31 - 2), (2**40 + 1, 2**30, 0)):
+        out = torch.empty(4, 4, dtype=torch.float64, device=DEVICE)
+        probe[(1,)](out, seed, g_hi, g_lo, 9)
+        g = torch.arange(4, dtype=torch.int64) + g_hi * 2**32 + g_lo
+        key = seed % 2**64
+        words = noise.philox4x32((g & 0xFFFFFFFF, g >> 32, torch.full_like(g, 9), torch.zeros_like(g)),
+                                 (torch.tensor(key & 0xFFFFFFFF), torch.tensor(key >> 32)))
+        u = [((w >> 8) + 1).double() * 2.0**-24 for w in words]
+        want = []
+        for ua, ub in ((u[0], u[1]), (u[2], u[3])):
+            radius, theta = torch.sqrt(-2.0 * torch.log(ua)), (2.0 * math.pi) * ub
+            want += [radius * torch.cos(theta), radius * torch.sin(theta)]
+        torch.testing.assert_close(out.cpu(), torch.stack(want, dim=1), rtol=1e-13, atol=1e-13)
