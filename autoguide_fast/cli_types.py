@@ -185,3 +185,12 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
     """``value`` as an output JSON file (json_text), written atomically (write_atomically)."""
     text = json_text(value)
     write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def progress_bar(total: int, desc: str, unit: str, **kwargs: Any):
+    """A tqdm progress bar, or None without tqdm (the bar is a nicety: tqdm is an optional dependency)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit=unit, **kwargs)

@@ -773,23 +773,30 @@ int main() {
 """
 
 
-def test_noise_log_sin_cos_are_within_an_ulp_and_a_half_on_every_input(tmp_path):
-    """The CPU kernels' branch-free ln/sin/cos (csrc/cpu_noise.h), checked exhaustively: all 2^24
-    uniforms of the noise specification and their angles, against long double references."""
-    import platform
+def _host_program(tmp_path, name: str, source: str, flags: list[str]) -> str:
+    """``source`` (a C++ program including csrc/ headers) compiled for the host: the binary's path."""
     import shutil
 
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
         pytest.skip("no C++ compiler")
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    path, binary = tmp_path / f"{name}.cpp", tmp_path / name
+    path.write_text(source)
+    subprocess.run([compiler, *flags, "-I", csrc, str(path), "-o", str(binary)], check=True, capture_output=True,
+                   timeout=120)
+    return str(binary)
+
+
+def test_noise_log_sin_cos_are_within_an_ulp_and_a_half_on_every_input(tmp_path):
+    """The CPU kernels' branch-free ln/sin/cos (csrc/cpu_noise.h), checked exhaustively: all 2^24
+    uniforms of the noise specification and their angles, against long double references."""
+    import platform
+
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("long double is the 80-bit x87 format only on x86-64 (elsewhere it may be float64)")
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-    source, binary = tmp_path / "noise_math.cpp", tmp_path / "noise_math"
-    source.write_text(_NOISE_MATH_HARNESS)
-    subprocess.run([compiler, "-O2", "-ffp-contract=off", "-fno-math-errno", "-I", csrc, str(source), "-o",
-                    str(binary)], check=True, capture_output=True, timeout=120)
-    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+    binary = _host_program(tmp_path, "noise_math", _NOISE_MATH_HARNESS, ["-O2", "-ffp-contract=off", "-fno-math-errno"])
+    run = subprocess.run([binary], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     worst_log, worst_sin, worst_cos = map(float, run.stdout.split())
     assert worst_log <= 1.5 and worst_sin <= 1.5 and worst_cos <= 1.5, run.stdout
@@ -816,19 +823,10 @@ def test_philox_group_counter_holds_the_high_word_of_the_group(tmp_path):
     """The header's counter for group g is (g mod 2^32, g >> 32, stream, 0), as the specification
     (autoguide_fast/noise.py) says: groups past 2^32 (images over 2^34 elements, which no test can
     allocate) are checked on the header function itself, compiled for the host."""
-    import shutil
-
     from autoguide_fast.noise import philox4x32
 
-    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
-        pytest.skip("no C++ compiler")
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-    source, binary = tmp_path / "philox_group.cpp", tmp_path / "philox_group"
-    source.write_text(_PHILOX_GROUP_HARNESS)
-    subprocess.run([compiler, "-O1", "-std=c++17", "-I", csrc, str(source), "-o", str(binary)], check=True,
-                   capture_output=True, timeout=120)
-    lines = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60, check=True).stdout.split("\n")
+    binary = _host_program(tmp_path, "philox_group", _PHILOX_GROUP_HARNESS, ["-O1", "-std=c++17"])
+    lines = subprocess.run([binary], capture_output=True, text=True, timeout=60, check=True).stdout.split("\n")
     rows = [list(map(int, line.split())) for line in lines if line]
     assert len(rows) == 9
     for seed, g, *words in rows:

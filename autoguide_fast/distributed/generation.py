@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..backends import resolve_backend
-from ..cli_types import PARTIAL_SUFFIX, standard_json, write_atomically, write_probe
+from ..cli_types import PARTIAL_SUFFIX, progress_bar, standard_json, write_atomically, write_probe
 from ..noise import seeded_labels, seeded_noise
 from ..sampler import fast_guided_sample, make_config
 from ..validation import FORMULA_DEFAULTS
@@ -744,12 +744,8 @@ def _settings(opts: GenerateOptions, fmt: str, shape: tuple[int, ...], label_dim
 def _progress(enabled: bool, total: int, world_size: int, gp: bool):
     if not enabled:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # The bar is a nicety: tqdm is an optional dependency.
-        return None
     desc = "generate (guide-parallel)" if gp else f"generate (rank 0 of {world_size})"
-    return tqdm(total=total, unit="batch", desc=desc, file=sys.stderr, dynamic_ncols=True)
+    return progress_bar(total, desc, "batch", file=sys.stderr, dynamic_ncols=True)
 
 
 def _print_summary(s: GenerateSummary) -> None:

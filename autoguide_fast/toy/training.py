@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..cli_types import progress_bar
 from .ground_truth import GaussianMixture, ground_truth
 from .network import ToyNet
 
@@ -64,15 +65,6 @@ def score_matching_loss(net: ToyNet, gt: GaussianMixture, x: torch.Tensor,
     return (sigma**2 * (score_gt - score_net).square().mean(dim=1)).mean()
 
 
-def _progress_bar(total: int, desc: str):
-    """A tqdm bar, or None without tqdm (the bar is a nicety: tqdm is an optional dependency)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="it")
-
-
 def train_toy_model(
     spec: ToyModelSpec,
     *,
@@ -101,7 +93,7 @@ def train_toy_model(
 
     bar = None
     if progress is True:
-        bar = _progress_bar(iterations, f"toy {spec.name} ({spec.num_layers}x{spec.hidden}, class {spec.classes})")
+        bar = progress_bar(iterations, f"toy {spec.name} ({spec.num_layers}x{spec.hidden}, class {spec.classes})", "it")
     losses: list[float] = []
     for it in range(iterations):
         for group in opt.param_groups:
